@@ -1,0 +1,71 @@
+"""Loading causal LMs and reaching into their decoder blocks.
+
+Supported: LLaMA-style decoders (LLaMA 1/2/3, SmolLM2, Qwen2/2.5, Mistral) whose blocks have
+`self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FangError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise FangError(f"unsupported model {type(model).__name__}: expected model.model.layers (a LLaMA-style decoder)")
+    return layers
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise FangError(
+            f"unsupported model type {model_type!r}: fang prunes LLaMA-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def attention_geometry(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of the dense config."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, head_dim
+
+
+def load_dense(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """Load a dense HF checkpoint directory (as written by `fetch_model`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FangError(f"no model at {path}: expected a Hugging Face checkpoint directory with config.json")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE_BY_NAME[dtype])
+    check_supported(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """Load either a dense checkpoint or a pruned one (detected by its structure file)."""
+    from .shrink import STRUCTURE_FILE, load_pruned
+
+    if (Path(path) / STRUCTURE_FILE).exists():
+        model, tokenizer = load_pruned(path)
+        return model.to(device).eval(), tokenizer
+    return load_dense(path, device)
+
+
+def count_block_params(model: nn.Module) -> int:
+    """Parameters inside decoder blocks: what structured pruning removes (embeddings and head excluded)."""
+    return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())

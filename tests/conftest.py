@@ -1,0 +1,44 @@
+"""Tiny random LLaMA models shared by the tests: one with GQA, one without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_config(n_heads: int = 4, n_kv_heads: int = 4, layers: int = 2, vocab: int = 128) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=48 // n_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_model(n_heads: int = 4, n_kv_heads: int = 4, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(n_heads, n_kv_heads, layers)).eval()
+    # random init is near-zero; widen it so pruning decisions and compensation are visible
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(params=["mha", "gqa"])
+def model(request) -> LlamaForCausalLM:
+    """A 2-layer model: MHA (4 q / 4 kv heads) or GQA (6 q heads sharing 3 kv heads)."""
+    return tiny_model(4, 4) if request.param == "mha" else tiny_model(6, 3)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (4, 16), generator=g)
