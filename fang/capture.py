@@ -1,0 +1,149 @@
+"""Streaming capture of calibration features into a Zarr store, one decoder block at a time.
+
+Store layout (T = N x L calibration tokens, row t = sequence t // L, position t % L):
+  token_ids        int32 [N, L]
+  block_io         fp16  [n_layers + 1, T, d]  block_io[l] is block l's input, block_io[l+1] its output
+  ffn_in           fp16  [n_layers, T, d]      MLP input (after post_attention_layernorm): what FANG clusters
+  down_in          fp16  [n_layers, T, n_ffn]  down_proj input = neuron activations h = act(gate) * up
+  o_proj_in_mean/var, down_in_mean/var  fp64 [n_layers, C]  input statistics for FLAP's structure search
+Arrays are chunked (1 layer, `batch x L` tokens, all features), so one layer reads without the rest.
+Peak RAM holds one block's hidden states for the calibration set, never the whole store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from torch import nn
+
+from .atomic import atomic_dir
+from .errors import FangError
+from .layerwise import BlockRunner, batch_slices, input_hooks
+from .modeling import attention_geometry, decoder_layers
+from .progress import progress
+
+STORE_FORMAT = 1
+
+
+def open_capture(path: str | os.PathLike) -> zarr.Group:
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise FangError(f"capture store not found: {path} (run `dvc repro capture` first)")
+    group = zarr.open_group(str(path), mode="r")
+    if group.attrs.get("format") != STORE_FORMAT:
+        raise FangError(f"{path} is not a fang capture store of format {STORE_FORMAT}; rerun the capture stage")
+    return group
+
+
+class _Moments:
+    """Per-channel mean and population variance, merged batch by batch (Chan et al.) in float64."""
+
+    def __init__(self, channels: int, device: torch.device):
+        self.n = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        nb = x.shape[0]
+        mb = x.mean(0)
+        m2b = ((x - mb) ** 2).sum(0)
+        delta = mb - self.mean
+        total = self.n + nb
+        self.mean += delta * nb / total
+        self.m2 += m2b + delta**2 * self.n * nb / total
+        self.n = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.m2 / max(self.n, 1)
+
+
+@torch.no_grad()
+def capture_features(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    out_path: str | os.PathLike,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    device: torch.device | str = "cpu",
+) -> dict:
+    """One forward pass of the dense model over `input_ids` [N, L], streamed block by block to Zarr."""
+    device = torch.device(device)
+    model.to(device).eval()
+    layers = decoder_layers(model)
+    cfg = model.config
+    n_layers, d, n_ffn = len(layers), cfg.hidden_size, cfg.intermediate_size
+    n_heads, _, head_dim = attention_geometry(cfg)
+    n_seq, seq_len = input_ids.shape
+    n_tok = n_seq * seq_len
+    np_dtype = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}[dtype]
+    chunk_tok = min(n_tok, batch_size * seq_len)
+    runner = BlockRunner(model, device)
+
+    with atomic_dir(out_path) as tmp:
+        root = zarr.open_group(str(tmp), mode="w")
+        root.attrs.update(
+            format=STORE_FORMAT,
+            model_type=cfg.model_type,
+            n_layers=n_layers,
+            hidden_size=d,
+            intermediate_size=n_ffn,
+            n_heads=n_heads,
+            head_dim=head_dim,
+            n_samples=n_seq,
+            seq_len=seq_len,
+            dtype=dtype,
+        )
+        root.create_array("token_ids", data=input_ids.to(torch.int32).numpy(), chunks=(n_seq, seq_len))
+        arrays = {
+            "block_io": root.create_array("block_io", shape=(n_layers + 1, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype),
+            "ffn_in": root.create_array("ffn_in", shape=(n_layers, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype),
+            "down_in": root.create_array("down_in", shape=(n_layers, n_tok, n_ffn), chunks=(1, chunk_tok, n_ffn), dtype=np_dtype),
+        }
+        stats = {name: np.zeros((n_layers, c), dtype=np.float64) for name, c in
+                 [("o_proj_in_mean", n_heads * head_dim), ("o_proj_in_var", n_heads * head_dim),
+                  ("down_in_mean", n_ffn), ("down_in_var", n_ffn)]}
+
+        def rows(sl: slice) -> slice:
+            return slice(sl.start * seq_len, sl.stop * seq_len)
+
+        def put(name: str, layer: int, sl: slice, x: torch.Tensor) -> None:
+            arrays[name][layer, rows(sl)] = x.reshape(-1, x.shape[-1]).float().cpu().numpy().astype(np_dtype)
+
+        # Block 0's input: token embeddings. Kept in RAM for the whole set: one block's worth.
+        hidden = torch.empty(n_seq, seq_len, d, dtype=torch.float32)
+        for sl in batch_slices(n_seq, batch_size):
+            hidden[sl] = runner.embed(input_ids[sl]).float().cpu()
+            put("block_io", 0, sl, hidden[sl])
+
+        with progress() as bar:
+            task = bar.add_task("capture", total=n_layers * n_seq)
+            for li, layer in enumerate(layers):
+                o_mom = _Moments(n_heads * head_dim, device)
+                d_mom = _Moments(n_ffn, device)
+                feats: dict[str, torch.Tensor] = {}
+                hooks = {"ffn_in": layer.mlp, "down_in": layer.mlp.down_proj, "o_proj_in": layer.self_attn.o_proj}
+                with input_hooks(hooks, lambda name, x: feats.__setitem__(name, x)):
+                    for sl in batch_slices(n_seq, batch_size):
+                        out = runner(layer, hidden[sl])
+                        put("ffn_in", li, sl, feats["ffn_in"])
+                        put("down_in", li, sl, feats["down_in"])
+                        o_mom.add(feats["o_proj_in"])
+                        d_mom.add(feats["down_in"])
+                        hidden[sl] = out.float().cpu()
+                        put("block_io", li + 1, sl, hidden[sl])
+                        bar.advance(task, sl.stop - sl.start)
+                stats["o_proj_in_mean"][li], stats["o_proj_in_var"][li] = o_mom.mean.cpu().numpy(), o_mom.variance.cpu().numpy()
+                stats["down_in_mean"][li], stats["down_in_var"][li] = d_mom.mean.cpu().numpy(), d_mom.variance.cpu().numpy()
+        for name, value in stats.items():
+            root.create_array(name, data=value, chunks=value.shape)
+    return {"tokens": n_tok, "layers": n_layers, "bytes": _dir_size(Path(out_path))}
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

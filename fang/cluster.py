@@ -1,0 +1,235 @@
+"""Context clustering (paper: "Functional Grouping of Neurons Based on Context Clustering").
+
+Tokens entering an FFN are reduced with PCA and split into k clusters with KMeans; the clusters
+are the "context types" neuron groups specialise in. Cluster centres measured at the input of
+W_down give the distance matrix D and the relevance weights alpha of Eq. 6.
+
+All functions are plain tensor functions; the stage wrapper handles I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import FangError, require
+
+RELEVANCE_MODES = ("ours", "uniform", "reverse", "only_matched")
+
+# Rows per chunk when computing token-to-centroid distances: bounds the [rows, k, dim] temporary.
+_ASSIGN_CHUNK = 8192
+
+
+def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    require(isinstance(x, Tensor), f"{name} must be a tensor or numpy array, got {type(x).__name__}")
+    require(x.dim() == 2, f"{name} must be 2-D [tokens, features], got shape {tuple(x.shape)}")
+    require(x.shape[0] > 0 and x.shape[1] > 0, f"{name} is empty: shape {tuple(x.shape)}")
+    return x
+
+
+# ----------------------------------------------------------------------------------------- PCA
+
+
+def pca_fit(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Exact PCA of the rows of `x` [T, d]: returns (mean [d], components [dim, d]), float32.
+
+    Components are the top-`dim` eigenvectors of the d x d covariance, ordered by decreasing
+    variance. The covariance is accumulated in float32 (features arrive as fp16); the
+    eigendecomposition runs in float64 because it is only d x d and float32 eigh loses the
+    orthogonality of close eigenvalues. Each component's sign is fixed so its largest-magnitude
+    entry is positive: eigh's signs are arbitrary, and a flipped axis would change nothing
+    mathematically but would make stored artifacts differ between runs/devices.
+    """
+    x = _as_matrix(x, "PCA input")
+    t, d = x.shape
+    require(dim > 0, f"pca_dim={dim} must be positive")
+    require(dim <= d, f"pca_dim={dim} exceeds the feature dimension d={d}")
+    require(dim <= t, f"pca_dim={dim} exceeds the number of tokens T={t}: too few tokens for that many components")
+    xf = x.float()
+    mean = xf.mean(dim=0)
+    # Centre before the product: x^T x - T mean mean^T would cancel catastrophically in float32.
+    xc = xf - mean
+    cov = (xc.T @ xc) / max(t - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov.double())  # ascending order
+    comps = evecs[:, -dim:].flip(-1).T.contiguous()  # [dim, d], largest variance first
+    pivot = comps.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(comps.gather(1, pivot))
+    signs[signs == 0] = 1.0
+    comps = comps * signs
+    return mean, comps.float()
+
+
+def pca_project(x: Tensor, mean: Tensor, components: Tensor) -> Tensor:
+    """Project rows of `x` [T, d] onto the stored components: [T, dim] float32."""
+    x = _as_matrix(x, "PCA input")
+    require(
+        x.shape[1] == mean.shape[0] == components.shape[1],
+        f"PCA shape mismatch: x has d={x.shape[1]}, mean {tuple(mean.shape)}, components {tuple(components.shape)}",
+    )
+    mean = mean.to(device=x.device, dtype=torch.float32)
+    components = components.to(device=x.device, dtype=torch.float32)
+    return (x.float() - mean) @ components.T
+
+
+# -------------------------------------------------------------------------------------- KMeans
+
+
+def _nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact nearest centroid per row: (index LongTensor [T], squared distance float64 [T]).
+
+    Distances are explicit sums of squared differences in float64 rather than the
+    |x|^2 - 2 x.c + |c|^2 expansion, so near-ties are resolved the same way every time and
+    `assign_clusters` reproduces `kmeans`'s labels bit for bit (both call this function).
+    Ties go to the lowest centroid index (torch.min returns the first minimum).
+    """
+    c = centroids.to(device=x.device, dtype=torch.float64)
+    idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    dist = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], _ASSIGN_CHUNK):
+        xb = x[start : start + _ASSIGN_CHUNK].to(torch.float64)
+        d2 = ((xb[:, None, :] - c[None, :, :]) ** 2).sum(dim=-1)
+        best, arg = d2.min(dim=1)
+        idx[start : start + xb.shape[0]] = arg
+        dist[start : start + xb.shape[0]] = best
+    return idx, dist
+
+
+def _faiss_use_gpu(faiss) -> bool:
+    get = getattr(faiss, "get_num_gpus", None)
+    return bool(torch.cuda.is_available() and get is not None and get() > 0)
+
+
+def kmeans(x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0) -> tuple[Tensor, Tensor, float]:
+    """KMeans of the rows of `x` [T, dim] with faiss: (centroids [k, dim] f32, assignment [T] long, inertia).
+
+    - Every token is used for training: faiss by default subsamples to 256 points per centroid,
+      which for k=7 would fit on only 1792 of ~65k calibration tokens.
+    - Seeded: faiss draws its initial centroids (and re-seeds of empty clusters) from `seed`.
+      On CPU the result is identical for a given seed, also across OpenMP thread counts
+      (faiss's centroid update partitions work by centroid and sums points in order; see
+      tests/test_cluster.py). Runs on the faiss GPU build when CUDA is present.
+    - The final assignment is an exact nearest-centroid search (`_nearest`), not faiss's last
+      training assignment, so it matches the returned centroids and `assign_clusters`.
+    - Inertia is the float64 sum of squared distances to the assigned centroids.
+    Returned tensors live on x's device (CPU for numpy input).
+    """
+    import faiss
+
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    xt = _as_matrix(x, "KMeans input")
+    t, dim = xt.shape
+    require(k >= 1, f"k={k} must be positive")
+    require(k <= t, f"k={k} clusters but only {t} tokens: need at least one token per cluster")
+    require(niter > 0, f"niter={niter} must be positive")
+    data = np.ascontiguousarray(xt.detach().to("cpu", torch.float32).numpy())
+    require(bool(np.isfinite(data).all()), "KMeans input contains NaN or Inf (check the captured features)")
+
+    km = faiss.Kmeans(
+        dim,
+        k,
+        niter=niter,
+        seed=int(seed),
+        nredo=1,
+        verbose=False,
+        gpu=_faiss_use_gpu(faiss),
+        # use all tokens and silence the "too few points" warning for small inputs
+        max_points_per_centroid=(t + k - 1) // k + 1,
+        min_points_per_centroid=1,
+    )
+    km.train(data)
+    centroids = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(k, dim))
+    assignment, d2 = _nearest(torch.from_numpy(data), centroids)
+    inertia = float(d2.sum())
+    return centroids.to(device), assignment.to(device), inertia
+
+
+def assign_clusters(x: Tensor, mean: Tensor, components: Tensor, centroids: Tensor) -> Tensor:
+    """Label tokens [T, d] with their nearest centroid after projecting with the stored PCA."""
+    z = pca_project(x, mean, components)
+    require(
+        centroids.dim() == 2 and centroids.shape[1] == z.shape[1],
+        f"centroids have shape {tuple(centroids.shape)} but the PCA projects to {z.shape[1]} dims",
+    )
+    return _nearest(z, centroids)[0]
+
+
+# ------------------------------------------------------------------- cluster centres and Eq. 6
+
+
+class CenterStats:
+    """Streaming per-cluster feature sums, so centres of a [T, n] feature matrix (e.g. the
+    W_down input of a 7B model, 8 GB in fp16 at T=256k) can be built chunk by chunk."""
+
+    def __init__(self, k: int, n: int, device: torch.device | str = "cpu"):
+        require(k >= 1 and n >= 1, f"CenterStats needs k >= 1 and n >= 1, got k={k}, n={n}")
+        self.k, self.n = k, n
+        # float64 sums: tens of thousands of fp16 rows summed in float32 lose ~3 digits
+        self.sums = torch.zeros(k, n, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(k, dtype=torch.float64, device=device)
+
+    def add_batch(self, features: Tensor, assignment: Tensor) -> None:
+        require(features.dim() == 2 and features.shape[1] == self.n, f"features must be [T, {self.n}], got {tuple(features.shape)}")
+        require(
+            assignment.dim() == 1 and assignment.shape[0] == features.shape[0],
+            f"assignment must be [T={features.shape[0]}], got {tuple(assignment.shape)}",
+        )
+        a = assignment.to(device=self.sums.device, dtype=torch.long)
+        if a.numel():
+            require(int(a.min()) >= 0 and int(a.max()) < self.k, f"cluster labels must be in [0, {self.k})")
+        self.sums.index_add_(0, a, features.to(device=self.sums.device, dtype=torch.float64))
+        self.counts.index_add_(0, a, torch.ones_like(a, dtype=torch.float64))
+
+    @property
+    def centers(self) -> Tensor:
+        """[k, n] float32 means; an empty cluster gets a zero centre (no division by zero)."""
+        return (self.sums / self.counts.clamp(min=1.0)[:, None]).float()
+
+
+def cluster_centers(features: Tensor, assignment: Tensor, k: int) -> Tensor:
+    """Mean feature vector per cluster: [k, n] float32 (zeros for an empty cluster)."""
+    features = _as_matrix(features, "features")
+    stats = CenterStats(k, features.shape[1], device=features.device)
+    stats.add_batch(features, assignment)
+    return stats.centers
+
+
+def center_distances(centers: Tensor) -> Tensor:
+    """Pairwise L2 distances between cluster centres: D [k, k] (Eq. 6), zero diagonal.
+
+    Explicit differences in float64 (k is tiny) instead of torch.cdist's matmul shortcut, which
+    can return small non-zero or NaN-adjacent values on the diagonal.
+    """
+    require(centers.dim() == 2, f"centers must be [k, n], got shape {tuple(centers.shape)}")
+    c = centers.double()
+    d = ((c[:, None, :] - c[None, :, :]) ** 2).sum(dim=-1).sqrt()
+    return d.float()
+
+
+def relevance_weights(distances: Tensor, tau: float, mode: str = "ours") -> Tensor:
+    """Token-cluster weights alpha [k, k]: row g weights token cluster j for neuron group g.
+
+    - "ours": softmax(-d_g / tau) per row (Eq. 6); the matched cluster (distance 0) weighs most.
+    - "uniform": every cluster 1/k.  - "reverse": softmax(+d_g / tau), far clusters weigh most.
+    - "only_matched": identity (each group sees only its own cluster's tokens).
+    Every row sums to 1 (Table 6 ablations).
+    """
+    require(
+        distances.dim() == 2 and distances.shape[0] == distances.shape[1],
+        f"distances must be a square [k, k] matrix, got shape {tuple(distances.shape)}",
+    )
+    require(mode in RELEVANCE_MODES, f"unknown relevance mode {mode!r}: use one of {', '.join(RELEVANCE_MODES)}")
+    require(isinstance(tau, (int, float)) and tau > 0, f"tau={tau} must be positive (softmax temperature)")
+    k = distances.shape[0]
+    d = distances.double()
+    if mode == "ours":
+        alpha = torch.softmax(-d / tau, dim=1)
+    elif mode == "reverse":
+        alpha = torch.softmax(d / tau, dim=1)
+    elif mode == "uniform":
+        alpha = torch.full_like(d, 1.0 / k)
+    else:
+        alpha = torch.eye(k, dtype=torch.float64, device=d.device)
+    return alpha.to(distances.dtype if distances.is_floating_point() else torch.float32)

@@ -1,0 +1,12 @@
+"""Where each stage's artifacts live (relative to the project root); dvc.yaml uses the same paths."""
+
+from pathlib import Path
+
+ARTIFACTS = Path("artifacts")
+MODEL = ARTIFACTS / "model"  # dense float checkpoint + tokenizer
+DATA = ARTIFACTS / "data"  # {train,validation,test}.jsonl, corpus.json
+TASKS = DATA / "tasks"  # local lm-eval task folder + tasks.json manifest
+CALIB = ARTIFACTS / "calib"  # calib.safetensors (input_ids [N, L]) + calib.json
+CAPTURE = ARTIFACTS / "capture.zarr"
+PRUNED = ARTIFACTS / "pruned"
+METRICS = ARTIFACTS / "metrics"

@@ -1,0 +1,33 @@
+"""calibrate: sample N x L calibration tokens (seeded) from one split and an optional topic filter."""
+
+import collections
+
+from safetensors.torch import save_file
+
+from fang import paths
+from fang.atomic import atomic_dir, write_json
+from fang.corpus import filter_topics, read_jsonl, sample_calibration
+from fang.params import load_block
+from fang.progress import console
+
+
+def run(params_path: str = "params.yaml") -> None:
+    from transformers import AutoTokenizer
+
+    from fang.errors import FangError
+
+    p = load_block("calibrate", path=params_path)
+    if not (paths.MODEL / "config.json").exists():
+        raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
+    tokenizer = AutoTokenizer.from_pretrained(paths.MODEL)
+    rows = filter_topics(read_jsonl(paths.DATA / f"{p.split}.jsonl"), p.topics)
+    input_ids, articles = sample_calibration(rows, tokenizer, p.n_samples, p.seq_len, p.seed)
+    topic_of = {r["id"]: r["topic"] for r in rows}
+    topics = collections.Counter(topic_of[a] for window in articles for a in window)
+    with atomic_dir(paths.CALIB) as tmp:
+        save_file({"input_ids": input_ids.contiguous()}, tmp / "calib.safetensors")
+        write_json(tmp / "calib.json", {
+            "split": p.split, "topics_filter": p.topics, "n_samples": p.n_samples, "seq_len": p.seq_len,
+            "seed": p.seed, "articles_per_topic": dict(sorted(topics.items())), "window_articles": articles,
+        })
+    console.print(f"calibration set: {p.n_samples} x {p.seq_len} tokens from {sum(topics.values())} articles -> {paths.CALIB}")

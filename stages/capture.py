@@ -1,0 +1,26 @@
+"""capture: one forward pass of the dense model over the calibration set, streamed block by block to Zarr."""
+
+from safetensors.torch import load_file
+
+from fang import paths
+from fang.capture import capture_features
+from fang.device import pick_device
+from fang.errors import FangError
+from fang.modeling import load_dense
+from fang.params import load_block
+from fang.progress import console
+
+
+def load_calibration():
+    f = paths.CALIB / "calib.safetensors"
+    if not f.exists():
+        raise FangError(f"missing calibration set {f}: run `dvc repro calibrate` first")
+    return load_file(f)["input_ids"]
+
+
+def run(params_path: str = "params.yaml") -> None:
+    p = load_block("capture", path=params_path)
+    device = pick_device()
+    model, _ = load_dense(paths.MODEL, device)
+    info = capture_features(model, load_calibration(), paths.CAPTURE, p.batch_size, p.dtype, device)
+    console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {paths.CAPTURE} ({info['bytes'] / 2**20:.0f} MiB)")

@@ -1,0 +1,39 @@
+"""evaluate: perplexity on the test split (overall and per topic) and zero-shot accuracy via lm-eval."""
+
+import time
+from pathlib import Path
+
+from fang import paths
+from fang.atomic import read_json, write_json
+from fang.corpus import read_jsonl
+from fang.device import pick_device
+from fang.modeling import count_block_params, load_any
+from fang.params import load_block
+from fang.progress import console
+
+
+def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json")) -> None:
+    from fang.evaluate import perplexity_by_topic, zero_shot
+
+    p = load_block("evaluate", path=params_path)
+    device = pick_device()
+    model, tokenizer = load_any(model_dir, device)
+    manifest = read_json(paths.TASKS / "tasks.json")
+    t0 = time.perf_counter()
+    ppl = perplexity_by_topic(
+        model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device
+    )
+    t1 = time.perf_counter()
+    tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
+    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, p.task_limit or None, p.batch_size)
+    t2 = time.perf_counter()
+    metrics = {
+        "model": model_dir,
+        "block_params": count_block_params(model),
+        "ppl": ppl["overall"],
+        "ppl_by_topic": ppl["by_topic"],
+        "tasks": acc,
+        "seconds": {"perplexity": round(t1 - t0, 1), "zero_shot": round(t2 - t1, 1)},
+    }
+    write_json(Path(out), metrics)
+    console.print(f"{model_dir}: ppl {ppl['overall']:.2f}; " + ", ".join(f"{k} {v['acc']:.3f}" for k, v in acc.items()))

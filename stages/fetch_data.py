@@ -1,0 +1,42 @@
+"""fetch_data: corpus -> article-level train/validation/test JSONL; evaluation tasks -> local lm-eval folder."""
+
+import collections
+from pathlib import Path
+
+from fang import paths
+from fang.atomic import write_json
+from fang.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
+from fang.fetch import EMBEDDED_WIKI, embedded_wiki_json
+from fang.params import load_block
+from fang.progress import console
+
+
+def corpus_rows(source: str) -> list[dict]:
+    """Rows of the corpus named by `data.corpus`: embedded wiki, a summaries JSON, or a hub/local HF dataset."""
+    if source == EMBEDDED_WIKI:
+        return read_wiki_summaries(embedded_wiki_json())
+    if source.endswith(".json") and Path(source).is_file():
+        return read_wiki_summaries(source)
+    from fang.evaluate import load_text_rows
+
+    return load_text_rows(source)
+
+
+def run(params_path: str = "params.yaml") -> None:
+    from fang.tasks import build_task_folder
+
+    p = load_block("data", path=params_path)
+    rows = corpus_rows(p.corpus)
+    splits = split_rows(rows, p.split_seed, p.validation_fraction, p.test_fraction)
+    for name in SPLITS:
+        write_jsonl(paths.DATA / f"{name}.jsonl", splits[name])
+    summary = {
+        name: {"articles": len(r), "by_topic": dict(sorted(collections.Counter(x["topic"] for x in r).items()))}
+        for name, r in splits.items()
+    }
+    write_json(paths.DATA / "corpus.json", {"source": p.corpus, "split_seed": p.split_seed, "splits": summary})
+    build_task_folder(p.tasks, p.bigbench, splits["test"], paths.TASKS, p.next_sentence_per_topic, p.split_seed)
+    console.print(
+        f"corpus: {len(rows)} articles -> " + ", ".join(f"{k} {v['articles']}" for k, v in summary.items())
+        + f"; tasks -> {paths.TASKS}"
+    )

@@ -1,0 +1,12 @@
+"""fetch_model: save `model.name` as a float safetensors checkpoint with its tokenizer."""
+
+from fang import paths
+from fang.fetch import fetch_model
+from fang.params import load_block
+from fang.progress import console
+
+
+def run(params_path: str = "params.yaml") -> None:
+    p = load_block("model", path=params_path)
+    summary = fetch_model(p.name, paths.MODEL, p.dtype)
+    console.print(f"saved {summary['model_type']} model ({summary['parameters']:,} parameters) to {paths.MODEL}")
