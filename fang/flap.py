@@ -1,0 +1,299 @@
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024), as plain tensor functions.
+
+The recipe, per decoder block:
+1. stream the input of `o_proj` and `down_proj` over calibration tokens (`InputStats`);
+2. score each input channel by how much the layer output fluctuates through it (`fluctuation_metric`);
+3. pool channels into prunable units: attention heads / KV groups / query slots, MLP neurons;
+4. choose how many units every block keeps from one global ranking (`structure_search`);
+5. keep the top units (`select_top`) and fold the removed channels' mean contribution into a bias
+   (`bias_compensation`), so the block's mean output on calibration data is unchanged.
+
+Statistics are kept in float64: per-channel variances of activations with large means (LLM outliers)
+lose most of their digits in float32 when accumulated over hundreds of thousands of tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import FangError, require
+
+
+class InputStats:
+    """Streaming per-channel mean and population variance of a Linear layer's input.
+
+    Batches are merged with Chan et al.'s parallel update (batch mean and squared deviations, then
+    a correction for the shift between means) instead of raw sums of squares, which would cancel
+    catastrophically for channels whose mean is large compared to their spread.
+
+    Optional per-token weights give weighted statistics: mean = sum(w x) / sum(w) and
+    variance = sum(w (x - mean)^2) / sum(w). Unweighted is the same with every w = 1.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0  # tokens seen (whatever their weights)
+        self.weight_sum = 0.0  # sum of token weights; equals `count` when unweighted
+        self._mean: Tensor | None = None  # [C] float64
+        self._m2: Tensor | None = None  # [C] float64: weighted sum of squared deviations from the mean
+
+    @property
+    def n_channels(self) -> int | None:
+        return None if self._mean is None else self._mean.numel()
+
+    def add_batch(self, x: Tensor, weights: Tensor | None = None) -> None:
+        """Accumulate x of shape [..., C]; `weights` (shape x.shape[:-1], >= 0) weight each token."""
+        require(x.dim() >= 1 and x.shape[-1] > 0, f"InputStats.add_batch: expected x of shape [..., C], got {tuple(x.shape)}")
+        n_channels = x.shape[-1]
+        if self._mean is not None and n_channels != self._mean.numel():
+            raise FangError(f"InputStats: got {n_channels} channels, earlier batches had {self._mean.numel()}")
+        if weights is not None:
+            if tuple(weights.shape) != tuple(x.shape[:-1]):
+                raise FangError(
+                    f"InputStats: weights must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(weights.shape)}"
+                )
+            w = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise FangError("InputStats: token weights must be finite and nonnegative")
+        x = x.detach().reshape(-1, n_channels).to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return
+        self.count += n
+        if weights is None:
+            w_sum = float(n)
+            batch_mean = x.mean(0)
+            batch_m2 = (x - batch_mean).square_().sum(0)
+        else:
+            w_sum = float(w.sum())
+            if w_sum == 0.0:
+                return  # tokens with zero weight contribute nothing to merge
+            batch_mean = (w @ x) / w_sum
+            batch_m2 = w @ (x - batch_mean).square_()
+        self._merge(w_sum, batch_mean, batch_m2)
+
+    def merge(self, other: "InputStats") -> None:
+        """Fold another accumulator's statistics into this one (e.g. from a different data shard)."""
+        if other._mean is None:
+            self.count += other.count
+            return
+        if self._mean is not None and other._mean.numel() != self._mean.numel():
+            raise FangError(f"InputStats.merge: {other._mean.numel()} channels vs {self._mean.numel()}")
+        self.count += other.count
+        self._merge(other.weight_sum, other._mean, other._m2)
+
+    def _merge(self, w_b: float, mean_b: Tensor, m2_b: Tensor) -> None:
+        if self._mean is None or self.weight_sum == 0.0:
+            self._mean, self._m2, self.weight_sum = mean_b.clone(), m2_b.clone(), w_b
+            return
+        mean_b = mean_b.to(self._mean.device)
+        m2_b = m2_b.to(self._mean.device)
+        w_a = self.weight_sum
+        total = w_a + w_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (w_b / total)
+        self._m2 = self._m2 + m2_b + delta.square() * (w_a * w_b / total)
+        self.weight_sum = total
+
+    def _require_data(self) -> None:
+        if self._mean is None or self.weight_sum == 0.0:
+            raise FangError("InputStats: no (nonzero-weight) tokens were added; run calibration data through first")
+
+    @property
+    def mean(self) -> Tensor:
+        self._require_data()
+        return self._mean
+
+    @property
+    def variance(self) -> Tensor:
+        """Population variance (divide by the total weight, not weight - 1), as FLAP uses."""
+        self._require_data()
+        return self._m2 / self.weight_sum
+
+    @property
+    def sum(self) -> Tensor:
+        self._require_data()
+        return self._mean * self.weight_sum
+
+    @property
+    def sum_sq(self) -> Tensor:
+        """Weighted sum of x^2 per channel (the squared input norm used by Wanda-style metrics)."""
+        self._require_data()
+        return self._m2 + self._mean.square() * self.weight_sum
+
+
+def fluctuation_metric(weight: Tensor, variance: Tensor) -> Tensor:
+    """FLAP's WIFV score per input channel j: variance_j * ||W[:, j]||^2 (float64, on weight's device).
+
+    A channel matters when its input varies (a constant input can be replaced by a bias, see
+    `bias_compensation`) and the weights reading it are large.
+    """
+    require(weight.dim() == 2, f"fluctuation_metric: weight must be [out, C], got {tuple(weight.shape)}")
+    require(
+        variance.dim() == 1 and variance.numel() == weight.shape[1],
+        f"fluctuation_metric: variance has {variance.numel()} channels, weight has {weight.shape[1]} input channels",
+    )
+    col_sq_norm = torch.linalg.vector_norm(weight.detach(), dim=0, dtype=torch.float64).square()
+    return variance.to(device=col_sq_norm.device, dtype=torch.float64) * col_sq_norm
+
+
+def head_scores(channel_metric: Tensor, head_dim: int) -> Tensor:
+    """Average the per-channel metric over each head's `head_dim` consecutive channels -> [n_heads]."""
+    require(head_dim > 0, f"head_scores: head_dim={head_dim} must be positive")
+    n = channel_metric.numel()
+    require(n % head_dim == 0, f"head_scores: {n} channels do not split into heads of {head_dim}")
+    return channel_metric.reshape(n // head_dim, head_dim).mean(1)
+
+
+def _groups(head_scores: Tensor, n_kv_heads: int) -> Tensor:
+    n = head_scores.numel()
+    require(n_kv_heads > 0 and n % n_kv_heads == 0, f"{n} query heads do not split into {n_kv_heads} KV groups")
+    # query head h uses KV head h // g, so row kv of this view is that KV head's group of queries
+    return head_scores.reshape(n_kv_heads, n // n_kv_heads)
+
+
+def group_scores(head_scores: Tensor, n_kv_heads: int) -> Tensor:
+    """GQA: score of each KV group = mean over the query heads sharing that KV head -> [n_kv_heads]."""
+    return _groups(head_scores, n_kv_heads).mean(1)
+
+
+def slot_scores(head_scores: Tensor, n_kv_heads: int) -> Tensor:
+    """GQA: score of query slot s = mean over head s of every KV group -> [queries_per_kv]."""
+    return _groups(head_scores, n_kv_heads).mean(0)
+
+
+def _standardize(scores: Tensor) -> Tensor:
+    """z-score within one layer, as FLAP does (sample std). A layer whose units all score the same
+    (or that has a single unit) has no spread to standardize: its units get z = 0."""
+    x = scores.detach().reshape(-1).to(torch.float64).cpu()
+    if x.numel() < 2:
+        return torch.zeros_like(x)
+    std = x.std()
+    if not bool(std > 0):
+        return torch.zeros_like(x)
+    return (x - x.mean()) / std
+
+
+def structure_search(
+    attn_scores: list[Tensor],
+    mlp_scores: list[Tensor],
+    sparsity: float,
+    attn_unit_params: int,
+    neuron_params: int,
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """FLAP's adaptive structure search (AL-AM): how many attention units / neurons each layer keeps.
+
+    Scores are z-scored within each layer and unit type, then every attention unit and neuron of
+    every layer is ranked in one pool. The highest-ranked units are kept until their parameters
+    reach (1 - sparsity) of the parameters of all units (one attention unit costs
+    `attn_unit_params`, one neuron `neuron_params`), so kept/total lands in
+    [1 - sparsity, 1 - sparsity + one unit's share) before the minimums.
+
+    Each layer then keeps at least `min_attn_units` and `min_neurons` (both >= 1): a block with no
+    attention head or no neuron would have zero-width projections, which neither attention nor
+    the loader can represent. The minimums may raise the kept parameters slightly above target.
+
+    Returns (attention units kept per layer, neurons kept per layer).
+    """
+    require(len(attn_scores) == len(mlp_scores), f"structure_search: {len(attn_scores)} attention score lists vs {len(mlp_scores)} MLP")
+    require(len(attn_scores) > 0, "structure_search: no layers given")
+    require(0.0 <= float(sparsity) < 1.0, f"structure_search: sparsity={sparsity} must be in [0, 1)")
+    require(attn_unit_params > 0 and neuron_params > 0, "structure_search: unit parameter costs must be positive")
+    require(min_attn_units >= 1 and min_neurons >= 1, "structure_search: minimum kept units must be >= 1 to keep layers runnable")
+
+    n_layers = len(attn_scores)
+    attn_z = [_standardize(s) for s in attn_scores]
+    mlp_z = [_standardize(s) for s in mlp_scores]
+    for kind, zs in (("attention", attn_z), ("MLP", mlp_z)):
+        for i, z in enumerate(zs):
+            require(z.numel() > 0, f"structure_search: layer {i} has no {kind} units")
+            require(bool(torch.isfinite(z).all()), f"structure_search: layer {i} {kind} scores are not finite")
+
+    pooled = torch.cat(attn_z + mlp_z)
+    cost = torch.cat([torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn_z]
+                     + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp_z])
+    # unit -> (layer, is attention), to count kept units per layer afterwards
+    layer_of = torch.cat([torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn_z, mlp_z) for i, z in enumerate(zs)])
+    n_attn_total = sum(z.numel() for z in attn_z)
+    is_attn = torch.arange(pooled.numel()) < n_attn_total
+
+    order = torch.sort(pooled, descending=True, stable=True).indices
+    cum = torch.cumsum(cost[order], 0)
+    total = int(cum[-1])
+    # tolerance so that e.g. 0.7 * total computed in floating point does not demand one extra unit
+    target = (1.0 - float(sparsity)) * total - 1e-9 * total
+    n_take = min(int((cum < target).sum()) + 1, pooled.numel())
+
+    kept = order[:n_take]
+    attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
+    mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
+    attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn_z[i].numel())) for i in range(n_layers)]
+    mlp_counts = [max(int(mlp_keep[i]), min(min_neurons, mlp_z[i].numel())) for i in range(n_layers)]
+    return attn_counts, mlp_counts
+
+
+def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n_layers
+    else:
+        values = [float(v) for v in value]
+        require(len(values) == n_layers, f"uniform_structure: {name} has {len(values)} entries for {n_layers} layers")
+    for v in values:
+        require(0.0 <= v <= 1.0, f"uniform_structure: {name}={v} must be in [0, 1]")
+    return values
+
+
+def uniform_structure(
+    n_attn_units: Sequence[int],
+    n_neurons: Sequence[int],
+    attn_sparsity: float | Sequence[float],
+    mlp_sparsity: float | Sequence[float],
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Keep counts per layer for a given sparsity (one value or one per layer), rounded half up and
+    kept at least at the minimums (>= 1, so every layer stays runnable)."""
+    require(len(n_attn_units) == len(n_neurons), "uniform_structure: attention and MLP unit lists differ in length")
+    require(min_attn_units >= 1 and min_neurons >= 1, "uniform_structure: minimum kept units must be >= 1")
+    n_layers = len(n_attn_units)
+    attn_s = _per_layer(attn_sparsity, n_layers, "attn_sparsity")
+    mlp_s = _per_layer(mlp_sparsity, n_layers, "mlp_sparsity")
+
+    def keep(n: int, s: float, minimum: int) -> int:
+        return min(n, max(math.floor(n * (1.0 - s) + 0.5 + 1e-9), minimum))
+
+    return (
+        [keep(n, s, min_attn_units) for n, s in zip(n_attn_units, attn_s)],
+        [keep(n, s, min_neurons) for n, s in zip(n_neurons, mlp_s)],
+    )
+
+
+def select_top(scores: Tensor, n_keep: int) -> Tensor:
+    """Ascending indices of the `n_keep` highest scores; ties go to the lower index."""
+    scores = scores.detach().reshape(-1)
+    require(0 <= n_keep <= scores.numel(), f"select_top: cannot keep {n_keep} of {scores.numel()} units")
+    require(not bool(torch.isnan(scores).any()), "select_top: scores contain NaN")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:n_keep]).values
+
+
+def bias_compensation(weight: Tensor, mean: Tensor, keep: Tensor) -> Tensor:
+    """FLAP's baseline bias W[:, pruned] @ mean[pruned] -> [out], in weight's dtype.
+
+    Removing input channels removes their average contribution to the output too; adding it back
+    as a constant keeps the layer's mean output on calibration data equal to the dense layer's.
+    Add it to any existing bias.
+    """
+    require(weight.dim() == 2, f"bias_compensation: weight must be [out, C], got {tuple(weight.shape)}")
+    n_in = weight.shape[1]
+    require(mean.numel() == n_in, f"bias_compensation: mean has {mean.numel()} channels, weight has {n_in}")
+    pruned = torch.ones(n_in, dtype=torch.bool, device=weight.device)
+    pruned[keep.to(weight.device)] = False
+    w = weight.detach()[:, pruned].to(torch.float64)
+    m = mean.detach().reshape(-1).to(device=weight.device, dtype=torch.float64)[pruned]
+    return (w @ m).to(weight.dtype)

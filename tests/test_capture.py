@@ -1,0 +1,62 @@
+"""Streaming capture: stored features equal the model's own activations."""
+
+import numpy as np
+import pytest
+import torch
+
+from fang.capture import capture_features, open_capture
+from fang.errors import FangError
+
+
+def test_capture_matches_forward_pass(model, input_ids, tmp_path):
+    info = capture_features(model, input_ids, tmp_path / "cap.zarr", batch_size=3, dtype="float32")
+    store = open_capture(tmp_path / "cap.zarr")
+    n_layers, T = model.config.num_hidden_layers, input_ids.numel()
+    assert info["tokens"] == T and store["block_io"].shape == (n_layers + 1, T, 48)
+    assert np.array_equal(store["token_ids"][:], input_ids.numpy())
+
+    feats = {}
+    hooks = []
+    for li, layer in enumerate(model.model.layers):
+        hooks.append(layer.mlp.register_forward_pre_hook(lambda m, a, li=li: feats.__setitem__(("ffn", li), a[0])))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, li=li: feats.__setitem__(("down", li), a[0])))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, li=li: feats.__setitem__(("o", li), a[0])))
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    for li in range(n_layers):
+        np.testing.assert_allclose(store["block_io"][li], out.hidden_states[li].reshape(T, -1).numpy(), atol=1e-5)
+        np.testing.assert_allclose(store["ffn_in"][li], feats[("ffn", li)].reshape(T, -1).numpy(), atol=1e-5)
+        down = feats[("down", li)].reshape(T, -1).double()
+        np.testing.assert_allclose(store["down_in"][li], down.numpy(), atol=1e-5)
+        np.testing.assert_allclose(store["down_in_mean"][li], down.mean(0).numpy(), atol=1e-6)
+        np.testing.assert_allclose(store["down_in_var"][li], down.var(0, unbiased=False).numpy(), atol=1e-6)
+        o = feats[("o", li)].reshape(T, -1).double()
+        np.testing.assert_allclose(store["o_proj_in_var"][li], o.var(0, unbiased=False).numpy(), atol=1e-6)
+    # the last block's output is the final residual stream, before the model's final norm
+    last = model.model.norm(torch.from_numpy(store["block_io"][n_layers]).float())
+    np.testing.assert_allclose(last.detach().numpy(), out.hidden_states[-1].reshape(T, -1).numpy(), atol=1e-4)
+
+
+def test_capture_chunks_one_layer_per_chunk(model, input_ids, tmp_path):
+    capture_features(model, input_ids, tmp_path / "cap.zarr", batch_size=2)
+    store = open_capture(tmp_path / "cap.zarr")
+    assert store["down_in"].chunks[0] == 1 and store["down_in"].dtype == np.float16
+
+
+def test_interrupted_capture_leaves_nothing(model, input_ids, tmp_path, monkeypatch):
+    import fang.capture as cap
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(cap, "input_hooks", boom)
+    with pytest.raises(RuntimeError):
+        capture_features(model, input_ids, tmp_path / "cap.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(FangError, match="capture store not found"):
+        open_capture(tmp_path / "nope.zarr")

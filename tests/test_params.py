@@ -1,0 +1,38 @@
+"""params.yaml validation: bad values fail with a message naming the key."""
+
+import pytest
+
+from fang.errors import FangError
+from fang.params import PruneParams, load_block, parse_block
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_sparsity_out_of_range(value):
+    with pytest.raises(FangError, match=r"prune.sparsity=.* out of range"):
+        parse_block("prune", {"sparsity": value}, PruneParams)
+
+
+def test_valid_sparsity_including_zero():
+    assert parse_block("prune", {"sparsity": 0.0}, PruneParams).sparsity == 0.0
+    assert parse_block("prune", {"sparsity": 0.4}, PruneParams).sparsity == 0.4
+
+
+def test_unknown_key_and_wrong_type_are_named():
+    with pytest.raises(FangError, match="unknown key.*sparsty"):
+        parse_block("prune", {"sparsty": 0.3}, PruneParams)
+    with pytest.raises(FangError, match="prune.sparsity='high' has the wrong type"):
+        parse_block("prune", {"sparsity": "high"}, PruneParams)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(FangError, match="params file not found"):
+        load_block("prune", path=tmp_path / "params.yaml")
+
+
+def test_repo_params_yaml_is_valid():
+    from fang.params import BLOCKS, read_params
+
+    raw = read_params("params.yaml")
+    for name, cls in BLOCKS.items():
+        if name in raw:
+            parse_block(name, raw[name], cls)

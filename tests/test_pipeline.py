@@ -1,0 +1,126 @@
+"""End to end: `dvc repro` of the real dvc.yaml on a tiny model and corpus, and what reruns after a change."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_model
+from helpers_tokenizer import tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ("People", "Geography", "Mathematics")
+
+
+def write_corpus(path: Path) -> None:
+    words = {"People": "born king poet queen painter", "Geography": "river mountain city coast lake",
+             "Mathematics": "number prime proof theorem graph"}
+    arts = {}
+    for t in TOPICS:
+        vocab = words[t].split()
+        for i in range(24):
+            sents = [f"The {vocab[(i + j) % 5]} {j} is {vocab[(i * j) % 5]}." for j in range(4)]
+            arts[f"{t} {i}"] = {"title": f"{t} {i}", "extract": " ".join(sents), "topic": t}
+    path.write_text(json.dumps(arts))
+
+
+def write_bigbench(folder: Path) -> None:
+    task = folder / "tiny_mc"
+    task.mkdir(parents=True)
+    examples = [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(12)]
+    (task / "task.json").write_text(json.dumps({"name": "tiny_mc", "description": "parity", "examples": examples}))
+
+
+def tiny_params(root: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = str(root / "tiny_model")
+    params["data"].update(corpus=str(root / "summaries.json"), bigbench=str(root / "bigbench"),
+                          tasks=["tiny_mc", "next_sentence"], next_sentence_per_topic=4)
+    params["calibrate"].update(n_samples=4, seq_len=32)
+    params["capture"]["batch_size"] = 2
+    params["prune"].update(sparsity=0.3, batch_size=2)
+    params["evaluate"].update(ppl_seq_len=32, ppl_max_windows_per_topic=2, task_limit=4, batch_size=4)
+    return params
+
+
+def repro(root: Path) -> set[str]:
+    env = {**os.environ, "FANG_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    for name in ("fang", "stages"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    model = tiny_model(6, 3, layers=3)
+    model.save_pretrained(root / "tiny_model")
+    tiny_tokenizer().save_pretrained(root / "tiny_model")
+    write_corpus(root / "summaries.json")
+    write_bigbench(root / "bigbench")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(root)))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    return root
+
+
+def edit_params(root: Path, block: str, **values) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[block].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_repro_runs_everything_then_only_what_changed(project):
+    ran = repro(project)
+    assert {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"} <= ran
+
+    metrics = json.loads((project / "artifacts/metrics/pruned.json").read_text())
+    prune = json.loads((project / "artifacts/metrics/prune.json").read_text())
+    assert metrics["ppl"] > 1 and set(metrics["ppl_by_topic"]) == set(TOPICS)
+    assert 0.15 < prune["achieved_sparsity"] < 0.45
+    assert (project / "artifacts/pruned/structure.json").exists()
+
+    assert repro(project) == set()  # nothing changed, nothing reruns
+
+    edit_params(project, "prune", sparsity=0.2)
+    assert repro(project) == {"prune", "evaluate@pruned"}
+
+    edit_params(project, "calibrate", seed=1)
+    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"}
+
+
+def test_cli_errors_are_one_line_without_traceback(project, tmp_path):
+    def fang(*args, cwd=project):
+        return subprocess.run([sys.executable, "-m", "fang.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"prune": {"sparsity": 1.0}}))
+    proc = fang("prune", "--params", str(bad))
+    assert proc.returncode == 2 and "prune.sparsity=1.0 is out of range" in proc.stderr and "Traceback" not in proc.stderr
+
+    bad.write_text(yaml.safe_dump({"model": {"name": str(tmp_path / "no_such_model")}}))
+    proc = fang("fetch-model", "--params", str(bad))
+    assert proc.returncode == 2 and "model path not found" in proc.stderr and "Traceback" not in proc.stderr
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["tasks"] = ["no_such_task"]
+    bad.write_text(yaml.safe_dump(params))
+    proc = fang("fetch-data", "--params", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2 and "no_such_task" in proc.stderr and "Traceback" not in proc.stderr
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["calibrate"].update(n_samples=1000, seq_len=256)
+    bad.write_text(yaml.safe_dump(params))
+    proc = fang("calibrate", "--params", str(bad))
+    assert proc.returncode == 2 and "corpus too small" in proc.stderr and "Traceback" not in proc.stderr
