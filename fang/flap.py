@@ -46,14 +46,18 @@ class InputStats:
 
     def add_batch(self, x: Tensor, weights: Tensor | None = None) -> None:
         """Accumulate x of shape [..., C]; `weights` (shape x.shape[:-1], >= 0) weight each token."""
-        require(x.dim() >= 1 and x.shape[-1] > 0, f"InputStats.add_batch: expected x of shape [..., C], got {tuple(x.shape)}")
+        require(
+            x.dim() >= 1 and x.shape[-1] > 0,
+            f"InputStats.add_batch: expected x of shape [..., C], got {tuple(x.shape)}",
+        )
         n_channels = x.shape[-1]
         if self._mean is not None and n_channels != self._mean.numel():
             raise FangError(f"InputStats: got {n_channels} channels, earlier batches had {self._mean.numel()}")
         if weights is not None:
             if tuple(weights.shape) != tuple(x.shape[:-1]):
                 raise FangError(
-                    f"InputStats: weights must have the leading shape of x {tuple(x.shape[:-1])}, got {tuple(weights.shape)}"
+                    f"InputStats: weights must have the leading shape of x {tuple(x.shape[:-1])}, "
+                    f"got {tuple(weights.shape)}"
                 )
             w = weights.detach().reshape(-1).to(device=x.device, dtype=torch.float64)
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
@@ -200,25 +204,37 @@ def structure_search(
 
     Returns (attention units kept per layer, neurons kept per layer).
     """
-    require(len(attn_scores) == len(mlp_scores), f"structure_search: {len(attn_scores)} attention score lists vs {len(mlp_scores)} MLP")
+    require(
+        len(attn_scores) == len(mlp_scores),
+        f"structure_search: {len(attn_scores)} layers of attention scores but {len(mlp_scores)} of MLP scores",
+    )
     require(len(attn_scores) > 0, "structure_search: no layers given")
     require(0.0 <= float(sparsity) < 1.0, f"structure_search: sparsity={sparsity} must be in [0, 1)")
     require(attn_unit_params > 0 and neuron_params > 0, "structure_search: unit parameter costs must be positive")
-    require(min_attn_units >= 1 and min_neurons >= 1, "structure_search: minimum kept units must be >= 1 to keep layers runnable")
+    require(
+        min_attn_units >= 1 and min_neurons >= 1,
+        "structure_search: minimum kept units must be >= 1 to keep layers runnable",
+    )
 
+    for kind, per_layer in (("attention", attn_scores), ("MLP", mlp_scores)):
+        for i, s in enumerate(per_layer):
+            require(s.numel() > 0, f"structure_search: layer {i} has no {kind} units")
+            require(bool(torch.isfinite(s).all()), f"structure_search: layer {i} {kind} scores are not finite")
     n_layers = len(attn_scores)
     attn_z = [_standardize(s) for s in attn_scores]
     mlp_z = [_standardize(s) for s in mlp_scores]
-    for kind, zs in (("attention", attn_z), ("MLP", mlp_z)):
-        for i, z in enumerate(zs):
-            require(z.numel() > 0, f"structure_search: layer {i} has no {kind} units")
-            require(bool(torch.isfinite(z).all()), f"structure_search: layer {i} {kind} scores are not finite")
 
+    # pool order: attention units of every layer, then neurons; the stable sort below breaks score
+    # ties by this order, so results are deterministic
     pooled = torch.cat(attn_z + mlp_z)
-    cost = torch.cat([torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn_z]
-                     + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp_z])
+    cost = torch.cat(
+        [torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn_z]
+        + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp_z]
+    )
     # unit -> (layer, is attention), to count kept units per layer afterwards
-    layer_of = torch.cat([torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn_z, mlp_z) for i, z in enumerate(zs)])
+    layer_of = torch.cat(
+        [torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn_z, mlp_z) for i, z in enumerate(zs)]
+    )
     n_attn_total = sum(z.numel() for z in attn_z)
     is_attn = torch.arange(pooled.numel()) < n_attn_total
 

@@ -80,6 +80,11 @@ class PruneParams:
     sparsity: float = 0.3  # target fraction of decoder-block parameters removed
     gqa: str = "kv_group"  # head removal unit for GQA: "kv_group" (a KV head with its queries) or "query_slot"
     batch_size: int = 8
+    tau: float = 9.0  # FANG softmax temperature for cluster relevance (Eq. 6); paper: 9 for LLaMA2-7B
+    damp: float = 0.01  # OBC: Hessian dampening, fraction of its mean diagonal
+    shared_group: bool = True  # FANG: never prune the shared neuron group (SNGR ablation when false)
+    function_aware: bool = True  # FANG: prune per functional group with reweighted statistics (FAP ablation when false)
+    reweighting: str = "ours"  # FANG token-cluster weights: ours | uniform | reverse | only_matched (Table 6)
 
     def validate(self) -> None:
         require(
@@ -88,6 +93,10 @@ class PruneParams:
         )
         require(self.gqa in ("kv_group", "query_slot"), f"prune.gqa={self.gqa!r}: use 'kv_group' or 'query_slot'")
         require(self.batch_size > 0, "prune.batch_size must be positive")
+        require(self.tau > 0, f"prune.tau={self.tau} must be positive (softmax temperature)")
+        require(self.damp >= 0, f"prune.damp={self.damp} must be >= 0")
+        require(self.reweighting in ("ours", "uniform", "reverse", "only_matched"),
+                f"prune.reweighting={self.reweighting!r}: use ours, uniform, reverse or only_matched")
 
 
 @dataclass

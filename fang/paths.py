@@ -10,3 +10,8 @@ CALIB = ARTIFACTS / "calib"  # calib.safetensors (input_ids [N, L]) + calib.json
 CAPTURE = ARTIFACTS / "capture.zarr"
 PRUNED = ARTIFACTS / "pruned"
 METRICS = ARTIFACTS / "metrics"
+CLUSTER = ARTIFACTS / "cluster.zarr"  # PCA, centroids, token_clusters, down-proj centres, distances
+TAYLOR = ARTIFACTS / "taylor.zarr"  # cluster-neuron scores S, block sensitivity
+GROUPS = ARTIFACTS / "groups.zarr"  # neuron_groups: functional group id per neuron (k = shared)
+ALLOCATE = ARTIFACTS / "allocate.json"  # per-block functional complexity and sparsity
+PLOTS = ARTIFACTS / "plots"

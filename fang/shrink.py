@@ -57,7 +57,10 @@ def _combine_bias(existing: Tensor | None, extra: Tensor | None, weight: Tensor,
     if extra is None:
         return None if existing is None else existing.detach().clone()
     out_features = weight.shape[0]
-    require(extra.numel() == out_features, f"{name}: extra bias has {extra.numel()} entries, layer has {out_features} outputs")
+    require(
+        extra.numel() == out_features,
+        f"{name}: extra bias has {extra.numel()} entries, layer has {out_features} outputs",
+    )
     total = extra.detach().reshape(-1).to(device=weight.device, dtype=torch.float64)
     if existing is not None:
         total = total + existing.detach().to(torch.float64)
@@ -104,9 +107,9 @@ def shrink_mlp(mlp: nn.Module, keep: Tensor, extra_down_bias: Tensor | None = No
     """
     n = mlp.gate_proj.out_features
     keep = _as_index(keep, n, "MLP neurons")
-    mlp.gate_proj = _rows(mlp.gate_proj, keep)
-    mlp.up_proj = _rows(mlp.up_proj, keep)
-    mlp.down_proj = _cols(mlp.down_proj, keep, extra_down_bias, "down_proj")
+    # build everything before assigning anything, so a rejected call leaves the block untouched
+    down = _cols(mlp.down_proj, keep, extra_down_bias, "down_proj")
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, keep), _rows(mlp.up_proj, keep), down
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 
@@ -117,7 +120,11 @@ def attention_heads(attn: nn.Module) -> tuple[int, int, int]:
     require(isinstance(head_dim, int) and head_dim > 0, f"{type(attn).__name__} has no integer head_dim attribute")
     n_heads, rem_q = divmod(attn.q_proj.out_features, head_dim)
     n_kv, rem_kv = divmod(attn.k_proj.out_features, head_dim)
-    require(rem_q == 0 and rem_kv == 0 and n_kv > 0 and n_heads % n_kv == 0, f"inconsistent attention shapes in {type(attn).__name__}")
+    require(
+        rem_q == 0 and rem_kv == 0 and n_kv > 0 and n_heads % n_kv == 0,
+        f"inconsistent attention shapes in {type(attn).__name__}: q_proj {attn.q_proj.out_features}, "
+        f"k_proj {attn.k_proj.out_features} outputs, head_dim {head_dim}",
+    )
     return n_heads, n_kv, head_dim
 
 
@@ -150,10 +157,14 @@ def shrink_attention(attn: nn.Module, keep_kv: Tensor, keep_slots: Tensor, extra
     q_heads = (keep_kv[:, None] * g + keep_slots[None, :]).reshape(-1)
     q_rows = _unit_rows(q_heads, head_dim)
     kv_rows = _unit_rows(keep_kv, head_dim)
-    attn.q_proj = _rows(attn.q_proj, q_rows)
-    attn.k_proj = _rows(attn.k_proj, kv_rows)
-    attn.v_proj = _rows(attn.v_proj, kv_rows)
-    attn.o_proj = _cols(attn.o_proj, q_rows, extra_o_bias, "o_proj")
+    # build everything before assigning anything, so a rejected call leaves the block untouched
+    o_proj = _cols(attn.o_proj, q_rows, extra_o_bias, "o_proj")
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (
+        _rows(attn.q_proj, q_rows),
+        _rows(attn.k_proj, kv_rows),
+        _rows(attn.v_proj, kv_rows),
+        o_proj,
+    )
     _set_head_counts(attn, q_heads.numel(), keep_kv.numel())
 
 
@@ -195,7 +206,8 @@ def apply_structure(layer: nn.Module, spec: dict, index: int) -> None:
     n_heads, n_kv, inter = int(spec["n_heads"]), int(spec["n_kv_heads"]), int(spec["intermediate_size"])
     require(
         n_kv > 0 and n_heads > 0 and n_heads % n_kv == 0 and inter > 0,
-        f"{STRUCTURE_FILE}: layer {index} has an impossible shape (heads={n_heads}, kv_heads={n_kv}, intermediate={inter})",
+        f"{STRUCTURE_FILE}: layer {index} has an impossible shape "
+        f"(heads={n_heads}, kv_heads={n_kv}, intermediate={inter})",
     )
     head_dim = attn.head_dim
     hidden = attn.q_proj.in_features
@@ -317,7 +329,10 @@ def load_pruned(path: str | os.PathLike):
 
     state = load_file(str(weights_path), device="cpu")
     tied = structure.get("tied", {})
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # torch reports shape mismatches this way
+        raise FangError(f"{weights_path} does not match {STRUCTURE_FILE}: {str(exc).strip()[:500]}") from None
     missing = sorted(set(missing) - set(tied))
     if missing or unexpected:
         raise FangError(

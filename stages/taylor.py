@@ -1,0 +1,28 @@
+"""taylor: one forward+backward pass; cluster-neuron Taylor scores S (Eq. 5) per layer."""
+
+import torch
+
+from fang import paths
+from fang.device import pick_device
+from fang.errors import require
+from fang.modeling import load_dense
+from fang.params import load_block
+from fang.progress import console
+from fang.store import open_store, write_store
+from fang.taylor import taylor_scores
+from stages.capture import load_calibration
+
+
+def run(params_path: str = "params.yaml") -> None:
+    p = load_block("taylor", path=params_path)
+    clusters = open_store(paths.CLUSTER, "cluster", "cluster")
+    input_ids = load_calibration()
+    token_clusters = torch.from_numpy(clusters["token_clusters"][:]).long()
+    require(token_clusters.shape[1] == input_ids.numel(),
+            f"{paths.CLUSTER} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
+    device = pick_device()
+    model, _ = load_dense(paths.MODEL, device)
+    k = clusters.attrs["k"]
+    res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device)
+    write_store(paths.TAYLOR, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})
+    console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {paths.TAYLOR}")
