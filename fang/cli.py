@@ -67,6 +67,30 @@ def evaluate(
     _stage("evaluate").run(params, model, out)
 
 
+@app.command()
+def cluster(params: str = ParamsOpt) -> None:
+    """Per layer: PCA of the FFN-input tokens to `cluster.pca_dim`, KMeans into `cluster.k` context clusters."""
+    _stage("cluster").run(params)
+
+
+@app.command()
+def taylor(params: str = ParamsOpt) -> None:
+    """One forward+backward pass: cluster-neuron Taylor scores |h * dL/dh| per layer (Eq. 5)."""
+    _stage("taylor").run(params)
+
+
+@app.command()
+def group(params: str = ParamsOpt) -> None:
+    """Per layer: the shared neuron group and k equal functional groups (exact assignment or random)."""
+    _stage("group").run(params)
+
+
+@app.command()
+def allocate(params: str = ParamsOpt) -> None:
+    """Per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons."""
+    _stage("allocate").run(params)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import FangError, require
+from .errors import require
 
 RELEVANCE_MODES = ("ours", "uniform", "reverse", "only_matched")
 
@@ -102,12 +102,50 @@ def _faiss_use_gpu(faiss) -> bool:
     return bool(torch.cuda.is_available() and get is not None and get() > 0)
 
 
-def kmeans(x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0) -> tuple[Tensor, Tensor, float]:
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007, with 2 + log k local trials per
+    centre as in scikit-learn): [k, dim] float32 initial centroids drawn from the rows of x.
+
+    faiss's own initialisation picks k random tokens; with a few well-separated context types
+    that often puts two seeds in one cluster and Lloyd iterations cannot recover (a 4-blob toy
+    set fails for most seeds). The official FANG code used scikit-learn's KMeans, whose default
+    is this seeding, so it also keeps us closer to the reference behaviour.
+    """
+    rng = np.random.default_rng(seed)
+    t = x.shape[0]
+    xd = x.astype(np.float64)
+    trials = 2 + int(np.log(k))
+    centers = np.empty((k, x.shape[1]), dtype=np.float64)
+    sq = (xd**2).sum(axis=1)
+
+    def sqdist(points: np.ndarray) -> np.ndarray:  # [p, T]; expansion keeps memory at p x T
+        return np.maximum(sq[None, :] - 2.0 * points @ xd.T + (points**2).sum(axis=1)[:, None], 0.0)
+
+    centers[0] = xd[rng.integers(t)]
+    closest = sqdist(centers[:1])[0]
+    for c in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than clusters: any token will do
+            cand = rng.integers(t, size=trials)
+        else:
+            cand = np.searchsorted(np.cumsum(closest), rng.random(trials) * total)
+            cand = np.minimum(cand, t - 1)
+        pot = np.minimum(closest[None, :], sqdist(xd[cand]))
+        best = int(pot.sum(axis=1).argmin())
+        centers[c] = xd[cand[best]]
+        closest = pot[best]
+    return centers.astype(np.float32)
+
+
+def kmeans(
+    x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0, init: str = "kmeans++"
+) -> tuple[Tensor, Tensor, float]:
     """KMeans of the rows of `x` [T, dim] with faiss: (centroids [k, dim] f32, assignment [T] long, inertia).
 
+    - Initialisation: `kmeans_plusplus` (default) or "random" (faiss's k random tokens).
     - Every token is used for training: faiss by default subsamples to 256 points per centroid,
       which for k=7 would fit on only 1792 of ~65k calibration tokens.
-    - Seeded: faiss draws its initial centroids (and re-seeds of empty clusters) from `seed`.
+    - Seeded: the initial centroids and faiss's re-seeding of empty clusters derive from `seed`.
       On CPU the result is identical for a given seed, also across OpenMP thread counts
       (faiss's centroid update partitions work by centroid and sums points in order; see
       tests/test_cluster.py). Runs on the faiss GPU build when CUDA is present.
@@ -124,6 +162,7 @@ def kmeans(x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0) -> tu
     require(k >= 1, f"k={k} must be positive")
     require(k <= t, f"k={k} clusters but only {t} tokens: need at least one token per cluster")
     require(niter > 0, f"niter={niter} must be positive")
+    require(init in ("kmeans++", "random"), f"unknown KMeans init {init!r}: use 'kmeans++' or 'random'")
     data = np.ascontiguousarray(xt.detach().to("cpu", torch.float32).numpy())
     require(bool(np.isfinite(data).all()), "KMeans input contains NaN or Inf (check the captured features)")
 
@@ -139,7 +178,7 @@ def kmeans(x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0) -> tu
         max_points_per_centroid=(t + k - 1) // k + 1,
         min_points_per_centroid=1,
     )
-    km.train(data)
+    km.train(data, init_centroids=kmeans_plusplus(data, k, seed) if init == "kmeans++" else None)
     centroids = torch.from_numpy(np.array(km.centroids, dtype=np.float32).reshape(k, dim))
     assignment, d2 = _nearest(torch.from_numpy(data), centroids)
     inertia = float(d2.sum())

@@ -43,20 +43,32 @@ def tiny_params(root: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"] = str(root / "tiny_model")
     params["data"].update(corpus=str(root / "summaries.json"), bigbench=str(root / "bigbench"),
-                          tasks=["tiny_mc", "next_sentence"], next_sentence_per_topic=4)
+                          tasks=["tiny_mc", "next_sentence"], next_sentence_per_topic=4, test_fraction=0.3)
     params["calibrate"].update(n_samples=4, seq_len=32)
     params["capture"]["batch_size"] = 2
     params["prune"].update(sparsity=0.3, batch_size=2)
     params["evaluate"].update(ppl_seq_len=32, ppl_max_windows_per_topic=2, task_limit=4, batch_size=4)
+    params["cluster"].update(k=3, pca_dim=8)
+    params["taylor"]["batch_size"] = 2
     return params
 
 
-def repro(root: Path) -> set[str]:
+def dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "FANG_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    proc = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True, env=env)
+    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+    return proc.stdout
+
+
+def repro(root: Path) -> set[str]:
+    """Stages that `dvc repro` actually ran."""
+    return set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
+
+
+def planned(root: Path) -> set[str]:
+    """Stages `dvc repro --dry` would run (downstream of a change included)."""
+    return set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro", "--dry")))
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +93,12 @@ def edit_params(root: Path, block: str, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+ALL_STAGES = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned",
+              "cluster", "taylor", "group", "allocate"}
+
+
 def test_repro_runs_everything_then_only_what_changed(project):
-    ran = repro(project)
-    assert {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"} <= ran
+    assert repro(project) == ALL_STAGES
 
     metrics = json.loads((project / "artifacts/metrics/pruned.json").read_text())
     prune = json.loads((project / "artifacts/metrics/prune.json").read_text())
@@ -91,13 +106,25 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert 0.15 < prune["achieved_sparsity"] < 0.45
     assert (project / "artifacts/pruned/structure.json").exists()
 
+    for name in ("cluster.zarr", "taylor.zarr", "groups.zarr", "allocate.json"):
+        assert (project / "artifacts" / name).exists()
+
     assert repro(project) == set()  # nothing changed, nothing reruns
 
+    # the analysis artifacts do not depend on sparsity: only the allocation and pruning rerun
     edit_params(project, "prune", sparsity=0.2)
-    assert repro(project) == {"prune", "evaluate@pruned"}
+    assert repro(project) == {"allocate", "prune", "evaluate@pruned"}
+
+    edit_params(project, "prune", gqa="query_slot")
+    assert planned(project) == {"prune", "evaluate@pruned"}
+    edit_params(project, "prune", gqa="kv_group")
+
+    edit_params(project, "cluster", k=2)
+    assert planned(project) == {"cluster", "taylor", "group", "allocate"}
+    edit_params(project, "cluster", k=3)
 
     edit_params(project, "calibrate", seed=1)
-    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"}
+    assert planned(project) == {"calibrate", "capture", "prune", "evaluate@pruned", "cluster", "taylor", "group", "allocate"}
 
 
 def test_cli_errors_are_one_line_without_traceback(project, tmp_path):
