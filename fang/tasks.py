@@ -324,9 +324,14 @@ def _lm_eval_name(name: str) -> str:
     return BIGBENCH_PREFIX + re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
-def _check_bigbench_task(task: Mapping, name: str) -> None:
+def _check_bigbench_task(task: Mapping, name: str, subtasks: list[str] | None = None) -> None:
     examples = task.get("examples")
     if not examples:
+        if subtasks:
+            raise FangError(
+                f"BIG-bench task {name!r} is a folder of subtasks; name one as '{name}/<subtask>', "
+                f"e.g. {', '.join(subtasks[:6])}"
+            )
         raise FangError(
             f"BIG-bench task {name!r} has no examples in its task.json: it is either a folder of subtasks "
             f"(name one as '{name}/<subtask>') or a programmatic task, which fang does not support"
@@ -566,7 +571,7 @@ def build_task_folder(
         for name in bb_names:
             if name not in bb_tasks:
                 raise _unknown_task_error(name, every)
-            _check_bigbench_task(bb_tasks[name], name)
+            _check_bigbench_task(bb_tasks[name], name, [n for n in every if n.startswith(name + "/")])
     if NEXT_SENTENCE in task_names:
         require(bool(test_rows), "next_sentence requested but the test split is empty")
 

@@ -177,7 +177,7 @@ def test_prompt_without_choices_and_ties(bb_dir, tmp_path):
 def test_generative_and_subtask_folders_rejected(bb_dir, tmp_path):
     with pytest.raises(FangError, match="gen_c.*not multiple choice"):
         T.build_bigbench_task(bb_dir / "gen_c" / "task.json", tmp_path, "gen_c")
-    with pytest.raises(FangError, match="subtasks.*sub_d/<subtask>"):
+    with pytest.raises(FangError, match=r"folder of subtasks.*sub_d/<subtask>.*e.g. sub_d/one"):
         T.build_task_folder(["sub_d"], str(bb_dir), None, tmp_path / "t")
     with pytest.raises(FangError, match="not multiple choice"):
         T.build_task_folder(["gen_c"], str(bb_dir), None, tmp_path / "t")
