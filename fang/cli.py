@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import FangError
+from .inspect import app as inspect_app
 
 app = typer.Typer(
     help=__doc__,
@@ -23,8 +24,36 @@ app = typer.Typer(
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file to read the stage's block from")
 
 
-def _stage(name: str):
-    return importlib.import_module(f"stages.{name}")
+class _Timed:
+    """Stage module proxy: runs `run()` and records wall time and peak RSS in artifacts/timings.jsonl."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.module = importlib.import_module(f"stages.{name}")
+
+    def run(self, *args) -> None:
+        import json
+        import resource
+        import time
+        from pathlib import Path
+
+        from .progress import console
+
+        t0 = time.perf_counter()
+        self.module.run(*args)
+        seconds = time.perf_counter() - t0
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        console.print(f"[dim]{self.name}: {seconds:.1f} s, peak RSS {peak_mib:.0f} MiB[/dim]")
+        log = Path("artifacts") / "timings.jsonl"
+        if log.parent.is_dir():
+            with open(log, "a") as fh:
+                entry = {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
+                         "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                fh.write(json.dumps(entry) + "\n")
+
+
+def _stage(name: str) -> _Timed:
+    return _Timed(name)
 
 
 @app.command("fetch-model")
@@ -91,6 +120,9 @@ def allocate(params: str = ParamsOpt) -> None:
     _stage("allocate").run(params)
 
 
+app.add_typer(inspect_app, name="inspect")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
@@ -100,10 +132,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.secho("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # usage errors (typer bundles its own click) know how to show themselves and their exit code
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
         raise
