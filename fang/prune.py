@@ -1,24 +1,42 @@
 """The layer-wise pruning driver shared by every method.
 
 Sequential: block l is pruned using statistics of its inputs as produced by the already pruned
-blocks 0..l-1, then the pruned block is rerun so its outputs feed block l+1's statistics.
+blocks 0..l-1, then the pruned block is rerun so its outputs feed block l+1's statistics. Within a
+block, one pass over the calibration batches collects everything both sublayers need (the inputs
+of o_proj and down_proj, and for FANG the token clusters of the MLP input), as FLAP does.
+
+Methods (`prune_model(method=...)`):
+- "flap": FLAP's global adaptive structure search (AL-AM) on the dense capture, bias compensation;
+- "wanda_sp", "magnitude": structured Wanda / weight magnitude, no compensation;
+- "obc": the paper's one-shot structured OBC (Algorithm 2); "obc_iter": greedy OBC (Algorithm 1);
+- "f_fang", "o_fang": FANG on top of FLAP / OBC (function-aware FFN pruning, `fang.fang_prune`).
+All but FLAP prune the same fraction of heads (GQA units) and neurons in a block: `sparsity`
+everywhere, a per-block list (`PruneOptions.block_sparsity`), or for FANG the allocated
+`FangInputs.sparsity`. Every method really shrinks the model (`fang.shrink`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from . import flap
-from .errors import FangError
+from .baselines import ChannelPruner, Selection
+from .cluster import RELEVANCE_MODES, relevance_weights
+from .errors import FangError, require
+from .fang_prune import FangInputs, FangLayerPruner, label_tokens, plan_groups
 from .layerwise import BlockRunner, batch_slices, input_hooks
 from .modeling import attention_geometry, count_block_params, decoder_layers
 from .progress import progress
 from .shrink import shrink_attention, shrink_mlp
 
-METHODS = ("flap",)
+METHODS = ("flap", "wanda_sp", "magnitude", "obc", "obc_iter", "f_fang", "o_fang")
+# FANG method -> base method used for attention heads (and for the FFN inside each group)
+FANG_BASE = {"f_fang": "flap", "o_fang": "obc"}
 
 
 @dataclass
@@ -51,11 +69,64 @@ class AttentionUnits:
             return flap.group_scores(head_scores, self.n_kv)
         return flap.slot_scores(head_scores, self.n_kv)
 
+    def unit_heads(self) -> torch.Tensor:
+        """[count, heads per unit]: the query heads each unit removes (query head h reads KV head h // g)."""
+        g = self.per_kv
+        if self.scheme == "kv_group":
+            return torch.arange(self.n_kv)[:, None] * g + torch.arange(g)[None, :]
+        return torch.arange(g)[:, None] + torch.arange(self.n_kv)[None, :] * g
+
+    def unit_columns(self) -> torch.Tensor:
+        """[count, width]: the o_proj input columns of each unit (head h owns columns h*head_dim...)."""
+        heads = self.unit_heads()
+        cols = heads[:, :, None] * self.head_dim + torch.arange(self.head_dim)
+        return cols.reshape(heads.shape[0], -1)
+
     def keep_indices(self, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept KV heads, kept query slots) for shrink_attention."""
         if self.scheme == "kv_group":
             return keep_units, torch.arange(self.per_kv)
         return torch.arange(self.n_kv), keep_units
+
+
+@dataclass
+class PruneOptions:
+    """Method settings beyond (method, sparsity, gqa): the FANG and OBC knobs of `PruneParams`."""
+
+    tau: float = 9.0  # FANG softmax temperature of Eq. 6
+    damp: float = 0.01  # OBC Hessian dampening, fraction of its mean diagonal
+    shared_group: bool = True  # FANG: never prune the shared neuron group
+    function_aware: bool = True  # FANG: prune per functional group with reweighted statistics
+    reweighting: str = "ours"  # FANG token-cluster weights (cluster.RELEVANCE_MODES)
+    # per-block sparsity for wanda_sp / magnitude / obc / obc_iter (e.g. "OBC + sparsity allocation",
+    # Table 9); None = `sparsity` in every block. FANG takes its own from FangInputs.sparsity.
+    block_sparsity: Sequence[float] | None = None
+
+    @classmethod
+    def from_params(cls, p, block_sparsity: Sequence[float] | None = None) -> "PruneOptions":
+        """From a `fang.params.PruneParams`."""
+        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity)
+
+    def validate(self) -> None:
+        number = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
+        require(
+            number and math.isfinite(self.tau) and self.tau > 0,
+            f"prune.tau={self.tau} must be positive (softmax temperature of Eq. 6)",
+        )
+        require(
+            isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0,
+            f"prune.damp={self.damp} must be >= 0",
+        )
+        require(
+            self.reweighting in RELEVANCE_MODES,
+            f"prune.reweighting={self.reweighting!r}: use one of {', '.join(RELEVANCE_MODES)}",
+        )
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        if d["block_sparsity"] is not None:
+            d["block_sparsity"] = [float(s) for s in d["block_sparsity"]]
+        return d
 
 
 @dataclass
@@ -65,6 +136,7 @@ class PruneReport:
     dense_block_params: int = 0
     pruned_block_params: int = 0
     layers: list[dict] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -77,16 +149,22 @@ class PruneReport:
             "achieved_sparsity": round(self.achieved_sparsity, 6),
             "dense_block_params": self.dense_block_params,
             "pruned_block_params": self.pruned_block_params,
+            "options": self.options,
             "layers": self.layers,
         }
 
 
 def attention_units(config, scheme: str) -> AttentionUnits:
+    require(scheme in ("kv_group", "query_slot"), f"prune.gqa={scheme!r}: use 'kv_group' or 'query_slot'")
     n_heads, n_kv, head_dim = attention_geometry(config)
+    if n_kv == n_heads:
+        scheme = "kv_group"  # MHA: a "slot" would be all heads at once; both schemes mean plain head pruning
     return AttentionUnits(scheme, n_heads, n_kv, head_dim, config.hidden_size)
 
 
-def flap_plan_from_capture(model: nn.Module, capture, sparsity: float, units: AttentionUnits) -> tuple[list[int], list[int]]:
+def flap_plan_from_capture(
+    model: nn.Module, capture, sparsity: float, units: AttentionUnits
+) -> tuple[list[int], list[int]]:
     """FLAP's global adaptive structure search on the dense model's captured input statistics."""
     layers = decoder_layers(model)
     attn_scores, mlp_scores = [], []
@@ -102,48 +180,107 @@ def flap_plan_from_capture(model: nn.Module, capture, sparsity: float, units: At
     return flap.structure_search(attn_scores, mlp_scores, sparsity, units.params, neuron_params)
 
 
+def _apply_attention(attn: nn.Module, units: AttentionUnits, sel: Selection) -> tuple[int, int]:
+    if sel.weight is not None:  # OBC: compensated full-width weight; shrinking then drops the removed columns
+        attn.o_proj.weight.data.copy_(sel.weight.to(attn.o_proj.weight.dtype))
+    keep_kv, keep_slots = units.keep_indices(sel.keep)
+    bias = None if sel.bias is None else sel.bias.float()
+    shrink_attention(attn, keep_kv, keep_slots, bias)
+    return len(keep_kv) * len(keep_slots), len(keep_kv)
+
+
+def _apply_mlp(mlp: nn.Module, sel: Selection) -> int:
+    if sel.weight is not None:
+        mlp.down_proj.weight.data.copy_(sel.weight.to(mlp.down_proj.weight.dtype))
+    bias = None if sel.bias is None else sel.bias.float()
+    shrink_mlp(mlp, sel.keep, bias)
+    return len(sel.keep)
+
+
 @torch.no_grad()
-def prune_flap_sequential(
+def prune_sequential(
     model: nn.Module,
-    start_hidden: torch.Tensor,
+    start_hidden: torch.Tensor | None,
+    method: str,
     keep_attn: list[int],
     keep_mlp: list[int],
     units: AttentionUnits,
     batch_size: int,
     device: torch.device,
+    options: PruneOptions,
+    fang_inputs: FangInputs | None = None,
 ) -> list[dict]:
-    """Prune each block with FLAP: WIFV metric on current inputs, keep the top units, bias-compensate, shrink."""
+    """Prune every block in order with `method`, keeping `keep_attn[l]` attention units and `keep_mlp[l]` neurons."""
     layers = decoder_layers(model)
-    runner = BlockRunner(model, device)
-    hidden = start_hidden.float().cpu()
-    n_seq = hidden.shape[0]
+    fang = method in FANG_BASE
+    attn_kind = FANG_BASE.get(method, method)
+    uses_data = method != "magnitude"  # magnitude needs no activations, so no forward pass at all
+    runner = BlockRunner(model, device) if uses_data else None
+    hidden = start_hidden.float().cpu() if uses_data else None
+    n_seq = hidden.shape[0] if uses_data else 0
+    unit_cols = units.unit_columns()
     out_layers = []
     with progress() as bar:
-        task = bar.add_task("prune flap", total=len(layers))
+        task = bar.add_task(f"prune {method}", total=len(layers))
         for li, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            o_stats = flap.InputStats()
-            d_stats = flap.InputStats()
-            sinks = {"o": o_stats, "d": d_stats}
-            with input_hooks({"o": attn.o_proj, "d": mlp.down_proj}, lambda n, x: sinks[n].add_batch(x)):
+            n_ffn = mlp.down_proj.in_features
+            attn_pruner = ChannelPruner(attn_kind, attn.o_proj.in_features, options.damp, f"layer {li} o_proj", device)
+            entry: dict = {"layer": li}
+            if fang:
+                k = fang_inputs.k
+                alpha = relevance_weights(fang_inputs.center_distances[li], float(options.tau), options.reweighting)
+                group_ids = fang_inputs.neuron_groups[li]
+                n_remove = n_ffn - keep_mlp[li]
+                groups = plan_groups(group_ids, k, alpha, n_remove, options.shared_group, options.function_aware)
+                mlp_pruner = FangLayerPruner(
+                    FANG_BASE[method], groups, group_ids, k, options.damp, f"layer {li} down_proj", device
+                )
+                entry.update(sparsity=round(float(fang_inputs.sparsity[li]), 6), ffn_removed_target=n_remove)
+            else:
+                mlp_pruner = ChannelPruner(method, n_ffn, options.damp, f"layer {li} down_proj", device)
+
+            if uses_data:
+                labels: list[torch.Tensor] = []
+
+                def sink(name: str, x: torch.Tensor) -> None:
+                    if name == "o":
+                        attn_pruner.add_batch(x)
+                    elif name == "ffn_in":  # runs before down_proj's hook in the same MLP call
+                        labels.append(label_tokens(x, fang_inputs, li))
+                    elif fang:
+                        mlp_pruner.add_batch(x, labels.pop())
+                    else:
+                        mlp_pruner.add_batch(x)
+
+                hooks = {"o": attn.o_proj, "d": mlp.down_proj}
+                if fang:
+                    hooks["ffn_in"] = mlp
+                with input_hooks(hooks, sink):
+                    for sl in batch_slices(n_seq, batch_size):
+                        runner(layer, hidden[sl])
+
+            attn_sel = attn_pruner.select(attn.o_proj.weight, keep_attn[li], unit_cols)
+            if fang:
+                mlp_sel = mlp_pruner.select(mlp.down_proj.weight)
+            else:
+                mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
+            heads, kv_heads = _apply_attention(attn, units, attn_sel)
+            ffn = _apply_mlp(mlp, mlp_sel)
+            if uses_data:
                 for sl in batch_slices(n_seq, batch_size):
-                    runner(layer, hidden[sl])
-            w_o, w_d = attn.o_proj.weight.detach().double(), mlp.down_proj.weight.detach().double()
-            heads = flap.head_scores(flap.fluctuation_metric(w_o, o_stats.variance.to(w_o.device)), units.head_dim)
-            keep_u = flap.select_top(units.scores(heads), keep_attn[li])
-            keep_n = flap.select_top(flap.fluctuation_metric(w_d, d_stats.variance.to(w_d.device)), keep_mlp[li])
-            keep_kv, keep_slots = units.keep_indices(keep_u.cpu())
-            kept_q = torch.tensor([kv * units.per_kv + s for kv in keep_kv.tolist() for s in keep_slots.tolist()])
-            cols = (kept_q[:, None] * units.head_dim + torch.arange(units.head_dim)).reshape(-1)
-            o_bias = flap.bias_compensation(w_o, o_stats.mean.to(w_o.device), cols.to(w_o.device))
-            d_bias = flap.bias_compensation(w_d, d_stats.mean.to(w_d.device), keep_n.to(w_d.device))
-            shrink_attention(attn, keep_kv, keep_slots, o_bias.to(w_o.dtype).float())
-            shrink_mlp(mlp, keep_n.cpu(), d_bias.float())
-            for sl in batch_slices(n_seq, batch_size):
-                hidden[sl] = runner(layer, hidden[sl]).float().cpu()
-            out_layers.append({"layer": li, "heads": len(kept_q), "kv_heads": len(keep_kv), "ffn": len(keep_n)})
+                    hidden[sl] = runner(layer, hidden[sl]).float().cpu()
+            entry.update(heads=heads, kv_heads=kv_heads, ffn=ffn, **mlp_sel.info)
+            out_layers.append(entry)
             bar.advance(task)
     return out_layers
+
+
+def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
+    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    require(len(values) == n_layers, f"{name} has {len(values)} entries for {n_layers} layers")
+    require(all(0.0 <= v < 1.0 for v in values), f"{name} values must be in [0, 1), got {values}")
+    return values
 
 
 def prune_model(
@@ -154,21 +291,70 @@ def prune_model(
     gqa_scheme: str = "kv_group",
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    *,
+    options: PruneOptions | None = None,
+    fang_inputs: FangInputs | None = None,
 ) -> PruneReport:
-    """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters."""
+    """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
+
+    `capture` is the dense capture store (`fang.capture.open_capture`): block 0's inputs start the
+    sequential pass and FLAP's structure search reads its statistics. f_fang / o_fang also need
+    `fang_inputs` (the cluster, grouping and allocation artifacts); their per-block sparsity
+    replaces `sparsity`, which is then only the reported target.
+    """
     if method not in METHODS:
         raise FangError(f"unknown prune.method {method!r}; available: {', '.join(METHODS)}")
+    options = options or PruneOptions()
+    options.validate()
+    require(
+        isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0,
+        f"prune.sparsity={sparsity} is out of range: it must be in [0, 1)",
+    )
+    require(batch_size > 0, f"prune.batch_size={batch_size} must be positive")
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
+    if method in FANG_BASE:
+        require(
+            fang_inputs is not None,
+            f"prune.method={method} needs the FANG analysis artifacts (cluster PCA/centroids and centre distances, "
+            "neuron groups, block sparsity): run the cluster, taylor, group and allocate stages and pass them "
+            "as fang_inputs",
+        )
+        require(len(set(n_ffns)) == 1, "FANG needs a dense model: the FFN widths differ between layers")
+        fang_inputs.validate(n_layers, model.config.hidden_size, n_ffns[0])
     device = torch.device(device)
     model.to(device).eval()
-    report = PruneReport(method, sparsity, dense_block_params=count_block_params(model))
+    report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
+    report.options = options.as_dict() if method != "flap" else {}
     units = attention_units(model.config, gqa_scheme)
-    start_hidden = torch.from_numpy(capture["block_io"][0].astype("float32"))
-    n_samples, seq_len = capture.attrs["n_samples"], capture.attrs["seq_len"]
-    start_hidden = start_hidden.view(n_samples, seq_len, -1)
-    if sparsity == 0.0:
+
+    if method == "flap":
+        keep_attn, keep_mlp = (
+            flap_plan_from_capture(model, capture, sparsity, units)
+            if sparsity > 0
+            else ([units.count] * n_layers, list(n_ffns))
+        )
+    else:
+        if method in FANG_BASE:
+            per_block = _block_sparsity(fang_inputs.sparsity, n_layers, "FangInputs.sparsity")
+        elif options.block_sparsity is not None:
+            per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
+        else:
+            per_block = [float(sparsity)] * n_layers
+        keep_attn, keep_mlp = flap.uniform_structure([units.count] * n_layers, n_ffns, per_block, per_block)
+
+    if keep_attn == [units.count] * n_layers and keep_mlp == n_ffns:  # nothing to remove anywhere
         report.pruned_block_params = report.dense_block_params
         return report
-    keep_attn, keep_mlp = flap_plan_from_capture(model, capture, sparsity, units)
-    report.layers = prune_flap_sequential(model, start_hidden, keep_attn, keep_mlp, units, batch_size, device)
+
+    start_hidden = None
+    if method != "magnitude":
+        start_hidden = torch.from_numpy(capture["block_io"][0].astype("float32"))
+        n_samples, seq_len = capture.attrs["n_samples"], capture.attrs["seq_len"]
+        start_hidden = start_hidden.view(n_samples, seq_len, -1)
+    report.layers = prune_sequential(
+        model, start_hidden, method, keep_attn, keep_mlp, units, batch_size, device, options, fang_inputs
+    )
     report.pruned_block_params = count_block_params(model)
     return report

@@ -1,0 +1,397 @@
+"""Function-aware FFN pruning (FANG): group-wise, token-reweighted FLAP and OBC for down_proj's input.
+
+Per decoder block l (paper: "Function-Aware Pruning Strategy", Appendix Eq. 11, 13, 15):
+
+1. Every calibration token is labelled with a context cluster j by projecting its FFN input with
+   the stored PCA and taking the nearest stored centroid (`label_tokens`).
+2. down_proj's input columns (neurons) are split into the k functional groups G_0..G_{k-1} and the
+   shared group (`FangInputs.neuron_groups`, value k). The shared group is never pruned when
+   `shared_group` is on; otherwise it is one more group, pruned at the same rate as the others.
+3. Each group is pruned on its own to the block's FFN sparsity (`group_removal_counts`), using
+   statistics in which token cluster j counts with weight alpha[g, j] (Eq. 6, `relevance_weights`):
+   - FLAP (Eq. 15): S_i = sum_j alpha_gj sum_{t in C_j} (x_it - mean_i)^2 * ||W[:, i]||^2, with the
+     plain mean over all tokens; then one bias compensation for the layer with the plain mean (Eq. 13).
+   - OBC (Eq. 11): H_g = sum_j alpha_gj X_{G_g, C_j} X_{G_g, C_j}^T (the group's columns only), then
+     one-shot OBC inside the group (Eq. 9, 10) with H_g.
+4. `function_aware=False` keeps step 2's shared-group exemption but prunes the rest of the layer as
+   one unit with plain statistics (the Table 5 rows without FAP).
+
+Group-wise OBC compensation. The objective of Eq. 7 is a sum over groups, each term
+sum_j alpha_gj ||(W - W')_{:, G_g} X_{G_g, C_j}||^2 = tr((W - W')_{:, G_g} H_g (W - W')_{:, G_g}^T),
+which involves only that group's columns. So the optimum decouples: each group's removed columns
+are compensated by refitting the kept columns *of the same group* by weighted least squares
+(Eq. 10 with H_g^-1), and the shared group is left untouched. The layer's update is the sum of the
+per-group updates (they touch disjoint columns), applied at once.
+
+Memory: only |G_g| x |G_g| Hessians per group are accumulated (sum over groups is about
+n_ffn^2 / (k + 1) doubles, not k full n_ffn x n_ffn matrices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import flap
+from .baselines import Selection
+from .cluster import assign_clusters
+from .errors import FangError, require
+from .obc import HessianAccumulator, inverse_hessian, obc_prune
+
+FIELDS = ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups", "sparsity")
+
+
+def _tensor(value, name: str) -> Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise FangError(f"FangInputs.{name} is not array-like: {exc}") from None
+
+
+@dataclass
+class FangInputs:
+    """Per-layer products of the analysis stages that FANG prunes with (tensors or numpy arrays).
+
+    pca_mean [L, d], pca_components [L, p, d], centroids [L, k, p]: the context clustering
+    (stage `cluster`) used to label tokens during pruning.
+    center_distances [L, k, k]: distances between cluster centres at down_proj's input (Eq. 6's D).
+    neuron_groups [L, n_ffn] int: 0..k-1 = functional group of that token cluster, k = shared group.
+    sparsity [L]: block sparsity from the allocation stage (heads and FFN use the same value).
+    """
+
+    pca_mean: Tensor
+    pca_components: Tensor
+    centroids: Tensor
+    center_distances: Tensor
+    neuron_groups: Tensor
+    sparsity: Tensor
+
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            setattr(self, name, _tensor(getattr(self, name), name))
+        for name in FIELDS[:4]:
+            setattr(self, name, getattr(self, name).float())
+        self.neuron_groups = self.neuron_groups.long()
+        self.sparsity = self.sparsity.double().reshape(-1)
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def validate(self, n_layers: int, hidden: int, n_ffn: int) -> None:
+        """Shapes and values against the model being pruned; FangError naming the offending array."""
+        shapes = {
+            "pca_mean": (2, self.pca_mean.shape),
+            "pca_components": (3, self.pca_components.shape),
+            "centroids": (3, self.centroids.shape),
+            "center_distances": (3, self.center_distances.shape),
+            "neuron_groups": (2, self.neuron_groups.shape),
+        }
+        for name, (dims, shape) in shapes.items():
+            require(len(shape) == dims, f"FangInputs.{name} must have {dims} dimensions, got shape {tuple(shape)}")
+            require(shape[0] == n_layers, f"FangInputs.{name} has {shape[0]} layers, the model has {n_layers}")
+        n_s = self.sparsity.numel()
+        require(n_s == n_layers, f"FangInputs.sparsity has {n_s} layers, the model has {n_layers}")
+        p, k = self.pca_components.shape[1], self.k
+        d_mean, d_comp = self.pca_mean.shape[1], self.pca_components.shape[2]
+        require(d_mean == hidden, f"FangInputs.pca_mean has d={d_mean}, the model hidden size is {hidden}")
+        require(d_comp == hidden, f"FangInputs.pca_components map from d={d_comp}, the model hidden size is {hidden}")
+        p_c = self.centroids.shape[2]
+        require(p_c == p, f"FangInputs.centroids live in {p_c} dims, the PCA gives {p}")
+        require(k >= 1, "FangInputs.centroids has no clusters (k = 0)")
+        d_shape = tuple(self.center_distances.shape[1:])
+        require(
+            d_shape == (k, k),
+            f"FangInputs.center_distances is {d_shape} per layer, expected ({k}, {k}) for k={k} clusters",
+        )
+        n_g = self.neuron_groups.shape[1]
+        require(n_g == n_ffn, f"FangInputs.neuron_groups has {n_g} neurons per layer, the model's FFN has {n_ffn}")
+        for name in FIELDS[:4]:
+            require(bool(torch.isfinite(getattr(self, name)).all()), f"FangInputs.{name} contains NaN or Inf")
+        g = self.neuron_groups
+        lo, hi = int(g.min()), int(g.max())
+        require(
+            lo >= 0 and hi <= k,
+            f"FangInputs.neuron_groups uses group ids {lo}..{hi} but the centroids have k={k} clusters: "
+            f"expected 0..{k - 1} for functional groups and {k} for the shared group (were they built with another k?)",
+        )
+        no_shared = [li for li in range(n_layers) if not bool((g[li] == k).any())]
+        require(
+            not no_shared,
+            f"FangInputs.neuron_groups: layers {no_shared} have no neuron with the shared id {k}; the groups do not "
+            f"match the centroids' k={k} (the shared group must be id k)",
+        )
+        s = self.sparsity
+        require(bool(torch.isfinite(s).all()) and bool(((s >= 0) & (s < 1)).all()),
+                f"FangInputs.sparsity must be in [0, 1) per layer, got {s.tolist()}")
+
+
+def label_tokens(ffn_in: Tensor, inputs: FangInputs, layer: int) -> Tensor:
+    """Context cluster of every token of an FFN input [..., d] in `layer` -> [n_tokens] long."""
+    x = ffn_in.detach().reshape(-1, ffn_in.shape[-1])
+    return assign_clusters(x, inputs.pca_mean[layer], inputs.pca_components[layer], inputs.centroids[layer])
+
+
+def group_removal_counts(sizes: Sequence[int], n_remove: int) -> list[int]:
+    """Neurons each group loses so that the total is `n_remove` and every group keeps at least one.
+
+    All groups are pruned at one effective rate r = n_remove / sum(sizes) (with the shared group
+    exempt, r is above the block sparsity, so the layer still loses n_remove neurons). Group g's
+    quota r * |G_g| is rounded by largest remainder: floors first, then the leftover neurons go to
+    the largest fractional parts (ties to the lower group index), which hits the total exactly
+    and leaves every group within one neuron of its quota. A group whose quota would empty it is
+    clamped to |G_g| - 1 and the rate is recomputed for the others; if even that cannot reach
+    `n_remove`, every group keeps exactly one neuron. Empty groups lose nothing.
+    """
+    sizes = [int(s) for s in sizes]
+    require(all(s >= 0 for s in sizes), f"group sizes must be >= 0, got {sizes}")
+    require(n_remove >= 0, f"n_remove={n_remove} must be >= 0")
+    caps = [max(s - 1, 0) for s in sizes]
+    counts = [0] * len(sizes)
+    remaining = min(int(n_remove), sum(caps))
+    active = [i for i, c in enumerate(caps) if c > 0]
+    while remaining > 0 and active:
+        rate = remaining / sum(sizes[i] for i in active)
+        full = [i for i in active if rate * sizes[i] >= caps[i]]
+        if full:  # these hit their cap; the rest share what is left at a higher rate
+            for i in full:
+                counts[i] = caps[i]
+                remaining -= caps[i]
+            active = [i for i in active if i not in full]
+            continue
+        quota = {i: rate * sizes[i] for i in active}
+        base = {i: math.floor(quota[i]) for i in active}
+        left = remaining - sum(base.values())
+        for i in sorted(active, key=lambda i: (-(quota[i] - base[i]), i))[:left]:
+            base[i] += 1
+        for i in active:
+            counts[i] = base[i]
+        remaining = 0
+    return counts
+
+
+@dataclass
+class FfnGroup:
+    """One independently pruned set of down_proj input columns."""
+
+    name: str  # "group 3", "shared" or "layer" (ungrouped)
+    columns: Tensor  # [m] column ids, ascending
+    removable: Tensor  # [m] bool: False for shared neurons that an ungrouped prune must keep
+    alpha: Tensor  # [k] float64 weight of each token cluster in this group's statistics
+    n_remove: int
+
+
+def plan_groups(
+    group_ids: Tensor,
+    k: int,
+    alpha: Tensor,
+    n_remove: int,
+    shared_group: bool = True,
+    function_aware: bool = True,
+) -> list[FfnGroup]:
+    """Split one layer's neurons into the groups that are pruned independently, with their counts.
+
+    function_aware: the k functional groups (token weights = row g of alpha) and, when the shared
+    group is not exempt, the shared group as one more group with uniform weights 1/k (it serves
+    every context, so no cluster is preferred). Otherwise one group holding the whole layer with
+    plain statistics (every token weight 1); the shared neurons stay in it as non-removable
+    columns when exempt, so compensation can still use them.
+    """
+    group_ids = group_ids.detach().long().cpu().reshape(-1)
+    alpha = alpha.detach().double().cpu()
+    require(alpha.shape == (k, k), f"alpha must be [{k}, {k}], got {tuple(alpha.shape)}")
+    shared = group_ids == k
+    if not function_aware:
+        cols = torch.arange(group_ids.numel())
+        removable = ~shared if shared_group else torch.ones_like(shared)
+        n_ok = int(removable.sum())
+        cap = n_ok if n_ok < cols.numel() else n_ok - 1  # a fully removable layer keeps one neuron
+        return [FfnGroup("layer", cols, removable, torch.ones(k, dtype=torch.float64), min(n_remove, max(cap, 0)))]
+    groups = [(f"group {g}", torch.nonzero(group_ids == g).reshape(-1), alpha[g]) for g in range(k)]
+    if not shared_group:
+        groups.append(("shared", torch.nonzero(shared).reshape(-1), torch.full((k,), 1.0 / k, dtype=torch.float64)))
+    counts = group_removal_counts([c.numel() for _, c, _ in groups], n_remove)
+    return [
+        FfnGroup(name, cols, torch.ones(cols.numel(), dtype=torch.bool), a, n)
+        for (name, cols, a), n in zip(groups, counts)
+    ]
+
+
+class ClusterMoments:
+    """Per-token-cluster mean and squared deviations of one Linear input (one `flap.InputStats` each).
+
+    Keeping the clusters apart lets any token weighting alpha be applied afterwards, and gives the
+    plain statistics by merging; Chan-style merging avoids raw sums of squares (see flap.InputStats).
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.stats = [flap.InputStats() for _ in range(k)]
+
+    def add_batch(self, x: Tensor, labels: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        labels = labels.reshape(-1).to(x.device)
+        require(labels.numel() == x.shape[0], f"ClusterMoments: {labels.numel()} labels for {x.shape[0]} tokens")
+        for c in torch.unique(labels).tolist():
+            self.stats[int(c)].add_batch(x[labels == c])
+
+    @property
+    def counts(self) -> Tensor:
+        return torch.tensor([s.count for s in self.stats], dtype=torch.float64)
+
+    def total(self) -> flap.InputStats:
+        merged = flap.InputStats()
+        for s in self.stats:
+            merged.merge(s)
+        return merged
+
+    def deviation_sums(self, center: Tensor) -> Tensor:
+        """[k, C]: sum over tokens of cluster j of (x - center)^2 = m2_j + n_j (mean_j - center)^2."""
+        center = center.detach().to(torch.float64)
+        out = torch.zeros(self.k, center.numel(), dtype=torch.float64, device=center.device)
+        for j, s in enumerate(self.stats):
+            if s.count == 0:
+                continue
+            m2 = s.variance.to(center.device) * s.weight_sum
+            out[j] = m2 + s.weight_sum * (s.mean.to(center.device) - center).square()
+        return out
+
+
+def reweighted_fluctuation(weight: Tensor, deviation_sums: Tensor, alpha: Tensor) -> Tensor:
+    """Eq. 15 for every column of `weight` [out, C]: (sum_j alpha_j dev[j]) * ||W[:, i]||^2 -> [C] float64."""
+    require(
+        deviation_sums.dim() == 2 and deviation_sums.shape[1] == weight.shape[1],
+        f"reweighted_fluctuation: deviations {tuple(deviation_sums.shape)} for {weight.shape[1]} columns",
+    )
+    a = alpha.detach().to(device=deviation_sums.device, dtype=torch.float64)
+    col_sq = torch.linalg.vector_norm(weight.detach(), dim=0, dtype=torch.float64).square()
+    return (a @ deviation_sums) * col_sq.to(deviation_sums.device)
+
+
+class GroupHessians:
+    """H_g = sum_t alpha[g, cluster(t)] x_{G_g, t} x_{G_g, t}^T for each group (Eq. 11), streamed."""
+
+    def __init__(self, groups: Sequence[FfnGroup], device: torch.device | str = "cpu") -> None:
+        self.groups = list(groups)
+        self.acc = [HessianAccumulator(g.columns.numel(), device) if g.columns.numel() else None for g in self.groups]
+
+    def add_batch(self, x: Tensor, labels: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        labels = labels.reshape(-1).to(x.device)
+        for g, acc in zip(self.groups, self.acc):
+            if acc is None:
+                continue
+            a = g.alpha.to(x.device)
+            # all-ones weights (ungrouped) are the plain Hessian: skip the per-token scaling
+            w = None if bool((a == 1).all()) else a[labels]
+            acc.add_batch(x[:, g.columns.to(x.device)], w)
+
+
+class FangLayerPruner:
+    """One block's function-aware FFN pruning with base method "flap" or "obc"."""
+
+    def __init__(
+        self,
+        base: str,
+        groups: Sequence[FfnGroup],
+        group_ids: Tensor,
+        k: int,
+        damp: float = 0.01,
+        where: str = "layer",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        require(base in ("flap", "obc"), f"FANG base method must be 'flap' or 'obc', got {base!r}")
+        self.base, self.k, self.damp, self.where = base, k, damp, where
+        self.groups = list(groups)
+        self.group_ids = group_ids.detach().long().cpu().reshape(-1)
+        self.n_channels = self.group_ids.numel()
+        self.moments = ClusterMoments(k) if base == "flap" else None
+        # Hessians only for groups that lose something: the others keep their weights as they are
+        todo = [g for g in self.groups if g.n_remove > 0]
+        self.hessians = GroupHessians(todo, device) if base == "obc" else None
+        self.cluster_counts = torch.zeros(k, dtype=torch.long)
+
+    def add_batch(self, x: Tensor, labels: Tensor) -> None:
+        self.cluster_counts += torch.bincount(labels.reshape(-1).cpu(), minlength=self.k)
+        if self.moments is not None:
+            self.moments.add_batch(x, labels)
+        if self.hessians is not None:
+            self.hessians.add_batch(x, labels)
+
+    def _group_has_tokens(self, g: FfnGroup) -> bool:
+        return float(g.alpha @ self.cluster_counts.double()) > 0
+
+    def select(self, weight: Tensor) -> Selection:
+        """Kept neurons (ascending), with FLAP's bias or OBC's compensated weight, and per-group counts."""
+        require(
+            weight.shape[1] == self.n_channels,
+            f"{self.where}: down_proj has {weight.shape[1]} inputs but the neuron groups cover {self.n_channels}",
+        )
+        w = weight.detach()
+        pruned = torch.zeros(self.n_channels, dtype=torch.bool)
+        no_tokens: list[str] = []
+        new_w = None
+        bias = None
+        if self.base == "flap":
+            plain = self.moments.total()
+            mean = plain.mean.to(w.device)
+            dev = self.moments.deviation_sums(mean)
+            for g in self.groups:
+                if g.n_remove == 0:
+                    continue
+                alpha = g.alpha
+                if not self._group_has_tokens(g):
+                    # no token of the clusters this group looks at: fall back to all tokens
+                    no_tokens.append(g.name)
+                    alpha = torch.ones(self.k, dtype=torch.float64)
+                cols = g.columns.to(w.device)
+                metric = reweighted_fluctuation(w[:, cols], dev[:, cols], alpha).cpu()
+                if not bool(torch.isfinite(metric).all()):
+                    raise FangError(f"{self.where} {g.name}: FLAP scores are not finite (NaN/Inf activations?)")
+                metric = torch.where(g.removable, metric, torch.full_like(metric, float("inf")))
+                keep_local = flap.select_top(metric, g.columns.numel() - g.n_remove)
+                gone = torch.ones(g.columns.numel(), dtype=torch.bool)
+                gone[keep_local] = False
+                pruned[g.columns[gone]] = True
+            keep = torch.nonzero(~pruned).reshape(-1)
+            bias = flap.bias_compensation(w, mean, keep.to(w.device))  # Eq. 13 with the plain mean
+        else:
+            new_w = w.to(torch.float64).clone()
+            for g, acc in zip(self.hessians.groups, self.hessians.acc):
+                where = f"{self.where} {g.name}"
+                cols = g.columns.to(w.device)
+                if acc.weight_sum > 0:
+                    hinv = inverse_hessian(acc.hessian, self.damp, where)
+                else:
+                    # no weighted token reached this group (e.g. only_matched with an empty cluster):
+                    # nothing to fit, so rank by weight norm (OBC with H = I) and do not compensate
+                    no_tokens.append(g.name)
+                    hinv = torch.eye(cols.numel(), dtype=torch.float64, device=acc.hessian.device)
+                keep_local, w_g = obc_prune(w[:, cols], hinv, g.n_remove, removable=g.removable, where=where)
+                gone = torch.ones(g.columns.numel(), dtype=torch.bool)
+                gone[keep_local] = False
+                pruned[g.columns[gone]] = True
+                new_w[:, cols] = w_g.to(new_w.device)
+            keep = torch.nonzero(~pruned).reshape(-1)
+        ids = self.group_ids
+        info = {
+            "groups_removed": [int((pruned & (ids == g)).sum()) for g in range(self.k)],
+            "group_sizes": [int((ids == g).sum()) for g in range(self.k)],
+            "shared_removed": int((pruned & (ids == self.k)).sum()),
+            "shared_size": int((ids == self.k).sum()),
+            "token_clusters": self.cluster_counts.tolist(),
+        }
+        if no_tokens:
+            info["groups_without_tokens"] = no_tokens
+        return Selection(keep, weight=new_w, bias=bias, info=info)
