@@ -81,9 +81,17 @@ def capture(params: str = ParamsOpt) -> None:
 
 
 @app.command()
-def prune(params: str = ParamsOpt) -> None:
-    """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model."""
-    _stage("prune").run(params)
+def prune(
+    params: str = ParamsOpt,
+    method: Optional[str] = typer.Option(None, help="override prune.method (flap, wanda_sp, magnitude, obc, obc_iter, f_fang, o_fang)"),
+    sparsity: Optional[float] = typer.Option(None, help="override prune.sparsity, in [0, 1)"),
+    out: Optional[str] = typer.Option(None, help="output directory (default artifacts/pruned)"),
+) -> None:
+    """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model.
+
+    f_fang / o_fang also read the analysis artifacts (cluster, groups, allocate).
+    """
+    _stage("prune").run(params, method, sparsity, out)
 
 
 @app.command()
@@ -118,6 +126,12 @@ def group(params: str = ParamsOpt) -> None:
 def allocate(params: str = ParamsOpt) -> None:
     """Per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons."""
     _stage("allocate").run(params)
+
+
+@app.command()
+def report(params: str = ParamsOpt) -> None:
+    """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
+    _stage("report").run(params)
 
 
 app.add_typer(inspect_app, name="inspect")

@@ -467,18 +467,23 @@ class Allocation:
     ffn: list[float]
 
 
-def allocation(root: Path) -> Allocation:
+def allocation(root: Path, target: float | None = None) -> Allocation:
+    """Scores from allocate.json and the per-block sparsity of one sweep target from block_sparsity.json."""
     f = _artifact(root, paths.ALLOCATE)
-    if not f.exists():
-        raise FangError(f"sparsity allocation not found: {f} (run `dvc repro allocate` first)")
+    fs = _artifact(root, paths.BLOCK_SPARSITY)
+    if not f.exists() or not fs.exists():
+        raise FangError(f"sparsity allocation not found: {f if not f.exists() else fs} (run `dvc repro allocate` first)")
     try:
         a = json.loads(f.read_text())
+        by_target = json.loads(fs.read_text())["by_target"]
+        key = next((t for t in by_target if target is None or abs(float(t) - target) < 1e-9), None)
+        require(key is not None, f"no allocation for target {target} in {fs}; targets: {', '.join(by_target)} (sweep.sparsities)")
         fc = [float(x) for x in a["functional_complexity"]]
-        attn = [float(x) for x in a["attn_sparsity"]]
-        ffn = [float(x) for x in a["ffn_sparsity"]]
+        attn = [float(x) for x in by_target[key]["attn_sparsity"]]
+        ffn = [float(x) for x in by_target[key]["ffn_sparsity"]]
         alloc = Allocation(
-            mode=str(a.get("mode", "?")), target=float(a["target_sparsity"]),
-            mean=float(a.get("mean_sparsity", np.mean(ffn))),
+            mode=str(a.get("mode", "?")), target=float(key),
+            mean=float(by_target[key].get("mean_sparsity", np.mean(ffn))),
             fc=fc, scores=[float(x) for x in (a.get("scores") or fc)], attn=attn, ffn=ffn,
         )
     except (ValueError, KeyError, TypeError) as exc:
@@ -668,10 +673,14 @@ def groups(
 
 
 @app.command()
-def sparsity(artifacts: Path = ArtifactsOpt, png: Optional[Path] = PngOpt) -> None:
-    """Functional complexity and attention/FFN sparsity per block. Needs allocate.json."""
+def sparsity(
+    artifacts: Path = ArtifactsOpt,
+    png: Optional[Path] = PngOpt,
+    target: Optional[float] = typer.Option(None, "--target", "-t", help="target sparsity (one of sweep.sparsities); default: the first"),
+) -> None:
+    """Functional complexity and attention/FFN sparsity per block. Needs allocate.json and block_sparsity.json."""
     console = _console()
-    a = allocation(artifacts)
+    a = allocation(artifacts, target)
     console.print(sparsity_table(a))
     if png:
         _wrote(console, plot_sparsity(a, png))

@@ -91,6 +91,9 @@ class PruneParams:
             isinstance(self.sparsity, (int, float)) and 0.0 <= float(self.sparsity) < 1.0,
             f"prune.sparsity={self.sparsity} is out of range: it must be in [0, 1)",
         )
+        from .prune import METHODS
+
+        require(self.method in METHODS, f"unknown prune.method {self.method!r}; available: {', '.join(METHODS)}")
         require(self.gqa in ("kv_group", "query_slot"), f"prune.gqa={self.gqa!r}: use 'kv_group' or 'query_slot'")
         require(self.batch_size > 0, "prune.batch_size must be positive")
         require(self.tau > 0, f"prune.tau={self.tau} must be positive (softmax temperature)")
@@ -153,6 +156,20 @@ class AllocateParams:
         require(0.0 < self.max_sparsity < 1.0, "allocate.max_sparsity must be in (0, 1)")
 
 
+@dataclass
+class SweepParams:
+    methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])  # pruned in the sweep
+    sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
+
+    def validate(self) -> None:
+        from .prune import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        require(not unknown, f"unknown method(s) {unknown} in sweep.methods; available: {', '.join(METHODS)}")
+        bad = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
+        require(not bad, f"sweep.sparsities {bad} out of range: each must be in [0, 1)")
+
+
 DTYPES = {"float32", "float16", "bfloat16"}
 
 BLOCKS: dict[str, type] = {
@@ -166,6 +183,7 @@ BLOCKS: dict[str, type] = {
     "taylor": TaylorParams,
     "group": GroupParams,
     "allocate": AllocateParams,
+    "sweep": SweepParams,
 }
 
 

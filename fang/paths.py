@@ -13,5 +13,8 @@ METRICS = ARTIFACTS / "metrics"
 CLUSTER = ARTIFACTS / "cluster.zarr"  # PCA, centroids, token_clusters, down-proj centres, distances
 TAYLOR = ARTIFACTS / "taylor.zarr"  # cluster-neuron scores S, block sensitivity
 GROUPS = ARTIFACTS / "groups.zarr"  # neuron_groups: functional group id per neuron (k = shared)
-ALLOCATE = ARTIFACTS / "allocate.json"  # per-block functional complexity and sparsity
+ALLOCATE = ARTIFACTS / "allocate.json"  # per-block functional complexity and allocation scores
+BLOCK_SPARSITY = ARTIFACTS / "block_sparsity.json"  # per-block sparsity for each sweep target
 PLOTS = ARTIFACTS / "plots"
+SWEEP = ARTIFACTS / "sweep"  # <method>-<sparsity>/ pruned models, .prune.json, .metrics.json
+REPORT = ARTIFACTS / "report"  # results.md, results.csv, sparsity_curves.png

@@ -9,7 +9,7 @@ from fang.allocate import ComplexityStats, allocate_sparsity
 from fang.atomic import atomic_file, write_json
 from fang.capture import open_capture
 from fang.layerwise import batch_slices
-from fang.params import PruneParams, load_block
+from fang.params import SweepParams, load_block
 from fang.progress import console, progress
 from fang.store import open_store
 
@@ -33,21 +33,25 @@ def functional_complexities(cap) -> list[float]:
 
 def run(params_path: str = "params.yaml") -> None:
     p = load_block("allocate", path=params_path)
-    target = load_block("prune", PruneParams, path=params_path).sparsity
+    targets = load_block("sweep", SweepParams, path=params_path).sparsities
     cap = open_capture(paths.CAPTURE)
     fc = functional_complexities(cap)
-    scores = {"fc": fc, "uniform": fc}.get(p.mode)
+    scores = fc
     if p.mode == "taylor":
         scores = open_store(paths.TAYLOR, "taylor", "taylor")["block_sensitivity"][:].tolist()
+    # allocate.json holds only what does not depend on the target sparsity, so pruning stages that
+    # read it are not rerun when a sparsity is added to or changed in the sweep
+    write_json(paths.ALLOCATE, {"mode": p.mode, "max_sparsity": p.max_sparsity, "functional_complexity": fc, "scores": scores})
     # every dense block has the same size, so the parameter-weighted mean is the plain mean
-    sparsity = allocate_sparsity(p.mode, scores, target, n_blocks=len(fc), max_sparsity=p.max_sparsity)
-    write_json(paths.ALLOCATE, {
-        "mode": p.mode, "target_sparsity": target, "functional_complexity": fc, "scores": scores,
-        "attn_sparsity": sparsity, "ffn_sparsity": sparsity,
-        "mean_sparsity": sum(sparsity) / len(sparsity),
+    by_target = {str(t): allocate_sparsity(p.mode, scores, t, n_blocks=len(fc), max_sparsity=p.max_sparsity) for t in targets}
+    write_json(paths.BLOCK_SPARSITY, {
+        "mode": p.mode,
+        "note": "per-block sparsity for heads and FFN neurons (the same value), for each sweep target",
+        "by_target": {t: {"attn_sparsity": v, "ffn_sparsity": v, "mean_sparsity": sum(v) / len(v)} for t, v in by_target.items()},
     })
     with atomic_file(paths.PLOTS / "block_sparsity.csv") as fh:
         w = csv.writer(fh)
-        w.writerow(["layer", "functional_complexity", "sparsity"])
-        w.writerows([li, round(f, 6), round(s, 6)] for li, (f, s) in enumerate(zip(fc, sparsity)))
-    console.print(f"allocation ({p.mode}): block sparsity {min(sparsity):.3f}..{max(sparsity):.3f}, mean {sum(sparsity)/len(sparsity):.3f} -> {paths.ALLOCATE}")
+        w.writerow(["layer", "functional_complexity", *[f"sparsity_at_{t}" for t in by_target]])
+        w.writerows([li, round(f, 6), *[round(v[li], 6) for v in by_target.values()]] for li, f in enumerate(fc))
+    ranges = ", ".join(f"{t}: {min(v):.3f}..{max(v):.3f}" for t, v in by_target.items())
+    console.print(f"allocation ({p.mode}): block sparsity per target {ranges} -> {paths.ALLOCATE}, {paths.BLOCK_SPARSITY}")

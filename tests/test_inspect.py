@@ -57,9 +57,10 @@ def root(tmp_path_factory) -> Path:
     (root / "metrics").mkdir()
     (root / "metrics/groups.json").write_text(json.dumps(
         {"layers": [{"layer": 0, "gain_over_greedy": 0.0123}, {"layer": 1, "gain_over_greedy": 0.0}]}))
+    (root / "block_sparsity.json").write_text(json.dumps({"mode": "fc", "by_target": {
+        "0.3": {"attn_sparsity": [0.375, 0.225], "ffn_sparsity": [0.375, 0.225], "mean_sparsity": 0.3}}}))
     (root / "allocate.json").write_text(json.dumps({
-        "mode": "fc", "target_sparsity": 0.3, "functional_complexity": [0.1234, 0.4321], "scores": [0.1234, 0.4321],
-        "attn_sparsity": [0.375, 0.225], "ffn_sparsity": [0.375, 0.225], "mean_sparsity": 0.3,
+        "mode": "fc", "max_sparsity": 0.95, "functional_complexity": [0.1234, 0.4321], "scores": [0.1234, 0.4321],
     }))
     return root
 
@@ -201,6 +202,7 @@ def test_partial_artifacts(root, tmp_path):
     with pytest.raises(FangError, match=r"taylor store not found.*dvc repro taylor"):
         layer_groups(alt, 0)
     shutil.copy(root / "allocate.json", alt / "allocate.json")
+    shutil.copy(root / "block_sparsity.json", alt / "block_sparsity.json")
     res = run("all", "--artifacts", str(alt))  # only the sparsity view can run: the others are skipped
     assert res.exit_code == 0, res.output
     assert "0.4321" in res.output and "skipped: cluster store not found" in res.output

@@ -50,6 +50,7 @@ def tiny_params(root: Path) -> dict:
     params["evaluate"].update(ppl_seq_len=32, ppl_max_windows_per_topic=2, task_limit=4, batch_size=4)
     params["cluster"].update(k=3, pca_dim=8)
     params["taylor"]["batch_size"] = 2
+    params["sweep"].update(methods=["f_fang"], sparsities=[0.3])
     return params
 
 
@@ -93,8 +94,9 @@ def edit_params(root: Path, block: str, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-ALL_STAGES = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned",
-              "cluster", "taylor", "group", "allocate"}
+SWEEP = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3", "report"}
+ANALYSIS = {"cluster", "taylor", "group", "allocate"}
+ALL_STAGES = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"} | ANALYSIS | SWEEP
 
 
 def test_repro_runs_everything_then_only_what_changed(project):
@@ -106,25 +108,39 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert 0.15 < prune["achieved_sparsity"] < 0.45
     assert (project / "artifacts/pruned/structure.json").exists()
 
-    for name in ("cluster.zarr", "taylor.zarr", "groups.zarr", "allocate.json"):
+    for name in ("cluster.zarr", "taylor.zarr", "groups.zarr", "allocate.json", "report/results.md", "report/results.csv"):
         assert (project / "artifacts" / name).exists()
+    report = (project / "artifacts/report/results.md").read_text()
+    assert "| dense |" in report and "| f_fang | 30% |" in report
 
     assert repro(project) == set()  # nothing changed, nothing reruns
 
-    # the analysis artifacts do not depend on sparsity: only the allocation and pruning rerun
+    # the analysis artifacts and the sweep do not depend on prune.sparsity: only the single prune reruns
     edit_params(project, "prune", sparsity=0.2)
-    assert repro(project) == {"allocate", "prune", "evaluate@pruned"}
+    assert repro(project) == {"prune", "evaluate@pruned"}
 
+    # a pruning key makes the pruning stages stale, not the analysis (--dry cannot see past their outputs)
     edit_params(project, "prune", gqa="query_slot")
-    assert planned(project) == {"prune", "evaluate@pruned"}
+    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"}
     edit_params(project, "prune", gqa="kv_group")
 
+    # FANG on the same analysis artifacts: only prune and its evaluation rerun
+    edit_params(project, "prune", method="o_fang")
+    assert repro(project) == {"prune", "evaluate@pruned"}
+    prune = json.loads((project / "artifacts/metrics/prune.json").read_text())
+    assert prune["method"] == "o_fang" and 0.1 < prune["achieved_sparsity"] < 0.35
+    assert all(layer["shared_removed"] == 0 for layer in prune["layers"])
+
+    # a FANG knob reruns the pruning that reads it, never the analysis
+    edit_params(project, "prune", tau=7.0)
+    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"}
+    edit_params(project, "prune", tau=9.0)
+
     edit_params(project, "cluster", k=2)
-    assert planned(project) == {"cluster", "taylor", "group", "allocate"}
-    edit_params(project, "cluster", k=3)
+    assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"}
 
     edit_params(project, "calibrate", seed=1)
-    assert planned(project) == {"calibrate", "capture", "prune", "evaluate@pruned", "cluster", "taylor", "group", "allocate"}
+    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP
 
 
 def test_cli_errors_are_one_line_without_traceback(project, tmp_path):

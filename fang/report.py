@@ -1,0 +1,148 @@
+"""Results tables in the layout of the paper's Tables 1 and 10: one row per method x sparsity.
+
+Columns: perplexity, accuracy per task (± standard error), the average over tasks, and per-topic
+perplexity in a second table. Written as Markdown and CSV, plus a PNG of average accuracy and
+perplexity against sparsity per method. A run that is missing is listed as missing, not dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    method: str
+    sparsity: float
+    metrics: dict | None  # evaluate's JSON, None when the run is missing
+    prune: dict | None = None  # prune report (achieved sparsity), when there is one
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method} {self.sparsity:.0%}"
+
+
+def headline_tasks(metrics: dict) -> list[str]:
+    """Tasks reported as columns: every task except per-topic next-sentence subtasks (the group stands for them)."""
+    return [t for t in metrics["tasks"] if not (t.startswith("next_sentence_"))]
+
+
+def task_accuracy(entry: dict) -> tuple[float | None, float | None]:
+    """The task's accuracy and standard error: acc_norm where lm-eval reports it, else acc."""
+    for key in ("acc_norm", "acc"):
+        if entry.get(key) is not None:
+            return entry[key], entry.get(f"{key}_stderr")
+    return None, None
+
+
+def average(values: list[tuple[float | None, float | None]]) -> tuple[float | None, float | None]:
+    """Mean accuracy over tasks and its standard error (independent tasks: sqrt(sum se^2) / n)."""
+    if not values or any(v is None for v, _ in values):
+        return None, None
+    mean = sum(v for v, _ in values) / len(values)
+    ses = [s for _, s in values]
+    se = math.sqrt(sum(s * s for s in ses)) / len(values) if all(s is not None for s in ses) else None
+    return mean, se
+
+
+def _fmt(value: float | None, se: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    text = f"{value * scale:.{digits}f}"
+    return f"{text} ± {se * scale:.{digits}f}" if se is not None else text
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Header, formatted rows, and raw records (for CSV) of the main table."""
+    tasks: list[str] = []
+    for run in runs:
+        if run.metrics:
+            tasks += [t for t in headline_tasks(run.metrics) if t not in tasks]
+    header = ["method", "sparsity", "achieved", "PPL", *tasks, "Avg"]
+    rows, records = [], []
+    for run in runs:
+        if run.metrics is None:
+            rows.append([run.method, f"{run.sparsity:.0%}", "missing: run failed or not run", *[""] * (len(header) - 3)])
+            records.append({"method": run.method, "sparsity": run.sparsity, "status": "missing"})
+            continue
+        accs = [task_accuracy(run.metrics["tasks"][t]) if t in run.metrics["tasks"] else (None, None) for t in tasks]
+        avg = average(accs)
+        achieved = run.prune["achieved_sparsity"] if run.prune else (0.0 if run.method == "dense" else None)
+        rows.append([run.method, f"{run.sparsity:.0%}", _fmt(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
+                     *[_fmt(v, s) for v, s in accs], _fmt(*avg)])
+        rec = {"method": run.method, "sparsity": run.sparsity, "status": "ok", "achieved_sparsity": achieved,
+               "ppl": run.metrics["ppl"], "avg": avg[0], "avg_stderr": avg[1]}
+        for t, (v, s) in zip(tasks, accs):
+            rec[t], rec[f"{t}_stderr"] = v, s
+        rec.update({f"ppl_{topic}": v for topic, v in run.metrics.get("ppl_by_topic", {}).items()})
+        records.append(rec)
+    return header, rows, records
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def topic_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    topics = sorted({t for r in runs if r.metrics for t in r.metrics.get("ppl_by_topic", {})})
+    header = ["method", "sparsity", *topics]
+    rows = []
+    for r in runs:
+        by = (r.metrics or {}).get("ppl_by_topic", {})
+        rows.append([r.method, f"{r.sparsity:.0%}", *[f"{by[t]:.2f}" if t in by else "—" for t in topics]])
+    return header, rows
+
+
+def render(runs: list[Run]) -> tuple[str, str]:
+    """(Markdown, CSV) of the whole report."""
+    header, rows, records = table_rows(runs)
+    t_header, t_rows = topic_table(runs)
+    md = ["## Perplexity and zero-shot accuracy (%, ± standard error; Avg = mean over the task columns)", "",
+          markdown_table(header, rows), "", "## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
+    buf = io.StringIO()
+    keys: list[str] = []
+    for rec in records:
+        keys += [k for k in rec if k not in keys]
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(records)
+    return "\n".join(md), buf.getvalue()
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, _, records = table_rows(runs)
+    ok = [r for r in records if r["status"] == "ok"]
+    dense = next((r for r in ok if r["method"] == "dense"), None)
+    fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in ok if r["method"] != "dense"):
+        pts = sorted((r["sparsity"], r["avg"], r["avg_stderr"] or 0.0, r["ppl"]) for r in ok if r["method"] == method)
+        if dense:
+            pts = [(0.0, dense["avg"], dense["avg_stderr"] or 0.0, dense["ppl"])] + pts
+        xs = [p[0] * 100 for p in pts]
+        ax_acc.errorbar(xs, [p[1] * 100 for p in pts], yerr=[p[2] * 100 for p in pts], marker="o", capsize=3, label=method)
+        ax_ppl.plot(xs, [p[3] for p in pts], marker="o", label=method)
+    ax_acc.set(xlabel="sparsity (%)", ylabel="average accuracy (%)", title="Average zero-shot accuracy")
+    ax_ppl.set(xlabel="sparsity (%)", ylabel="perplexity", title="Test perplexity", yscale="log")
+    for ax in (ax_acc, ax_ppl):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,25 @@
+"""report: one table of every method x sparsity of the sweep (plus dense), as Markdown, CSV and a PNG."""
+
+from fang import paths
+from fang.atomic import atomic_file
+from fang.params import SweepParams, load_block
+from fang.progress import console
+from fang.report import Run, load_json, plot, render
+
+
+def run(params_path: str = "params.yaml") -> None:
+    p = load_block("sweep", SweepParams, path=params_path)
+    runs = [Run("dense", 0.0, load_json(paths.METRICS / "dense.json"))]
+    for method in p.methods:
+        for sparsity in p.sparsities:
+            base = paths.SWEEP / f"{method}-{sparsity}"
+            runs.append(Run(method, sparsity, load_json(base.with_suffix(".metrics.json")),
+                            load_json(base.with_suffix(".prune.json"))))
+    md, table_csv = render(runs)
+    with atomic_file(paths.REPORT / "results.md") as fh:
+        fh.write(md)
+    with atomic_file(paths.REPORT / "results.csv") as fh:
+        fh.write(table_csv)
+    plot(runs, paths.REPORT / "sparsity_curves.png")
+    missing = [r.label for r in runs if r.metrics is None]
+    console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
