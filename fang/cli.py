@@ -134,6 +134,26 @@ def report(params: str = ParamsOpt) -> None:
     _stage("report").run(params)
 
 
+@app.command()
+def bench(
+    params: str = ParamsOpt,
+    parts: str = typer.Option("pipeline,memory,inference", help="parts to run, comma-separated: pipeline, memory, inference"),
+    tokens: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration tokens (whole sequences), scaled per token"),
+    max_seqs: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration sequences"),
+    models: Optional[str] = typer.Option(None, help="pruned models to time, comma-separated shell patterns (pruned, flap-0.3, 'o_fang-*'); dense is always timed"),
+    batch_sizes: str = typer.Option("1,8", help="inference batch sizes, comma-separated"),
+    prompt_len: int = typer.Option(512, help="prefill tokens per sequence"),
+    new_tokens: int = typer.Option(128, help="greedy decode steps (no early stop)"),
+    repeats: int = typer.Option(3, help="interleaved rounds per measurement; the median is reported"),
+    readme: Optional[str] = typer.Option(None, help="also replace the text between the bench markers of this file (e.g. README.md)"),
+) -> None:
+    """Benchmark: stage cost vs the compute floor, memory (and a LLaMA-2-7B estimate), inference speed of pruned vs dense models.
+
+    Writes artifacts/bench/bench.json, bench.md and readme_fragment.md. Run it after `dvc repro`.
+    """
+    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, readme)
+
+
 app.add_typer(inspect_app, name="inspect")
 
 

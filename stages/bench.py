@@ -1,0 +1,111 @@
+"""bench: stage cost against the compute floor, memory footprint and estimate, inference speed of pruned models.
+
+Writes artifacts/bench/bench.json, bench.md and readme_fragment.md (the README's results section,
+pasted between the bench markers with --readme). Not a DVC stage: it measures the machine, and
+it reads artifacts/timings.jsonl, which every stage (this one included) appends to.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fang import paths
+from fang.atomic import atomic_file, write_json
+from fang.bench import (BENCH_FORMAT, NOT_PIPELINE, capture_footprint, check_targets, estimate_memory, find_models,
+                        machine_info, measure_floor, measure_inference, read_timings, render_fragment, render_markdown,
+                        update_readme)
+from fang.device import pick_device
+from fang.errors import FangError, require
+from fang.modeling import load_dense
+from fang.params import load_block
+from fang.progress import console
+
+BENCH = paths.ARTIFACTS / "bench"
+TIMINGS = paths.ARTIFACTS / "timings.jsonl"
+PARTS = ("pipeline", "memory", "inference")
+
+
+def _names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(t) for t in _names(text)]
+    except ValueError:
+        raise FangError(f"{option}={text!r}: expected comma-separated integers, e.g. 1,8") from None
+    require(bool(values) and all(v > 0 for v in values), f"{option}={text!r}: give positive integers")
+    return values
+
+
+def run(
+    params_path: str = "params.yaml",
+    parts: str = ",".join(PARTS),
+    tokens: int | None = None,
+    max_seqs: int | None = None,
+    models: str | None = None,
+    batch_sizes: str = "1,8",
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    readme: str | None = None,
+) -> None:
+    wanted = _names(parts)
+    unknown = [p for p in wanted if p not in PARTS]
+    require(bool(wanted) and not unknown, f"--parts={parts!r}: choose from {', '.join(PARTS)}")
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    device = pick_device()
+    # the bench's own entries are not pipeline stages
+    timings = [e for e in read_timings(TIMINGS) if e["stage"] not in NOT_PIPELINE]
+    result: dict = {
+        "format": BENCH_FORMAT,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine_info(device),
+        "options": {"parts": wanted, "tokens": tokens, "max_seqs": max_seqs, "models": _names(models) or None,
+                    "batch_sizes": sizes, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats},
+    }
+
+    if "pipeline" in wanted:
+        from stages.capture import load_calibration
+
+        # the floor runs at the batch sizes the stages it is compared with use
+        capture_batch = load_block("capture", path=params_path).batch_size
+        taylor_batch = load_block("taylor", path=params_path).batch_size
+        input_ids = load_calibration()
+        model, _ = load_dense(paths.MODEL, device)
+        floor = measure_floor(model, input_ids, capture_batch, taylor_batch, device, max_seqs, tokens)
+        del model
+        result["pipeline"] = {"timings_file": str(TIMINGS), "stages": timings, "floor": floor,
+                              "targets": check_targets(timings, floor)}
+
+    if "memory" in wanted:
+        footprint = capture_footprint(paths.CAPTURE)
+        one_block = footprint["tokens"] * footprint["model"]["hidden_size"] * 4
+        streaming = [{"label": e["label"], "peak_rss_mib": e["peak_rss_mib"]} for e in timings
+                     if e["stage"] in ("capture", "prune") and e["peak_rss_mib"] is not None]
+        result["memory"] = {"footprint": footprint, "one_block_bytes": one_block, "stage_rss": streaming,
+                            "estimate": estimate_memory(footprint, batch_size=load_block("capture", path=params_path).batch_size)}
+
+    if "inference" in wanted:
+        entries = find_models(paths.ARTIFACTS, _names(models) or None)
+        if len(entries) == 1:
+            console.print("[yellow]bench: no pruned model found (artifacts/pruned, artifacts/sweep/*); "
+                          "measuring the dense model only[/yellow]")
+        result["inference"] = measure_inference(entries, sizes, prompt_len, new_tokens, repeats, device)
+
+    write_json(BENCH / "bench.json", result)
+    with atomic_file(BENCH / "bench.md") as fh:
+        fh.write(render_markdown(result))
+    fragment = render_fragment(result)
+    with atomic_file(BENCH / "readme_fragment.md") as fh:
+        fh.write(fragment)
+    if readme:
+        update_readme(readme, fragment)
+    summary = []
+    if "pipeline" in result:
+        t = result["pipeline"]["targets"]
+        summary.append(f"targets met {sum(x['status'] == 'met' for x in t)}/{len(t)}"
+                       f" ({sum(x['status'] == 'no data' for x in t)} without data)")
+    if "inference" in result:
+        summary.append(f"{len(result['inference']['models'])} models timed")
+    console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {readme} updated" if readme else ""))
