@@ -40,7 +40,7 @@ class DataParams:
     tasks: list[str] = field(
         default_factory=lambda: ["social_iqa", "general_knowledge", "winowhy", "metaphor_boolean", "next_sentence"]
     )
-    next_sentence_per_topic: int = 40  # next-sentence examples per topic (from the test split)
+    next_sentence_per_topic: int = 30  # next-sentence examples per topic (from the test split)
 
     def validate(self) -> None:
         for key in ("validation_fraction", "test_fraction"):
@@ -105,8 +105,8 @@ class PruneParams:
 @dataclass
 class EvaluateParams:
     ppl_seq_len: int = 512  # window length for perplexity
-    ppl_max_windows_per_topic: int = 6  # cap per topic so 12 topics stay cheap on CPU
-    task_limit: int = 150  # examples per lm-eval task (None-like 0 = all)
+    ppl_max_windows_per_topic: int = 4  # cap per topic so 12 topics stay cheap on CPU
+    task_limit: int = 100  # examples per lm-eval task (None-like 0 = all)
     batch_size: int = 8
 
     def validate(self) -> None:
