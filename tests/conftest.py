@@ -42,3 +42,31 @@ def model(request) -> LlamaForCausalLM:
 def input_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (4, 16), generator=g)
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    """Six calibration sequences of 24 tokens for pruning tests."""
+    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(5))
+
+
+def captured(model, calib: torch.Tensor, path, batch_size: int = 4):
+    """A float32 capture store of `model` over `calib` under `path`, opened for reading."""
+    from fang.capture import capture_features, open_capture
+
+    capture_features(model, calib, path / "cap.zarr", batch_size=batch_size, dtype="float32")
+    return open_capture(path / "cap.zarr")
+
+
+def assert_reloads_identically(model, ids: torch.Tensor, path) -> None:
+    """A pruned model's logits are finite and survive save_pruned -> load_pruned bit for bit."""
+    from fang.shrink import load_pruned, save_pruned
+    from helpers_tokenizer import tiny_tokenizer
+
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    save_pruned(model, tiny_tokenizer(), path / "pruned")
+    reloaded, _ = load_pruned(path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
-from fang.capture import capture_features, open_capture
+from conftest import assert_reloads_identically, captured, tiny_model
 from fang.cluster import center_distances, cluster_centers, kmeans, pca_fit, pca_project, relevance_weights
 from fang.errors import FangError
 from fang.fang_prune import (
@@ -23,8 +22,6 @@ from fang.fang_prune import (
 from fang.modeling import count_block_params
 from fang.obc import inverse_hessian, obc_prune
 from fang.prune import PruneOptions, prune_model
-from fang.shrink import load_pruned, save_pruned
-from helpers_tokenizer import tiny_tokenizer
 
 K = 3
 
@@ -227,14 +224,6 @@ def test_group_without_tokens_falls_back():
 # ------------------------------------------------------------------------------------ tiny models
 
 
-@pytest.fixture
-def calib():
-    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(5))
-
-
-def _captured(model, calib, path):
-    capture_features(model, calib, path / "cap.zarr", batch_size=3, dtype="float32")
-    return open_capture(path / "cap.zarr")
 
 
 def make_fang_inputs(cap, sparsity, grouping="lap", seed=0, groups=None, k=K, pca_dim=4):
@@ -272,7 +261,7 @@ def _kept_neurons(dense, pruned, li=0):
 @pytest.mark.parametrize("heads,scheme", [((4, 4), "kv_group"), ((6, 3), "kv_group"), ((6, 3), "query_slot")])
 def test_fang_prunes_to_target_and_reloads(method, heads, scheme, calib, tmp_path):
     model = tiny_model(*heads, layers=2)
-    cap = _captured(model, calib, tmp_path)
+    cap = captured(model, calib, tmp_path, batch_size=3)
     inputs = make_fang_inputs(cap, [0.2, 0.4])
     dense = count_block_params(model)
     opts = PruneOptions(tau=1.0)
@@ -285,19 +274,13 @@ def test_fang_prunes_to_target_and_reloads(method, heads, scheme, calib, tmp_pat
         assert sum(spec["groups_removed"]) == spec["ffn_removed_target"] == 64 - spec["ffn"]
         assert max(spec["groups_removed"]) - min(spec["groups_removed"]) <= 1  # equal groups, equal shares
         assert sum(spec["token_clusters"]) == calib.numel()
-    with torch.no_grad():
-        logits = model(calib).logits
-    assert torch.isfinite(logits).all()
-    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned")
-    reloaded, _ = load_pruned(tmp_path / "pruned")
-    with torch.no_grad():
-        assert torch.equal(reloaded(calib).logits, logits)
+    assert_reloads_identically(model, calib, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["f_fang", "o_fang"])
 def test_every_ablation_switch_changes_the_masks(method, calib, tmp_path):
     base_model = tiny_model(4, 4, layers=1)
-    cap = _captured(base_model, calib, tmp_path)
+    cap = captured(base_model, calib, tmp_path, batch_size=3)
     n = 64
     # groups stratified by down_proj column norm: group 0 holds the weakest neurons, the shared group
     # the next weakest, so an ungrouped prune concentrates on group 0 and a pruned shared group loses some
@@ -331,7 +314,7 @@ def test_every_ablation_switch_changes_the_masks(method, calib, tmp_path):
 
 def test_fang_input_errors(calib, tmp_path):
     model = tiny_model(4, 4, layers=2)
-    cap = _captured(model, calib, tmp_path)
+    cap = captured(model, calib, tmp_path, batch_size=3)
     good = make_fang_inputs(cap, [0.3, 0.3])
 
     def run(inputs, **kw):

@@ -4,25 +4,14 @@ target sparsity, reload, GQA schemes, errors."""
 import pytest
 import torch
 
-from conftest import tiny_model
-from fang.capture import capture_features, open_capture
+from conftest import assert_reloads_identically, captured, tiny_model
 from fang.baselines import ChannelPruner, magnitude_metric, wanda_sp_metric
 from fang.errors import FangError
 from fang.flap import InputStats
 from fang.modeling import count_block_params
 from fang.prune import AttentionUnits, PruneOptions, prune_model
-from fang.shrink import load_pruned, save_pruned
-from helpers_tokenizer import tiny_tokenizer
 
 
-@pytest.fixture
-def calib():
-    return torch.randint(0, 128, (6, 24), generator=torch.Generator().manual_seed(5))
-
-
-def captured(model, calib, tmp_path):
-    capture_features(model, calib, tmp_path / "cap.zarr", batch_size=4, dtype="float32")
-    return open_capture(tmp_path / "cap.zarr")
 
 
 @pytest.mark.parametrize("heads,scheme", [((4, 4), "kv_group"), ((6, 3), "kv_group"), ((6, 3), "query_slot")])
@@ -42,13 +31,7 @@ def test_flap_prunes_to_target_and_reloads(heads, scheme, calib, tmp_path):
         assert mlp.down_proj.bias is not None and attn.o_proj.bias is not None
         if scheme == "query_slot":
             assert attn.k_proj.weight.shape[0] == 3 * 8  # every KV head kept
-    with torch.no_grad():
-        logits = model(calib).logits
-    assert torch.isfinite(logits).all()
-    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned")
-    reloaded, _ = load_pruned(tmp_path / "pruned")
-    with torch.no_grad():
-        assert torch.equal(reloaded(calib).logits, logits)
+    assert_reloads_identically(model, calib, tmp_path)
 
 
 def test_zero_sparsity_changes_nothing(calib, tmp_path):
@@ -155,13 +138,7 @@ def test_baselines_prune_to_target_and_reload(method, heads, scheme, calib, tmp_
         assert kept_units == max(1, int(n_units * 0.7 + 0.5))
         # baselines other than FLAP add no compensation bias
         assert mlp.down_proj.bias is None and attn.o_proj.bias is None
-    with torch.no_grad():
-        logits = model(calib).logits
-    assert torch.isfinite(logits).all()
-    save_pruned(model, tiny_tokenizer(), tmp_path / "pruned")
-    reloaded, _ = load_pruned(tmp_path / "pruned")
-    with torch.no_grad():
-        assert torch.equal(reloaded(calib).logits, logits)
+    assert_reloads_identically(model, calib, tmp_path)
 
 
 def test_magnitude_needs_no_calibration_pass(calib, tmp_path):
