@@ -104,7 +104,12 @@ def render(runs: list[Run]) -> tuple[str, str]:
     """(Markdown, CSV) of the whole report."""
     header, rows, records = table_rows(runs)
     t_header, t_rows = topic_table(runs)
-    md = ["## Perplexity and zero-shot accuracy (%, ± standard error; Avg = mean over the task columns)", "",
+    md = ["## Perplexity and zero-shot accuracy",
+          "",
+          "Accuracy in %, ± standard error from lm-eval: acc_norm where the task reports it, else acc. "
+          "Avg = mean over the task columns (its standard error assumes independent tasks). "
+          "achieved = measured fraction of decoder-block parameters removed.",
+          "",
           markdown_table(header, rows), "", "## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
     buf = io.StringIO()
     keys: list[str] = []
@@ -137,7 +142,8 @@ def plot(runs: list[Run], path: Path) -> None:
     ax_ppl.set(xlabel="sparsity (%)", ylabel="perplexity", title="Test perplexity", yscale="log")
     for ax in (ax_acc, ax_ppl):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -12,9 +12,10 @@ def run(params_path: str = "params.yaml") -> None:
     runs = [Run("dense", 0.0, load_json(paths.METRICS / "dense.json"))]
     for method in p.methods:
         for sparsity in p.sparsities:
-            base = paths.SWEEP / f"{method}-{sparsity}"
-            runs.append(Run(method, sparsity, load_json(base.with_suffix(".metrics.json")),
-                            load_json(base.with_suffix(".prune.json"))))
+            # not Path.with_suffix: "flap-0.3" would lose its ".3"
+            name = f"{method}-{sparsity}"
+            runs.append(Run(method, sparsity, load_json(paths.SWEEP / f"{name}.metrics.json"),
+                            load_json(paths.SWEEP / f"{name}.prune.json")))
     md, table_csv = render(runs)
     with atomic_file(paths.REPORT / "results.md") as fh:
         fh.write(md)

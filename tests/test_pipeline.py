@@ -111,7 +111,7 @@ def test_repro_runs_everything_then_only_what_changed(project):
     for name in ("cluster.zarr", "taylor.zarr", "groups.zarr", "allocate.json", "report/results.md", "report/results.csv"):
         assert (project / "artifacts" / name).exists()
     report = (project / "artifacts/report/results.md").read_text()
-    assert "| dense |" in report and "| f_fang | 30% |" in report
+    assert "| dense |" in report and "| f_fang | 30% |" in report and "missing" not in report
 
     assert repro(project) == set()  # nothing changed, nothing reruns
 
