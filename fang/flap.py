@@ -289,6 +289,36 @@ def uniform_structure(
     )
 
 
+def param_matched_structure(
+    n_attn_units: Sequence[int],
+    n_neurons: Sequence[int],
+    sparsity: float | Sequence[float],
+    attn_unit_params: int,
+    neuron_params: int,
+    block_params: Sequence[int],
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Keep counts per layer that remove `sparsity` of each block's *parameters*.
+
+    Attention units are coarse (on SmolLM2 one KV group is a third of the attention), so rounding
+    their count alone would miss the target: 40% of 3 groups removes 1 group (33%). The FFN
+    neurons, which are fine-grained, absorb the difference, so every block lands within one
+    neuron's parameters of its target (unless the FFN hits its own bounds).
+    """
+    keep_attn, _ = uniform_structure(n_attn_units, n_neurons, sparsity, sparsity, min_attn_units, min_neurons)
+    n_layers = len(n_attn_units)
+    block_s = _per_layer(sparsity, n_layers, "sparsity")
+    require(len(block_params) == n_layers, f"param_matched_structure: {len(block_params)} block sizes for {n_layers} layers")
+    require(attn_unit_params > 0 and neuron_params > 0, "param_matched_structure: unit sizes must be positive")
+    keep_mlp = []
+    for n_units, kept_units, n, s, size in zip(n_attn_units, keep_attn, n_neurons, block_s, block_params):
+        attn_removed = (n_units - kept_units) * attn_unit_params
+        n_remove = math.floor((s * size - attn_removed) / neuron_params + 0.5 + 1e-9)
+        keep_mlp.append(n - min(max(n_remove, 0), n - min(min_neurons, n)))
+    return keep_attn, keep_mlp
+
+
 def select_top(scores: Tensor, n_keep: int) -> Tensor:
     """Ascending indices of the `n_keep` highest scores; ties go to the lower index."""
     scores = scores.detach().reshape(-1)

@@ -10,9 +10,10 @@ Methods (`prune_model(method=...)`):
 - "wanda_sp", "magnitude": structured Wanda / weight magnitude, no compensation;
 - "obc": the paper's one-shot structured OBC (Algorithm 2); "obc_iter": greedy OBC (Algorithm 1);
 - "f_fang", "o_fang": FANG on top of FLAP / OBC (function-aware FFN pruning, `fang.fang_prune`).
-All but FLAP prune the same fraction of heads (GQA units) and neurons in a block: `sparsity`
-everywhere, a per-block list (`PruneOptions.block_sparsity`), or for FANG the allocated
-`FangInputs.sparsity`. Every method really shrinks the model (`fang.shrink`).
+All but FLAP remove the same fraction of each block's parameters: `sparsity` everywhere, a per-block
+list (`PruneOptions.block_sparsity`), or for FANG the allocated `FangInputs.sparsity`. Heads (GQA
+units) are rounded to that fraction and the FFN neurons absorb the rounding
+(`flap.param_matched_structure`). Every method really shrinks the model (`fang.shrink`).
 """
 
 from __future__ import annotations
@@ -342,7 +343,10 @@ def prune_model(
             per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
         else:
             per_block = [float(sparsity)] * n_layers
-        keep_attn, keep_mlp = flap.uniform_structure([units.count] * n_layers, n_ffns, per_block, per_block)
+        block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        keep_attn, keep_mlp = flap.param_matched_structure(
+            [units.count] * n_layers, n_ffns, per_block, units.params, 3 * units.hidden, block_params
+        )
 
     if keep_attn == [units.count] * n_layers and keep_mlp == n_ffns:  # nothing to remove anywhere
         report.pruned_block_params = report.dense_block_params

@@ -15,6 +15,7 @@ from fang.flap import (
     select_top,
     slot_scores,
     structure_search,
+    param_matched_structure,
     uniform_structure,
 )
 
@@ -229,3 +230,25 @@ def test_uniform_structure():
     assert keep_a == [2]
     with pytest.raises(FangError):
         uniform_structure([4, 4], [8, 8], [0.1], 0.1)
+
+
+def test_param_matched_structure_lets_the_ffn_absorb_head_rounding():
+    # SmolLM2-135M's block: 3 KV groups of 294,912 params, 1,536 neurons of 1,728, 1,152 norm params
+    unit, neuron, n_ffn = 294_912, 1_728, 1_536
+    block = 3 * unit + n_ffn * neuron + 1_152
+    keep_a, keep_m = param_matched_structure([3, 3, 3], [n_ffn] * 3, [0.2, 0.4, 0.0], unit, neuron, [block] * 3)
+    assert keep_a == [2, 2, 3]  # 3 * 0.8 = 2.4 and 3 * 0.6 = 1.8 both round to 2 groups
+    for s, ka, km in zip([0.2, 0.4, 0.0], keep_a, keep_m):
+        removed = (3 - ka) * unit + (n_ffn - km) * neuron
+        assert abs(removed - s * block) <= neuron / 2
+    assert keep_m[2] == n_ffn
+    # plain rounding of both would remove only 38.3% of a block at 40%
+    ua, um = uniform_structure([3], [n_ffn], 0.4, 0.4)
+    assert (3 - ua[0]) * unit + (n_ffn - um[0]) * neuron < 0.39 * block
+    # the FFN cannot go below its minimum, nor grow when the heads overshoot
+    _, km = param_matched_structure([1], [4], 0.9, 100, 1, [104], min_neurons=1)
+    assert km == [1]  # the one head is kept (minimum 1): the FFN would need 94 neurons, it stops at its minimum
+    _, km = param_matched_structure([2], [4], 0.5, 100, 10, [240])
+    assert km == [2]  # 1 head (100) + 2 neurons (20) = 120 = 50%
+    with pytest.raises(FangError, match="block sizes"):
+        param_matched_structure([3], [8], 0.3, 1, 1, [10, 10])

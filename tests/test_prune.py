@@ -129,11 +129,15 @@ def test_baselines_prune_to_target_and_reload(method, heads, scheme, calib, tmp_
     dense = count_block_params(model)
     report = prune_model(model, cap, method, 0.3, scheme, batch_size=4)
     assert report.pruned_block_params == count_block_params(model) < dense
-    assert abs(report.achieved_sparsity - 0.3) < 0.06  # uniform: same fraction of units and neurons per block
+    # heads are rounded to 30% and the FFN absorbs the rounding: each block within half a neuron of 30%
+    neuron = 3 * model.config.hidden_size
+    assert abs(report.achieved_sparsity - 0.3) <= 0.5 * neuron * len(report.layers) / dense
     n_units = 4 if heads == (4, 4) else (3 if scheme == "kv_group" else 2)
     for layer, spec in zip(model.model.layers, report.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        assert spec["ffn"] == round(64 * 0.7) == mlp.down_proj.weight.shape[1]
+        assert spec["ffn"] == mlp.down_proj.weight.shape[1]
+        removed = dense // len(report.layers) - sum(p.numel() for p in layer.parameters())
+        assert abs(removed - 0.3 * dense / len(report.layers)) <= neuron / 2
         kept_units = spec["kv_heads"] if scheme == "kv_group" else spec["heads"] // 3
         assert kept_units == max(1, int(n_units * 0.7 + 0.5))
         # baselines other than FLAP add no compensation bias
@@ -181,8 +185,13 @@ def test_block_sparsity_option_sets_per_layer_counts(calib, tmp_path):
         prune_model(model, cap, "obc", 0.3, options=PruneOptions(block_sparsity=[0.2]))
     opts = PruneOptions(block_sparsity=[0.1, 0.5])
     report = prune_model(model, cap, "obc", 0.3, options=opts)
-    assert [s["ffn"] for s in report.layers] == [58, 32]
     assert [s["heads"] for s in report.layers] == [4, 2]
+    # block 0: no head removed (4 * 0.9 rounds to 4), so the FFN alone removes 10% of the block;
+    # block 1: 2 heads are exactly half the attention, so the FFN also loses half of its neurons
+    layer_params = count_block_params(tiny_model(4, 4, layers=1))
+    neuron = 3 * model.config.hidden_size
+    assert report.layers[0]["ffn"] == 64 - round(0.1 * layer_params / neuron)
+    assert report.layers[1]["ffn"] == 32
     assert report.as_dict()["options"]["block_sparsity"] == [0.1, 0.5]
 
 
