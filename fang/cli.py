@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file to read the stage's block from")
+SourceOpt = typer.Option(
+    None, "--source",
+    help="bias-study calibration source from bias.sources ('all' or a topic): read and write artifacts/bias/<source>/ "
+         "instead of the main pipeline's artifacts",
+)
 
 
 class _Timed:
@@ -69,15 +74,15 @@ def fetch_data(params: str = ParamsOpt) -> None:
 
 
 @app.command()
-def calibrate(params: str = ParamsOpt) -> None:
+def calibrate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Sample N x L calibration tokens (seeded) from one split, optionally from chosen topics only."""
-    _stage("calibrate").run(params)
+    _stage("calibrate").run(params, source)
 
 
 @app.command()
-def capture(params: str = ParamsOpt) -> None:
+def capture(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """One dense forward pass over the calibration set, streamed block by block into artifacts/capture.zarr."""
-    _stage("capture").run(params)
+    _stage("capture").run(params, source)
 
 
 @app.command()
@@ -86,12 +91,13 @@ def prune(
     method: Optional[str] = typer.Option(None, help="override prune.method (flap, wanda_sp, magnitude, obc, obc_iter, f_fang, o_fang)"),
     sparsity: Optional[float] = typer.Option(None, help="override prune.sparsity, in [0, 1)"),
     out: Optional[str] = typer.Option(None, help="output directory (default artifacts/pruned)"),
+    source: Optional[str] = SourceOpt,
 ) -> None:
     """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model.
 
     f_fang / o_fang also read the analysis artifacts (cluster, groups, allocate).
     """
-    _stage("prune").run(params, method, sparsity, out)
+    _stage("prune").run(params, method, sparsity, out, source)
 
 
 @app.command()
@@ -105,33 +111,43 @@ def evaluate(
 
 
 @app.command()
-def cluster(params: str = ParamsOpt) -> None:
+def cluster(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Per layer: PCA of the FFN-input tokens to `cluster.pca_dim`, KMeans into `cluster.k` context clusters."""
-    _stage("cluster").run(params)
+    _stage("cluster").run(params, source)
 
 
 @app.command()
-def taylor(params: str = ParamsOpt) -> None:
+def taylor(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """One forward+backward pass: cluster-neuron Taylor scores |h * dL/dh| per layer (Eq. 5)."""
-    _stage("taylor").run(params)
+    _stage("taylor").run(params, source)
 
 
 @app.command()
-def group(params: str = ParamsOpt) -> None:
+def group(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Per layer: the shared neuron group and k equal functional groups (exact assignment or random)."""
-    _stage("group").run(params)
+    _stage("group").run(params, source)
 
 
 @app.command()
-def allocate(params: str = ParamsOpt) -> None:
+def allocate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons."""
-    _stage("allocate").run(params)
+    _stage("allocate").run(params, source)
 
 
 @app.command()
 def report(params: str = ParamsOpt) -> None:
     """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
     _stage("report").run(params)
+
+
+@app.command("bias-report")
+def bias_report(params: str = ParamsOpt) -> None:
+    """Calibration-bias table and heat map: perplexity increase over dense on every topic, per method x calibration source.
+
+    Reads artifacts/bias_sweep/<source>/<method>-<sparsity>.metrics.json and artifacts/metrics/dense.json; writes
+    artifacts/bias_report/ (bias.md, bias.csv, bias.json, bias_heatmap.png).
+    """
+    _stage("bias_report").run(params)
 
 
 @app.command()

@@ -170,6 +170,42 @@ class SweepParams:
         require(not bad, f"sweep.sparsities {bad} out of range: each must be in [0, 1)")
 
 
+ALL_TOPICS = "all"  # the bias study's source name for "every topic"
+
+
+@dataclass
+class BiasParams:
+    """The calibration-bias study: calibrate on one source, measure perplexity on every topic."""
+
+    sources: list[str] = field(default_factory=lambda: [ALL_TOPICS, "People", "Geography", "Mathematics"])  # "all" or a topic
+    n_samples: int = 32  # calibration sequences per source (Mathematics has ~24k training tokens)
+    seq_len: int = 512  # tokens per calibration sequence
+    methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])
+
+    def validate(self) -> None:
+        from .prune import METHODS
+
+        require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
+        dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
+        require(not dup, f"bias.sources lists {dup} more than once")
+        bad = [s for s in self.sources if not isinstance(s, str) or not s.strip() or "/" in s]
+        require(not bad, f"bias.sources {bad}: each must be '{ALL_TOPICS}' or a topic name (no '/')")
+        unknown = [m for m in self.methods if m not in METHODS]
+        require(not unknown, f"unknown method(s) {unknown} in bias.methods; available: {', '.join(METHODS)}")
+        out = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
+        require(not out, f"bias.sparsities {out} out of range: each must be in [0, 1)")
+        require(self.n_samples > 0 and self.seq_len > 1, "bias.n_samples must be positive and bias.seq_len > 1")
+
+    def require_source(self, source: str) -> None:
+        require(source in self.sources, f"calibration source {source!r} is not in bias.sources {self.sources}")
+
+    @staticmethod
+    def topics_of(source: str) -> list[str]:
+        """The calibrate.topics filter of a source: [] (every topic) for "all"."""
+        return [] if source == ALL_TOPICS else [source]
+
+
 DTYPES = {"float32", "float16", "bfloat16"}
 
 BLOCKS: dict[str, type] = {
@@ -184,6 +220,7 @@ BLOCKS: dict[str, type] = {
     "group": GroupParams,
     "allocate": AllocateParams,
     "sweep": SweepParams,
+    "bias": BiasParams,
 }
 
 

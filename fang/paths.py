@@ -1,5 +1,6 @@
 """Where each stage's artifacts live (relative to the project root); dvc.yaml uses the same paths."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 ARTIFACTS = Path("artifacts")
@@ -18,3 +19,35 @@ BLOCK_SPARSITY = ARTIFACTS / "block_sparsity.json"  # per-block sparsity for eac
 PLOTS = ARTIFACTS / "plots"
 SWEEP = ARTIFACTS / "sweep"  # <method>-<sparsity>/ pruned models, .prune.json, .metrics.json
 REPORT = ARTIFACTS / "report"  # results.md, results.csv, sparsity_curves.png
+BIAS = ARTIFACTS / "bias"  # <source>/: the calibration-bias study's per-source calibration and analysis
+BIAS_SWEEP = ARTIFACTS / "bias_sweep"  # <source>/<method>-<sparsity>/ pruned models, .prune.json, .metrics.json
+BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_heatmap.png
+
+
+@dataclass(frozen=True)
+class CalibrationArtifacts:
+    """Everything that depends on the calibration set: the main pipeline has one, the bias study one per source."""
+
+    calib: Path
+    capture: Path
+    cluster: Path
+    taylor: Path
+    groups: Path
+    allocate: Path
+    block_sparsity: Path
+    metrics: Path  # cluster.json, groups.json
+    plots: Path
+
+
+MAIN = CalibrationArtifacts(CALIB, CAPTURE, CLUSTER, TAYLOR, GROUPS, ALLOCATE, BLOCK_SPARSITY, METRICS, PLOTS)
+
+
+def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
+    """The main pipeline's artifacts (`source=None`), or those of one bias-study calibration source."""
+    if source is None:
+        return MAIN
+    root = BIAS / source
+    return CalibrationArtifacts(
+        root / "calib", root / "capture.zarr", root / "cluster.zarr", root / "taylor.zarr", root / "groups.zarr",
+        root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",
+    )

@@ -9,7 +9,7 @@ from fang.allocate import ComplexityStats, allocate_sparsity
 from fang.atomic import atomic_file, write_json
 from fang.capture import open_capture
 from fang.layerwise import batch_slices
-from fang.params import SweepParams, load_block
+from fang.params import load_block
 from fang.progress import console, progress
 from fang.store import open_store
 
@@ -31,27 +31,29 @@ def functional_complexities(cap) -> list[float]:
     return fc
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("allocate", path=params_path)
-    targets = load_block("sweep", SweepParams, path=params_path).sparsities
-    cap = open_capture(paths.CAPTURE)
+    # the targets only fill block_sparsity.json (a view for people and plots): the sweep's, or the study's
+    targets = load_block("sweep" if source is None else "bias", path=params_path).sparsities
+    art = paths.calibration_artifacts(source)
+    cap = open_capture(art.capture)
     fc = functional_complexities(cap)
     scores = fc
     if p.mode == "taylor":
-        scores = open_store(paths.TAYLOR, "taylor", "taylor")["block_sensitivity"][:].tolist()
+        scores = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()
     # allocate.json holds only what does not depend on the target sparsity, so pruning stages that
     # read it are not rerun when a sparsity is added to or changed in the sweep
-    write_json(paths.ALLOCATE, {"mode": p.mode, "max_sparsity": p.max_sparsity, "functional_complexity": fc, "scores": scores})
+    write_json(art.allocate, {"mode": p.mode, "max_sparsity": p.max_sparsity, "functional_complexity": fc, "scores": scores})
     # every dense block has the same size, so the parameter-weighted mean is the plain mean
     by_target = {str(t): allocate_sparsity(p.mode, scores, t, n_blocks=len(fc), max_sparsity=p.max_sparsity) for t in targets}
-    write_json(paths.BLOCK_SPARSITY, {
+    write_json(art.block_sparsity, {
         "mode": p.mode,
         "note": "per-block sparsity for heads and FFN neurons (the same value), for each sweep target",
         "by_target": {t: {"attn_sparsity": v, "ffn_sparsity": v, "mean_sparsity": sum(v) / len(v)} for t, v in by_target.items()},
     })
-    with atomic_file(paths.PLOTS / "block_sparsity.csv") as fh:
+    with atomic_file(art.plots / "block_sparsity.csv") as fh:
         w = csv.writer(fh)
         w.writerow(["layer", "functional_complexity", *[f"sparsity_at_{t}" for t in by_target]])
         w.writerows([li, round(f, 6), *[round(v[li], 6) for v in by_target.values()]] for li, f in enumerate(fc))
     ranges = ", ".join(f"{t}: {min(v):.3f}..{max(v):.3f}" for t, v in by_target.items())
-    console.print(f"allocation ({p.mode}): block sparsity per target {ranges} -> {paths.ALLOCATE}, {paths.BLOCK_SPARSITY}")
+    console.print(f"allocation ({p.mode}): block sparsity per target {ranges} -> {art.allocate}, {art.block_sparsity}")

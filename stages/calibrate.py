@@ -11,12 +11,19 @@ from fang.params import load_block
 from fang.progress import console
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+    """Sample the main calibration set, or with `source` one of the bias study's (`bias.sources`):
+    that topic only ("all": every topic), at the study's `bias.n_samples` x `bias.seq_len`."""
     from transformers import AutoTokenizer
 
     from fang.errors import FangError
 
     p = load_block("calibrate", path=params_path)
+    if source is not None:
+        b = load_block("bias", path=params_path)
+        b.require_source(source)
+        p.topics, p.n_samples, p.seq_len = b.topics_of(source), b.n_samples, b.seq_len
+    out = paths.calibration_artifacts(source).calib
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
     tokenizer = AutoTokenizer.from_pretrained(paths.MODEL)
@@ -24,10 +31,10 @@ def run(params_path: str = "params.yaml") -> None:
     input_ids, articles = sample_calibration(rows, tokenizer, p.n_samples, p.seq_len, p.seed)
     topic_of = {r["id"]: r["topic"] for r in rows}
     topics = collections.Counter(topic_of[a] for window in articles for a in window)
-    with atomic_dir(paths.CALIB) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({"input_ids": input_ids.contiguous()}, tmp / "calib.safetensors")
         write_json(tmp / "calib.json", {
             "split": p.split, "topics_filter": p.topics, "n_samples": p.n_samples, "seq_len": p.seq_len,
             "seed": p.seed, "articles_per_topic": dict(sorted(topics.items())), "window_articles": articles,
         })
-    console.print(f"calibration set: {p.n_samples} x {p.seq_len} tokens from {sum(topics.values())} articles -> {paths.CALIB}")
+    console.print(f"calibration set: {p.n_samples} x {p.seq_len} tokens from {sum(topics.values())} articles -> {out}")

@@ -11,16 +11,18 @@ from fang.params import load_block
 from fang.progress import console
 
 
-def load_calibration():
-    f = paths.CALIB / "calib.safetensors"
+def load_calibration(source: str | None = None):
+    f = paths.calibration_artifacts(source).calib / "calib.safetensors"
     if not f.exists():
-        raise FangError(f"missing calibration set {f}: run `dvc repro calibrate` first")
+        stage = "calibrate" if source is None else f"bias_calibrate@{source}"
+        raise FangError(f"missing calibration set {f}: run `dvc repro {stage}` first")
     return load_file(f)["input_ids"]
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("capture", path=params_path)
+    out = paths.calibration_artifacts(source).capture
     device = pick_device()
     model, _ = load_dense(paths.MODEL, device)
-    info = capture_features(model, load_calibration(), paths.CAPTURE, p.batch_size, p.dtype, device)
-    console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {paths.CAPTURE} ({info['bytes'] / 2**20:.0f} MiB)")
+    info = capture_features(model, load_calibration(source), out, p.batch_size, p.dtype, device)
+    console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")

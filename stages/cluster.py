@@ -15,9 +15,10 @@ from fang.progress import console, progress
 from fang.store import write_store
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("cluster", path=params_path)
-    cap = open_capture(paths.CAPTURE)
+    art = paths.calibration_artifacts(source)
+    cap = open_capture(art.capture)
     n_layers, d, n_ffn = cap.attrs["n_layers"], cap.attrs["hidden_size"], cap.attrs["intermediate_size"]
     n_tok = cap["ffn_in"].shape[1]
     require(p.k <= n_tok, f"cluster.k={p.k} is larger than the number of calibration tokens ({n_tok})")
@@ -53,12 +54,12 @@ def run(params_path: str = "params.yaml") -> None:
             out["down_centers"][li] = centers.centers.cpu().numpy()
             out["center_distances"][li] = center_distances(centers.centers).cpu().numpy()
             bar.advance(task)
-    write_store(paths.CLUSTER, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
+    write_store(art.cluster, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
     sizes = out["cluster_sizes"]
-    write_json(paths.METRICS / "cluster.json", {
+    write_json(art.metrics / "cluster.json", {
         "k": p.k, "tokens": n_tok,
         "smallest_cluster_fraction": float(sizes.min() / n_tok),
         "largest_cluster_fraction": float(sizes.max() / n_tok),
         "cluster_sizes": sizes.tolist(), "inertia": out["inertia"].tolist(),
     })
-    console.print(f"clustered {n_tok:,} tokens x {n_layers} layers into k={p.k} -> {paths.CLUSTER}")
+    console.print(f"clustered {n_tok:,} tokens x {n_layers} layers into k={p.k} -> {art.cluster}")

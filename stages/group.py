@@ -11,9 +11,10 @@ from fang.progress import console, progress
 from fang.store import open_store, write_store
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("group", path=params_path)
-    taylor = open_store(paths.TAYLOR, "taylor", "taylor")
+    art = paths.calibration_artifacts(source)
+    taylor = open_store(art.taylor, "taylor", "taylor")
     scores = torch.from_numpy(taylor["scores"][:]).double()
     n_layers, k, n_ffn = scores.shape
     groups = np.zeros((n_layers, n_ffn), np.int32)
@@ -25,12 +26,12 @@ def run(params_path: str = "params.yaml") -> None:
             groups[li] = ids.numpy()
             per_layer.append({"layer": li, **{key: v for key, v in info.items() if not isinstance(v, (list, tuple))}})
             bar.advance(task)
-    write_store(paths.GROUPS, "groups", {"neuron_groups": groups}, {"k": k, "method": p.method, "seed": p.seed})
+    write_store(art.groups, "groups", {"neuron_groups": groups}, {"k": k, "method": p.method, "seed": p.seed})
     summary = {"method": p.method, "k": k, "shared_size": int((groups[0] == k).sum()), "layers": per_layer}
     if p.method == "lap":
         exact = sum(x["total_score"] for x in per_layer)
         greedy = sum(x["greedy_total_score"] for x in per_layer)
         summary["exact_total_score"], summary["greedy_total_score"] = exact, greedy
         summary["exact_gain_over_greedy_relative"] = (exact - greedy) / greedy if greedy else 0.0
-    write_json(paths.METRICS / "groups.json", summary)
-    console.print(f"neuron groups ({p.method}) for {n_layers} layers: k={k} functional + 1 shared -> {paths.GROUPS}")
+    write_json(art.metrics / "groups.json", summary)
+    console.print(f"neuron groups ({p.method}) for {n_layers} layers: k={k} functional + 1 shared -> {art.groups}")

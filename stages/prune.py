@@ -16,11 +16,12 @@ from fang.shrink import save_pruned
 from fang.store import open_store
 
 
-def fang_inputs(sparsity: float) -> FangInputs:
+def fang_inputs(sparsity: float, source: str | None = None) -> FangInputs:
     """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`."""
-    clusters = open_store(paths.CLUSTER, "cluster", "cluster")
-    groups = open_store(paths.GROUPS, "groups", "group")
-    alloc = read_json(paths.ALLOCATE)
+    art = paths.calibration_artifacts(source)
+    clusters = open_store(art.cluster, "cluster", "cluster")
+    groups = open_store(art.groups, "groups", "group")
+    alloc = read_json(art.allocate)
     per_block = allocate_sparsity(alloc["mode"], alloc["scores"], sparsity, n_blocks=len(alloc["functional_complexity"]),
                                   max_sparsity=alloc["max_sparsity"])
     return FangInputs(
@@ -34,15 +35,16 @@ def fang_inputs(sparsity: float) -> FangInputs:
 
 
 def run(params_path: str = "params.yaml", method: str | None = None, sparsity: float | None = None,
-        out: str | None = None) -> None:
-    """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweep)."""
+        out: str | None = None, source: str | None = None) -> None:
+    """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweeps), from the
+    main calibration's artifacts or those of one bias-study `source`."""
     p = load_block("prune", path=params_path)
     method = method or p.method
     sparsity = p.sparsity if sparsity is None else sparsity
     out_dir = Path(out) if out else paths.PRUNED
     report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
-    capture = open_capture(paths.CAPTURE)
-    inputs = fang_inputs(sparsity) if method in FANG_BASE else None
+    capture = open_capture(paths.calibration_artifacts(source).capture)
+    inputs = fang_inputs(sparsity, source) if method in FANG_BASE else None
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,

@@ -13,16 +13,17 @@ from fang.taylor import taylor_scores
 from stages.capture import load_calibration
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("taylor", path=params_path)
-    clusters = open_store(paths.CLUSTER, "cluster", "cluster")
-    input_ids = load_calibration()
+    art = paths.calibration_artifacts(source)
+    clusters = open_store(art.cluster, "cluster", "cluster")
+    input_ids = load_calibration(source)
     token_clusters = torch.from_numpy(clusters["token_clusters"][:]).long()
     require(token_clusters.shape[1] == input_ids.numel(),
-            f"{paths.CLUSTER} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
+            f"{art.cluster} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
     device = pick_device()
     model, _ = load_dense(paths.MODEL, device)
     k = clusters.attrs["k"]
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device)
-    write_store(paths.TAYLOR, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})
-    console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {paths.TAYLOR}")
+    write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})
+    console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {art.taylor}")
