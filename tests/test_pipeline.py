@@ -51,6 +51,7 @@ def tiny_params(root: Path) -> dict:
     params["cluster"].update(k=3, pca_dim=8)
     params["taylor"]["batch_size"] = 2
     params["sweep"].update(methods=["f_fang"], sparsities=[0.3])
+    params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang"], sparsities=[0.3])
     return params
 
 
@@ -96,7 +97,14 @@ def edit_params(root: Path, block: str, **values) -> None:
 
 SWEEP = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3", "report"}
 ANALYSIS = {"cluster", "taylor", "group", "allocate"}
-ALL_STAGES = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"} | ANALYSIS | SWEEP
+BIAS_SOURCES = ("all", "Mathematics")
+BIAS_ANALYSIS = {f"bias_{stage}@{src}" for stage in ANALYSIS for src in BIAS_SOURCES}
+BIAS_RUNS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES} | {"bias_report"}
+BIAS = {f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
+ALL_STAGES = (
+    {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"}
+    | ANALYSIS | SWEEP | BIAS
+)
 
 
 def test_repro_runs_everything_then_only_what_changed(project):
@@ -113,6 +121,13 @@ def test_repro_runs_everything_then_only_what_changed(project):
     report = (project / "artifacts/report/results.md").read_text()
     assert "| dense |" in report and "| f_fang | 30% |" in report and "missing" not in report
 
+    # the bias study: its own calibration per source, and a report with every run present
+    bias = project / "artifacts/bias"
+    assert json.loads((bias / "all/calib/calib.json").read_text())["n_samples"] == 3
+    bias_md = (project / "artifacts/bias_report/bias.md").read_text()
+    assert "| f_fang | Mathematics | 30% |" in bias_md and "missing" not in bias_md
+    assert (project / "artifacts/bias_report/bias_heatmap.png").stat().st_size > 1000
+
     assert repro(project) == set()  # nothing changed, nothing reruns
 
     # the analysis artifacts and the sweep do not depend on prune.sparsity: only the single prune reruns
@@ -120,8 +135,9 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert repro(project) == {"prune", "evaluate@pruned"}
 
     # a pruning key makes the pruning stages stale, not the analysis (--dry cannot see past their outputs)
+    bias_prunes = {f"bias_prune@{src}-f_fang-0.3" for src in BIAS_SOURCES}
     edit_params(project, "prune", gqa="query_slot")
-    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"}
+    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"} | bias_prunes
     edit_params(project, "prune", gqa="kv_group")
 
     # FANG on the same analysis artifacts: only prune and its evaluation rerun
@@ -133,14 +149,50 @@ def test_repro_runs_everything_then_only_what_changed(project):
 
     # a FANG knob reruns the pruning that reads it, never the analysis
     edit_params(project, "prune", tau=7.0)
-    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"}
+    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"} | bias_prunes
     edit_params(project, "prune", tau=9.0)
 
+    # the bias study's own keys rerun only the study
+    edit_params(project, "bias", n_samples=4)
+    assert repro(project) == BIAS
+
     edit_params(project, "cluster", k=2)
-    assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"}
+    assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"} | BIAS_ANALYSIS | BIAS_RUNS
 
     edit_params(project, "calibrate", seed=1)
-    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP
+    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP | BIAS
+
+
+def test_bias_calibration_is_one_topic_and_disjoint_from_its_evaluation(project):
+    """A single-topic source samples only that topic's training articles; ID/OOD perplexity uses test articles."""
+    calib = json.loads((project / "artifacts/bias/Mathematics/calib/calib.json").read_text())
+    assert calib["topics_filter"] == ["Mathematics"] and set(calib["articles_per_topic"]) == {"Mathematics"}
+    train = {json.loads(line)["id"]: json.loads(line)["topic"]
+             for line in (project / "artifacts/data/train.jsonl").read_text().splitlines()}
+    used = {a for window in calib["window_articles"] for a in window}
+    assert used and all(train[a] == "Mathematics" for a in used)
+    test_ids = {json.loads(line)["id"] for line in (project / "artifacts/data/test.jsonl").read_text().splitlines()}
+    assert not used & test_ids  # in-distribution perplexity is measured on articles never calibrated on
+    everything = json.loads((project / "artifacts/bias/all/calib/calib.json").read_text())
+    # "all" samples the whole training split (a handful of tiny windows may still land in one topic)
+    assert everything["topics_filter"] == [] and {a for w in everything["window_articles"] for a in w} <= set(train)
+
+
+def test_bias_report_names_a_failed_run(project, tmp_path):
+    cell = project / "artifacts/bias_sweep/Mathematics/f_fang-0.3.metrics.json"
+    kept = tmp_path / "kept.json"
+    shutil.move(cell, kept)
+    try:
+        env = {**os.environ, "FANG_NO_PROGRESS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "fang.cli", "bias-report"], cwd=project, capture_output=True,
+                              text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "missing: f_fang / Mathematics" in proc.stdout.replace("\n", " ")
+        md = (project / "artifacts/bias_report/bias.md").read_text()
+        assert "**Missing runs**" in md and "f_fang / Mathematics / 30%" in md
+        assert "| f_fang | all | 30% |" in md  # the runs that exist are still reported
+    finally:
+        shutil.move(kept, cell)
 
 
 def test_cli_errors_are_one_line_without_traceback(project, tmp_path):

@@ -1,0 +1,258 @@
+"""Calibration-bias report: how much a pruned model's perplexity rises over dense on every topic,
+depending on the topic its calibration set came from (the experiment of the seed's Table 8).
+
+For a model calibrated on topic T, T's held-out test articles are in-distribution (ID) and every
+other topic is out-of-distribution (OOD). Perplexities are compared with the dense model's on the
+same windows, so a cell is the relative increase PPL / PPL_dense - 1 (in %). OOD is the geometric
+mean of the other topics' PPL / PPL_dense (perplexity is multiplicative, so topics with a high
+dense perplexity do not dominate), and OOD/ID = (PPL/PPL_dense)_OOD / (PPL/PPL_dense)_ID: above 1,
+the pruned model lost more where it was not calibrated. The "all" source calibrates on every
+topic; it has no OOD topics and serves as the unbiased reference.
+
+Missing runs (failed or not run) are listed as such in every table, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .params import ALL_TOPICS
+from .report import _fmt, average, headline_tasks, markdown_table, task_accuracy
+
+
+@dataclass
+class BiasRun:
+    source: str  # "all" or the calibration topic
+    method: str
+    sparsity: float
+    metrics: dict | None  # evaluate's JSON; None when the run is missing
+    prune: dict | None = None  # prune report (achieved sparsity)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} / {self.source}"
+
+
+def topic_increase(ppl_by_topic: dict[str, float], dense_by_topic: dict[str, float]) -> dict[str, float]:
+    """PPL / PPL_dense - 1 per topic both have."""
+    return {t: ppl_by_topic[t] / dense_by_topic[t] - 1.0 for t in dense_by_topic if t in ppl_by_topic}
+
+
+def _geo_mean_ratio(increase: dict[str, float], topics: list[str]) -> float | None:
+    if not topics:
+        return None
+    return math.exp(sum(math.log1p(increase[t]) for t in topics) / len(topics)) - 1.0
+
+
+def id_ood(run: BiasRun, dense: dict) -> dict:
+    """ID increase, OOD increase (geometric mean over the other topics) and OOD/ID ratio of one run."""
+    inc = topic_increase(run.metrics["ppl_by_topic"], dense["ppl_by_topic"])
+    if run.source == ALL_TOPICS:
+        # calibrated on everything: ID is the whole test split, and there is nothing out of distribution
+        return {"id": run.metrics["ppl"] / dense["ppl"] - 1.0, "ood": None, "ood_id_ratio": None, "by_topic": inc}
+    if run.source not in inc:
+        raise ValueError(f"no test perplexity for the calibration topic {run.source!r}; topics: {sorted(inc)}")
+    ood = _geo_mean_ratio(inc, [t for t in inc if t != run.source])
+    id_ = inc[run.source]
+    ratio = None if ood is None else (1.0 + ood) / (1.0 + id_)
+    return {"id": id_, "ood": ood, "ood_id_ratio": ratio, "by_topic": inc}
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return mean, sd
+
+
+def analyse(runs: list[BiasRun], dense: dict) -> dict:
+    """Per-run records and per (method, sparsity) summaries over the single-topic sources."""
+    topics = sorted(dense["ppl_by_topic"])
+    records = []
+    for run in runs:
+        rec = {"method": run.method, "source": run.source, "sparsity": run.sparsity}
+        if run.metrics is None:
+            records.append({**rec, "status": "missing"})
+            continue
+        stats = id_ood(run, dense)
+        tasks = headline_tasks(run.metrics)
+        avg, avg_se = average([task_accuracy(run.metrics["tasks"][t]) for t in tasks])
+        records.append({
+            **rec, "status": "ok",
+            "achieved_sparsity": run.prune["achieved_sparsity"] if run.prune else None,
+            "ppl": run.metrics["ppl"], "id_increase": stats["id"], "ood_increase": stats["ood"],
+            "ood_id_ratio": stats["ood_id_ratio"], "avg_acc": avg, "avg_acc_stderr": avg_se,
+            "increase_by_topic": {t: stats["by_topic"].get(t) for t in topics},
+        })
+    summaries = []
+    for method, sparsity in dict.fromkeys((r.method, r.sparsity) for r in runs):
+        mine = [r for r in records if r["method"] == method and r["sparsity"] == sparsity]
+        single = [r for r in mine if r["source"] != ALL_TOPICS and r["status"] == "ok"]
+        ood_mean, ood_sd = _mean_sd([r["ood_increase"] for r in single])
+        ratio_mean, ratio_sd = _mean_sd([r["ood_id_ratio"] for r in single])
+        accs = [(r["avg_acc"], r["avg_acc_stderr"]) for r in single if r["avg_acc"] is not None]
+        ref = next((r for r in mine if r["source"] == ALL_TOPICS and r["status"] == "ok"), None)
+        summaries.append({
+            "method": method, "sparsity": sparsity, "sources": len(single),
+            "missing": [r["source"] for r in mine if r["status"] == "missing"],
+            "ood_increase_mean": ood_mean, "ood_increase_sd": ood_sd,
+            "ood_id_ratio_mean": ratio_mean, "ood_id_ratio_sd": ratio_sd,
+            # the mean of per-source averages; its standard error from theirs (independent evaluations)
+            "avg_acc_mean": average(accs)[0] if accs else None, "avg_acc_stderr": average(accs)[1] if accs else None,
+            "all_topics_increase": ref["id_increase"] if ref else None,
+            "all_topics_avg_acc": ref["avg_acc"] if ref else None,
+            "all_topics_avg_acc_stderr": ref["avg_acc_stderr"] if ref else None,
+        })
+    return {"topics": topics, "records": records, "summaries": summaries}
+
+
+def _pct(v: float | None, sd: float | None = None) -> str:
+    if v is None:
+        return "—"
+    return f"{v * 100:+.1f}%" + (f" ± {sd * 100:.1f}" if sd is not None else "")
+
+
+def _ratio(v: float | None, sd: float | None = None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def _intro(result: dict, dense: dict) -> list[str]:
+    md = [f"Dense model: PPL {dense['ppl']:.2f} on the whole test split. A cell is PPL / PPL_dense - 1 on that topic's "
+          "test articles; ID = the calibration topic, OOD = geometric mean over the other topics, "
+          "OOD/ID = (1 + OOD) / (1 + ID). Avg acc = mean zero-shot accuracy over the dev tasks, ± standard error. "
+          "Source `all` calibrates on every topic (the unbiased reference).", ""]
+    missing = [r for r in result["records"] if r["status"] == "missing"]
+    if missing:
+        md += ["**Missing runs** (failed or not run; shown as missing below): "
+               + ", ".join(f"{r['method']} / {r['source']} / {r['sparsity']:.0%}" for r in missing), ""]
+    return md
+
+
+def summary_table(result: dict) -> str:
+    """Per method x sparsity: single-topic calibration (mean ± sd across sources) against all-topic calibration."""
+    header = ["method", "sparsity", "sources", "OOD increase", "OOD/ID", "Avg acc (single-topic)",
+              "all-topics PPL increase", "Avg acc (all topics)"]
+    rows = []
+    for s in result["summaries"]:
+        n = f"{s['sources']}" + (f" ({len(s['missing'])} missing)" if s["missing"] else "")
+        rows.append([s["method"], f"{s['sparsity']:.0%}", n, _pct(s["ood_increase_mean"], s["ood_increase_sd"]),
+                     _ratio(s["ood_id_ratio_mean"], s["ood_id_ratio_sd"]), _fmt(s["avg_acc_mean"], s["avg_acc_stderr"]),
+                     _pct(s["all_topics_increase"]), _fmt(s["all_topics_avg_acc"], s["all_topics_avg_acc_stderr"])])
+    return markdown_table(header, rows)
+
+
+def runs_table(result: dict) -> str:
+    header = ["method", "source", "sparsity", "achieved", "PPL", "ID", "OOD", "OOD/ID", "Avg acc"]
+    rows = []
+    for r in result["records"]:
+        if r["status"] == "missing":
+            rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", "missing: run failed or not run",
+                         *[""] * (len(header) - 4)])
+            continue
+        rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", _fmt(r["achieved_sparsity"]), f"{r['ppl']:.2f}",
+                     _pct(r["id_increase"]), _pct(r["ood_increase"]), _ratio(r["ood_id_ratio"]),
+                     _fmt(r["avg_acc"], r["avg_acc_stderr"])])
+    return markdown_table(header, rows)
+
+
+def topics_table(result: dict) -> str:
+    """Rows method x source x sparsity, columns evaluation topic: % PPL increase; the calibration topic in bold."""
+    topics = result["topics"]
+    header = ["method", "source", "sparsity", *topics]
+    rows = []
+    for r in result["records"]:
+        if r["status"] == "missing":
+            rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", *["missing"] * len(topics)])
+            continue
+        cells = []
+        for t in topics:
+            text = _pct(r["increase_by_topic"][t])
+            cells.append(f"**{text}**" if t == r["source"] else text)
+        rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", *cells])
+    return markdown_table(header, rows)
+
+
+SUMMARY_TITLE = "Per method: single-topic calibration against all-topic calibration"
+SUMMARY_NOTE = "Mean over the single-topic sources, ± standard deviation across them."
+
+
+def render(result: dict, dense: dict) -> tuple[str, str]:
+    """(Markdown, CSV) of the study."""
+    topics = result["topics"]
+    md = ["## Calibration bias: perplexity increase over dense by evaluation topic", "", *_intro(result, dense),
+          f"### {SUMMARY_TITLE}", "", SUMMARY_NOTE, "", summary_table(result), "",
+          "### Every run", "", runs_table(result), "",
+          "### Perplexity increase by evaluation topic", "", "The calibration topic's own cell is in bold.", "",
+          topics_table(result), ""]
+    buf = io.StringIO()
+    fields = ["method", "source", "sparsity", "status", "achieved_sparsity", "ppl", "id_increase", "ood_increase",
+              "ood_id_ratio", "avg_acc", "avg_acc_stderr", *[f"increase_{t}" for t in topics]]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in result["records"]:
+        writer.writerow({**r, **{f"increase_{t}": v for t, v in r.get("increase_by_topic", {}).items()}})
+    return "\n".join(md), buf.getvalue()
+
+
+README_START = "<!-- bias:start -->"
+README_END = "<!-- bias:end -->"
+
+
+def readme_fragment(result: dict, dense: dict, when: str, image: str | None) -> str:
+    """The README block: intro, per-method summary and every run (the per-topic table stays in bias.md)."""
+    lines = [f"<!-- generated by `fang bias-report --readme` on {when}; rerun it instead of editing -->", "",
+             *_intro(result, dense), f"**{SUMMARY_TITLE}.** {SUMMARY_NOTE}", "", summary_table(result), "",
+             "**Every run**", "", runs_table(result)]
+    if image:
+        lines += ["", f"![perplexity increase over dense by evaluation topic]({image})"]
+    lines += ["", "Per-topic numbers: `artifacts/bias_report/bias.md` and `bias.csv`."]
+    return "\n".join(lines)
+
+
+def heatmap(result: dict, path: Path) -> None:
+    """PNG: one panel per sparsity; rows method x source, columns evaluation topic, colour = % PPL increase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    topics = result["topics"]
+    sparsities = sorted({r["sparsity"] for r in result["records"]})
+    n_rows = max(1, len([r for r in result["records"] if r["sparsity"] == sparsities[0]])) if sparsities else 1
+    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(1.0 + 0.75 * len(topics) * max(1, len(sparsities)),
+                                                                   1.5 + 0.38 * n_rows), squeeze=False)
+    ok = [v * 100 for r in result["records"] if r["status"] == "ok" for v in r["increase_by_topic"].values() if v is not None]
+    vmax = max(ok) if ok else 1.0
+    for ax, sp in zip(axes[0], sparsities):
+        recs = [r for r in result["records"] if r["sparsity"] == sp]
+        grid = np.full((len(recs), len(topics)), np.nan)
+        for i, r in enumerate(recs):
+            if r["status"] == "ok":
+                grid[i] = [np.nan if r["increase_by_topic"][t] is None else r["increase_by_topic"][t] * 100 for t in topics]
+        cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#d0d0d0")
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax)
+        for i, r in enumerate(recs):
+            for j, t in enumerate(topics):
+                if r["status"] != "ok":
+                    ax.text(j, i, "missing", ha="center", va="center", fontsize=6, color="black")
+                    continue
+                v = grid[i, j]
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if v > 0.6 * vmax else "black", fontweight="bold" if t == r["source"] else "normal")
+                if t == r["source"]:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=1.5))
+        ax.set_xticks(range(len(topics)), [t[:14] for t in topics], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(recs)), [f"{r['method']} / {r['source']}" for r in recs], fontsize=7)
+        ax.set_title(f"sparsity {sp:.0%}: PPL increase over dense (%)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,47 @@
+"""bias_report: perplexity increase over dense on every topic, per method x calibration source x sparsity."""
+
+import json
+from pathlib import Path
+
+from fang import paths
+from fang.atomic import atomic_dir
+import shutil
+import time
+
+from fang.bias_report import README_END, README_START, BiasRun, analyse, heatmap, readme_fragment, render
+from fang.errors import require
+from fang.params import load_block
+from fang.progress import console
+from fang.readme import replace_between_markers
+from fang.report import load_json
+
+README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows
+
+
+def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
+    p = load_block("bias", path=params_path)
+    dense = load_json(paths.METRICS / "dense.json")
+    require(dense is not None, f"missing {paths.METRICS / 'dense.json'}: run `dvc repro evaluate@dense` first")
+    runs = []
+    for method in p.methods:
+        for source in p.sources:
+            for sparsity in p.sparsities:
+                cell = paths.BIAS_SWEEP / source / f"{method}-{sparsity}"
+                # not Path.with_suffix: "flap-0.3" would lose its ".3"
+                runs.append(BiasRun(source, method, sparsity, load_json(Path(f"{cell}.metrics.json")),
+                                    load_json(Path(f"{cell}.prune.json"))))
+    result = analyse(runs, dense)
+    md, table_csv = render(result, dense)
+    with atomic_dir(paths.BIAS_REPORT) as tmp:
+        (tmp / "bias.md").write_text(md)
+        (tmp / "bias.csv").write_text(table_csv)
+        (tmp / "bias.json").write_text(json.dumps(result, indent=1))
+        heatmap(result, tmp / "bias_heatmap.png")
+    if readme:
+        image = Path(readme).parent / README_IMAGE
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths.BIAS_REPORT / "bias_heatmap.png", image)
+        fragment = readme_fragment(result, dense, time.strftime("%Y-%m-%dT%H:%M:%S"), README_IMAGE)
+        replace_between_markers(readme, fragment, README_START, README_END)
+    missing = [f"{r.label} {r.sparsity}" for r in runs if r.metrics is None]
+    console.print(f"bias report -> {paths.BIAS_REPORT}/bias.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
