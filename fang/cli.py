@@ -135,25 +135,37 @@ def allocate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None
 
 
 @app.command()
-def report(params: str = ParamsOpt) -> None:
+def report(
+    params: str = ParamsOpt,
+    readme: Optional[str] = typer.Option(
+        None, help="also replace the text between the report markers of this file (e.g. README.md) and copy the plot "
+                   "to docs/sparsity_curves.png beside it"),
+) -> None:
     """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
-    _stage("report").run(params)
+    _stage("report").run(params, readme)
 
 
 @app.command("bias-report")
-def bias_report(params: str = ParamsOpt) -> None:
+def bias_report(
+    params: str = ParamsOpt,
+    readme: Optional[str] = typer.Option(
+        None, help="also replace the text between the bias markers of this file (e.g. README.md) and copy the heat map "
+                   "to docs/bias_heatmap.png beside it"),
+) -> None:
     """Calibration-bias table and heat map: perplexity increase over dense on every topic, per method x calibration source.
 
     Reads artifacts/bias_sweep/<source>/<method>-<sparsity>.metrics.json and artifacts/metrics/dense.json; writes
     artifacts/bias_report/ (bias.md, bias.csv, bias.json, bias_heatmap.png).
     """
-    _stage("bias_report").run(params)
+    _stage("bias_report").run(params, readme)
 
 
 @app.command()
 def bench(
     params: str = ParamsOpt,
-    parts: str = typer.Option("pipeline,memory,inference", help="parts to run, comma-separated: pipeline, memory, inference"),
+    parts: str = typer.Option("pipeline,memory,inference",
+                              help="parts to run, comma-separated: pipeline, memory, inference, profile (cProfile of "
+                                   "capture and taylor on --max-seqs sequences, default 8)"),
     tokens: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration tokens (whole sequences), scaled per token"),
     max_seqs: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration sequences"),
     models: Optional[str] = typer.Option(None, help="pruned models to time, comma-separated shell patterns (pruned, flap-0.3, 'o_fang-*'); dense is always timed"),

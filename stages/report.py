@@ -1,13 +1,20 @@
 """report: one table of every method x sparsity of the sweep (plus dense), as Markdown, CSV and a PNG."""
 
+import shutil
+import time
+from pathlib import Path
+
 from fang import paths
 from fang.atomic import atomic_file
 from fang.params import SweepParams, load_block
 from fang.progress import console
-from fang.report import Run, load_json, plot, render
+from fang.readme import replace_between_markers
+from fang.report import README_END, README_START, Run, load_json, plot, readme_fragment, render
+
+README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the README shows
 
 
-def run(params_path: str = "params.yaml") -> None:
+def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     p = load_block("sweep", SweepParams, path=params_path)
     runs = [Run("dense", 0.0, load_json(paths.METRICS / "dense.json"))]
     for method in p.methods:
@@ -22,5 +29,11 @@ def run(params_path: str = "params.yaml") -> None:
     with atomic_file(paths.REPORT / "results.csv") as fh:
         fh.write(table_csv)
     plot(runs, paths.REPORT / "sparsity_curves.png")
+    if readme:
+        image = Path(readme).parent / README_IMAGE
+        image.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths.REPORT / "sparsity_curves.png", image)
+        replace_between_markers(readme, readme_fragment(runs, time.strftime("%Y-%m-%dT%H:%M:%S"), README_IMAGE),
+                                README_START, README_END)
     missing = [r.label for r in runs if r.metrics is None]
     console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

@@ -1,0 +1,25 @@
+"""Generated README sections: text between two HTML-comment markers is replaced, the rest kept byte for byte."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .atomic import atomic_file
+from .errors import require
+
+
+def replace_between_markers(readme_path: str | os.PathLike, fragment: str, start: str, end: str) -> None:
+    """Replace the text between `start` and `end` in a README with `fragment`, atomically."""
+    readme_path = Path(readme_path)
+    require(readme_path.exists(), f"no README at {readme_path}")
+    text = readme_path.read_text()
+    starts, ends = text.count(start), text.count(end)
+    require(starts == 1 and ends == 1,
+            f"{readme_path} must contain {start} and {end} exactly once each "
+            f"(found {starts} and {ends}): add them where the generated results go")
+    i, j = text.index(start), text.index(end)
+    require(i < j, f"{readme_path}: {end} comes before {start}")
+    body = "\n" + fragment.strip("\n") + "\n"
+    with atomic_file(readme_path) as fh:
+        fh.write(text[:i] + start + body + end + text[j + len(end):])
