@@ -35,6 +35,7 @@ from .errors import FangError, require
 from .layerwise import batch_slices
 from .modeling import count_block_params
 from .progress import progress
+from .readme import replace_between_markers
 
 BENCH_FORMAT = 1
 README_START = "<!-- bench:start -->"
@@ -131,6 +132,17 @@ def _is_main_prune(entry: dict) -> bool:
     return entry["stage"] == "prune" and out in ("None", "artifacts/pruned")
 
 
+# stages that take --source (the calibration-bias study) and where it sits in their logged arguments
+SOURCE_ARG = {"calibrate": 0, "capture": 0, "cluster": 0, "taylor": 0, "group": 0, "allocate": 0, "prune": 3}
+
+
+def _source(entry: dict) -> str | None:
+    """The bias-study calibration source a logged stage ran for; None for the main pipeline."""
+    raw = [str(a) for a in entry.get("args", [])]
+    i = SOURCE_ARG.get(entry["stage"])
+    return raw[i] if i is not None and len(raw) > i and raw[i] != "None" else None
+
+
 def read_timings(path: str | os.PathLike) -> list[dict]:
     """The latest entry per (stage, arguments) of a timings.jsonl, in pipeline order.
 
@@ -159,6 +171,7 @@ def read_timings(path: str | os.PathLike) -> list[dict]:
                 "peak_rss_mib": entry.get("peak_rss_mib"),
                 "time": entry.get("time"),
                 "main_prune": _is_main_prune(entry),
+                "source": _source(entry),
             }
     order = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(latest.values(), key=lambda e: (order.get(e["stage"], len(order)), e["label"]))
@@ -279,7 +292,8 @@ def check_targets(timings: list[dict], floor: dict | None) -> list[dict]:
     """The issue's targets as ratios (stage time / floor), each met, missed or without data."""
     by_stage: dict[str, list[dict]] = {}
     for e in timings:
-        by_stage.setdefault(e["stage"], []).append(e)
+        if e.get("source") is None:  # the bias study's per-source runs are not the default pipeline
+            by_stage.setdefault(e["stage"], []).append(e)
 
     def one(stage: str) -> dict | None:
         if stage == "prune":
@@ -767,6 +781,48 @@ def _memory_lines(est: dict) -> list[str]:
             "", *_table(["what", "bytes", "formula"], rows)]
 
 
+# ------------------------------------------------------------------------------------------------------------
+# profile
+
+
+def profile_call(fn: Callable[[], Any], top: int = 15) -> dict:
+    """Run `fn` under cProfile: wall seconds and the `top` functions by own (self) time.
+
+    Own time says where the CPU goes (a matmul, a fp16 conversion, a compressor) rather than
+    which caller it was spent under.
+    """
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    seconds = time.perf_counter() - t0
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
+        where = name if file == "~" else f"{Path(file).name}:{line}({name})"
+        rows.append({"function": where, "calls": ncalls, "self_seconds": round(tottime, 4),
+                     "cumulative_seconds": round(cumtime, 4)})
+    rows.sort(key=lambda r: -r["self_seconds"])
+    return {"seconds": round(seconds, 3), "top": rows[:top]}
+
+
+def _profile_lines(prof: dict) -> list[str]:
+    out = ["## Profile", "",
+           f"cProfile of the stages' own functions on {prof['sequences']} calibration sequences "
+           "(functions by self time; cProfile adds overhead, so compare shares, not totals).", ""]
+    for name, p in prof["runs"].items():
+        rows = [[r["function"], f"{r['calls']:,}", f"{r['self_seconds']:.2f}",
+                 f"{100 * r['self_seconds'] / p['seconds']:.0f}%"] for r in p["top"]]
+        out += [f"**{name}**: {p['seconds']:.1f} s wall", "", *_table(["function", "calls", "self s", "share"], rows), ""]
+    return out
+
+
 def render_markdown(result: dict) -> str:
     """The full benchmark as Markdown tables (artifacts/bench/bench.md)."""
     out = ["# fang benchmark", "", f"Measured {result['time']} on {machine_line(result['machine'])}.", ""]
@@ -814,6 +870,8 @@ def render_markdown(result: dict) -> str:
                 f"Prefill of {inf['prompt_len']} tokens, greedy decode of {inf['new_tokens']} tokens with the KV cache; "
                 f"{inf['statistic']} of {inf['repeats']} interleaved rounds after a warm-up; speedup = pruned tok/s ÷ dense tok/s.",
                 "", *_table(header, rows), ""]
+    if result.get("profile"):
+        out += _profile_lines(result["profile"])
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -845,20 +903,5 @@ def render_fragment(result: dict) -> str:
 
 
 def update_readme(readme_path: str | os.PathLike, fragment: str) -> None:
-    """Replace the text between the bench markers of a README with `fragment`, atomically.
-
-    Everything outside the markers, the markers included, is kept byte for byte.
-    """
-    readme_path = Path(readme_path)
-    require(readme_path.exists(), f"no README at {readme_path}")
-    text = readme_path.read_text()
-    starts, ends = text.count(README_START), text.count(README_END)
-    require(starts == 1 and ends == 1,
-            f"{readme_path} must contain {README_START} and {README_END} exactly once each "
-            f"(found {starts} and {ends}): add them where the benchmark results go")
-    start, end = text.index(README_START), text.index(README_END)
-    require(start < end, f"{readme_path}: {README_END} comes before {README_START}")
-    head, tail = text[:start], text[end + len(README_END):]
-    body = "\n" + fragment.strip("\n") + "\n"
-    with atomic_file(readme_path) as fh:
-        fh.write(head + README_START + body + README_END + tail)
+    """Replace the text between the bench markers of a README with `fragment` (see `fang.readme`)."""
+    replace_between_markers(readme_path, fragment, README_START, README_END)

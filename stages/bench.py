@@ -12,8 +12,8 @@ import time
 from fang import paths
 from fang.atomic import atomic_file, write_json
 from fang.bench import (BENCH_FORMAT, NOT_PIPELINE, capture_footprint, check_targets, estimate_memory, find_models,
-                        machine_info, measure_floor, measure_inference, read_timings, render_fragment, render_markdown,
-                        update_readme)
+                        machine_info, measure_floor, measure_inference, profile_call, read_timings, render_fragment,
+                        render_markdown, subsample, update_readme)
 from fang.device import pick_device
 from fang.errors import FangError, require
 from fang.modeling import load_dense
@@ -22,7 +22,8 @@ from fang.progress import console
 
 BENCH = paths.ARTIFACTS / "bench"
 TIMINGS = paths.ARTIFACTS / "timings.jsonl"
-PARTS = ("pipeline", "memory", "inference")
+PARTS = ("pipeline", "memory", "inference", "profile")
+DEFAULT_PARTS = ("pipeline", "memory", "inference")  # profile is opt-in: it reruns capture and taylor on a subset
 
 
 def _names(text: str | None) -> list[str]:
@@ -40,7 +41,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 def run(
     params_path: str = "params.yaml",
-    parts: str = ",".join(PARTS),
+    parts: str = ",".join(DEFAULT_PARTS),
     tokens: int | None = None,
     max_seqs: int | None = None,
     models: str | None = None,
@@ -82,7 +83,8 @@ def run(
         footprint = capture_footprint(paths.CAPTURE)
         one_block = footprint["tokens"] * footprint["model"]["hidden_size"] * 4
         streaming = [{"label": e["label"], "peak_rss_mib": e["peak_rss_mib"]} for e in timings
-                     if e["stage"] in ("capture", "prune") and e["peak_rss_mib"] is not None]
+                     if e["stage"] in ("capture", "cluster", "taylor", "prune") and e["peak_rss_mib"] is not None
+                     and e.get("source") is None]
         result["memory"] = {"footprint": footprint, "one_block_bytes": one_block, "stage_rss": streaming,
                             "estimate": estimate_memory(footprint, batch_size=load_block("capture", path=params_path).batch_size)}
 
@@ -92,6 +94,9 @@ def run(
             console.print("[yellow]bench: no pruned model found (artifacts/pruned, artifacts/sweep/*); "
                           "measuring the dense model only[/yellow]")
         result["inference"] = measure_inference(entries, sizes, prompt_len, new_tokens, repeats, device)
+
+    if "profile" in wanted:
+        result["profile"] = _profile(params_path, device, max_seqs or 8)
 
     write_json(BENCH / "bench.json", result)
     with atomic_file(BENCH / "bench.md") as fh:
@@ -109,3 +114,28 @@ def run(
     if "inference" in result:
         summary.append(f"{len(result['inference']['models'])} models timed")
     console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {readme} updated" if readme else ""))
+
+
+def _profile(params_path: str, device, n_seqs: int) -> dict:
+    """cProfile of capture and taylor on the first `n_seqs` calibration sequences (where a missed target's time goes)."""
+    import tempfile
+
+    import torch
+
+    from fang.capture import capture_features
+    from fang.store import open_store
+    from fang.taylor import taylor_scores
+    from stages.capture import load_calibration
+
+    cap = load_block("capture", path=params_path)
+    tay = load_block("taylor", path=params_path)
+    ids = subsample(load_calibration(), max_seqs=n_seqs)
+    clusters = open_store(paths.CLUSTER, "cluster", "cluster")
+    labels = torch.from_numpy(clusters["token_clusters"][:, : ids.numel()]).long()
+    model, _ = load_dense(paths.MODEL, device)
+    runs = {}
+    with tempfile.TemporaryDirectory(dir=paths.ARTIFACTS) as tmp:
+        runs["capture"] = profile_call(lambda: capture_features(model, ids, f"{tmp}/capture.zarr", cap.batch_size,
+                                                                cap.dtype, device))
+    runs["taylor"] = profile_call(lambda: taylor_scores(model, ids, labels, clusters.attrs["k"], tay.batch_size, device))
+    return {"sequences": int(ids.shape[0]), "runs": runs}

@@ -58,6 +58,9 @@ def tree(tmp_path_factory) -> Path:
     lines += [timing("prune", 0.4, "None", "None", "None"),
               timing("prune", 0.6, "flap", 0.5, "artifacts/sweep/flap-0.5"),
               timing("evaluate", 100.0, "artifacts/model", "artifacts/metrics/dense.json"),
+              # the calibration-bias study's per-source runs, logged after the main ones
+              timing("capture", 7.0, "People"),
+              timing("prune", 3.0, "flap", 0.3, "artifacts/bias_sweep/People/flap-0.3", "People"),
               timing("bench", 5.0, "pipeline")]
     (art / "timings.jsonl").write_text("".join(lines))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -75,10 +78,12 @@ def test_read_timings_keeps_the_latest_entry_per_stage_and_args(tree):
     labels = [e["label"] for e in entries]
     assert labels[:4] == ["fetch_model", "fetch_data", "calibrate", "capture"]  # pipeline order
     assert labels.count("capture") == 1 and entries[3]["seconds"] == 0.5  # the later capture run wins
-    prunes = [e for e in entries if e["stage"] == "prune"]
+    prunes = [e for e in entries if e["stage"] == "prune" and not e["source"]]
     assert [(e["label"], e["main_prune"]) for e in prunes] == [
         ("prune", True), ("prune flap 0.5 artifacts/sweep/flap-0.5", False)]
     assert bench.read_timings(tree / "nope.jsonl") == []
+    assert {e["label"]: e["source"] for e in entries if e["source"]} == {
+        "capture People": "People", "prune flap 0.3 artifacts/bias_sweep/People/flap-0.3 People": "People"}
 
 
 def test_targets_are_ratios_against_the_floor(tree):
@@ -95,6 +100,7 @@ def test_targets_are_ratios_against_the_floor(tree):
     cold = 2 + 1 + 1 + 0.5 + 0.01 + 60 + 0.01 + 0.01 + 0.4  # evaluation and the sweep are not in the cold run
     assert rerun["reference_seconds"] == pytest.approx(cold) and rerun["ratio"] == pytest.approx(0.4 / cold, abs=1e-4)
     assert all(r["missing"] == [] for r in rows.values())
+    assert not any("People" in target for target in rows)  # bias-study runs are not the default pipeline
     # no floor, no timings: every target says so, and what it lacks, instead of failing
     empty = bench.check_targets([], None)
     assert {r["status"] for r in empty} == {"no data"}
@@ -158,7 +164,9 @@ def test_bench_stage_writes_json_markdown_and_readme(tree, monkeypatch):
     assert pipe["floor"]["tokens_measured"] == 48 and pipe["floor"]["calib_tokens"] == 144
     assert {t["status"] for t in pipe["targets"]} <= {"met", "missed"}
     assert result["memory"]["estimate"]["check"]["ok"]
-    assert [s["label"] for s in result["memory"]["stage_rss"]][:2] == ["capture", "prune"]
+    # the default pipeline's streaming and analysis stages; the bias study's "capture People" is not among them
+    assert [s["label"] for s in result["memory"]["stage_rss"]][:5] == [
+        "capture", "cluster", "taylor", "prune", "prune flap 0.5 artifacts/sweep/flap-0.5"]
     inf = result["inference"]
     assert [x["name"] for x in inf["models"]] == ["dense", "pruned", "flap-0.5"]
     dense, pruned, sweep = inf["models"]
@@ -197,6 +205,27 @@ def test_bench_options_select_parts_and_models(tree, monkeypatch):
         stages.bench.run("params.yaml", parts="speed")
     with pytest.raises(FangError, match="--batch-sizes"):
         stages.bench.run("params.yaml", parts="inference", batch_sizes="1,x")
+
+
+def test_profile_part_names_where_capture_and_taylor_spend_time(tree, monkeypatch):
+    import numpy as np
+
+    import stages.bench
+    from fang.store import write_store
+
+    monkeypatch.chdir(tree)
+    labels = np.random.default_rng(0).integers(0, 3, size=(2, 6 * 24)).astype(np.int32)
+    write_store(tree / "artifacts" / "cluster.zarr", "cluster", {"token_clusters": labels}, {"k": 3})
+    stages.bench.run("params.yaml", parts="profile", max_seqs=2)
+    result = json.loads((tree / "artifacts" / "bench" / "bench.json").read_text())
+    prof = result["profile"]
+    assert prof["sequences"] == 2 and set(prof["runs"]) == {"capture", "taylor"}
+    for run in prof["runs"].values():
+        assert run["seconds"] > 0 and 0 < len(run["top"]) <= 15
+        own = [r["self_seconds"] for r in run["top"]]
+        assert own == sorted(own, reverse=True) and sum(own) <= run["seconds"] * 1.05
+    assert "## Profile" in (tree / "artifacts" / "bench" / "bench.md").read_text()
+    assert not list((tree / "artifacts").glob("tmp*"))  # the profiled capture store is thrown away
 
 
 def test_update_readme_replaces_only_between_markers(tmp_path):
