@@ -187,7 +187,7 @@ def test_bias_report_names_a_failed_run(project, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "fang.cli", "bias-report"], cwd=project, capture_output=True,
                               text=True, env=env)
         assert proc.returncode == 0, proc.stderr
-        assert "missing: f_fang / Mathematics" in proc.stdout.replace("\n", " ")
+        assert "missing: f_fang / Mathematics" in (proc.stdout + proc.stderr).replace("\n", " ")
         md = (project / "artifacts/bias_report/bias.md").read_text()
         assert "**Missing runs**" in md and "f_fang / Mathematics / 30%" in md
         assert "| f_fang | all | 30% |" in md  # the runs that exist are still reported
