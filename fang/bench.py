@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .atomic import atomic_file
 from .errors import FangError, require
 from .layerwise import batch_slices
 from .modeling import count_block_params

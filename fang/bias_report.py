@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .params import ALL_TOPICS
-from .report import _fmt, average, headline_tasks, markdown_table, task_accuracy
+from .report import fmt_accuracy, average, headline_tasks, markdown_table, task_accuracy
 
 
 @dataclass
@@ -95,15 +95,15 @@ def analyse(runs: list[BiasRun], dense: dict) -> dict:
         single = [r for r in mine if r["source"] != ALL_TOPICS and r["status"] == "ok"]
         ood_mean, ood_sd = _mean_sd([r["ood_increase"] for r in single])
         ratio_mean, ratio_sd = _mean_sd([r["ood_id_ratio"] for r in single])
-        accs = [(r["avg_acc"], r["avg_acc_stderr"]) for r in single if r["avg_acc"] is not None]
+        # the mean of per-source averages; its standard error from theirs (independent evaluations)
+        acc_mean, acc_se = average([(r["avg_acc"], r["avg_acc_stderr"]) for r in single if r["avg_acc"] is not None])
         ref = next((r for r in mine if r["source"] == ALL_TOPICS and r["status"] == "ok"), None)
         summaries.append({
             "method": method, "sparsity": sparsity, "sources": len(single),
             "missing": [r["source"] for r in mine if r["status"] == "missing"],
             "ood_increase_mean": ood_mean, "ood_increase_sd": ood_sd,
             "ood_id_ratio_mean": ratio_mean, "ood_id_ratio_sd": ratio_sd,
-            # the mean of per-source averages; its standard error from theirs (independent evaluations)
-            "avg_acc_mean": average(accs)[0] if accs else None, "avg_acc_stderr": average(accs)[1] if accs else None,
+            "avg_acc_mean": acc_mean, "avg_acc_stderr": acc_se,
             "all_topics_increase": ref["id_increase"] if ref else None,
             "all_topics_avg_acc": ref["avg_acc"] if ref else None,
             "all_topics_avg_acc_stderr": ref["avg_acc_stderr"] if ref else None,
@@ -143,8 +143,8 @@ def summary_table(result: dict) -> str:
     for s in result["summaries"]:
         n = f"{s['sources']}" + (f" ({len(s['missing'])} missing)" if s["missing"] else "")
         rows.append([s["method"], f"{s['sparsity']:.0%}", n, _pct(s["ood_increase_mean"], s["ood_increase_sd"]),
-                     _ratio(s["ood_id_ratio_mean"], s["ood_id_ratio_sd"]), _fmt(s["avg_acc_mean"], s["avg_acc_stderr"]),
-                     _pct(s["all_topics_increase"]), _fmt(s["all_topics_avg_acc"], s["all_topics_avg_acc_stderr"])])
+                     _ratio(s["ood_id_ratio_mean"], s["ood_id_ratio_sd"]), fmt_accuracy(s["avg_acc_mean"], s["avg_acc_stderr"]),
+                     _pct(s["all_topics_increase"]), fmt_accuracy(s["all_topics_avg_acc"], s["all_topics_avg_acc_stderr"])])
     return markdown_table(header, rows)
 
 
@@ -156,9 +156,9 @@ def runs_table(result: dict) -> str:
             rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", "missing: run failed or not run",
                          *[""] * (len(header) - 4)])
             continue
-        rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", _fmt(r["achieved_sparsity"]), f"{r['ppl']:.2f}",
+        rows.append([r["method"], r["source"], f"{r['sparsity']:.0%}", fmt_accuracy(r["achieved_sparsity"]), f"{r['ppl']:.2f}",
                      _pct(r["id_increase"]), _pct(r["ood_increase"]), _ratio(r["ood_id_ratio"]),
-                     _fmt(r["avg_acc"], r["avg_acc_stderr"])])
+                     fmt_accuracy(r["avg_acc"], r["avg_acc_stderr"])])
     return markdown_table(header, rows)
 
 

@@ -29,6 +29,12 @@ SourceOpt = typer.Option(
 )
 
 
+
+def _readme_option(markers: str, image: str):
+    return typer.Option(None, help=f"also replace the text between the {markers} markers of this file (e.g. README.md) "
+                                   f"and copy the {image} beside it")
+
+
 class _Timed:
     """Stage module proxy: runs `run()` and records wall time and peak RSS in artifacts/timings.jsonl."""
 
@@ -137,9 +143,7 @@ def allocate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None
 @app.command()
 def report(
     params: str = ParamsOpt,
-    readme: Optional[str] = typer.Option(
-        None, help="also replace the text between the report markers of this file (e.g. README.md) and copy the plot "
-                   "to docs/sparsity_curves.png beside it"),
+    readme: Optional[str] = _readme_option("report", "plot to docs/sparsity_curves.png"),
 ) -> None:
     """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
     _stage("report").run(params, readme)
@@ -148,9 +152,7 @@ def report(
 @app.command("bias-report")
 def bias_report(
     params: str = ParamsOpt,
-    readme: Optional[str] = typer.Option(
-        None, help="also replace the text between the bias markers of this file (e.g. README.md) and copy the heat map "
-                   "to docs/bias_heatmap.png beside it"),
+    readme: Optional[str] = _readme_option("bias", "heat map to docs/bias_heatmap.png"),
 ) -> None:
     """Calibration-bias table and heat map: perplexity increase over dense on every topic, per method x calibration source.
 

@@ -72,12 +72,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def filter_topics(rows: list[dict], topics: list[str]) -> list[dict]:
+def filter_topics(rows: list[dict], topics: list[str], param: str = "calibrate.topics") -> list[dict]:
+    """The rows of the given topics (all rows for []); an unknown topic is an error naming `param`."""
     if not topics:
         return rows
     known = sorted({r["topic"] for r in rows})
     unknown = [t for t in topics if t not in known]
-    require(not unknown, f"unknown topic(s) {unknown} in calibrate.topics; the corpus has: {', '.join(known)}")
+    require(not unknown, f"unknown topic(s) {unknown} in {param}; the corpus has: {', '.join(known)}")
     return [r for r in rows if r["topic"] in set(topics)]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import atomic_file
@@ -23,3 +25,13 @@ def replace_between_markers(readme_path: str | os.PathLike, fragment: str, start
     body = "\n" + fragment.strip("\n") + "\n"
     with atomic_file(readme_path) as fh:
         fh.write(text[:i] + start + body + end + text[j + len(end):])
+
+
+def publish(readme_path: str | os.PathLike, image: str | os.PathLike, image_rel: str,
+            fragment: Callable[[str], str], start: str, end: str) -> None:
+    """Copy `image` to `image_rel` beside the README (so the committed README can show it) and replace
+    the block between the markers with `fragment(image_rel)`."""
+    target = Path(readme_path).parent / image_rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(image, target)
+    replace_between_markers(readme_path, fragment(image_rel), start, end)

@@ -50,7 +50,7 @@ def average(values: list[tuple[float | None, float | None]]) -> tuple[float | No
     return mean, se
 
 
-def _fmt(value: float | None, se: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
+def fmt_accuracy(value: float | None, se: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
     if value is None:
         return "—"
     text = f"{value * scale:.{digits}f}"
@@ -73,8 +73,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]
         accs = [task_accuracy(run.metrics["tasks"][t]) if t in run.metrics["tasks"] else (None, None) for t in tasks]
         avg = average(accs)
         achieved = run.prune["achieved_sparsity"] if run.prune else (0.0 if run.method == "dense" else None)
-        rows.append([run.method, f"{run.sparsity:.0%}", _fmt(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
-                     *[_fmt(v, s) for v, s in accs], _fmt(*avg)])
+        rows.append([run.method, f"{run.sparsity:.0%}", fmt_accuracy(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
+                     *[fmt_accuracy(v, s) for v, s in accs], fmt_accuracy(*avg)])
         rec = {"method": run.method, "sparsity": run.sparsity, "status": "ok", "achieved_sparsity": achieved,
                "ppl": run.metrics["ppl"], "avg": avg[0], "avg_stderr": avg[1]}
         for t, (v, s) in zip(tasks, accs):

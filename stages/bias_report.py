@@ -5,14 +5,13 @@ from pathlib import Path
 
 from fang import paths
 from fang.atomic import atomic_dir
-import shutil
 import time
 
 from fang.bias_report import README_END, README_START, BiasRun, analyse, heatmap, readme_fragment, render
 from fang.errors import require
 from fang.params import load_block
 from fang.progress import console
-from fang.readme import replace_between_markers
+from fang.readme import publish
 from fang.report import load_json
 
 README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows
@@ -38,10 +37,8 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         (tmp / "bias.json").write_text(json.dumps(result, indent=1))
         heatmap(result, tmp / "bias_heatmap.png")
     if readme:
-        image = Path(readme).parent / README_IMAGE
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths.BIAS_REPORT / "bias_heatmap.png", image)
-        fragment = readme_fragment(result, dense, time.strftime("%Y-%m-%dT%H:%M:%S"), README_IMAGE)
-        replace_between_markers(readme, fragment, README_START, README_END)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        publish(readme, paths.BIAS_REPORT / "bias_heatmap.png", README_IMAGE,
+                lambda image: readme_fragment(result, dense, when, image), README_START, README_END)
     missing = [f"{r.label} {r.sparsity}" for r in runs if r.metrics is None]
     console.print(f"bias report -> {paths.BIAS_REPORT}/bias.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

@@ -27,11 +27,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
     tokenizer = AutoTokenizer.from_pretrained(paths.MODEL)
-    rows = read_jsonl(paths.DATA / f"{p.split}.jsonl")
-    known = sorted({r["topic"] for r in rows})
-    if source is not None and p.topics and p.topics[0] not in known:
-        raise FangError(f"bias.sources names {source!r}, which is neither 'all' nor a topic; topics: {', '.join(known)}")
-    rows = filter_topics(rows, p.topics)
+    rows = filter_topics(read_jsonl(paths.DATA / f"{p.split}.jsonl"), p.topics,
+                         "calibrate.topics" if source is None else "bias.sources")
     input_ids, articles = sample_calibration(rows, tokenizer, p.n_samples, p.seq_len, p.seed)
     topic_of = {r["id"]: r["topic"] for r in rows}
     topics = collections.Counter(topic_of[a] for window in articles for a in window)

@@ -1,14 +1,12 @@
 """report: one table of every method x sparsity of the sweep (plus dense), as Markdown, CSV and a PNG."""
 
-import shutil
 import time
-from pathlib import Path
 
 from fang import paths
 from fang.atomic import atomic_file
 from fang.params import SweepParams, load_block
 from fang.progress import console
-from fang.readme import replace_between_markers
+from fang.readme import publish
 from fang.report import README_END, README_START, Run, load_json, plot, readme_fragment, render
 
 README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the README shows
@@ -30,10 +28,8 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         fh.write(table_csv)
     plot(runs, paths.REPORT / "sparsity_curves.png")
     if readme:
-        image = Path(readme).parent / README_IMAGE
-        image.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths.REPORT / "sparsity_curves.png", image)
-        replace_between_markers(readme, readme_fragment(runs, time.strftime("%Y-%m-%dT%H:%M:%S"), README_IMAGE),
-                                README_START, README_END)
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        publish(readme, paths.REPORT / "sparsity_curves.png", README_IMAGE,
+                lambda image: readme_fragment(runs, when, image), README_START, README_END)
     missing = [r.label for r in runs if r.metrics is None]
     console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
