@@ -13,6 +13,7 @@ Peak RAM holds one block's hidden states for the calibration set, never the whol
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,17 @@ class _Moments:
     @property
     def variance(self) -> torch.Tensor:
         return self.m2 / max(self.n, 1)
+
+
+def to_store_rows(x: torch.Tensor, np_dtype: type) -> np.ndarray:
+    """[..., C] features as a fresh [rows, C] numpy array of the store's dtype.
+
+    Converted by torch, which does fp32 -> fp16 vectorised (numpy's astype does not) with the
+    same round-to-nearest-even, so the stored bytes are numpy's. Always a copy: the caller
+    reuses `x`'s memory while the write is still queued.
+    """
+    dtype = {np.float16: torch.float16, np.float32: torch.float32}[np_dtype]
+    return x.detach().reshape(-1, x.shape[-1]).to(dtype=dtype, copy=True).cpu().numpy()
 
 
 @torch.no_grad()
@@ -112,34 +124,49 @@ def capture_features(
         def rows(sl: slice) -> slice:
             return slice(sl.start * seq_len, sl.stop * seq_len)
 
+        # Zarr compresses and writes in a background thread while the next batch runs through the
+        # block. Each batch first waits for the previous batch's writes, so at most one batch of
+        # copies is in flight and RAM stays at one block's activations.
+        in_flight: list[Future] = []
+
         def put(name: str, layer: int, sl: slice, x: torch.Tensor) -> None:
-            arrays[name][layer, rows(sl)] = x.reshape(-1, x.shape[-1]).float().cpu().numpy().astype(np_dtype)
+            data = to_store_rows(x, np_dtype)
+            in_flight.append(writer.submit(arrays[name].__setitem__, (layer, rows(sl)), data))
 
-        # Block 0's input: token embeddings. Kept in RAM for the whole set: one block's worth.
-        hidden = torch.empty(n_seq, seq_len, d, dtype=torch.float32)
-        for sl in batch_slices(n_seq, batch_size):
-            hidden[sl] = runner.embed(input_ids[sl]).float().cpu()
-            put("block_io", 0, sl, hidden[sl])
+        def drain() -> None:
+            while in_flight:
+                in_flight.pop(0).result()  # re-raises a failed write here
 
-        with progress() as bar:
-            task = bar.add_task("capture", total=n_layers * n_seq)
-            for li, layer in enumerate(layers):
-                o_mom = _Moments(n_heads * head_dim, device)
-                d_mom = _Moments(n_ffn, device)
-                feats: dict[str, torch.Tensor] = {}
-                hooks = {"ffn_in": layer.mlp, "down_in": layer.mlp.down_proj, "o_proj_in": layer.self_attn.o_proj}
-                with input_hooks(hooks, lambda name, x: feats.__setitem__(name, x)):
-                    for sl in batch_slices(n_seq, batch_size):
-                        out = runner(layer, hidden[sl])
-                        put("ffn_in", li, sl, feats["ffn_in"])
-                        put("down_in", li, sl, feats["down_in"])
-                        o_mom.add(feats["o_proj_in"])
-                        d_mom.add(feats["down_in"])
-                        hidden[sl] = out.float().cpu()
-                        put("block_io", li + 1, sl, hidden[sl])
-                        bar.advance(task, sl.stop - sl.start)
-                stats["o_proj_in_mean"][li], stats["o_proj_in_var"][li] = o_mom.mean.cpu().numpy(), o_mom.variance.cpu().numpy()
-                stats["down_in_mean"][li], stats["down_in_var"][li] = d_mom.mean.cpu().numpy(), d_mom.variance.cpu().numpy()
+        # on an error the pool still finishes its queued writes before atomic_dir discards the store
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture-write") as writer:
+            # Block 0's input: token embeddings. Kept in RAM for the whole set: one block's worth.
+            hidden = torch.empty(n_seq, seq_len, d, dtype=torch.float32)
+            for sl in batch_slices(n_seq, batch_size):
+                hidden[sl] = runner.embed(input_ids[sl]).float().cpu()
+                drain()
+                put("block_io", 0, sl, hidden[sl])
+
+            with progress() as bar:
+                task = bar.add_task("capture", total=n_layers * n_seq)
+                for li, layer in enumerate(layers):
+                    o_mom = _Moments(n_heads * head_dim, device)
+                    d_mom = _Moments(n_ffn, device)
+                    feats: dict[str, torch.Tensor] = {}
+                    hooks = {"ffn_in": layer.mlp, "down_in": layer.mlp.down_proj, "o_proj_in": layer.self_attn.o_proj}
+                    with input_hooks(hooks, lambda name, x: feats.__setitem__(name, x)):
+                        for sl in batch_slices(n_seq, batch_size):
+                            out = runner(layer, hidden[sl])
+                            drain()
+                            put("ffn_in", li, sl, feats["ffn_in"])
+                            put("down_in", li, sl, feats["down_in"])
+                            o_mom.add(feats["o_proj_in"])
+                            d_mom.add(feats["down_in"])
+                            hidden[sl] = out.float().cpu()
+                            put("block_io", li + 1, sl, hidden[sl])
+                            bar.advance(task, sl.stop - sl.start)
+                    stats["o_proj_in_mean"][li], stats["o_proj_in_var"][li] = o_mom.mean.cpu().numpy(), o_mom.variance.cpu().numpy()
+                    stats["down_in_mean"][li], stats["down_in_var"][li] = d_mom.mean.cpu().numpy(), d_mom.variance.cpu().numpy()
+            drain()
         for name, value in stats.items():
             root.create_array(name, data=value, chunks=value.shape)
     return {"tokens": n_tok, "layers": n_layers, "bytes": _dir_size(Path(out_path))}

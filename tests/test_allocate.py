@@ -33,6 +33,19 @@ def test_fc_streaming_and_shapes():
     assert whole == pytest.approx(ref, abs=1e-6)
 
 
+def test_fc_of_a_capture_store_is_per_block_and_bit_stable(model, calib, tmp_path):
+    from conftest import captured
+    from stages.allocate import functional_complexities
+
+    cap = captured(model, calib, tmp_path, batch_size=2)  # 3 chunks per layer
+    fc = functional_complexities(cap)
+    io = torch.from_numpy(cap["block_io"][:])
+    assert len(fc) == model.config.num_hidden_layers
+    for li, value in enumerate(fc):
+        assert value == pytest.approx(functional_complexity(io[li], io[li + 1]), abs=1e-12)
+    assert functional_complexities(cap) == fc  # exact: allocate.json must not change between runs
+
+
 def test_fc_errors():
     with pytest.raises(FangError, match="shapes differ"):
         functional_complexity(torch.zeros(2, 3), torch.zeros(3, 3))

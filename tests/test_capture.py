@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fang.capture import capture_features, open_capture
+from fang.capture import capture_features, open_capture, to_store_rows
 from fang.errors import FangError
 
 
@@ -60,3 +60,36 @@ def test_interrupted_capture_leaves_nothing(model, input_ids, tmp_path, monkeypa
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(FangError, match="capture store not found"):
         open_capture(tmp_path / "nope.zarr")
+
+
+def test_store_conversion_rounds_like_numpy():
+    # ties, fp16 subnormals and underflow, overflow to inf, the largest fp16, signed zero, nan
+    edge = [1 + 2**-11, 1 + 3 * 2**-11, 2**-24, 2**-25, 3 * 2**-26, 65504.0, 65520.0, 1e6, -0.0, float("nan")]
+    noise = torch.randn(4094, generator=torch.Generator().manual_seed(0)) * 300
+    x = torch.cat([torch.tensor(edge), noise]).reshape(-1, 12)
+    got = to_store_rows(x, np.float16)
+    assert got.dtype == np.float16 and got.shape == (342, 12)
+    with np.errstate(over="ignore"):  # 65520 and 1e6 overflow to inf on purpose
+        expected = x.numpy().astype(np.float16)
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+    same = to_store_rows(x, np.float32)
+    assert np.array_equal(same, x.numpy(), equal_nan=True)
+    same[0, 0] = 123.0  # a copy, never a view of the caller's tensor
+    assert x[0, 0] != 123.0
+
+
+def test_failed_background_write_fails_the_capture_and_leaves_nothing(model, input_ids, tmp_path, monkeypatch):
+    import zarr
+
+    real, calls = zarr.Array.__setitem__, []
+
+    def flaky(self, key, value):
+        calls.append(key)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        capture_features(model, input_ids, tmp_path / "cap.zarr", batch_size=1)
+    assert list(tmp_path.iterdir()) == []
