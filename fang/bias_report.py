@@ -62,6 +62,52 @@ def id_ood(run: BiasRun, dense: dict) -> dict:
     return {"id": id_, "ood": ood, "ood_id_ratio": ratio, "by_topic": inc}
 
 
+# each FANG variant and the baseline it makes function-aware (same pruning rule and structure)
+FANG_BASELINES = {"f_fang": "flap", "o_fang": "obc"}
+
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    mean, sd = _mean_sd(values)
+    return mean, None if sd is None else sd / math.sqrt(len(values))
+
+
+def paired_comparisons(records: list[dict]) -> list[dict]:
+    """Each FANG variant against its baseline on the same calibration sources and sparsity.
+
+    Per source, FANG's OOD perplexity relative to the baseline's, (1 + OOD_fang) / (1 + OOD_base) - 1,
+    and the difference of their OOD/ID ratios; then the mean over the single-topic sources ± its
+    standard error (sd / sqrt(n)). Accuracy: the mean per-source difference of average accuracy,
+    ± a standard error that treats the two evaluations as independent (conservative: they answer
+    the same questions).
+    """
+    ok = {(r["method"], r["source"], r["sparsity"]): r for r in records if r["status"] == "ok"}
+    out = []
+    for fang, base in FANG_BASELINES.items():
+        for sp in dict.fromkeys(r["sparsity"] for r in records if r["method"] == fang):
+            pairs = [(f, ok[(base, src, p)]) for (m, src, p), f in ok.items()
+                     if m == fang and p == sp and (base, src, p) in ok]
+            if not pairs:
+                continue
+            single = [(f, b) for f, b in pairs if f["source"] != ALL_TOPICS]
+            ood_rel, ood_rel_se = _mean_se([(1 + f["ood_increase"]) / (1 + b["ood_increase"]) - 1 for f, b in single])
+            ratio_diff, ratio_diff_se = _mean_se([f["ood_id_ratio"] - b["ood_id_ratio"] for f, b in single])
+            both = [(f, b) for f, b in pairs if f["avg_acc"] is not None and b["avg_acc"] is not None]
+            diffs = [(f["avg_acc"] - b["avg_acc"],
+                      None if f["avg_acc_stderr"] is None or b["avg_acc_stderr"] is None
+                      else math.hypot(f["avg_acc_stderr"], b["avg_acc_stderr"])) for f, b in both]
+            acc_diff, acc_diff_se = average(diffs) if diffs else (None, None)
+            ref = next(((f, b) for f, b in pairs if f["source"] == ALL_TOPICS), None)
+            out.append({
+                "method": fang, "baseline": base, "sparsity": sp, "sources": [f["source"] for f, _ in pairs],
+                "single_topic_sources": len(single),
+                "ood_ppl_vs_baseline": ood_rel, "ood_ppl_vs_baseline_se": ood_rel_se,
+                "ood_id_ratio_diff": ratio_diff, "ood_id_ratio_diff_se": ratio_diff_se,
+                "all_topics_ppl_vs_baseline": None if ref is None else ref[0]["ppl"] / ref[1]["ppl"] - 1,
+                "avg_acc_diff": acc_diff, "avg_acc_diff_se": acc_diff_se,
+            })
+    return out
+
+
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -108,7 +154,7 @@ def analyse(runs: list[BiasRun], dense: dict) -> dict:
             "all_topics_avg_acc": ref["avg_acc"] if ref else None,
             "all_topics_avg_acc_stderr": ref["avg_acc_stderr"] if ref else None,
         })
-    return {"topics": topics, "records": records, "summaries": summaries}
+    return {"topics": topics, "records": records, "summaries": summaries, "comparisons": paired_comparisons(records)}
 
 
 def _pct(v: float | None, sd: float | None = None) -> str:
@@ -148,6 +194,21 @@ def summary_table(result: dict) -> str:
     return markdown_table(header, rows)
 
 
+def comparison_table(result: dict) -> str:
+    """FANG against its baseline, paired by calibration source (see `paired_comparisons`)."""
+    header = ["FANG", "baseline", "sparsity", "sources", "OOD PPL vs baseline", "OOD/ID difference",
+              "all-topics PPL vs baseline", "Avg acc difference (points)"]
+    rows = [[c["method"], c["baseline"], f"{c['sparsity']:.0%}", ", ".join(c["sources"]),
+             _pct(c["ood_ppl_vs_baseline"], c["ood_ppl_vs_baseline_se"]),
+             "—" if c["ood_id_ratio_diff"] is None else f"{c['ood_id_ratio_diff']:+.3f}"
+             + ("" if c["ood_id_ratio_diff_se"] is None else f" ± {c['ood_id_ratio_diff_se']:.3f}"),
+             _pct(c["all_topics_ppl_vs_baseline"]),
+             "—" if c["avg_acc_diff"] is None else f"{c['avg_acc_diff'] * 100:+.1f}"
+             + ("" if c["avg_acc_diff_se"] is None else f" ± {c['avg_acc_diff_se'] * 100:.1f}")]
+            for c in result["comparisons"]]
+    return markdown_table(header, rows)
+
+
 def runs_table(result: dict) -> str:
     header = ["method", "source", "sparsity", "achieved", "PPL", "ID", "OOD", "OOD/ID", "Avg acc"]
     rows = []
@@ -181,6 +242,11 @@ def topics_table(result: dict) -> str:
 
 SUMMARY_TITLE = "Per method: single-topic calibration against all-topic calibration"
 SUMMARY_NOTE = "Mean over the single-topic sources, ± standard deviation across them."
+COMPARISON_TITLE = "FANG against its baseline, paired by calibration source"
+COMPARISON_NOTE = ("Per source, FANG's OOD perplexity relative to the baseline's and the difference of their OOD/ID "
+                   "ratios (negative = FANG generalizes better), then the mean over the single-topic sources ± its "
+                   "standard error; accuracy difference averaged over every source ± standard error (evaluations "
+                   "treated as independent).")
 
 
 def render(result: dict, dense: dict) -> tuple[str, str]:
@@ -188,6 +254,7 @@ def render(result: dict, dense: dict) -> tuple[str, str]:
     topics = result["topics"]
     md = ["## Calibration bias: perplexity increase over dense by evaluation topic", "", *_intro(result, dense),
           f"### {SUMMARY_TITLE}", "", SUMMARY_NOTE, "", summary_table(result), "",
+          f"### {COMPARISON_TITLE}", "", COMPARISON_NOTE, "", comparison_table(result), "",
           "### Every run", "", runs_table(result), "",
           "### Perplexity increase by evaluation topic", "", "The calibration topic's own cell is in bold.", "",
           topics_table(result), ""]
@@ -209,6 +276,7 @@ def readme_fragment(result: dict, dense: dict, when: str, image: str | None) -> 
     """The README block: intro, per-method summary and every run (the per-topic table stays in bias.md)."""
     lines = [f"<!-- generated by `fang bias-report --readme` on {when}; rerun it instead of editing -->", "",
              *_intro(result, dense), f"**{SUMMARY_TITLE}.** {SUMMARY_NOTE}", "", summary_table(result), "",
+             f"**{COMPARISON_TITLE}.** {COMPARISON_NOTE}", "", comparison_table(result), "",
              "**Every run**", "", runs_table(result)]
     if image:
         lines += ["", f"![perplexity increase over dense by evaluation topic]({image})"]

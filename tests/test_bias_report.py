@@ -87,3 +87,32 @@ def test_readme_fragment_replaces_only_the_bias_block(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n") and text.endswith(f"{README_END}\ntail\n") and "old numbers" not in text
     assert "| o_fang | B | 30% |" in text and "![perplexity increase" in text
+
+
+def test_fang_is_compared_with_its_own_baseline_source_by_source():
+    def run(source, method, by_topic, ppl=12.0, acc=0.5):
+        return BiasRun(source, method, 0.3, metrics(by_topic, ppl=ppl, acc=acc))
+
+    runs = [
+        run("all", "flap", {"A": 12.0, "B": 24.0, "C": 6.0}, ppl=12.0, acc=0.40),
+        run("A", "flap", {"A": 11.0, "B": 26.0, "C": 6.5}),       # OOD 1.3, 1.3; ID 1.1
+        run("B", "flap", {"A": 15.0, "B": 22.0, "C": 7.5}),       # OOD 1.5, 1.5; ID 1.1
+        run("all", "f_fang", {"A": 11.0, "B": 22.0, "C": 5.5}, ppl=10.8, acc=0.46),
+        run("A", "f_fang", {"A": 11.0, "B": 24.0, "C": 6.0}),     # OOD 1.2, 1.2
+        run("B", "f_fang", {"A": 12.0, "B": 22.0, "C": 6.0}),     # OOD 1.2, 1.2
+        run("A", "obc", {"A": 11.0, "B": 24.0, "C": 6.0}),        # no o_fang: no obc comparison
+    ]
+    (c,) = analyse(runs, DENSE)["comparisons"]
+    assert (c["method"], c["baseline"], c["sparsity"]) == ("f_fang", "flap", 0.3)
+    assert c["sources"] == ["all", "A", "B"] and c["single_topic_sources"] == 2
+    per_source = [1.2 / 1.3 - 1, 1.2 / 1.5 - 1]
+    assert c["ood_ppl_vs_baseline"] == pytest.approx(sum(per_source) / 2)
+    assert c["ood_ppl_vs_baseline_se"] == pytest.approx(abs(per_source[0] - per_source[1]) / 2)  # sd/sqrt(2)
+    assert c["ood_id_ratio_diff"] == pytest.approx(((1.2 - 1.3) / 1.1 + (1.2 - 1.5) / 1.1) / 2)
+    assert c["all_topics_ppl_vs_baseline"] == pytest.approx(10.8 / 12.0 - 1)
+    # accuracy: +6 points on "all", 0 elsewhere; each difference has se hypot(0.05/√2·…)
+    assert c["avg_acc_diff"] == pytest.approx(0.02)
+    one = math.hypot(0.05 / math.sqrt(2), 0.05 / math.sqrt(2))  # two tasks of se 0.05 -> 0.05/√2 per model
+    assert c["avg_acc_diff_se"] == pytest.approx(math.sqrt(3 * one**2) / 3)
+    md, _ = render(analyse(runs, DENSE), DENSE)
+    assert "FANG against its baseline" in md and "| f_fang | flap | 30% | all, A, B |" in md
