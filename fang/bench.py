@@ -822,12 +822,18 @@ def _profile_lines(prof: dict) -> list[str]:
     return out
 
 
+def _kept(result: dict, part: str) -> str:
+    """'' for a part measured in this run; otherwise when it was measured (bench --keep)."""
+    when = result.get("measured", {}).get(part)
+    return "" if when in (None, result["time"]) else f" (measured {when}, kept from an earlier run)"
+
+
 def render_markdown(result: dict) -> str:
     """The full benchmark as Markdown tables (artifacts/bench/bench.md)."""
     out = ["# fang benchmark", "", f"Measured {result['time']} on {machine_line(result['machine'])}.", ""]
     pipe = result.get("pipeline")
     if pipe is not None:
-        out += ["## Pipeline cost", ""]
+        out += ["## Pipeline cost" + _kept(result, "pipeline"), ""]
         floor = pipe.get("floor")
         if floor:
             f, fb = floor["forward"], floor["forward_backward"]
@@ -849,7 +855,7 @@ def render_markdown(result: dict) -> str:
     mem = result.get("memory")
     if mem is not None:
         fp = mem["footprint"]
-        out += ["## Memory", "",
+        out += ["## Memory" + _kept(result, "memory"), "",
                 f"Capture store {fp['path']} ({fp['n_samples']} × {fp['seq_len']} tokens, {fp['model']['n_layers']} layers): "
                 f"{fp['bytes_per_token_layer']:,} bytes per token and layer; {_mib(fp['logical_bytes'])} logical, "
                 f"{_mib(fp['disk_bytes'])} on disk (compression ratio {_num(fp['compression_ratio'], '.3f')}).", ""]
@@ -865,7 +871,7 @@ def render_markdown(result: dict) -> str:
     inf = result.get("inference")
     if inf is not None:
         header, rows = _inference_rows(inf)
-        out += ["## Inference", "",
+        out += ["## Inference" + _kept(result, "inference"), "",
                 f"Prefill of {inf['prompt_len']} tokens, greedy decode of {inf['new_tokens']} tokens with the KV cache; "
                 f"{inf['statistic']} of {inf['repeats']} interleaved rounds after a warm-up; speedup = pruned tok/s ÷ dense tok/s.",
                 "", *_table(header, rows), ""]
@@ -882,21 +888,21 @@ def render_fragment(result: dict) -> str:
     if pipe is not None:
         floor = pipe.get("floor")
         if floor:
-            out += [f"**Pipeline cost** against the compute floor (forward {floor['forward']['seconds_full']:.1f} s, "
+            out += [f"**Pipeline cost**{_kept(result, 'pipeline')} against the compute floor (forward {floor['forward']['seconds_full']:.1f} s, "
                     f"forward+backward {floor['forward_backward']['seconds_full']:.1f} s over "
                     f"{floor['calib_tokens']:,} calibration tokens):", ""]
         else:
-            out += ["**Pipeline cost**:", ""]
+            out += [f"**Pipeline cost**{_kept(result, 'pipeline')}:", ""]
         out += [*_targets_table(pipe["targets"]), ""]
     mem = result.get("memory")
     if mem is not None:
         est = mem["estimate"]
-        out += [f"**Memory** (capture store: {mem['footprint']['bytes_per_token_layer']:,} bytes per token and layer "
+        out += [f"**Memory**{_kept(result, 'memory')} (capture store: {mem['footprint']['bytes_per_token_layer']:,} bytes per token and layer "
                 f"on the default model). {_memory_lines(est)[0]}", "", *_memory_lines(est)[2:], ""]
     inf = result.get("inference")
     if inf is not None:
         header, rows = _inference_rows(inf)
-        out += [f"**Inference** (prefill {inf['prompt_len']} tokens, greedy decode {inf['new_tokens']}, "
+        out += [f"**Inference**{_kept(result, 'inference')} (prefill {inf['prompt_len']} tokens, greedy decode {inf['new_tokens']}, "
                 f"{inf['statistic']} of {inf['repeats']}; speedup vs dense in parentheses):", "", *_table(header, rows), ""]
     return "\n".join(out).rstrip() + "\n"
 

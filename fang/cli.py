@@ -176,12 +176,14 @@ def bench(
     new_tokens: int = typer.Option(128, help="greedy decode steps (no early stop)"),
     repeats: int = typer.Option(3, help="interleaved rounds per measurement; the median is reported"),
     readme: Optional[str] = typer.Option(None, help="also replace the text between the bench markers of this file (e.g. README.md)"),
+    keep: bool = typer.Option(False, "--keep", help="keep the parts not rerun from the previous artifacts/bench/bench.json "
+                                                    "(same machine), each labelled with when it was measured"),
 ) -> None:
     """Benchmark: stage cost vs the compute floor, memory (and a LLaMA-2-7B estimate), inference speed of pruned vs dense models.
 
     Writes artifacts/bench/bench.json, bench.md and readme_fragment.md. Run it after `dvc repro`.
     """
-    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, readme)
+    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, readme, keep)
 
 
 app.add_typer(inspect_app, name="inspect")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from fang import paths
-from fang.atomic import atomic_file, write_json
+from fang.atomic import atomic_file, read_json, write_json
 from fang.bench import (BENCH_FORMAT, NOT_PIPELINE, capture_footprint, check_targets, estimate_memory, find_models,
                         machine_info, measure_floor, measure_inference, profile_call, read_timings, render_fragment,
                         render_markdown, subsample, update_readme)
@@ -50,6 +50,7 @@ def run(
     new_tokens: int = 128,
     repeats: int = 3,
     readme: str | None = None,
+    keep: bool = False,
 ) -> None:
     wanted = _names(parts)
     unknown = [p for p in wanted if p not in PARTS]
@@ -65,6 +66,7 @@ def run(
         "options": {"parts": wanted, "tokens": tokens, "max_seqs": max_seqs, "models": _names(models) or None,
                     "batch_sizes": sizes, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats},
     }
+    measured = {part: result["time"] for part in wanted}
 
     if "pipeline" in wanted:
         from stages.capture import load_calibration
@@ -98,6 +100,9 @@ def run(
     if "profile" in wanted:
         result["profile"] = _profile(params_path, device, max_seqs or 8)
 
+    if keep:
+        _keep_previous(result, measured, wanted)
+    result["measured"] = measured
     write_json(BENCH / "bench.json", result)
     with atomic_file(BENCH / "bench.md") as fh:
         fh.write(render_markdown(result))
@@ -114,6 +119,23 @@ def run(
     if "inference" in result:
         summary.append(f"{len(result['inference']['models'])} models timed")
     console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {readme} updated" if readme else ""))
+
+
+def _keep_previous(result: dict, measured: dict, wanted: list[str]) -> None:
+    """Carry the parts not rerun over from the previous bench.json, each with the time it was measured."""
+    if not (BENCH / "bench.json").exists():
+        console.print("[yellow]bench --keep: no previous artifacts/bench/bench.json; nothing to keep[/yellow]")
+        return
+    previous = read_json(BENCH / "bench.json")
+    require(previous.get("format") == BENCH_FORMAT,
+            f"bench --keep: {BENCH / 'bench.json'} has format {previous.get('format')}, expected {BENCH_FORMAT}; "
+            "rerun every part instead")
+    require(previous.get("machine", {}).get("cpu") == result["machine"]["cpu"],
+            "bench --keep: the previous bench.json was measured on another machine; rerun every part instead")
+    for part in PARTS:
+        if part not in wanted and part in previous:
+            result[part] = previous[part]
+            measured[part] = previous.get("measured", {}).get(part, previous["time"])
 
 
 def _profile(params_path: str, device, n_seqs: int) -> dict:

@@ -207,6 +207,34 @@ def test_bench_options_select_parts_and_models(tree, monkeypatch):
         stages.bench.run("params.yaml", parts="inference", batch_sizes="1,x")
 
 
+def test_keep_carries_parts_not_rerun_with_their_own_time(tree, monkeypatch):
+    import stages.bench
+
+    monkeypatch.chdir(tree)
+    bench_json = tree / "artifacts" / "bench" / "bench.json"
+    stages.bench.run("params.yaml", parts="inference", models="flap-*", batch_sizes="1", prompt_len=8,
+                     new_tokens=2, repeats=1)
+    earlier = json.loads(bench_json.read_text())
+    assert earlier["measured"] == {"inference": earlier["time"]}
+    earlier["time"] = earlier["measured"]["inference"] = "2000-01-01T00:00:00"  # as if measured long ago
+    bench_json.write_text(json.dumps(earlier))
+
+    stages.bench.run("params.yaml", parts="pipeline", tokens=48, keep=True)
+    result = json.loads(bench_json.read_text())
+    assert result["inference"] == earlier["inference"]
+    assert result["measured"] == {"pipeline": result["time"], "inference": "2000-01-01T00:00:00"}
+    fragment = (tree / "artifacts" / "bench" / "readme_fragment.md").read_text()
+    assert "**Inference** (measured 2000-01-01T00:00:00, kept from an earlier run)" in fragment
+    assert "**Pipeline cost** against" in fragment  # measured now: no label
+
+    stages.bench.run("params.yaml", parts="pipeline", tokens=48)  # without --keep nothing is carried over
+    assert "inference" not in json.loads(bench_json.read_text())
+    earlier["machine"]["cpu"] = "another CPU"
+    bench_json.write_text(json.dumps(earlier))
+    with pytest.raises(FangError, match="another machine"):
+        stages.bench.run("params.yaml", parts="pipeline", tokens=48, keep=True)
+
+
 def test_profile_part_names_where_capture_and_taylor_spend_time(tree, monkeypatch):
     import numpy as np
 
