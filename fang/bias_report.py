@@ -66,6 +66,20 @@ def id_ood(run: BiasRun, dense: dict) -> dict:
 FANG_BASELINES = {"f_fang": "flap", "o_fang": "obc"}
 
 
+def _mean_over_sources(values: list[tuple[float, float | None]]) -> tuple[float | None, float | None]:
+    """Mean of per-source accuracies and a standard error that does not assume independence.
+
+    Every source's model answers the same questions, so their sampling errors are correlated and
+    sqrt(sum se^2) / n would understate the error of the mean; the mean of the standard errors is
+    its upper bound (perfectly correlated errors).
+    """
+    if not values:
+        return None, None
+    mean = sum(v for v, _ in values) / len(values)
+    ses = [se for _, se in values]
+    return mean, (sum(ses) / len(ses) if all(se is not None for se in ses) else None)
+
+
 def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     mean, sd = _mean_sd(values)
     return mean, None if sd is None else sd / math.sqrt(len(values))
@@ -76,9 +90,10 @@ def paired_comparisons(records: list[dict]) -> list[dict]:
 
     Per source, FANG's OOD perplexity relative to the baseline's, (1 + OOD_fang) / (1 + OOD_base) - 1,
     and the difference of their OOD/ID ratios; then the mean over the single-topic sources ± its
-    standard error (sd / sqrt(n)). Accuracy: the mean per-source difference of average accuracy,
-    ± a standard error that treats the two evaluations as independent (conservative: they answer
-    the same questions).
+    standard error across sources (sd / sqrt(n)). Accuracy: the mean per-source difference of
+    average accuracy. Its standard error is conservative twice over: within a source the two
+    models' errors are treated as independent (they answer the same questions, so they are
+    positively correlated), and across sources as perfectly correlated (`_mean_over_sources`).
     """
     ok = {(r["method"], r["source"], r["sparsity"]): r for r in records if r["status"] == "ok"}
     out = []
@@ -95,7 +110,7 @@ def paired_comparisons(records: list[dict]) -> list[dict]:
             diffs = [(f["avg_acc"] - b["avg_acc"],
                       None if f["avg_acc_stderr"] is None or b["avg_acc_stderr"] is None
                       else math.hypot(f["avg_acc_stderr"], b["avg_acc_stderr"])) for f, b in both]
-            acc_diff, acc_diff_se = average(diffs) if diffs else (None, None)
+            acc_diff, acc_diff_se = _mean_over_sources(diffs)
             ref = next(((f, b) for f, b in pairs if f["source"] == ALL_TOPICS), None)
             out.append({
                 "method": fang, "baseline": base, "sparsity": sp, "sources": [f["source"] for f, _ in pairs],
@@ -141,8 +156,7 @@ def analyse(runs: list[BiasRun], dense: dict) -> dict:
         single = [r for r in mine if r["source"] != ALL_TOPICS and r["status"] == "ok"]
         ood_mean, ood_sd = _mean_sd([r["ood_increase"] for r in single])
         ratio_mean, ratio_sd = _mean_sd([r["ood_id_ratio"] for r in single])
-        # the mean of per-source averages; its standard error from theirs (independent evaluations)
-        acc_mean, acc_se = average([(r["avg_acc"], r["avg_acc_stderr"]) for r in single if r["avg_acc"] is not None])
+        acc_mean, acc_se = _mean_over_sources([(r["avg_acc"], r["avg_acc_stderr"]) for r in single if r["avg_acc"] is not None])
         ref = next((r for r in mine if r["source"] == ALL_TOPICS and r["status"] == "ok"), None)
         summaries.append({
             "method": method, "sparsity": sparsity, "sources": len(single),
@@ -241,12 +255,13 @@ def topics_table(result: dict) -> str:
 
 
 SUMMARY_TITLE = "Per method: single-topic calibration against all-topic calibration"
-SUMMARY_NOTE = "Mean over the single-topic sources, ± standard deviation across them."
+SUMMARY_NOTE = ("Mean over the single-topic sources, ± standard deviation across them; accuracy ± the mean of the "
+                "per-source standard errors (the sources share the questions, so their errors do not average out).")
 COMPARISON_TITLE = "FANG against its baseline, paired by calibration source"
 COMPARISON_NOTE = ("Per source, FANG's OOD perplexity relative to the baseline's and the difference of their OOD/ID "
                    "ratios (negative = FANG generalizes better), then the mean over the single-topic sources ± its "
-                   "standard error; accuracy difference averaged over every source ± standard error (evaluations "
-                   "treated as independent).")
+                   "standard error across sources; accuracy difference averaged over every source ± a conservative "
+                   "standard error (the mean of the per-source ones: every model answers the same questions).")
 
 
 def render(result: dict, dense: dict) -> tuple[str, str]:

@@ -47,6 +47,7 @@ def test_summary_is_mean_and_spread_over_single_topic_sources():
     assert summary["all_topics_increase"] == pytest.approx(0.1)
     assert summary["all_topics_avg_acc"] == pytest.approx(0.6)
     assert summary["avg_acc_mean"] == pytest.approx(0.5)
+    assert summary["avg_acc_stderr"] == pytest.approx(0.05 / math.sqrt(2))  # mean of the per-source se, not / √n
 
 
 def test_a_missing_run_is_reported_not_dropped(tmp_path):
@@ -110,9 +111,9 @@ def test_fang_is_compared_with_its_own_baseline_source_by_source():
     assert c["ood_ppl_vs_baseline_se"] == pytest.approx(abs(per_source[0] - per_source[1]) / 2)  # sd/sqrt(2)
     assert c["ood_id_ratio_diff"] == pytest.approx(((1.2 - 1.3) / 1.1 + (1.2 - 1.5) / 1.1) / 2)
     assert c["all_topics_ppl_vs_baseline"] == pytest.approx(10.8 / 12.0 - 1)
-    # accuracy: +6 points on "all", 0 elsewhere; each difference has se hypot(0.05/√2·…)
+    # accuracy: +6 points on "all", 0 elsewhere
     assert c["avg_acc_diff"] == pytest.approx(0.02)
     one = math.hypot(0.05 / math.sqrt(2), 0.05 / math.sqrt(2))  # two tasks of se 0.05 -> 0.05/√2 per model
-    assert c["avg_acc_diff_se"] == pytest.approx(math.sqrt(3 * one**2) / 3)
+    assert c["avg_acc_diff_se"] == pytest.approx(one)  # the sources share the questions: no 1/√n
     md, _ = render(analyse(runs, DENSE), DENSE)
     assert "FANG against its baseline" in md and "| f_fang | flap | 30% | all, A, B |" in md
