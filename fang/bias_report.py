@@ -314,6 +314,10 @@ def heatmap(result: dict, path: Path) -> None:
                                                                    1.5 + 0.38 * n_rows), squeeze=False)
     ok = [v * 100 for r in result["records"] if r["status"] == "ok" for v in r["increase_by_topic"].values() if v is not None]
     vmax = max(ok) if ok else 1.0
+    # colour by log(PPL / PPL_dense): perplexity ratios span 1.5x to 20x, and a linear scale would
+    # leave every OBC row pale next to FLAP's
+    cmax = math.log1p(max(vmax, 1.0) / 100)
+    ticks = [p for p in (0, 25, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if p <= max(vmax, 1.0)]
     for ax, sp in zip(axes[0], sparsities):
         recs = [r for r in result["records"] if r["sparsity"] == sp]
         grid = np.full((len(recs), len(topics)), np.nan)
@@ -321,7 +325,8 @@ def heatmap(result: dict, path: Path) -> None:
             if r["status"] == "ok":
                 grid[i] = [np.nan if r["increase_by_topic"][t] is None else r["increase_by_topic"][t] * 100 for t in topics]
         cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#d0d0d0")
-        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=vmax)
+        colour = np.log1p(np.clip(grid, -99.0, None) / 100)
+        im = ax.imshow(colour, aspect="auto", cmap=cmap, vmin=0.0, vmax=cmax)
         for i, r in enumerate(recs):
             for j, t in enumerate(topics):
                 if r["status"] != "ok":
@@ -329,13 +334,14 @@ def heatmap(result: dict, path: Path) -> None:
                     continue
                 v = grid[i, j]
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if v > 0.6 * vmax else "black", fontweight="bold" if t == r["source"] else "normal")
+                        color="white" if colour[i, j] > 0.6 * cmax else "black", fontweight="bold" if t == r["source"] else "normal")
                 if t == r["source"]:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=1.5))
         ax.set_xticks(range(len(topics)), [t[:14] for t in topics], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(recs)), [f"{r['method']} / {r['source']}" for r in recs], fontsize=7)
-        ax.set_title(f"sparsity {sp:.0%}: PPL increase over dense (%)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.03)
+        ax.set_title(f"sparsity {sp:.0%}: PPL increase over dense (%, log colour scale)", fontsize=9)
+        bar = fig.colorbar(im, ax=ax, fraction=0.03)
+        bar.set_ticks([math.log1p(p / 100) for p in ticks], labels=[f"+{p}%" for p in ticks])
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
