@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .params import ALL_TOPICS
+from .prune import FANG_BASE
 from .report import fmt_accuracy, average, headline_tasks, markdown_table, task_accuracy
 
 
@@ -62,10 +63,6 @@ def id_ood(run: BiasRun, dense: dict) -> dict:
     return {"id": id_, "ood": ood, "ood_id_ratio": ratio, "by_topic": inc}
 
 
-# each FANG variant and the baseline it makes function-aware (same pruning rule and structure)
-FANG_BASELINES = {"f_fang": "flap", "o_fang": "obc"}
-
-
 def _mean_over_sources(values: list[tuple[float, float | None]]) -> tuple[float | None, float | None]:
     """Mean of per-source accuracies and a standard error that does not assume independence.
 
@@ -97,7 +94,7 @@ def paired_comparisons(records: list[dict]) -> list[dict]:
     """
     ok = {(r["method"], r["source"], r["sparsity"]): r for r in records if r["status"] == "ok"}
     out = []
-    for fang, base in FANG_BASELINES.items():
+    for fang, base in FANG_BASE.items():  # each FANG variant and the method it makes function-aware
         for sp in dict.fromkeys(r["sparsity"] for r in records if r["method"] == fang):
             pairs = [(f, ok[(base, src, p)]) for (m, src, p), f in ok.items()
                      if m == fang and p == sp and (base, src, p) in ok]

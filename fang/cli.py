@@ -29,7 +29,6 @@ SourceOpt = typer.Option(
 )
 
 
-
 def _readme_option(markers: str, image: str):
     return typer.Option(None, help=f"also replace the text between the {markers} markers of this file (e.g. README.md) "
                                    f"and copy the {image} beside it")
