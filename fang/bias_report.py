@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .params import ALL_TOPICS
-from .prune import FANG_BASE
+from .choices import FANG_BASE
 from .report import fmt_accuracy, average, headline_tasks, markdown_table, task_accuracy
 
 

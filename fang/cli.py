@@ -93,7 +93,12 @@ def capture(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
 @app.command()
 def prune(
     params: str = ParamsOpt,
-    method: Optional[str] = typer.Option(None, help="override prune.method (flap, wanda_sp, magnitude, obc, obc_iter, f_fang, o_fang)"),
+    method: Optional[str] = typer.Option(
+        None,
+        help="override prune.method (flap, wanda_sp, magnitude, obc, obc_iter, f_fang, o_fang); a variant "
+        "'method+allocation+compensation' also sets prune.allocation (uniform, fc, taylor, flap_search) and "
+        "prune.compensation (group, layer), e.g. obc+fc, flap+uniform, o_fang+layer",
+    ),
     sparsity: Optional[float] = typer.Option(None, help="override prune.sparsity, in [0, 1)"),
     out: Optional[str] = typer.Option(None, help="output directory (default artifacts/pruned)"),
     source: Optional[str] = SourceOpt,

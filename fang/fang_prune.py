@@ -41,7 +41,7 @@ from . import flap
 from .baselines import Selection
 from .cluster import assign_clusters
 from .errors import FangError, require
-from .obc import HessianAccumulator, inverse_hessian, obc_prune
+from .obc import HessianAccumulator, inverse_hessian, obc_compensate, obc_prune
 
 FIELDS = ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups", "sparsity")
 
@@ -310,9 +310,12 @@ class FangLayerPruner:
         damp: float = 0.01,
         where: str = "layer",
         device: torch.device | str = "cpu",
+        compensation: str = "group",
     ) -> None:
         require(base in ("flap", "obc"), f"FANG base method must be 'flap' or 'obc', got {base!r}")
+        require(compensation in ("group", "layer"), f"compensation={compensation!r}: use 'group' or 'layer'")
         self.base, self.k, self.damp, self.where = base, k, damp, where
+        self.compensation = compensation
         self.groups = list(groups)
         self.group_ids = group_ids.detach().long().cpu().reshape(-1)
         self.n_channels = self.group_ids.numel()
@@ -320,6 +323,10 @@ class FangLayerPruner:
         # Hessians only for groups that lose something: the others keep their weights as they are
         todo = [g for g in self.groups if g.n_remove > 0]
         self.hessians = GroupHessians(todo, device) if base == "obc" else None
+        # compensation "layer": neurons are chosen group-wise (above), then every kept column of the
+        # layer is refit against the plain, unweighted Hessian of the whole layer (OBC's Eq. 10)
+        use_layer = base == "obc" and compensation == "layer" and bool(todo)
+        self.layer_hessian = HessianAccumulator(self.n_channels, device) if use_layer else None
         self.cluster_counts = torch.zeros(k, dtype=torch.long)
 
     def add_batch(self, x: Tensor, labels: Tensor) -> None:
@@ -328,6 +335,8 @@ class FangLayerPruner:
             self.moments.add_batch(x, labels)
         if self.hessians is not None:
             self.hessians.add_batch(x, labels)
+        if self.layer_hessian is not None:
+            self.layer_hessian.add_batch(x)
 
     def _group_has_tokens(self, g: FfnGroup) -> bool:
         return float(g.alpha @ self.cluster_counts.double()) > 0
@@ -384,6 +393,10 @@ class FangLayerPruner:
                 pruned[g.columns[gone]] = True
                 new_w[:, cols] = w_g.to(new_w.device)
             keep = torch.nonzero(~pruned).reshape(-1)
+            if self.layer_hessian is not None:
+                hinv = inverse_hessian(self.layer_hessian.hessian, self.damp, f"{self.where} (layer compensation)")
+                gone = torch.nonzero(pruned).reshape(-1)
+                new_w = obc_compensate(w, hinv, gone.to(hinv.device), self.where)
         ids = self.group_ids
         info = {
             "groups_removed": [int((pruned & (ids == g)).sum()) for g in range(self.k)],
@@ -391,6 +404,7 @@ class FangLayerPruner:
             "shared_removed": int((pruned & (ids == self.k)).sum()),
             "shared_size": int((ids == self.k).sum()),
             "token_clusters": self.cluster_counts.tolist(),
+            "compensation": self.compensation if self.base == "obc" else "bias",
         }
         if no_tokens:
             info["groups_without_tokens"] = no_tokens

@@ -169,16 +169,41 @@ def slot_scores(head_scores: Tensor, n_kv_heads: int) -> Tensor:
     return _groups(head_scores, n_kv_heads).mean(0)
 
 
-def _standardize(scores: Tensor) -> Tensor:
-    """z-score within one layer, as FLAP does (sample std). A layer whose units all score the same
-    (or that has a single unit) has no spread to standardize: its units get z = 0."""
-    x = scores.detach().reshape(-1).to(torch.float64).cpu()
+def standardize(metric: Tensor) -> Tensor:
+    """z-score one layer's per-channel metric, as FLAP's `standarlization` does (sample std).
+
+    A layer whose channels all score the same (or that has a single channel) has no spread to
+    standardize: its channels get z = 0 (FLAP would divide by zero and produce NaN).
+    """
+    x = metric.detach().reshape(-1).to(torch.float64).cpu()
     if x.numel() < 2:
         return torch.zeros_like(x)
     std = x.std()
     if not bool(std > 0):
         return torch.zeros_like(x)
     return (x - x.mean()) / std
+
+
+def al_am_scores(o_metric: Tensor, down_metric: Tensor, unit_columns: Tensor) -> tuple[Tensor, Tensor]:
+    """One layer's unit scores for FLAP's global AL-AM search (CASIA-IVA-Lab/FLAP `prune_flap`).
+
+    Attention: the o_proj fluctuation metric is squared, z-scored over the layer's o_proj *input
+    channels*, and only then averaged over each unit's channels (FLAP: `reshape(layers, -1, 128)
+    .mean(2)` per head). A unit is a head, or on GQA models a KV group or a query slot; its score is
+    the mean z of all its channels, i.e. the mean of its heads' FLAP head scores.
+    MLP: the down_proj fluctuation metric (not squared), z-scored over the layer's neurons.
+
+    Standardizing channels before pooling matters: z-scoring the 3 KV-group means of a GQA layer
+    would force scores that sum to 0 with squares summing to 2 whatever the layer's importance.
+    Returns (attention unit scores [n_units], neuron scores [n_ffn]), float64.
+    """
+    require(unit_columns.dim() == 2, f"al_am_scores: unit_columns must be [units, width], got {tuple(unit_columns.shape)}")
+    require(
+        int(unit_columns.max()) < o_metric.numel(),
+        f"al_am_scores: unit columns reach {int(unit_columns.max())} but o_proj has {o_metric.numel()} input channels",
+    )
+    attn_z = standardize(o_metric.to(torch.float64).square())
+    return attn_z[unit_columns.cpu()].mean(1), standardize(down_metric)
 
 
 def structure_search(
@@ -192,15 +217,17 @@ def structure_search(
 ) -> tuple[list[int], list[int]]:
     """FLAP's adaptive structure search (AL-AM): how many attention units / neurons each layer keeps.
 
-    Scores are z-scored within each layer and unit type, then every attention unit and neuron of
-    every layer is ranked in one pool. The highest-ranked units are kept until their parameters
-    reach (1 - sparsity) of the parameters of all units (one attention unit costs
-    `attn_unit_params`, one neuron `neuron_params`), so kept/total lands in
-    [1 - sparsity, 1 - sparsity + one unit's share) before the minimums.
+    `attn_scores` / `mlp_scores` are per-layer unit scores already on FLAP's common scale
+    (`al_am_scores`). Every attention unit and neuron of every layer is ranked in one pool, each
+    weighted by its parameter cost (FLAP's `compression_weight`: 512/3 for a LLaMA-7B head against
+    1 for a neuron, i.e. `attn_unit_params / neuron_params`). As in FLAP, the threshold is the
+    ranked unit whose cumulative cost is closest to (1 - sparsity) of the total, and only units
+    ranked strictly above it are kept (FLAP keeps `metric > threshold`; here ties are broken by
+    pool order so the result is deterministic).
 
     Each layer then keeps at least `min_attn_units` and `min_neurons` (both >= 1): a block with no
     attention head or no neuron would have zero-width projections, which neither attention nor
-    the loader can represent. The minimums may raise the kept parameters slightly above target.
+    the loader can represent (FLAP has no such floor). The floors may keep slightly more.
 
     Returns (attention units kept per layer, neurons kept per layer).
     """
@@ -221,35 +248,35 @@ def structure_search(
             require(s.numel() > 0, f"structure_search: layer {i} has no {kind} units")
             require(bool(torch.isfinite(s).all()), f"structure_search: layer {i} {kind} scores are not finite")
     n_layers = len(attn_scores)
-    attn_z = [_standardize(s) for s in attn_scores]
-    mlp_z = [_standardize(s) for s in mlp_scores]
+    attn = [s.detach().reshape(-1).to(torch.float64).cpu() for s in attn_scores]
+    mlp = [s.detach().reshape(-1).to(torch.float64).cpu() for s in mlp_scores]
 
-    # pool order: attention units of every layer, then neurons; the stable sort below breaks score
-    # ties by this order, so results are deterministic
-    pooled = torch.cat(attn_z + mlp_z)
+    # pool order: attention units of every layer, then neurons (FLAP's torch.cat order); the stable
+    # sort breaks score ties by this order, so results are deterministic
+    pooled = torch.cat(attn + mlp)
     cost = torch.cat(
-        [torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn_z]
-        + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp_z]
+        [torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn]
+        + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp]
     )
     # unit -> (layer, is attention), to count kept units per layer afterwards
     layer_of = torch.cat(
-        [torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn_z, mlp_z) for i, z in enumerate(zs)]
+        [torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn, mlp) for i, z in enumerate(zs)]
     )
-    n_attn_total = sum(z.numel() for z in attn_z)
+    n_attn_total = sum(z.numel() for z in attn)
     is_attn = torch.arange(pooled.numel()) < n_attn_total
 
     order = torch.sort(pooled, descending=True, stable=True).indices
-    cum = torch.cumsum(cost[order], 0)
-    total = int(cum[-1])
-    # tolerance so that e.g. 0.7 * total computed in floating point does not demand one extra unit
-    target = (1.0 - float(sparsity)) * total - 1e-9 * total
-    n_take = min(int((cum < target).sum()) + 1, pooled.numel())
+    cum = torch.cumsum(cost[order], 0).to(torch.float64)
+    target = (1.0 - float(sparsity)) * float(cum[-1])
+    n_take = int(torch.argmin((cum - target).abs()))  # FLAP: the threshold unit itself is not kept
+    if float(sparsity) == 0.0:
+        n_take = pooled.numel()
 
     kept = order[:n_take]
     attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
     mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
-    attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn_z[i].numel())) for i in range(n_layers)]
-    mlp_counts = [max(int(mlp_keep[i]), min(min_neurons, mlp_z[i].numel())) for i in range(n_layers)]
+    attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn[i].numel())) for i in range(n_layers)]
+    mlp_counts = [max(int(mlp_keep[i]), min(min_neurons, mlp[i].numel())) for i in range(n_layers)]
     return attn_counts, mlp_counts
 
 

@@ -85,13 +85,15 @@ class PruneParams:
     shared_group: bool = True  # FANG: never prune the shared neuron group (SNGR ablation when false)
     function_aware: bool = True  # FANG: prune per functional group with reweighted statistics (FAP ablation when false)
     reweighting: str = "ours"  # FANG token-cluster weights: ours | uniform | reverse | only_matched (Table 6)
+    allocation: str = "auto"  # keep counts per block: auto (each paper's own) | uniform | fc | taylor | flap_search
+    compensation: str = "group"  # O-FANG refit: group (paper's Eq. 7) | layer (group-wise selection, whole-layer OBC refit)
 
     def validate(self) -> None:
         require(
             isinstance(self.sparsity, (int, float)) and 0.0 <= float(self.sparsity) < 1.0,
             f"prune.sparsity={self.sparsity} is out of range: it must be in [0, 1)",
         )
-        from .prune import METHODS
+        from .choices import METHODS
 
         require(self.method in METHODS, f"unknown prune.method {self.method!r}; available: {', '.join(METHODS)}")
         require(self.gqa in ("kv_group", "query_slot"), f"prune.gqa={self.gqa!r}: use 'kv_group' or 'query_slot'")
@@ -100,6 +102,12 @@ class PruneParams:
         require(self.damp >= 0, f"prune.damp={self.damp} must be >= 0")
         require(self.reweighting in ("ours", "uniform", "reverse", "only_matched"),
                 f"prune.reweighting={self.reweighting!r}: use ours, uniform, reverse or only_matched")
+        from .choices import ALLOCATIONS, COMPENSATIONS
+
+        require(self.allocation in ALLOCATIONS,
+                f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        require(self.compensation in COMPENSATIONS,
+                f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}")
 
 
 @dataclass
@@ -162,7 +170,7 @@ class SweepParams:
     sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
 
     def validate(self) -> None:
-        from .prune import METHODS
+        from .choices import METHODS
 
         unknown = [m for m in self.methods if m not in METHODS]
         require(not unknown, f"unknown method(s) {unknown} in sweep.methods; available: {', '.join(METHODS)}")
@@ -184,7 +192,7 @@ class BiasParams:
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])
 
     def validate(self) -> None:
-        from .prune import METHODS
+        from .choices import METHODS
 
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})

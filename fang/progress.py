@@ -24,3 +24,8 @@ def progress() -> Progress:
         disable=disable,
         transient=False,
     )
+
+
+def warn(message: str) -> None:
+    """A warning a user should see in the stage log (yellow on a terminal), never fatal."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)

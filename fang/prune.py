@@ -18,6 +18,7 @@ units) are rounded to that fraction and the FFN neurons absorb the rounding
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,12 +33,63 @@ from .errors import FangError, require
 from .fang_prune import FangInputs, FangLayerPruner, label_tokens, plan_groups
 from .layerwise import BlockRunner, batch_slices, input_hooks
 from .modeling import attention_geometry, count_block_params, decoder_layers
-from .progress import progress
+from .progress import progress, warn
 from .shrink import shrink_attention, shrink_mlp
 
-METHODS = ("flap", "wanda_sp", "magnitude", "obc", "obc_iter", "f_fang", "o_fang")
-# FANG method -> base method used for attention heads (and for the FFN inside each group)
-FANG_BASE = {"f_fang": "flap", "o_fang": "obc"}
+from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS  # noqa: F401  (re-exported)
+
+# Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
+DIAGNOSTIC_SEQUENCES = 8
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method with its allocation and compensation: one row of the sweep ("obc+fc", "o_fang+layer")."""
+
+    method: str
+    allocation: str = "auto"
+    compensation: str = "group"
+
+    @property
+    def name(self) -> str:
+        parts = [self.method]
+        if self.allocation != "auto":
+            parts.append(self.allocation)
+        if self.compensation != "group":
+            parts.append(self.compensation)
+        return "+".join(parts)
+
+
+def parse_variant(spec: str, allocation: str = "auto", compensation: str = "group") -> Variant:
+    """`method[+allocation][+compensation]`, e.g. "obc+fc", "flap+uniform", "o_fang+layer"; parts not
+    named take the given defaults (the prune.* keys)."""
+    method, *rest = str(spec).split("+")
+    require(method in METHODS, f"unknown method {method!r} in {spec!r}; available: {', '.join(METHODS)}")
+    for part in rest:
+        if part in ALLOCATIONS:
+            allocation = part
+        elif part in COMPENSATIONS:
+            compensation = part
+        else:
+            raise FangError(
+                f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "
+                f"nor a compensation ({', '.join(COMPENSATIONS)})"
+            )
+    require(
+        compensation == "group" or method == "o_fang",
+        f"{spec!r}: compensation {compensation!r} applies to o_fang only (the other methods have one refit)",
+    )
+    return Variant(method, allocation, compensation)
+
+
+def resolve_allocation(method: str, allocation: str) -> str:
+    """The concrete allocation `auto` stands for with `method` (FANG's is its allocate.mode: "asa")."""
+    require(allocation in ALLOCATIONS, f"prune.allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    if allocation != "auto":
+        return allocation
+    if method == "flap":
+        return "flap_search"
+    return "asa" if method in FANG_BASE else "uniform"
 
 
 @dataclass
@@ -99,14 +151,17 @@ class PruneOptions:
     shared_group: bool = True  # FANG: never prune the shared neuron group
     function_aware: bool = True  # FANG: prune per functional group with reweighted statistics
     reweighting: str = "ours"  # FANG token-cluster weights (cluster.RELEVANCE_MODES)
-    # per-block sparsity for wanda_sp / magnitude / obc / obc_iter (e.g. "OBC + sparsity allocation",
-    # Table 9); None = `sparsity` in every block. FANG takes its own from FangInputs.sparsity.
+    # per-block sparsity (from `prune.allocation`: uniform, fc or taylor, e.g. "OBC + ASA", Table 9);
+    # None = `sparsity` in every block, or for FANG its own FangInputs.sparsity
     block_sparsity: Sequence[float] | None = None
+    allocation: str = "auto"  # how keep counts per block are chosen (ALLOCATIONS); "flap_search" = FLAP's AL-AM
+    compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7) or from the whole layer's kept columns
 
     @classmethod
     def from_params(cls, p, block_sparsity: Sequence[float] | None = None) -> "PruneOptions":
         """From a `fang.params.PruneParams`."""
-        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity)
+        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity,
+                   p.allocation, p.compensation)
 
     def validate(self) -> None:
         number = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
@@ -121,6 +176,14 @@ class PruneOptions:
         require(
             self.reweighting in RELEVANCE_MODES,
             f"prune.reweighting={self.reweighting!r}: use one of {', '.join(RELEVANCE_MODES)}",
+        )
+        require(
+            self.allocation in ALLOCATIONS,
+            f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}",
+        )
+        require(
+            self.compensation in COMPENSATIONS,
+            f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}",
         )
 
     def as_dict(self) -> dict:
@@ -148,6 +211,10 @@ class PruneReport:
             "method": self.method,
             "target_sparsity": self.target_sparsity,
             "achieved_sparsity": round(self.achieved_sparsity, 6),
+            "kv_heads_kept": sum(int(e.get("kv_heads", 0)) for e in self.layers),
+            "neurons_kept": sum(int(e.get("ffn", 0)) for e in self.layers),
+            "groups_without_tokens": sum(len(e.get("groups_without_tokens", [])) for e in self.layers),
+            "empty_clusters": sum(int(e.get("empty_clusters", 0)) for e in self.layers),
             "dense_block_params": self.dense_block_params,
             "pruned_block_params": self.pruned_block_params,
             "options": self.options,
@@ -168,15 +235,18 @@ def flap_plan_from_capture(
 ) -> tuple[list[int], list[int]]:
     """FLAP's global adaptive structure search on the dense model's captured input statistics."""
     layers = decoder_layers(model)
+    columns = units.unit_columns()
     attn_scores, mlp_scores = [], []
     for li, layer in enumerate(layers):
         o_var = torch.from_numpy(capture["o_proj_in_var"][li])
         d_var = torch.from_numpy(capture["down_in_var"][li])
         w_o = layer.self_attn.o_proj.weight.detach().double().cpu()
         w_d = layer.mlp.down_proj.weight.detach().double().cpu()
-        heads = flap.head_scores(flap.fluctuation_metric(w_o, o_var), units.head_dim)
-        attn_scores.append(units.scores(heads))
-        mlp_scores.append(flap.fluctuation_metric(w_d, d_var))
+        attn, mlp = flap.al_am_scores(
+            flap.fluctuation_metric(w_o, o_var), flap.fluctuation_metric(w_d, d_var), columns
+        )
+        attn_scores.append(attn)
+        mlp_scores.append(mlp)
     neuron_params = 3 * units.hidden
     return flap.structure_search(attn_scores, mlp_scores, sparsity, units.params, neuron_params)
 
@@ -196,6 +266,52 @@ def _apply_mlp(mlp: nn.Module, sel: Selection) -> int:
     bias = None if sel.bias is None else sel.bias.float()
     shrink_mlp(mlp, sel.keep, bias)
     return len(sel.keep)
+
+
+class OutputRecorder:
+    """Outputs of o_proj and down_proj on the first calibration sequences, before and after pruning.
+
+    Gives the per-block relative reconstruction error ||W X - W' X'||^2 / ||W X||^2, where X is the
+    input the block receives in the sequential pass and X' the input its pruned sublayer sees
+    (for down_proj that includes the effect of pruning the same block's attention).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.dense: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.pruned: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+
+    @contextlib.contextmanager
+    def record(self, into: dict[str, list[torch.Tensor]]):
+        handles = [
+            m.register_forward_hook(lambda _m, _a, out, name=name: into[name].append(out.detach().double().cpu()))
+            for name, m in self.modules.items()
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def relative_errors(self) -> dict[str, float]:
+        out = {}
+        for name in self.modules:
+            if not self.dense[name]:
+                continue
+            y, y_hat = torch.cat(self.dense[name]), torch.cat(self.pruned[name])
+            out[name] = float((y - y_hat).square().sum() / y.square().sum().clamp(min=1e-300))
+        return out
+
+
+def own_cluster_weight(alpha: torch.Tensor, cluster_counts: torch.Tensor) -> list[float]:
+    """Per functional group g: the share of its token weight that falls on its own cluster's tokens,
+    alpha[g, g] n_g / sum_j alpha[g, j] n_j (1 = only its own contexts, 1/k = no preference)."""
+    a = alpha.detach().double().cpu()
+    n = cluster_counts.detach().double().cpu()
+    mass = a * n[None, :]
+    total = mass.sum(1)
+    own = mass.diagonal()
+    return [float(o / t) if t > 0 else float("nan") for o, t in zip(own, total)]
 
 
 @torch.no_grad()
@@ -219,6 +335,7 @@ def prune_sequential(
     runner = BlockRunner(model, device) if uses_data else None
     hidden = start_hidden.float().cpu() if uses_data else None
     n_seq = hidden.shape[0] if uses_data else 0
+    n_diag = min(n_seq, DIAGNOSTIC_SEQUENCES)
     unit_cols = units.unit_columns()
     out_layers = []
     with progress() as bar:
@@ -228,6 +345,7 @@ def prune_sequential(
             n_ffn = mlp.down_proj.in_features
             attn_pruner = ChannelPruner(attn_kind, attn.o_proj.in_features, options.damp, f"layer {li} o_proj", device)
             entry: dict = {"layer": li}
+            alpha = None
             if fang:
                 k = fang_inputs.k
                 alpha = relevance_weights(fang_inputs.center_distances[li], float(options.tau), options.reweighting)
@@ -235,11 +353,13 @@ def prune_sequential(
                 n_remove = n_ffn - keep_mlp[li]
                 groups = plan_groups(group_ids, k, alpha, n_remove, options.shared_group, options.function_aware)
                 mlp_pruner = FangLayerPruner(
-                    FANG_BASE[method], groups, group_ids, k, options.damp, f"layer {li} down_proj", device
+                    FANG_BASE[method], groups, group_ids, k, options.damp, f"layer {li} down_proj", device,
+                    compensation=options.compensation,
                 )
                 entry.update(sparsity=round(float(fang_inputs.sparsity[li]), 6), ffn_removed_target=n_remove)
             else:
                 mlp_pruner = ChannelPruner(method, n_ffn, options.damp, f"layer {li} down_proj", device)
+            recorder = OutputRecorder({"o_proj": attn.o_proj, "down_proj": mlp.down_proj})
 
             if uses_data:
                 labels: list[torch.Tensor] = []
@@ -259,7 +379,9 @@ def prune_sequential(
                     hooks["ffn_in"] = mlp
                 with input_hooks(hooks, sink):
                     for sl in batch_slices(n_seq, batch_size):
-                        runner(layer, hidden[sl])
+                        diag = sl.start < n_diag
+                        with recorder.record(recorder.dense) if diag else contextlib.nullcontext():
+                            runner(layer, hidden[sl])
 
             attn_sel = attn_pruner.select(attn.o_proj.weight, keep_attn[li], unit_cols)
             if fang:
@@ -268,10 +390,28 @@ def prune_sequential(
                 mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
             heads, kv_heads = _apply_attention(attn, units, attn_sel)
             ffn = _apply_mlp(mlp, mlp_sel)
+            # shrinking replaced the Linear modules: record the new ones
+            recorder.modules = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
             if uses_data:
                 for sl in batch_slices(n_seq, batch_size):
-                    hidden[sl] = runner(layer, hidden[sl]).float().cpu()
+                    diag = sl.start < n_diag
+                    with recorder.record(recorder.pruned) if diag else contextlib.nullcontext():
+                        hidden[sl] = runner(layer, hidden[sl]).float().cpu()
             entry.update(heads=heads, kv_heads=kv_heads, ffn=ffn, **mlp_sel.info)
+            errors = recorder.relative_errors()
+            if errors:
+                entry["relative_error"] = {name: round(v, 8) for name, v in errors.items()}
+            if fang and "token_clusters" in mlp_sel.info:
+                counts = torch.tensor(mlp_sel.info["token_clusters"])
+                own = own_cluster_weight(alpha, counts)
+                entry["own_cluster_weight"] = [round(v, 6) for v in own]
+                empty = int((counts == 0).sum())
+                if empty:
+                    entry["empty_clusters"] = empty
+                    warn(f"layer {li}: {empty} of {len(counts)} token clusters received no calibration token")
+                if mlp_sel.info.get("groups_without_tokens"):
+                    warn(f"layer {li}: {', '.join(mlp_sel.info['groups_without_tokens'])} had no weighted token: "
+                         "ranked without reweighting (FLAP: all tokens; OBC: H = I, no compensation)")
             out_layers.append(entry)
             bar.advance(task)
     return out_layers
@@ -327,20 +467,21 @@ def prune_model(
     device = torch.device(device)
     model.to(device).eval()
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
-    report.options = options.as_dict() if method != "flap" else {}
+    allocation = resolve_allocation(method, options.allocation)
+    report.options = {**options.as_dict(), "allocation": allocation}
     units = attention_units(model.config, gqa_scheme)
 
-    if method == "flap":
+    if allocation == "flap_search":
         keep_attn, keep_mlp = (
             flap_plan_from_capture(model, capture, sparsity, units)
             if sparsity > 0
             else ([units.count] * n_layers, list(n_ffns))
         )
     else:
-        if method in FANG_BASE:
-            per_block = _block_sparsity(fang_inputs.sparsity, n_layers, "FangInputs.sparsity")
-        elif options.block_sparsity is not None:
+        if options.block_sparsity is not None:
             per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
+        elif method in FANG_BASE:
+            per_block = _block_sparsity(fang_inputs.sparsity, n_layers, "FangInputs.sparsity")
         else:
             per_block = [float(sparsity)] * n_layers
         block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]

@@ -51,12 +51,13 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     art = paths.calibration_artifacts(source)
     cap = open_capture(art.capture)
     fc = functional_complexities(cap)
-    scores = fc
-    if p.mode == "taylor":
-        scores = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()
+    # both block scores are kept, so any method can use either (prune.allocation: fc | taylor)
+    taylor = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()
+    scores = taylor if p.mode == "taylor" else fc
     # allocate.json holds only what does not depend on the target sparsity, so pruning stages that
     # read it are not rerun when a sparsity is added to or changed in the sweep
-    write_json(art.allocate, {"mode": p.mode, "max_sparsity": p.max_sparsity, "functional_complexity": fc, "scores": scores})
+    write_json(art.allocate, {"mode": p.mode, "max_sparsity": p.max_sparsity, "functional_complexity": fc,
+                              "taylor_sensitivity": taylor, "scores": scores})
     # every dense block has the same size, so the parameter-weighted mean is the plain mean
     by_target = {str(t): allocate_sparsity(p.mode, scores, t, n_blocks=len(fc), max_sparsity=p.max_sparsity) for t in targets}
     write_json(art.block_sparsity, {

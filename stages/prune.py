@@ -8,10 +8,11 @@ from fang.atomic import read_json, write_json
 from fang.capture import open_capture
 from fang.device import pick_device
 from fang.fang_prune import FangInputs
-from fang.modeling import load_dense
+from fang.errors import FangError
+from fang.modeling import decoder_layers, load_dense
 from fang.params import load_block
 from fang.progress import console
-from fang.prune import FANG_BASE, PruneOptions, prune_model
+from fang.prune import FANG_BASE, PruneOptions, parse_variant, prune_model, resolve_allocation
 from fang.shrink import save_pruned
 from fang.store import open_store
 
@@ -34,12 +35,29 @@ def fang_inputs(sparsity: float, source: str | None = None) -> FangInputs:
     )
 
 
+def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int, source: str | None = None) -> list[float] | None:
+    """Per-block sparsity for `allocation` (already resolved), or None where the method decides
+    (flap_search searches; "asa" is FANG's own allocation in FangInputs)."""
+    if allocation in ("flap_search", "asa"):
+        return None
+    if allocation == "uniform":
+        return [float(sparsity)] * n_blocks
+    alloc = read_json(paths.calibration_artifacts(source).allocate)
+    scores = alloc["functional_complexity"] if allocation == "fc" else alloc.get("taylor_sensitivity")
+    if scores is None:
+        raise FangError(f"prune.allocation=taylor: {paths.calibration_artifacts(source).allocate} has no Taylor "
+                        "block sensitivity; rerun `fang allocate` (dvc repro allocate)")
+    return allocate_sparsity(allocation, scores, sparsity, n_blocks=len(scores), max_sparsity=alloc["max_sparsity"])
+
+
 def run(params_path: str = "params.yaml", method: str | None = None, sparsity: float | None = None,
         out: str | None = None, source: str | None = None) -> None:
     """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweeps), from the
-    main calibration's artifacts or those of one bias-study `source`."""
+    main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
+    `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
-    method = method or p.method
+    variant = parse_variant(method or p.method, p.allocation, p.compensation)
+    method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
     out_dir = Path(out) if out else paths.PRUNED
     report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
@@ -47,11 +65,15 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     inputs = fang_inputs(sparsity, source) if method in FANG_BASE else None
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device)
+    allocation = resolve_allocation(method, variant.allocation)
+    options = PruneOptions.from_params(p)
+    options.allocation, options.compensation = variant.allocation, variant.compensation
+    options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), source)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=PruneOptions.from_params(p), fang_inputs=inputs)
+                         options=options, fang_inputs=inputs)
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())
     console.print(
-        f"{method}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
+        f"{variant.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
