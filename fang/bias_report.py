@@ -20,9 +20,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .params import ALL_TOPICS
 from .choices import FANG_BASE
-from .report import fmt_accuracy, average, headline_tasks, markdown_table, task_accuracy
+from .errors import FangError, require
+from .paired import bootstrap
+from .report import (average, comparison_pairs, fmt_accuracy, fmt_comparison, headline_tasks, markdown_table,
+                     paired_examples, task_accuracy)
 
 
 @dataclass
@@ -82,41 +87,106 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     return mean, None if sd is None else sd / math.sqrt(len(values))
 
 
-def paired_comparisons(records: list[dict]) -> list[dict]:
-    """Each FANG variant against its baseline on the same calibration sources and sparsity.
+def _aligned_questions(examples: list[tuple[dict, dict]], metric_of: dict[str, str]) -> dict[str, list[np.ndarray]]:
+    """Per task, one per-question score array per model (in the order of `examples`' flattened
+    pairs), on the questions every model answered, matched by doc id."""
+    out = {}
+    models = [m for pair in examples for m in pair]
+    for task in sorted(set.intersection(*(set(m) for m in models))):
+        metric = metric_of[task]
+        common = set.intersection(*(set(m[task]["doc_id"]) for m in models))
+        if not common:
+            continue
+        ids = sorted(common)
+        arrays = []
+        for m in models:
+            pos = {d: i for i, d in enumerate(m[task]["doc_id"])}
+            arrays.append(np.array([m[task][metric][pos[d]] for d in ids], dtype=np.float64))
+        out[task] = arrays
+    return out
 
-    Per source, FANG's OOD perplexity relative to the baseline's, (1 + OOD_fang) / (1 + OOD_base) - 1,
-    and the difference of their OOD/ID ratios; then the mean over the single-topic sources ± its
-    standard error across sources (sd / sqrt(n)). Accuracy: the mean per-source difference of
-    average accuracy. Its standard error is conservative twice over: within a source the two
-    models' errors are treated as independent (they answer the same questions, so they are
-    positively correlated), and across sources as perfectly correlated (`_mean_over_sources`).
+
+def compare_sources(pairs: dict[str, tuple[BiasRun, BiasRun]]) -> dict:
+    """FANG (second of each pair) against its baseline (first) over calibration sources, paired twice:
+    by source, and by evaluation window and question (the same resample for every source and model).
+
+    Perplexity statistics are geometric means over the single-topic sources of PPL_FANG / PPL_base
+    on that source's OOD topics (every other topic), on its own topic (ID), and their quotient
+    (OOD ratio / ID ratio: below 0 = FANG loses less off-topic, relative to on-topic, than the
+    baseline). Accuracy: mean over every source of the FANG - baseline average accuracy.
+    Intervals are conditional on these calibration sets (they resample evaluation data, not sources).
     """
-    ok = {(r["method"], r["source"], r["sparsity"]): r for r in records if r["status"] == "ok"}
+    windows = {}
+    for src, (a, b) in pairs.items():
+        wa, wb = a.metrics.get("ppl_windows"), b.metrics.get("ppl_windows")
+        if not wa or not wb:
+            raise FangError(f"{b.label} or {a.label} has no per-window perplexity (evaluate again with this fang)")
+        windows[src] = ({t: np.asarray(v) for t, v in wa["nll"].items()}, {t: np.asarray(v) for t, v in wb["nll"].items()})
+        tpw = int(wa["tokens_per_window"])
+    topics = sorted(next(iter(windows.values()))[0])
+    sizes = {t: len(next(iter(windows.values()))[0][t]) for t in topics}
+    single = [s for s in pairs if s != ALL_TOPICS]
+    missing = [s for s in single if s not in topics]
+    require(not missing, f"calibration source(s) {missing} have no test windows; topics: {topics}")
+
+    def log_ratio(src: str, subset: list[str], idx: dict[str, np.ndarray]) -> float:
+        wa, wb = windows[src]
+        d = sum(float(wb[t][idx[t]].sum() - wa[t][idx[t]].sum()) for t in subset)
+        return d / (sum(len(idx[t]) for t in subset) * tpw)
+
+    def over_single(fn) -> float:
+        return math.expm1(float(np.mean([fn(s) for s in single])))
+
+    out: dict = {"single_topic_sources": len(single)}
+    if single:
+        ood = {s: [t for t in topics if t != s] for s in single}
+        out["ood_ppl_vs_baseline"] = bootstrap(
+            lambda idx: over_single(lambda s: log_ratio(s, ood[s], idx)), sizes, False).as_dict()
+        out["id_ppl_vs_baseline"] = bootstrap(
+            lambda idx: over_single(lambda s: log_ratio(s, [s], idx)), sizes, False).as_dict()
+        out["ood_id_gap_vs_baseline"] = bootstrap(
+            lambda idx: over_single(lambda s: log_ratio(s, ood[s], idx) - log_ratio(s, [s], idx)), sizes, False).as_dict()
+    if ALL_TOPICS in pairs:
+        out["all_topics_ppl_vs_baseline"] = bootstrap(
+            lambda idx: math.expm1(log_ratio(ALL_TOPICS, topics, idx)), sizes, False).as_dict()
+    examples, metric_of = [], {}
+    for a, b in pairs.values():
+        ex_a, m_a = paired_examples(a.metrics)
+        ex_b, _ = paired_examples(b.metrics)
+        examples.append((ex_a, ex_b))
+        metric_of.update(m_a)
+    questions = _aligned_questions(examples, metric_of)
+    if questions:
+        n_src = len(examples)
+
+        def acc_diff(idx: dict[str, np.ndarray]) -> float:
+            per_source = []
+            for k in range(n_src):
+                per_source.append(np.mean([q[2 * k + 1][idx[t]].mean() - q[2 * k][idx[t]].mean()
+                                           for t, q in questions.items()]))
+            return float(np.mean(per_source))
+
+        out["avg_acc_diff"] = bootstrap(acc_diff, {t: len(q[0]) for t, q in questions.items()}, True).as_dict()
+    return out
+
+
+def paired_comparisons(runs: list[BiasRun]) -> list[dict]:
+    """Every FANG variant against every row of its base method at each sparsity (`compare_sources`)."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    by = {(r.method, r.source, r.sparsity): r for r in runs if r.metrics is not None}
     out = []
-    for fang, base in FANG_BASE.items():  # each FANG variant and the method it makes function-aware
-        for sp in dict.fromkeys(r["sparsity"] for r in records if r["method"] == fang):
-            pairs = [(f, ok[(base, src, p)]) for (m, src, p), f in ok.items()
-                     if m == fang and p == sp and (base, src, p) in ok]
+    for fang, base in comparison_pairs(methods):
+        for sp in dict.fromkeys(r.sparsity for r in runs if r.method == fang):
+            pairs = {src: (by[(base, src, sp)], by[(fang, src, sp)])
+                     for (m, src, p) in by if m == fang and p == sp and (base, src, sp) in by}
             if not pairs:
                 continue
-            single = [(f, b) for f, b in pairs if f["source"] != ALL_TOPICS]
-            ood_rel, ood_rel_se = _mean_se([(1 + f["ood_increase"]) / (1 + b["ood_increase"]) - 1 for f, b in single])
-            ratio_diff, ratio_diff_se = _mean_se([f["ood_id_ratio"] - b["ood_id_ratio"] for f, b in single])
-            both = [(f, b) for f, b in pairs if f["avg_acc"] is not None and b["avg_acc"] is not None]
-            diffs = [(f["avg_acc"] - b["avg_acc"],
-                      None if f["avg_acc_stderr"] is None or b["avg_acc_stderr"] is None
-                      else math.hypot(f["avg_acc_stderr"], b["avg_acc_stderr"])) for f, b in both]
-            acc_diff, acc_diff_se = _mean_over_sources(diffs)
-            ref = next(((f, b) for f, b in pairs if f["source"] == ALL_TOPICS), None)
-            out.append({
-                "method": fang, "baseline": base, "sparsity": sp, "sources": [f["source"] for f, _ in pairs],
-                "single_topic_sources": len(single),
-                "ood_ppl_vs_baseline": ood_rel, "ood_ppl_vs_baseline_se": ood_rel_se,
-                "ood_id_ratio_diff": ratio_diff, "ood_id_ratio_diff_se": ratio_diff_se,
-                "all_topics_ppl_vs_baseline": None if ref is None else ref[0]["ppl"] / ref[1]["ppl"] - 1,
-                "avg_acc_diff": acc_diff, "avg_acc_diff_se": acc_diff_se,
-            })
+            row = {"method": fang, "baseline": base, "sparsity": sp, "sources": sorted(pairs)}
+            try:
+                row.update(compare_sources(pairs))
+            except FangError as exc:  # metrics from before per-window / per-question scores were kept
+                row["error"] = str(exc)
+            out.append(row)
     return out
 
 
@@ -165,7 +235,7 @@ def analyse(runs: list[BiasRun], dense: dict) -> dict:
             "all_topics_avg_acc": ref["avg_acc"] if ref else None,
             "all_topics_avg_acc_stderr": ref["avg_acc_stderr"] if ref else None,
         })
-    return {"topics": topics, "records": records, "summaries": summaries, "comparisons": paired_comparisons(records)}
+    return {"topics": topics, "records": records, "summaries": summaries, "comparisons": paired_comparisons(runs)}
 
 
 def _pct(v: float | None, sd: float | None = None) -> str:
@@ -206,17 +276,19 @@ def summary_table(result: dict) -> str:
 
 
 def comparison_table(result: dict) -> str:
-    """FANG against its baseline, paired by calibration source (see `paired_comparisons`)."""
-    header = ["FANG", "baseline", "sparsity", "sources", "OOD PPL vs baseline", "OOD/ID difference",
-              "all-topics PPL vs baseline", "Avg acc difference (points)"]
-    rows = [[c["method"], c["baseline"], f"{c['sparsity']:.0%}", ", ".join(c["sources"]),
-             _pct(c["ood_ppl_vs_baseline"], c["ood_ppl_vs_baseline_se"]),
-             "—" if c["ood_id_ratio_diff"] is None else f"{c['ood_id_ratio_diff']:+.3f}"
-             + ("" if c["ood_id_ratio_diff_se"] is None else f" ± {c['ood_id_ratio_diff_se']:.3f}"),
-             _pct(c["all_topics_ppl_vs_baseline"]),
-             "—" if c["avg_acc_diff"] is None else f"{c['avg_acc_diff'] * 100:+.1f}"
-             + ("" if c["avg_acc_diff_se"] is None else f" ± {c['avg_acc_diff_se'] * 100:.1f}")]
-            for c in result["comparisons"]]
+    """FANG against its baseline, paired by calibration source and evaluation data (`compare_sources`)."""
+    header = ["FANG", "baseline", "sparsity", "sources", "OOD PPL vs baseline", "ID PPL vs baseline",
+              "OOD/ID gap vs baseline", "all-topics PPL vs baseline", "Avg acc difference (points)"]
+    rows = []
+    for c in result["comparisons"]:
+        head = [c["method"], c["baseline"], f"{c['sparsity']:.0%}", ", ".join(c["sources"])]
+        if "error" in c:
+            rows.append([*head, c["error"], "", "", "", ""])
+            continue
+        rows.append([*head, *[fmt_comparison(c.get(k), unit="%") for k in
+                              ("ood_ppl_vs_baseline", "id_ppl_vs_baseline", "ood_id_gap_vs_baseline",
+                               "all_topics_ppl_vs_baseline")],
+                     fmt_comparison(c.get("avg_acc_diff"))])
     return markdown_table(header, rows)
 
 
@@ -255,10 +327,12 @@ SUMMARY_TITLE = "Per method: single-topic calibration against all-topic calibrat
 SUMMARY_NOTE = ("Mean over the single-topic sources, ± standard deviation across them; accuracy ± the mean of the "
                 "per-source standard errors (the sources share the questions, so their errors do not average out).")
 COMPARISON_TITLE = "FANG against its baseline, paired by calibration source"
-COMPARISON_NOTE = ("Per source, FANG's OOD perplexity relative to the baseline's and the difference of their OOD/ID "
-                   "ratios (negative = FANG generalizes better), then the mean over the single-topic sources ± its "
-                   "standard error across sources; accuracy difference averaged over every source ± a conservative "
-                   "standard error (the mean of the per-source ones: every model answers the same questions).")
+COMPARISON_NOTE = ("FANG against the baseline calibrated on the same source, on the same test windows and questions: "
+                   "PPL_FANG / PPL_baseline - 1 (geometric mean over the single-topic sources) on the OOD topics, on "
+                   "the calibration topic (ID), and their quotient (OOD/ID gap: negative = FANG loses less off-topic "
+                   "relative to on-topic); accuracy = mean over sources of the average-accuracy difference, in points. "
+                   "95% paired-bootstrap intervals over test windows and questions (conditional on these calibration "
+                   "sets); the word is read from the interval.")
 
 
 def render(result: dict, dense: dict) -> tuple[str, str]:

@@ -59,23 +59,31 @@ def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
 
 
 @torch.no_grad()
-def _nll(model, windows: torch.Tensor, batch_size: int, device, bar=None, bar_task=None) -> tuple[float, int]:
-    """(summed NLL in nats, number of predicted tokens) over all windows."""
+def window_nll(model, windows: torch.Tensor, batch_size: int, device, bar=None, bar_task=None) -> list[float]:
+    """Summed NLL in nats of each window's predicted tokens (all but its first) -> one value per window.
+
+    Kept per window so that two models evaluated on the same windows can be compared paired.
+    """
     require(batch_size > 0, f"batch size must be positive, got {batch_size}")
-    total, count = 0.0, 0
+    out: list[float] = []
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits
         # shift: position t predicts token t+1; float32 log-softmax even for half-precision models
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
         )
-        total += float(loss)
-        count += batch[:, 1:].numel()
+        out += loss.view(batch.shape[0], -1).double().sum(1).tolist()
         del logits, loss
         if bar is not None:
             bar.advance(bar_task, batch.shape[0])
-    return total, count
+    return out
+
+
+def _nll(model, windows: torch.Tensor, batch_size: int, device, bar=None, bar_task=None) -> tuple[float, int]:
+    """(summed NLL in nats, number of predicted tokens) over all windows."""
+    per_window = window_nll(model, windows, batch_size, device, bar, bar_task)
+    return sum(per_window), windows.shape[0] * (windows.shape[1] - 1)
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device | str) -> float:
@@ -115,17 +123,21 @@ def perplexity_by_topic(
             f"({len(rows)} rows); lower evaluate.ppl_seq_len"
         )
     model.eval()
-    nll: dict[str, float] = {}
-    tokens: dict[str, int] = {}
+    per_window: dict[str, list[float]] = {}
     with progress() as bar:
         task = bar.add_task("perplexity", total=sum(w.shape[0] for w in windows.values()))
         for topic, w in windows.items():
-            nll[topic], tokens[topic] = _nll(model, w, batch_size, device, bar, task)
+            per_window[topic] = window_nll(model, w, batch_size, device, bar, task)
+    nll = {t: sum(v) for t, v in per_window.items()}
+    tokens = {t: windows[t].shape[0] * (seq_len - 1) for t in per_window}
     return {
         "overall": math.exp(sum(nll.values()) / sum(tokens.values())),
         "by_topic": {t: math.exp(nll[t] / tokens[t]) for t in nll},
         "tokens": tokens,
         "skipped": skipped,
+        # every window predicts seq_len - 1 tokens; the same windows for every model (paired comparison)
+        "window_nll": {t: [round(v, 6) for v in vals] for t, vals in per_window.items()},
+        "window_tokens": seq_len - 1,
     }
 
 
@@ -267,6 +279,19 @@ def _local_task_names(task_dir: Path) -> set[str]:
     return names - {None}
 
 
+def per_example(samples: list[dict]) -> dict[str, list]:
+    """lm-eval's logged samples of one task -> {"doc_id": [...], "acc": [...], "acc_norm": [...]} by doc id.
+
+    lm-eval's `limit` takes the first documents in order, so two models see the same doc ids.
+    """
+    rows = sorted(samples, key=lambda s: int(s["doc_id"]))
+    out: dict[str, list] = {"doc_id": [int(s["doc_id"]) for s in rows]}
+    for metric in ("acc", "acc_norm"):
+        if rows and all(metric in s for s in rows):
+            out[metric] = [float(s[metric]) for s in rows]
+    return out
+
+
 def zero_shot(
     model,
     tokenizer,
@@ -311,7 +336,7 @@ def zero_shot(
             tasks=list(tasks),
             limit=limit or None,
             task_manager=manager,
-            log_samples=False,
+            log_samples=True,  # per-example correctness, for paired comparisons between models
             bootstrap_iters=1000,  # acc/acc_norm stderr are closed form (mean); this only bounds other metrics
             confirm_run_unsafe_code=False,
         )
@@ -328,6 +353,9 @@ def zero_shot(
         if name in n_samples:
             entry["n"] = int(n_samples[name]["effective"])
         results[name] = entry
+    for name, samples in (out.get("samples") or {}).items():
+        if name in results:
+            results[name]["per_example"] = per_example(samples)
     # groups have no n-samples of their own: the sum over their (leaf) subtasks
     for group, members in out.get("group_subtasks", {}).items():
         if group in results and "n" not in results[group]:

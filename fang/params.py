@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .choices import parse_variant
 from .errors import FangError, require
 
 PARAMS_FILE = "params.yaml"
@@ -170,10 +171,11 @@ class SweepParams:
     sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
 
     def validate(self) -> None:
-        from .choices import METHODS
-
-        unknown = [m for m in self.methods if m not in METHODS]
-        require(not unknown, f"unknown method(s) {unknown} in sweep.methods; available: {', '.join(METHODS)}")
+        for m in self.methods:
+            try:
+                parse_variant(m)
+            except FangError as exc:
+                raise FangError(f"sweep.methods: {exc}") from None
         bad = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
         require(not bad, f"sweep.sparsities {bad} out of range: each must be in [0, 1)")
 
@@ -192,15 +194,16 @@ class BiasParams:
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])
 
     def validate(self) -> None:
-        from .choices import METHODS
-
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
         require(not dup, f"bias.sources lists {dup} more than once")
         bad = [s for s in self.sources if not isinstance(s, str) or not s.strip() or "/" in s]
         require(not bad, f"bias.sources {bad}: each must be '{ALL_TOPICS}' or a topic name (no '/')")
-        unknown = [m for m in self.methods if m not in METHODS]
-        require(not unknown, f"unknown method(s) {unknown} in bias.methods; available: {', '.join(METHODS)}")
+        for m in self.methods:
+            try:
+                parse_variant(m)
+            except FangError as exc:
+                raise FangError(f"bias.methods: {exc}") from None
         out = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
         require(not out, f"bias.sparsities {out} out of range: each must be in [0, 1)")
         require(self.n_samples > 0 and self.seq_len > 1, "bias.n_samples must be positive and bias.seq_len > 1")

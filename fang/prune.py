@@ -36,50 +36,10 @@ from .modeling import attention_geometry, count_block_params, decoder_layers
 from .progress import progress, warn
 from .shrink import shrink_attention, shrink_mlp
 
-from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS  # noqa: F401  (re-exported)
+from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS, Variant, parse_variant  # noqa: F401
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
 DIAGNOSTIC_SEQUENCES = 8
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A method with its allocation and compensation: one row of the sweep ("obc+fc", "o_fang+layer")."""
-
-    method: str
-    allocation: str = "auto"
-    compensation: str = "group"
-
-    @property
-    def name(self) -> str:
-        parts = [self.method]
-        if self.allocation != "auto":
-            parts.append(self.allocation)
-        if self.compensation != "group":
-            parts.append(self.compensation)
-        return "+".join(parts)
-
-
-def parse_variant(spec: str, allocation: str = "auto", compensation: str = "group") -> Variant:
-    """`method[+allocation][+compensation]`, e.g. "obc+fc", "flap+uniform", "o_fang+layer"; parts not
-    named take the given defaults (the prune.* keys)."""
-    method, *rest = str(spec).split("+")
-    require(method in METHODS, f"unknown method {method!r} in {spec!r}; available: {', '.join(METHODS)}")
-    for part in rest:
-        if part in ALLOCATIONS:
-            allocation = part
-        elif part in COMPENSATIONS:
-            compensation = part
-        else:
-            raise FangError(
-                f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "
-                f"nor a compensation ({', '.join(COMPENSATIONS)})"
-            )
-    require(
-        compensation == "group" or method == "o_fang",
-        f"{spec!r}: compensation {compensation!r} applies to o_fang only (the other methods have one refit)",
-    )
-    return Variant(method, allocation, compensation)
 
 
 def resolve_allocation(method: str, allocation: str) -> str:

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FangError
+
 
 @dataclass
 class Run:
@@ -100,7 +102,7 @@ def topic_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def render(runs: list[Run]) -> tuple[str, str]:
+def render(runs: list[Run], comparisons: list[dict] | None = None) -> tuple[str, str]:
     """(Markdown, CSV) of the whole report."""
     header, rows, records = table_rows(runs)
     t_header, t_rows = topic_table(runs)
@@ -110,7 +112,12 @@ def render(runs: list[Run]) -> tuple[str, str]:
           "Avg = mean over the task columns (its standard error assumes independent tasks). "
           "achieved = measured fraction of decoder-block parameters removed.",
           "",
-          markdown_table(header, rows), "", "## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
+          markdown_table(header, rows), ""]
+    if comparisons:
+        p_header, p_rows = paired_table(comparisons)
+        md += ["## FANG against its baselines, paired", "", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
+               "Per task and per topic: `paired.json`.", ""]
+    md += ["## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
     buf = io.StringIO()
     keys: list[str] = []
     for rec in records:
@@ -121,17 +128,139 @@ def render(runs: list[Run]) -> tuple[str, str]:
     return "\n".join(md), buf.getvalue()
 
 
+# ------------------------------------------------------------------------------ paired comparisons
+
+# tasks built from the calibration corpus itself (in-domain); every other task is out of domain
+IN_DOMAIN_PREFIXES = ("next_sentence",)
+
+
+def is_in_domain(task: str) -> bool:
+    return task.startswith(IN_DOMAIN_PREFIXES)
+
+
+def base_method(name: str) -> str:
+    return name.split("+")[0]
+
+
+def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(FANG variant, baseline) pairs among the sweep's rows: every f_fang* row against every flap*
+    row, every o_fang* row against every obc* row (obc_iter excluded: another algorithm)."""
+    from .choices import FANG_BASE
+
+    pairs = []
+    for m in methods:
+        base = FANG_BASE.get(base_method(m))
+        if base:
+            pairs += [(m, b) for b in methods if base_method(b) == base]
+    return pairs
+
+
+def paired_examples(metrics: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per headline task its per-question scores (a group pools its subtasks) and the metric shown."""
+    tasks = metrics["tasks"]
+    examples, metric_of = {}, {}
+    for task in headline_tasks(metrics):
+        entry = tasks[task]
+        metric = "acc_norm" if entry.get("acc_norm") is not None else "acc"
+        if "per_example" in entry:
+            examples[task] = entry["per_example"]
+        else:  # a group: pool its subtasks, doc ids made unique per subtask
+            subs = sorted(t for t in tasks if t.startswith(f"{task}_") and "per_example" in tasks[t])
+            if not subs:
+                continue
+            pooled: dict[str, list] = {"doc_id": [], metric: []}
+            for i, sub in enumerate(subs):
+                pe = tasks[sub]["per_example"]
+                pooled["doc_id"] += [i * 1_000_000 + d for d in pe["doc_id"]]
+                pooled[metric] += pe[metric]
+            examples[task] = pooled
+        metric_of[task] = metric
+    return examples, metric_of
+
+
+def compare_runs(a: Run, b: Run) -> dict:
+    """B against A, paired: perplexity (overall and per topic), accuracy per task, averages over all,
+    in-domain and out-of-domain tasks. Values are Comparison.as_dict()."""
+    from .paired import accuracy_difference, perplexity_differences
+
+    out: dict = {"a": a.label, "b": b.label}
+    out["perplexity"] = {k: c.as_dict() for k, c in
+                         perplexity_differences(a.metrics.get("ppl_windows"), b.metrics.get("ppl_windows")).items()}
+    ex_a, metric_of = paired_examples(a.metrics)
+    ex_b, _ = paired_examples(b.metrics)
+    common = [t for t in ex_a if t in ex_b]
+    groups = {"all": common, "in_domain": [t for t in common if is_in_domain(t)],
+              "out_of_domain": [t for t in common if not is_in_domain(t)]}
+    out["accuracy"] = {}
+    for group, tasks in groups.items():
+        if not tasks:
+            continue
+        res = accuracy_difference({t: ex_a[t] for t in tasks}, {t: ex_b[t] for t in tasks}, metric_of)
+        if group == "all":
+            out["accuracy"].update({t: res[t].as_dict() for t in tasks})
+        out["accuracy"][f"average_{group}"] = res["average"].as_dict()
+    return out
+
+
+def fmt_comparison(c: dict | None, scale: float = 100.0, unit: str = "") -> str:
+    if c is None:
+        return "—"
+    return (f"{c['estimate'] * scale:+.1f}{unit} [{c['low'] * scale:+.1f}, {c['high'] * scale:+.1f}] "
+            f"**{c['verdict']}**")
+
+
+def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["FANG", "baseline", "sparsity", "PPL change", "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
+    rows = []
+    for c in comparisons:
+        acc = c.get("accuracy", {})
+        rows.append([c["fang"], c["baseline"], f"{c['sparsity']:.0%}",
+                     fmt_comparison(c.get("perplexity", {}).get("overall"), unit="%"),
+                     fmt_comparison(acc.get("average_all")), fmt_comparison(acc.get("average_out_of_domain")),
+                     fmt_comparison(acc.get("average_in_domain"))])
+    return header, rows
+
+
+def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float]) -> list[dict]:
+    """Every (FANG variant, baseline) pair at every sparsity where both runs exist, compared paired."""
+    by_key = {(r.method, r.sparsity): r for r in runs if r.metrics}
+    out = []
+    for fang_m, base_m in comparison_pairs(methods):
+        for sp in sparsities:
+            a, b = by_key.get((base_m, sp)), by_key.get((fang_m, sp))
+            if a is None or b is None:
+                continue
+            try:
+                res = compare_runs(a, b)
+            except FangError as exc:  # an old metrics file without per-question scores
+                res = {"error": str(exc)}
+            out.append({"fang": fang_m, "baseline": base_m, "sparsity": sp, **res})
+    return out
+
+
+PAIRED_NOTE = (
+    "FANG minus baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
+    "in brackets; the word is read from the interval (better / worse / no detectable difference). "
+    "PPL change = PPL_FANG / PPL_baseline - 1 (negative is better); accuracy in points. "
+    "In-domain = tasks built from the calibration corpus (next-sentence); out-of-domain = the rest."
+)
+
+
 README_START = "<!-- report:start -->"
 README_END = "<!-- report:end -->"
 
 
-def readme_fragment(runs: list[Run], when: str, image: str | None) -> str:
-    """The README block: the method x sparsity table (per-topic perplexity stays in results.md)."""
+def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: list[dict] | None = None) -> str:
+    """The README block: the method x sparsity table and the paired verdicts (per-topic perplexity
+    stays in results.md)."""
     header, rows, _ = table_rows(runs)
     lines = [f"<!-- generated by `fang report --readme` on {when}; rerun it instead of editing -->", "",
              "Accuracy in %, ± standard error from lm-eval (acc_norm where the task has it, else acc); Avg = mean "
              "over the task columns; achieved = measured fraction of decoder-block parameters removed.", "",
              markdown_table(header, rows)]
+    if comparisons:
+        p_header, p_rows = paired_table(comparisons)
+        lines += ["", PAIRED_NOTE, "", markdown_table(p_header, p_rows)]
     if image:
         lines += ["", f"![average accuracy and perplexity against sparsity]({image})"]
     lines += ["", "Per-topic perplexity: `artifacts/report/results.md` and `results.csv`."]

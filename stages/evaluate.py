@@ -32,6 +32,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
         "block_params": count_block_params(model),
         "ppl": ppl["overall"],
         "ppl_by_topic": ppl["by_topic"],
+        "ppl_windows": {"nll": ppl["window_nll"], "tokens_per_window": ppl["window_tokens"]},
         "tasks": acc,
         "seconds": {"perplexity": round(t1 - t0, 1), "zero_shot": round(t2 - t1, 1)},
     }

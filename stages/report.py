@@ -3,11 +3,12 @@
 import time
 
 from fang import paths
-from fang.atomic import atomic_file
+from fang.atomic import atomic_file, write_json
 from fang.params import SweepParams, load_block
 from fang.progress import console
 from fang.readme import publish
-from fang.report import README_END, README_START, Run, load_json, plot, readme_fragment, render
+from fang.report import (README_END, README_START, Run, load_json, paired_comparisons, plot, readme_fragment,
+                         render)
 
 README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the README shows
 
@@ -21,7 +22,9 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
             name = f"{method}-{sparsity}"
             runs.append(Run(method, sparsity, load_json(paths.SWEEP / f"{name}.metrics.json"),
                             load_json(paths.SWEEP / f"{name}.prune.json")))
-    md, table_csv = render(runs)
+    comparisons = paired_comparisons(runs, list(p.methods), list(p.sparsities))
+    write_json(paths.REPORT / "paired.json", {"pairs": comparisons})
+    md, table_csv = render(runs, comparisons)
     with atomic_file(paths.REPORT / "results.md") as fh:
         fh.write(md)
     with atomic_file(paths.REPORT / "results.csv") as fh:
@@ -30,6 +33,6 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     if readme:
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
         publish(readme, paths.REPORT / "sparsity_curves.png", README_IMAGE,
-                lambda image: readme_fragment(runs, when, image), README_START, README_END)
+                lambda image: readme_fragment(runs, when, image, comparisons), README_START, README_END)
     missing = [r.label for r in runs if r.metrics is None]
     console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

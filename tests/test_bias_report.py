@@ -90,30 +90,60 @@ def test_readme_fragment_replaces_only_the_bias_block(tmp_path):
     assert "| o_fang | B | 30% |" in text and "![perplexity increase" in text
 
 
-def test_fang_is_compared_with_its_own_baseline_source_by_source():
-    def run(source, method, by_topic, ppl=12.0, acc=0.5):
-        return BiasRun(source, method, 0.3, metrics(by_topic, ppl=ppl, acc=acc))
+TPW = 50  # tokens per perplexity window
+BASE_NLL = {t: [100.0 + 7 * i + 13 * j for i in range(5)] for j, t in enumerate(("A", "B", "C"))}
 
+
+def windowed(by_topic: dict, ppl: float = 12.0, correct: list[int] | None = None) -> dict:
+    """Metrics whose every window of topic t has NLL = base + TPW * log(PPL_t / PPL_dense_t), so any
+    ratio between two such models is exact on every resample; per-question scores for two tasks."""
+    m = metrics(by_topic, ppl=ppl, acc=0.5)
+    m["ppl_windows"] = {"nll": {t: [v + TPW * math.log(by_topic[t] / DENSE["ppl_by_topic"][t]) for v in BASE_NLL[t]]
+                                for t in by_topic}, "tokens_per_window": TPW}
+    correct = correct if correct is not None else [0, 1] * 20
+    for t in ("t1", "t2"):
+        m["tasks"][t] = {**m["tasks"][t], "per_example": {"doc_id": list(range(len(correct))),
+                                                           "acc_norm": [float(c) for c in correct]}}
+    return m
+
+
+def test_fang_is_compared_with_its_own_baseline_source_by_source():
+    def run(source, method, by_topic, ppl=12.0, correct=None):
+        return BiasRun(source, method, 0.3, windowed(by_topic, ppl=ppl, correct=correct))
+
+    better = [1, 1] * 20  # right on every question where the baseline got half
     runs = [
-        run("all", "flap", {"A": 12.0, "B": 24.0, "C": 6.0}, ppl=12.0, acc=0.40),
+        run("all", "flap", {"A": 12.0, "B": 24.0, "C": 6.0}, ppl=12.0),
         run("A", "flap", {"A": 11.0, "B": 26.0, "C": 6.5}),       # OOD 1.3, 1.3; ID 1.1
         run("B", "flap", {"A": 15.0, "B": 22.0, "C": 7.5}),       # OOD 1.5, 1.5; ID 1.1
-        run("all", "f_fang", {"A": 11.0, "B": 22.0, "C": 5.5}, ppl=10.8, acc=0.46),
+        run("all", "f_fang", {"A": 11.0, "B": 22.0, "C": 5.5}, ppl=10.8, correct=better),
         run("A", "f_fang", {"A": 11.0, "B": 24.0, "C": 6.0}),     # OOD 1.2, 1.2
         run("B", "f_fang", {"A": 12.0, "B": 22.0, "C": 6.0}),     # OOD 1.2, 1.2
         run("A", "obc", {"A": 11.0, "B": 24.0, "C": 6.0}),        # no o_fang: no obc comparison
     ]
     (c,) = analyse(runs, DENSE)["comparisons"]
     assert (c["method"], c["baseline"], c["sparsity"]) == ("f_fang", "flap", 0.3)
-    assert c["sources"] == ["all", "A", "B"] and c["single_topic_sources"] == 2
-    per_source = [1.2 / 1.3 - 1, 1.2 / 1.5 - 1]
-    assert c["ood_ppl_vs_baseline"] == pytest.approx(sum(per_source) / 2)
-    assert c["ood_ppl_vs_baseline_se"] == pytest.approx(abs(per_source[0] - per_source[1]) / 2)  # sd/sqrt(2)
-    assert c["ood_id_ratio_diff"] == pytest.approx(((1.2 - 1.3) / 1.1 + (1.2 - 1.5) / 1.1) / 2)
-    assert c["all_topics_ppl_vs_baseline"] == pytest.approx(10.8 / 12.0 - 1)
-    # accuracy: +6 points on "all", 0 elsewhere
-    assert c["avg_acc_diff"] == pytest.approx(0.02)
-    one = math.hypot(0.05 / math.sqrt(2), 0.05 / math.sqrt(2))  # two tasks of se 0.05 -> 0.05/√2 per model
-    assert c["avg_acc_diff_se"] == pytest.approx(one)  # the sources share the questions: no 1/√n
+    assert c["sources"] == ["A", "B", "all"] and c["single_topic_sources"] == 2
+    # geometric mean over sources of the OOD ratio FANG / baseline: exact, so the interval is a point
+    ood = c["ood_ppl_vs_baseline"]
+    assert ood["estimate"] == pytest.approx(math.sqrt(1.2 / 1.3 * 1.2 / 1.5) - 1)
+    assert ood["low"] == pytest.approx(ood["estimate"]) and ood["verdict"] == "better"
+    assert c["id_ppl_vs_baseline"]["estimate"] == pytest.approx(0.0, abs=1e-12)  # ID 1.1 for both
+    assert c["ood_id_gap_vs_baseline"]["estimate"] == pytest.approx(ood["estimate"])
+    assert c["all_topics_ppl_vs_baseline"]["estimate"] == pytest.approx(math.expm1(
+        sum(TPW * 5 * math.log(r) for r in (11 / 12, 22 / 24, 5.5 / 6)) / (3 * 5 * TPW)))
+    # accuracy: +50 points on the "all" source, 0 on the others -> mean over 3 sources
+    acc = c["avg_acc_diff"]
+    assert acc["estimate"] == pytest.approx(0.5 / 3)
+    assert acc["low"] > 0 and acc["verdict"] == "better"
     md, _ = render(analyse(runs, DENSE), DENSE)
-    assert "FANG against its baseline" in md and "| f_fang | flap | 30% | all, A, B |" in md
+    assert "FANG against its baseline" in md and "| f_fang | flap | 30% | A, B, all |" in md
+
+
+def test_old_metrics_without_per_window_scores_are_reported_not_crashed():
+    runs = [BiasRun("A", "obc", 0.3, metrics({"A": 11.0, "B": 24.0, "C": 6.0})),
+            BiasRun("A", "o_fang", 0.3, metrics({"A": 11.0, "B": 23.0, "C": 6.0}))]
+    (c,) = analyse(runs, DENSE)["comparisons"]
+    assert "per-window" in c["error"]
+    md, _ = render(analyse(runs, DENSE), DENSE)
+    assert "per-window" in md

@@ -66,6 +66,9 @@ def test_perplexity_by_topic_is_token_weighted(tok):
     assert out["by_topic"]["Alpha"] == pytest.approx(E.perplexity(model, alpha, 4, "cpu"), rel=1e-5)
     both = E.perplexity(model, torch.cat([alpha, beta]), 4, "cpu")
     assert out["overall"] == pytest.approx(both, rel=1e-5)
+    # per-window NLL, kept for paired comparisons, adds up to the topic's perplexity
+    assert out["window_tokens"] == 19 and len(out["window_nll"]["Alpha"]) == alpha.shape[0]
+    assert math.exp(sum(out["window_nll"]["Alpha"]) / out["tokens"]["Alpha"]) == pytest.approx(out["by_topic"]["Alpha"])
     with pytest.raises(FangError, match="perplexity window"):
         E.perplexity_by_topic(model, tok, rows[3:], 20, 3, 2, "cpu")
 
@@ -106,6 +109,12 @@ def test_zero_shot_on_tiny_model(tok, tmp_path):
     # the group is the size-weighted pool of its topics
     pooled = (res["next_sentence_cats"]["acc"] * 3 + res["next_sentence_dogs"]["acc"] * 3) / 6
     assert res["next_sentence"]["acc"] == pytest.approx(pooled)
+    # per-question scores (paired comparisons) reproduce lm-eval's accuracies, first docs in order
+    for name in ("bb_tiny_mc", "next_sentence_cats"):
+        pe = res[name]["per_example"]
+        assert pe["doc_id"] == list(range(res[name]["n"]))
+        assert sum(pe["acc"]) / len(pe["acc"]) == pytest.approx(res[name]["acc"])
+        assert set(pe["acc_norm"]) <= {0.0, 1.0}
 
 
 def test_zero_shot_unknown_local_task(tok, tmp_path):
