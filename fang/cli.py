@@ -120,6 +120,19 @@ def evaluate(
     _stage("evaluate").run(params, model, out)
 
 
+@app.command("screen-tasks")
+def screen_tasks(
+    params: str = ParamsOpt,
+    readme: Optional[str] = typer.Option(
+        None, help="publish the last screen (artifacts/screen/screen.json) into this README between "
+        "<!-- screen:start --> and <!-- screen:end -->, without running the model"),
+) -> None:
+    """Find the evaluation tasks that carry signal: the dense model on every affordable BIG-bench
+    multiple-choice task (a probe, then every question of those above chance); writes
+    artifacts/screen/screen.{json,md} and the suggested `data.tasks`. Slow: about an hour on 2 CPU cores."""
+    _stage("screen_tasks").run(params, readme)
+
+
 @app.command()
 def cluster(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Per layer: PCA of the FFN-input tokens to `cluster.pca_dim`, KMeans into `cluster.k` context clusters."""

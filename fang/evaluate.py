@@ -289,7 +289,19 @@ def per_example(samples: list[dict]) -> dict[str, list]:
     for metric in ("acc", "acc_norm"):
         if rows and all(metric in s for s in rows):
             out[metric] = [float(s[metric]) for s in rows]
+    preds = [_argmax_choice(s.get("filtered_resps")) for s in rows]
+    if rows and all(p is not None for p in preds):
+        out["pred"] = preds  # the choice with the highest raw log-likelihood (a constant answer shows here)
     return out
+
+
+def _argmax_choice(resps) -> int | None:
+    """Index of the highest log-likelihood among a multiple-choice sample's responses, if readable."""
+    try:
+        lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(range(len(lls)), key=lls.__getitem__) if lls else None
 
 
 def zero_shot(

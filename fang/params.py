@@ -219,6 +219,29 @@ class BiasParams:
 
 DTYPES = {"float32", "float16", "bfloat16"}
 
+@dataclass
+class ScreenParams:
+    """`fang screen-tasks`: which BIG-bench multiple-choice tasks the dense model does above chance."""
+
+    min_examples: int = 100  # smaller tasks cannot resolve a difference of a few points
+    max_task_requests: int = 2500  # loglikelihood requests (questions x choices) one task may cost per evaluation
+    probe_examples: int = 30  # first pass: questions per candidate
+    probe_min_z: float = 1.0  # first pass keeps candidates this many standard errors above chance
+    min_z: float = 3.0  # the decision (all questions): at least this many standard errors above chance
+    max_total_requests: int = 4500  # dev-set budget per evaluated model (~11 min at 7 requests/s on 2 cores)
+    exclude: list[str] = field(default_factory=list)  # tasks never considered
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(self.min_examples > 0, f"screen.min_examples={self.min_examples} must be positive")
+        require(self.max_task_requests > 0, f"screen.max_task_requests={self.max_task_requests} must be positive")
+        require(self.probe_examples > 1, f"screen.probe_examples={self.probe_examples} must be > 1")
+        require(self.max_total_requests >= self.max_task_requests,
+                f"screen.max_total_requests={self.max_total_requests} is below one task's cap "
+                f"screen.max_task_requests={self.max_task_requests}")
+        require(self.batch_size > 0, "screen.batch_size must be positive")
+
+
 BLOCKS: dict[str, type] = {
     "model": ModelParams,
     "data": DataParams,
@@ -232,6 +255,7 @@ BLOCKS: dict[str, type] = {
     "allocate": AllocateParams,
     "sweep": SweepParams,
     "bias": BiasParams,
+    "screen": ScreenParams,
 }
 
 

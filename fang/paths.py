@@ -22,6 +22,7 @@ REPORT = ARTIFACTS / "report"  # results.md, results.csv, sparsity_curves.png
 BIAS = ARTIFACTS / "bias"  # <source>/: the calibration-bias study's per-source calibration and analysis
 BIAS_SWEEP = ARTIFACTS / "bias_sweep"  # <source>/<method>-<sparsity>/ pruned models, .prune.json, .metrics.json
 BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_heatmap.png
+SCREEN = ARTIFACTS / "screen"  # screen.json, screen.md: which tasks the dense model does above chance
 
 
 @dataclass(frozen=True)

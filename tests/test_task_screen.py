@@ -1,0 +1,83 @@
+"""The task screen's decisions: affordability, the probe, the full decision, constant answers, the budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fang.errors import FangError
+from fang.task_screen import (
+    Candidate,
+    ScreenResult,
+    affordable,
+    choose_dev_set,
+    constant_share,
+    decide_full,
+    decide_probe,
+    markdown,
+    score,
+    z_above_chance,
+)
+
+
+def test_z_and_constant_share():
+    assert z_above_chance(0.6, 0.05, 0.5) == pytest.approx(2.0)
+    assert z_above_chance(1.0, 0.0, 0.5) == math.inf and z_above_chance(0.0, 0.0, 0.5) == -math.inf
+    assert constant_share([1, 1, 1, 0]) == 0.75 and constant_share(None) is None
+
+
+def test_affordable_filters_small_and_expensive_tasks():
+    cands = [Candidate("small", 50, 2, 0.5), Candidate("big", 1000, 5, 0.2), Candidate("ok", 300, 4, 0.25),
+             Candidate("excluded", 300, 2, 0.5)]
+    kept = affordable(cands, min_examples=100, max_task_requests=2000, exclude=["excluded"])
+    assert [c.name for c in kept] == ["ok"]
+    assert "min_examples" in cands[0].decision and "max_task_requests" in cands[1].decision
+    assert "excluded" in cands[3].decision
+
+
+def test_probe_then_full_decision():
+    c = Candidate("t", 400, 2, 0.5)
+    assert not decide_probe(c, {"n": 30, "acc": 0.5, "stderr": 0.09}, probe_min_z=1.0)
+    assert c.decision.startswith("dropped: probe")
+    c = Candidate("t", 400, 2, 0.5)
+    assert decide_probe(c, {"n": 30, "acc": 0.7, "stderr": 0.08}, probe_min_z=1.0)
+    # winowhy-like: 55% on 400 questions is 2 se above chance -> dropped at min_z = 3
+    assert not decide_full(c, {"n": 400, "acc": 0.55, "stderr": 0.025, "constant_share": 0.6}, min_z=3.0)
+    assert "2.0 se" in c.decision
+    c2 = Candidate("u", 400, 2, 0.5)
+    assert decide_full(c2, {"n": 400, "acc": 0.6, "stderr": 0.0245, "constant_share": 0.6}, min_z=3.0)
+    assert c2.decision == "kept"
+
+
+def test_a_constant_answer_is_dropped_even_above_chance():
+    # always answering "A" on a task whose answers are mostly A looks accurate but separates nothing
+    c = Candidate("biased", 400, 2, 0.5)
+    assert not decide_full(c, {"n": 400, "acc": 0.7, "stderr": 0.023, "constant_share": 0.99}, min_z=3.0)
+    assert "same answer" in c.decision
+
+
+def test_dev_set_takes_strongest_tasks_within_budget():
+    cands = []
+    for name, n, z in (("a", 300, 8.0), ("b", 400, 5.0), ("c", 200, 4.0)):
+        c = Candidate(name, n, 4, 0.25)
+        c.decision, c.full = "kept", {"z": z}
+        cands.append(c)
+    chosen = choose_dev_set(cands, max_total_requests=2100)  # a: 1200, b: 1600 (over), c: 800
+    assert chosen == ["a", "c"] and cands[0].in_dev_set and not cands[1].in_dev_set
+    assert "over the budget" in cands[1].decision
+    with pytest.raises(FangError):
+        choose_dev_set(cands, 0)
+
+
+def test_score_uses_the_reported_metric_and_markdown_lists_decisions():
+    s = score({"acc": 0.4, "acc_stderr": 0.02, "acc_norm": 0.5, "acc_norm_stderr": 0.03, "n": 100}, [0, 1, 1])
+    assert s["acc"] == 0.5 and s["stderr"] == 0.03 and s["metric"] == "acc_norm"
+    assert s["constant_share"] == pytest.approx(2 / 3)
+    c = Candidate("good", 300, 4, 0.25)
+    decide_probe(c, {"n": 30, "acc": 0.6, "stderr": 0.09}, 1.0)
+    decide_full(c, {"n": 300, "acc": 0.5, "stderr": 0.029, "constant_share": 0.4}, 3.0)
+    r = ScreenResult("m", [c, Candidate("tiny", 10, 2, 0.5, decision="not screened: small")])
+    r.dev_set = choose_dev_set(r.candidates, 5000)
+    md = markdown(r.as_dict())
+    assert "| good | 300 |" in md and "**dev set**" in md and "1 not screened" in md
