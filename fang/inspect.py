@@ -686,6 +686,28 @@ def sparsity(
         _wrote(console, plot_sparsity(a, png))
 
 
+@app.command()
+def pruned(
+    reports: Optional[list[Path]] = typer.Argument(
+        None, help="prune reports; default: artifacts/metrics/prune.json and every artifacts/sweep/*.prune.json"),
+    artifacts: Path = ArtifactsOpt,
+    png: Optional[Path] = PngOpt,
+) -> None:
+    """Per layer and pruned model: KV groups and FFN neurons kept, and each block's reconstruction error
+    (plus FANG's weight on its own cluster in the plot). Needs the prune reports, not the models."""
+    from .inspect_pruned import plot as plot_pruned, read_runs, structure_table
+
+    console = _console()
+    files = list(reports or [])
+    if not files:
+        main = artifacts / "metrics" / "prune.json"
+        files = ([main] if main.exists() else []) + sorted((artifacts / "sweep").glob("*.prune.json"))
+    runs = read_runs(files)
+    console.print(structure_table(runs))
+    if png:
+        _wrote(console, plot_pruned(runs, png))
+
+
 @app.command("all")
 def all_views(
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="layer for the token samples and group details; default: the middle layer"),
