@@ -70,7 +70,7 @@ def _stage_code_deps() -> list[tuple[str, str, set[str], set[str]]]:
         stages = yaml.safe_load(pipeline.read_text())["stages"]
         for name, stage in stages.items():
             body = stage.get("do", stage)
-            here = pipeline.parent
+            here = (pipeline.parent / str(body.get("wdir", "."))).resolve()  # deps are relative to the stage's wdir
             deps = {str((here / d).resolve().relative_to(ROOT)) for d in body.get("deps", []) if "${" not in str(d)
                     and (here / d).resolve().is_relative_to(ROOT)}
             stage_modules = [d for d in deps if d.startswith("stages/") and d.endswith(".py")]
