@@ -316,10 +316,11 @@ def prune_sequential(
                     FANG_BASE[method], groups, group_ids, k, options.damp, f"layer {li} down_proj", device,
                     compensation=options.compensation,
                 )
-                entry.update(sparsity=round(float(fang_inputs.sparsity[li]), 6), ffn_removed_target=n_remove)
+                entry.update(ffn_removed_target=n_remove)
             else:
                 mlp_pruner = ChannelPruner(method, n_ffn, options.damp, f"layer {li} down_proj", device)
             recorder = OutputRecorder({"o_proj": attn.o_proj, "down_proj": mlp.down_proj})
+            dense_params = sum(p.numel() for p in layer.parameters())
 
             if uses_data:
                 labels: list[torch.Tensor] = []
@@ -357,6 +358,8 @@ def prune_sequential(
                     diag = sl.start < n_diag
                     with recorder.record(recorder.pruned) if diag else contextlib.nullcontext():
                         hidden[sl] = runner(layer, hidden[sl]).float().cpu()
+            # achieved fraction of this block's parameters removed (FLAP's added biases count as kept)
+            entry["sparsity"] = round(1.0 - sum(p.numel() for p in layer.parameters()) / dense_params, 6)
             entry.update(heads=heads, kv_heads=kv_heads, ffn=ffn, **mlp_sel.info)
             errors = recorder.relative_errors()
             if errors:
