@@ -105,5 +105,8 @@ def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.exists():
         raise FangError(f"missing file: {path} (run the stage that produces it first, e.g. `dvc repro`)")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FangError(f"{path} is not valid JSON ({exc}): rerun the stage that writes it") from None
