@@ -31,9 +31,13 @@ def available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"
+
+
 def check_fits(needed: int, what: str, parameter: str) -> None:
     """FangError naming `parameter` when `needed` bytes exceed the memory available now."""
     have = available_bytes()
     if needed > have:
-        raise FangError(f"{parameter} needs about {needed / GIB:.2f} GiB of memory for {what}, but only "
-                        f"{have / GIB:.2f} GiB is available: lower {parameter.split('=')[0]}")
+        raise FangError(f"{parameter} needs about {_size(needed)} of memory for {what}, but only "
+                        f"{_size(have)} is available: lower {parameter.split('=')[0]}")

@@ -14,7 +14,6 @@ from fang.progress import console
 
 def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json")) -> None:
     from fang.evaluate import perplexity_by_topic, zero_shot
-
     from fang.tasks import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
