@@ -139,6 +139,14 @@ def truncate(rel: str, keep: float = 0.5) -> Callable[[Path], None]:
     return edit
 
 
+def own_model(edit: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`edit`, with model.name pointing at this case's copy of the source model (not the golden one)."""
+    def both_edits(root: Path) -> None:
+        edit(root)
+        params_edit("model", name=str(root / "tiny_model"))(root)
+    return both_edits
+
+
 def huge_header(rel: str) -> Callable[[Path], None]:
     """Overwrite a safetensors header length with a huge value ("header too large")."""
     def edit(root: Path) -> None:
@@ -260,8 +268,9 @@ def cases() -> list[Case]:
           ["artifacts/capture.zarr"]),
         c("dense_header_too_large", ["capture"], ["model.safetensors", "header"], huge_header("artifacts/model/model.safetensors"),
           ["artifacts/capture.zarr"]),
-        c("fetch_truncated", ["fetch-model"], ["model.safetensors"], truncate("tiny_model/model.safetensors"), ["artifacts/model"]),
-        c("fetch_header_too_large", ["fetch-model"], ["model.safetensors", "header"], huge_header("tiny_model/model.safetensors"),
+        c("fetch_truncated", ["fetch-model"], ["model.safetensors"], own_model(truncate("tiny_model/model.safetensors")),
+          ["artifacts/model"]),
+        c("fetch_header_too_large", ["fetch-model"], ["model.safetensors", "header"], own_model(huge_header("tiny_model/model.safetensors")),
           ["artifacts/model"]),
         c("dense_config_not_json", ["capture"], ["config.json"], write("artifacts/model/config.json", "{oops"),
           ["artifacts/capture.zarr"]),
@@ -314,8 +323,10 @@ def _leftovers(root: Path, outputs: list[str]) -> list[str]:
 def _interrupted_run(code: Path, root: Path, case: Case) -> tuple[int, str]:
     fifo = root / "fifo.yaml"
     os.mkfifo(fifo)
+    # a sweep started in the background (`&`) passes SIGINT on as ignored: give the stage the default back
     proc = subprocess.Popen([sys.executable, "-m", "fang.cli", *case.argv], cwd=root, env=_env(code, case.env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline, fd = time.time() + 120, None
     while fd is None and time.time() < deadline and proc.poll() is None:
         try:  # succeeds once the stage has opened the FIFO for reading: it now blocks in read()
