@@ -432,3 +432,19 @@ def test_bigbench_text_is_always_literal_in_the_prompt(tmp_path, prefix):
     config = yaml.safe_load((tasks / "bb_tiny_mc.yaml").read_text().split("custom_dataset:")[0])
     prompt = apply_template(config["doc_to_text"], {"question": "Is 2 even?", "choices": ["yes", "no"]})
     assert prompt.startswith((prefix + "\nQ: ").lstrip() + "Is 2 even?")
+
+
+def test_capture_refuses_a_calibration_set_larger_than_memory(tmp_path, monkeypatch, calib):
+    from safetensors.torch import save_file
+
+    import stages.capture
+
+    _project(tmp_path)
+    _dense_dir(tmp_path / "artifacts" / "model")
+    (tmp_path / "artifacts" / "calib").mkdir()
+    save_file({"input_ids": calib.contiguous()}, tmp_path / "artifacts" / "calib" / "calib.safetensors")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FANG_MEMORY_MIB", "0.01")
+    with pytest.raises(FangError, match=r"calibrate.n_samples=6 needs about .* lower calibrate.n_samples"):
+        stages.capture.run()
+    assert not (tmp_path / "artifacts" / "capture.zarr").exists()
