@@ -25,16 +25,18 @@ from .atomic import atomic_dir
 from .errors import FangError
 from .layerwise import BlockRunner, batch_slices, input_hooks
 from .modeling import attention_geometry, decoder_layers
+from .store import compressors, open_checked, seal
 from .progress import progress
 
 STORE_FORMAT = 1
 
 
-def open_capture(path: str | os.PathLike) -> zarr.Group:
+def open_capture(path: str | os.PathLike):
+    """The capture store, read-only, with every chunk written by the capture checked present."""
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise FangError(f"capture store not found: {path} (run `dvc repro capture` first)")
-    group = zarr.open_group(str(path), mode="r")
+    group = open_checked(path, "capture", "capture")
     if group.attrs.get("format") != STORE_FORMAT:
         raise FangError(f"{path} is not a fang capture store of format {STORE_FORMAT}; rerun the capture stage")
     return group
@@ -111,11 +113,15 @@ def capture_features(
             seq_len=seq_len,
             dtype=dtype,
         )
-        root.create_array("token_ids", data=input_ids.to(torch.int32).numpy(), chunks=(n_seq, seq_len))
+        root.create_array("token_ids", data=input_ids.to(torch.int32).numpy(), chunks=(n_seq, seq_len),
+                          compressors=compressors())
         arrays = {
-            "block_io": root.create_array("block_io", shape=(n_layers + 1, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype),
-            "ffn_in": root.create_array("ffn_in", shape=(n_layers, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype),
-            "down_in": root.create_array("down_in", shape=(n_layers, n_tok, n_ffn), chunks=(1, chunk_tok, n_ffn), dtype=np_dtype),
+            "block_io": root.create_array("block_io", shape=(n_layers + 1, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype,
+                                        compressors=compressors()),
+            "ffn_in": root.create_array("ffn_in", shape=(n_layers, n_tok, d), chunks=(1, chunk_tok, d), dtype=np_dtype,
+                                        compressors=compressors()),
+            "down_in": root.create_array("down_in", shape=(n_layers, n_tok, n_ffn), chunks=(1, chunk_tok, n_ffn), dtype=np_dtype,
+                                        compressors=compressors()),
         }
         stats = {name: np.zeros((n_layers, c), dtype=np.float64) for name, c in
                  [("o_proj_in_mean", n_heads * head_dim), ("o_proj_in_var", n_heads * head_dim),
@@ -168,7 +174,8 @@ def capture_features(
                     stats["down_in_mean"][li], stats["down_in_var"][li] = d_mom.mean.cpu().numpy(), d_mom.variance.cpu().numpy()
             drain()
         for name, value in stats.items():
-            root.create_array(name, data=value, chunks=value.shape)
+            root.create_array(name, data=value, chunks=value.shape, compressors=compressors())
+        seal(root, tmp)
     return {"tokens": n_tok, "layers": n_layers, "bytes": _dir_size(Path(out_path))}
 
 

@@ -5,6 +5,7 @@ Each stage reads its own block of params.yaml and the artifacts of earlier stage
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Optional
@@ -42,7 +43,6 @@ class _Timed:
         self.module = importlib.import_module(f"stages.{name}")
 
     def run(self, *args) -> None:
-        import json
         import resource
         import time
         from pathlib import Path
@@ -56,10 +56,10 @@ class _Timed:
         console.print(f"[dim]{self.name}: {seconds:.1f} s, peak RSS {peak_mib:.0f} MiB[/dim]")
         log = Path("artifacts") / "timings.jsonl"
         if log.parent.is_dir():
-            with open(log, "a") as fh:
-                entry = {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
-                         "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                fh.write(json.dumps(entry) + "\n")
+            from .timings import record_timing
+
+            record_timing(log, {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
+                                "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def _stage(name: str) -> _Timed:
@@ -206,9 +206,22 @@ def bench(
 app.add_typer(inspect_app, name="inspect")
 
 
+def _sigterm_as_interrupt(signum, frame) -> None:
+    # `kill`, DVC and schedulers stop a run with SIGTERM: unwind like Ctrl-C so temp outputs are removed
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import signal
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers (not when embedded)
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into a returned 130
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FangError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(2)

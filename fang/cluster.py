@@ -17,8 +17,10 @@ from .errors import require
 
 RELEVANCE_MODES = ("ours", "uniform", "reverse", "only_matched")
 
-# Rows per chunk when computing token-to-centroid distances: bounds the [rows, k, dim] temporary.
+# Token-to-centroid distances are computed for a chunk of rows at a time: at most this many rows,
+# and at most _ASSIGN_BYTES for the [rows, k, dim] float64 temporary (a large k shrinks the chunk).
 _ASSIGN_CHUNK = 8192
+_ASSIGN_BYTES = 256 * 2**20
 
 
 def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:
@@ -88,8 +90,9 @@ def _nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     c = centroids.to(device=x.device, dtype=torch.float64)
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], _ASSIGN_CHUNK):
-        xb = x[start : start + _ASSIGN_CHUNK].to(torch.float64)
+    rows = max(1, min(_ASSIGN_CHUNK, _ASSIGN_BYTES // (8 * c.shape[0] * max(c.shape[1], 1))))
+    for start in range(0, x.shape[0], rows):
+        xb = x[start : start + rows].to(torch.float64)
         d2 = ((xb[:, None, :] - c[None, :, :]) ** 2).sum(dim=-1)
         best, arg = d2.min(dim=1)
         idx[start : start + xb.shape[0]] = arg
@@ -243,7 +246,10 @@ def center_distances(centers: Tensor) -> Tensor:
     """
     require(centers.dim() == 2, f"centers must be [k, n], got shape {tuple(centers.shape)}")
     c = centers.double()
-    d = ((c[:, None, :] - c[None, :, :]) ** 2).sum(dim=-1).sqrt()
+    # one row at a time: the [k, k, n] difference cube is 23 GB at k=1000, n=1536; a row is [k, n]
+    d = torch.empty(c.shape[0], c.shape[0], dtype=torch.float64, device=c.device)
+    for i in range(c.shape[0]):
+        d[i] = ((c - c[i]) ** 2).sum(dim=-1).sqrt()
     return d.float()
 
 

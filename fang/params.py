@@ -267,8 +267,14 @@ def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
         with open(path) as fh:
             raw = yaml.safe_load(fh) or {}
     except yaml.YAMLError as exc:
-        raise FangError(f"{path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FangError(f"{path} is not valid YAML{where}: {problem}") from None
     require(isinstance(raw, dict), f"{path} must hold a mapping of stage blocks")
+    # a misspelled block (`prunes:`) would otherwise be ignored and its stage run on defaults
+    unknown = sorted(str(k) for k in set(raw) - set(BLOCKS))
+    require(not unknown, f"unknown top-level block(s) in {path}: {', '.join(unknown)}; known: {', '.join(BLOCKS)}")
     return raw
 
 
@@ -283,6 +289,10 @@ def parse_block(name: str, raw: dict[str, Any] | None, cls: type[T]) -> T:
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
         default = getattr(cls(), f.name)
+        # YAML's empty value is null: never a stand-in for a default (`topics: null` is not `[]`)
+        if value is None and default is not None:
+            raise FangError(f"{name}.{f.name} is null (an empty value in YAML): give a {type(default).__name__}"
+                            + (", e.g. []" if isinstance(default, list) else ""))
         if default is not None and value is not None and not _same_kind(value, default):
             raise FangError(f"{name}.{f.name}={value!r} has the wrong type (expected {type(default).__name__})")
     validate = getattr(obj, "validate", None)

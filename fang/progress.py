@@ -8,7 +8,15 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+
+def _console() -> Console:
+    # Not a terminal (DVC, a pipe, a log file): rich would wrap at 80 columns and split paths in
+    # summary lines; a wide console keeps each message on one line. COLUMNS still wins if set.
+    tty = sys.stderr.isatty()
+    return Console(stderr=True, width=None if tty or os.environ.get("COLUMNS") else 400)
+
+
+console = _console()
 
 
 def progress() -> Progress:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .atomic import atomic_dir
 from .errors import FangError, require
+from .integrity import check_safetensors, file_sha256, read_config
 from .modeling import check_supported, count_block_params, decoder_layers
 
 STRUCTURE_FILE = "structure.json"
@@ -270,6 +271,8 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
     }
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # flipped bytes in a tensor load without complaint: load_pruned compares this checksum
+        structure["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
         model.config.save_pretrained(tmp)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
@@ -313,6 +316,7 @@ def load_pruned(path: str | os.PathLike):
     require(weights_path.exists(), f"{path} is incomplete: {WEIGHTS_FILE} is missing")
     require((path / "config.json").exists(), f"{path} is incomplete: config.json is missing")
 
+    check_supported(read_config(path))
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
     # Parameters on meta (no memory, no random init); buffers stay real because the rotary
@@ -327,7 +331,15 @@ def load_pruned(path: str | os.PathLike):
     for i, (layer, spec) in enumerate(zip(layers, structure["layers"])):
         apply_structure(layer, spec, i)
 
-    state = load_file(str(weights_path), device="cpu")
+    check_safetensors(weights_path)
+    expected = structure.get("weights_sha256")  # absent in checkpoints saved before it was recorded
+    if expected is not None and file_sha256(weights_path) != expected:
+        raise FangError(f"{weights_path} is corrupt: its sha256 checksum differs from the one in {STRUCTURE_FILE} "
+                        "(re-create it with `fang prune`)")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as exc:  # SafetensorError derives from Exception only
+        raise FangError(f"could not read {weights_path}: {str(exc).strip()[:300]}") from None
     tied = structure.get("tied", {})
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

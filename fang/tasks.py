@@ -32,6 +32,7 @@ and loading never touches the network or the datasets cache.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import random
@@ -229,10 +230,17 @@ def _is_multiple_choice(task: Mapping) -> bool:
 
 
 def _jinja_literal(text: str) -> str:
-    """`text` as a literal inside a jinja template (raw block only when it holds jinja syntax)."""
-    if any(tok in text for tok in ("{{", "{%", "{#")):
-        return "{% raw %}" + text + "{% endraw %}"
-    return text
+    """`text` as a literal inside a jinja template, whatever it holds.
+
+    Jinja markup needs a "{", so text without one is inert and stays as it is (generated YAMLs do
+    not change). Any other text becomes a Jinja string expression: a `{% raw %}` block would be
+    closed early by an "{% endraw %}" inside the text, and a text ending in "{" would merge with the
+    template's next "{{". json.dumps escapes quotes, backslashes and control characters with
+    escapes Jinja's string literals decode the same way.
+    """
+    if "{" not in text:
+        return text
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
 
 
 def _bigbench_template(task: Mapping) -> tuple[str, str]:
@@ -281,6 +289,31 @@ def _write_loader(out_dir: Path) -> None:
     if not path.exists() or path.read_text() != _LOADER_SOURCE:
         with atomic_file(path) as fh:
             fh.write(_LOADER_SOURCE)
+
+
+LOADER_SHA256 = hashlib.sha256(_LOADER_SOURCE.encode()).hexdigest()
+_FUNCTION_TAG = re.compile(r"!function\s+([^\s#]+)")
+
+
+def verify_task_folder(task_dir: str | os.PathLike) -> None:
+    """Refuse a task folder lm-eval would run foreign code from.
+
+    lm-eval imports every `!function module.name` a task YAML names, from the YAML's folder. The
+    folder may come from a shared DVC remote, so the only Python allowed is the loader fang writes,
+    byte for byte (its sha256 is fixed by this code), and `!function` may name nothing else.
+    """
+    task_dir = Path(task_dir)
+    loader = task_dir / f"{LOADER_MODULE}.py"
+    if loader.exists() and hashlib.sha256(loader.read_bytes()).hexdigest() != LOADER_SHA256:
+        raise FangError(f"{loader} differs from the loader fang writes (sha256 mismatch): refusing to let lm-eval "
+                        "import it; rebuild the tasks with `dvc repro fetch_data`")
+    foreign = sorted(p.name for p in task_dir.rglob("*.py") if p != loader)
+    require(not foreign, f"{task_dir} holds Python files fang did not write ({', '.join(foreign)}): refusing to "
+                         "evaluate; rebuild the tasks with `dvc repro fetch_data`")
+    for path in sorted([*task_dir.rglob("*.yaml"), *task_dir.rglob("*.yml")]):
+        hooks = sorted(set(_FUNCTION_TAG.findall(path.read_text(errors="replace"))) - {f"{LOADER_MODULE}.load"})
+        require(not hooks, f"{path} names a Python hook fang did not write (!function {', '.join(hooks)}): refusing "
+                           "to evaluate; rebuild the tasks with `dvc repro fetch_data`")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

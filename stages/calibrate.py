@@ -26,6 +26,13 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     out = paths.calibration_artifacts(source).calib
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
+    from fang.integrity import read_config
+
+    max_pos = read_config(paths.MODEL).get("max_position_embeddings")
+    seq_key = "calibrate.seq_len" if source is None else "bias.seq_len"
+    # longer windows than the model was built for run on silently and capture meaningless features
+    if isinstance(max_pos, int) and p.seq_len > max_pos:
+        raise FangError(f"{seq_key}={p.seq_len} exceeds the model's max_position_embeddings ({max_pos})")
     tokenizer = AutoTokenizer.from_pretrained(paths.MODEL)
     rows = filter_topics(read_jsonl(paths.DATA / f"{p.split}.jsonl"), p.topics,
                          "calibrate.topics" if source is None else "bias.sources")

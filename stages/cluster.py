@@ -10,9 +10,20 @@ from fang.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_pro
 from fang.device import pick_device
 from fang.errors import require
 from fang.layerwise import batch_slices
+from fang.memory import check_fits
 from fang.params import load_block
 from fang.progress import console, progress
 from fang.store import write_store
+
+
+def cluster_bytes(n_layers: int, n_tok: int, d: int, n_ffn: int, k: int, pca_dim: int) -> int:
+    """Peak bytes of the stage, roughly: the output arrays plus one layer's working set."""
+    outputs = 4 * n_layers * (d + pca_dim * d + k * pca_dim + n_tok + 2 * k + k * n_ffn + k * k)
+    layer = n_tok * d * 4 + n_tok * pca_dim * (4 + 4 + 8)  # features, projection, KMeans copies
+    layer += 8 * n_tok * (3 + int(np.log(max(k, 2))))  # k-means++ candidate distances
+    layer += 4 * 32768 * k + 256 * 2**20  # faiss's distance blocks, the exact assignment's chunk
+    layer += 8 * k * n_ffn * 3  # centre sums and a row of centre differences
+    return outputs + layer
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -23,6 +34,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     n_tok = cap["ffn_in"].shape[1]
     require(p.k <= n_tok, f"cluster.k={p.k} is larger than the number of calibration tokens ({n_tok})")
     require(p.pca_dim <= d, f"cluster.pca_dim={p.pca_dim} is above the model's hidden size ({d})")
+    check_fits(cluster_bytes(n_layers, n_tok, d, n_ffn, p.k, p.pca_dim), "the cluster stage's arrays", f"cluster.k={p.k}")
     device = pick_device()
     out = {
         "pca_mean": np.zeros((n_layers, d), np.float32),

@@ -14,11 +14,13 @@ from fang.progress import console
 
 def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json")) -> None:
     from fang.evaluate import perplexity_by_topic, zero_shot
+    from fang.tasks import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
     device = pick_device()
-    model, tokenizer = load_any(model_dir, device)
     manifest = read_json(paths.TASKS / "tasks.json")
+    verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
+    model, tokenizer = load_any(model_dir, device)
     t0 = time.perf_counter()
     ppl = perplexity_by_topic(
         model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device

@@ -4,7 +4,7 @@ import collections
 from pathlib import Path
 
 from fang import paths
-from fang.atomic import write_json
+from fang.atomic import atomic_dir, write_json
 from fang.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
 from fang.fetch import EMBEDDED_WIKI, embedded_wiki_json
 from fang.params import load_block
@@ -28,14 +28,17 @@ def run(params_path: str = "params.yaml") -> None:
     p = load_block("data", path=params_path)
     rows = corpus_rows(p.corpus)
     splits = split_rows(rows, p.split_seed, p.validation_fraction, p.test_fraction)
-    for name in SPLITS:
-        write_jsonl(paths.DATA / f"{name}.jsonl", splits[name])
     summary = {
         name: {"articles": len(r), "by_topic": dict(sorted(collections.Counter(x["topic"] for x in r).items()))}
         for name, r in splits.items()
     }
-    write_json(paths.DATA / "corpus.json", {"source": p.corpus, "split_seed": p.split_seed, "splits": summary})
-    build_task_folder(p.tasks, p.bigbench, splits["test"], paths.TASKS, p.next_sentence_per_topic, p.split_seed)
+    # the whole folder at once: a bad task name must not leave new splits beside the old tasks
+    with atomic_dir(paths.DATA) as tmp:
+        for name in SPLITS:
+            write_jsonl(tmp / f"{name}.jsonl", splits[name])
+        write_json(tmp / "corpus.json", {"source": p.corpus, "split_seed": p.split_seed, "splits": summary})
+        build_task_folder(p.tasks, p.bigbench, splits["test"], tmp / paths.TASKS.relative_to(paths.DATA),
+                          p.next_sentence_per_topic, p.split_seed)
     console.print(
         f"corpus: {len(rows)} articles -> " + ", ".join(f"{k} {v['articles']}" for k, v in summary.items())
         + f"; tasks -> {paths.TASKS}"

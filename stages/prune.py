@@ -1,5 +1,6 @@
 """prune: structured pruning of the dense model (heads + FFN neurons), saved really shrunk."""
 
+import dataclasses
 from pathlib import Path
 
 from fang import paths
@@ -9,7 +10,7 @@ from fang.capture import open_capture
 from fang.device import pick_device
 from fang.fang_prune import FangInputs
 from fang.errors import FangError
-from fang.modeling import decoder_layers, load_dense
+from fang.modeling import attention_geometry, decoder_layers, load_dense
 from fang.params import load_block
 from fang.progress import console
 from fang.prune import FANG_BASE, PruneOptions, parse_variant, prune_model, resolve_allocation
@@ -59,6 +60,8 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     variant = parse_variant(method or p.method, p.allocation, p.compensation)
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
+    # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
+    dataclasses.replace(p, method=method, sparsity=sparsity).validate()
     out_dir = Path(out) if out else paths.PRUNED
     report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
     capture = open_capture(paths.calibration_artifacts(source).capture)
@@ -77,3 +80,21 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
         f"{variant.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
+    gap, unit = report.achieved_sparsity - sparsity, unit_fraction(model.config, p.gqa, report.dense_block_params)
+    if abs(gap) > unit:
+        console.print(f"[yellow]warning: {method} achieved sparsity {report.achieved_sparsity:.3f}, "
+                      f"{abs(gap):.3f} {'below' if gap < 0 else 'above'} the target {sparsity:.3f} (more than one "
+                      f"pruning unit, {unit:.4f}): the method could not remove that much; see {report_file}[/yellow]")
+
+
+def unit_fraction(config, gqa: str, dense_block_params: int) -> float:
+    """The largest structure a method removes at once (a head group, or one query slot in every
+    group), as a fraction of the dense block parameters: the granularity any target is met within."""
+    n_heads, n_kv, head_dim = attention_geometry(config)
+    hidden = config.hidden_size
+    g = n_heads // n_kv
+    per_kv = 2 * g * head_dim * hidden + 2 * head_dim * hidden  # q rows and o columns of g heads, k and v rows
+    per_slot = 2 * n_kv * head_dim * hidden  # one query head per group: q rows and o columns
+    neuron = 3 * hidden  # gate/up rows and a down column
+    attn = per_kv if gqa == "kv_group" else per_slot
+    return max(attn, neuron) / max(dense_block_params, 1)
