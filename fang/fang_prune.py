@@ -382,7 +382,7 @@ class FangLayerPruner:
                 gone = torch.ones(g.columns.numel(), dtype=torch.bool)
                 gone[keep_local] = False
                 pruned[g.columns[gone]] = True
-                new_w[:, cols] = w_g.to(new_w.device)
+                new_w[:, cols] = w_g.to(device=new_w.device, dtype=new_w.dtype)
             keep = torch.nonzero(~pruned).reshape(-1)
         ids = self.group_ids
         info = {
