@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .capture import FULL_ARRAYS
 from .errors import FangError, require
 from .layerwise import batch_slices
 from .modeling import count_block_params
@@ -366,6 +367,8 @@ def capture_footprint(store_path: str | os.PathLike) -> dict:
     n_layers, n_samples, seq_len = int(a["n_layers"]), int(a["n_samples"]), int(a["seq_len"])
     dims = _dims(n_layers, int(a["hidden_size"]), int(a["intermediate_size"]), int(a["n_heads"]), int(a["head_dim"]))
     n_tok = n_samples * seq_len
+    if a.get("pca_dim"):  # projected features: a fixed width (cluster.pca_dim), whatever the model
+        dims["pca_dim"] = int(a["pca_dim"])
     arrays = []
     for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
         shape = tuple(int(s) for s in arr.shape)
@@ -379,7 +382,7 @@ def capture_footprint(store_path: str | os.PathLike) -> dict:
         if len(shape) == 3 and shape[1] == n_tok:
             entry.update(scales="token_layer", layer_offset=shape[0] - n_layers, width=width, width_dim=width_dim,
                          bytes_per_token_layer=width * itemsize)
-        elif len(shape) == 2 and shape[0] == n_layers and name != "token_ids":
+        elif shape[0] == n_layers and name != "token_ids":  # statistics, FC, PCA: per layer, not per token
             entry.update(scales="layer", width=width, width_dim=width_dim)
         else:
             entry.update(scales="token", bytes_per_token=logical // max(n_tok, 1))
@@ -400,6 +403,7 @@ def capture_footprint(store_path: str | os.PathLike) -> dict:
         "arrays": arrays,
         # block_io holds layers + 1 slices; per layer means per block here, its extra slice is listed apart
         "bytes_per_token_layer": sum(e["bytes_per_token_layer"] for e in per_tl),
+        "pca_dim": dims.get("pca_dim"),
         "logical_bytes": logical,
         "disk_bytes": _dir_size(store_path),
         "arrays_disk_bytes": disk,
@@ -426,7 +430,9 @@ def store_bytes_formula(footprint: dict, model: dict, n_tok: int, itemsize: int)
     store's own model reproduces its logical size: that is the check of the projection.
     """
     dims = _dims(model["n_layers"], model["hidden_size"], model["intermediate_size"], model["n_heads"], model["head_dim"])
-    terms, numbers, elements = [], [], 0
+    if footprint.get("pca_dim"):
+        dims["pca_dim"] = footprint["pca_dim"]
+    terms, numbers, elements, total = [], [], 0, 0
     for e in footprint["arrays"]:
         if e["scales"] != "token_layer":
             continue
@@ -434,11 +440,13 @@ def store_bytes_formula(footprint: dict, model: dict, n_tok: int, itemsize: int)
             raise FangError(f"capture array {e['name']} has width {e['width']}, which matches no model dimension")
         layers = model["n_layers"] + e["layer_offset"]
         width = dims[e["width_dim"]]
+        # the full arrays take the store dtype (`itemsize`); the projected features stay float32
+        size = itemsize if e["name"] in FULL_ARRAYS else e["itemsize"]
         elements += layers * width
-        terms.append(f"{e['name']}: (n_layers{'+' + str(e['layer_offset']) if e['layer_offset'] else ''})·{e['width_dim']}")
-        numbers.append(f"{layers}·{width}")
-    total = n_tok * elements * itemsize
-    formula = f"T·({' + '.join(terms)})·{itemsize} B = {n_tok}·({' + '.join(numbers)})·{itemsize}"
+        total += n_tok * layers * width * size
+        terms.append(f"{e['name']}: (n_layers{'+' + str(e['layer_offset']) if e['layer_offset'] else ''})·{e['width_dim']}·{size} B")
+        numbers.append(f"{layers}·{width}·{size}")
+    formula = f"T·({' + '.join(terms)}) = {n_tok}·({' + '.join(numbers)})"
     return total, formula, elements
 
 
@@ -488,7 +496,7 @@ def estimate_memory(
         "tokens": n_tok,
         "batch_size": batch_size,
         "disk": {
-            "bytes_per_token_layer": elements * feature_bytes / m["n_layers"],
+            "bytes_per_token_layer": disk / n_tok / m["n_layers"],
             "uncompressed_bytes": disk,
             "formula": disk_formula,
             "compression_ratio": ratio,
@@ -520,7 +528,9 @@ def estimate_memory(
 
 
 def _feature_itemsize(footprint: dict) -> int:
-    sizes = {e["itemsize"] for e in footprint["arrays"] if e["scales"] == "token_layer"}
+    sizes = {e["itemsize"] for e in footprint["arrays"] if e["scales"] == "token_layer" and e["name"] in FULL_ARRAYS}
+    if not sizes:  # a slim store: nothing in the store dtype to measure, the formula does not use it
+        return 2
     require(len(sizes) == 1, f"capture store {footprint['path']} mixes feature dtypes: {sorted(sizes)}")
     return sizes.pop()
 
@@ -766,7 +776,7 @@ def _memory_lines(est: dict) -> list[str]:
     m = est["model"]
     disk, ram, gpu = est["disk"], est["ram"], est["gpu"]
     rows = [
-        ["disk: capture store, fp16, uncompressed", _gib(disk["uncompressed_bytes"]), disk["formula"]],
+        ["disk: capture store, uncompressed", _gib(disk["uncompressed_bytes"]), disk["formula"]],
         ["disk: capture store, compressed", _gib(disk["compressed_bytes"]),
          f"uncompressed × {_num(disk['compression_ratio'], '.3f')} (ratio measured on {disk['compression_measured_on']})"],
         ["RAM: one block's hidden states", _gib(ram["bytes"]), ram["formula"]],

@@ -391,7 +391,7 @@ class FangLayerPruner:
                 gone = torch.ones(g.columns.numel(), dtype=torch.bool)
                 gone[keep_local] = False
                 pruned[g.columns[gone]] = True
-                new_w[:, cols] = w_g.to(new_w.device)
+                new_w[:, cols] = w_g.to(device=new_w.device, dtype=new_w.dtype)
             keep = torch.nonzero(~pruned).reshape(-1)
             if self.layer_hessian is not None:
                 hinv = inverse_hessian(self.layer_hessian.hessian, self.damp, f"{self.where} (layer compensation)")

@@ -73,6 +73,17 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
 
+@torch.no_grad()
+def embed_tokens(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Block 0's input [N, L, d] (float32, host) for token ids [N, L], computed batch by batch."""
+    runner = BlockRunner(model, device)
+    n_seq, seq_len = input_ids.shape
+    out = torch.empty(n_seq, seq_len, model.config.hidden_size, dtype=torch.float32)
+    for sl in batch_slices(n_seq, batch_size):
+        out[sl] = runner.embed(input_ids[sl]).float().cpu()
+    return out
+
+
 @contextlib.contextmanager
 def input_hooks(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]):
     """Call sink(name, input) with the input of each named module during forward passes."""

@@ -69,10 +69,14 @@ class CalibrateParams:
 class CaptureParams:
     batch_size: int = 8  # sequences per forward batch
     dtype: str = "float16"  # storage dtype of captured features
+    # full per-token arrays to store besides what later stages read (block_io, ffn_in, down_in)
+    keep: list[str] = field(default_factory=lambda: ["block_io", "ffn_in", "down_in"])
 
     def validate(self) -> None:
         require(self.batch_size > 0, "capture.batch_size must be positive")
         require(self.dtype in ("float16", "float32", "bfloat16"), f"capture.dtype={self.dtype!r} unsupported")
+        bad = sorted(set(self.keep) - {"block_io", "ffn_in", "down_in"})
+        require(not bad, f"capture.keep: unknown arrays {bad}; choose from block_io, ffn_in, down_in")
 
 
 @dataclass

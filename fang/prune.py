@@ -31,7 +31,7 @@ from .baselines import ChannelPruner, Selection
 from .cluster import RELEVANCE_MODES, relevance_weights
 from .errors import FangError, require
 from .fang_prune import FangInputs, FangLayerPruner, label_tokens, plan_groups
-from .layerwise import BlockRunner, batch_slices, input_hooks
+from .layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
 from .modeling import attention_geometry, count_block_params, decoder_layers
 from .progress import progress, warn
 from .shrink import shrink_attention, shrink_mlp
@@ -401,8 +401,8 @@ def prune_model(
 ) -> PruneReport:
     """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
 
-    `capture` is the dense capture store (`fang.capture.open_capture`): block 0's inputs start the
-    sequential pass and FLAP's structure search reads its statistics. f_fang / o_fang also need
+    `capture` is the dense capture store (`fang.capture.open_capture`): its token ids start the
+    sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its statistics. f_fang / o_fang also need
     `fang_inputs` (the cluster, grouping and allocation artifacts); their per-block sparsity
     replaces `sparsity`, which is then only the reported target.
     """
@@ -458,9 +458,9 @@ def prune_model(
 
     start_hidden = None
     if method != "magnitude":
-        start_hidden = torch.from_numpy(capture["block_io"][0].astype("float32"))
-        n_samples, seq_len = capture.attrs["n_samples"], capture.attrs["seq_len"]
-        start_hidden = start_hidden.view(n_samples, seq_len, -1)
+        # recomputed from the token ids in the model's precision: the store's copy would be fp16
+        token_ids = torch.from_numpy(capture["token_ids"][:].astype("int64"))
+        start_hidden = embed_tokens(model, token_ids, batch_size, device)
     report.layers = prune_sequential(
         model, start_hidden, method, keep_attn, keep_mlp, units, batch_size, device, options, fang_inputs
     )

@@ -1,47 +1,19 @@
 """allocate: per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons."""
 
 import csv
-from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 from fang import paths
-from fang.allocate import ComplexityStats, allocate_sparsity
+from fang.allocate import allocate_sparsity
 from fang.atomic import atomic_file, write_json
-from fang.capture import open_capture
-from fang.layerwise import batch_slices
+from fang.capture import open_capture, require_array
 from fang.params import load_block
-from fang.progress import console, progress
+from fang.progress import console
 from fang.store import open_store
 
 
-def functional_complexities(cap) -> list[float]:
-    """FC_l = 1 - mean cos(X_l, X_l+1) over calibration tokens, one block's hidden states at a time.
-
-    Each layer of block_io is read and converted to float64 once (block l's output is block l+1's
-    input), and the next layer is read in a background thread while this one's cosines are computed.
-    """
-    n_layers, n_tok = cap.attrs["n_layers"], cap["block_io"].shape[1]
-    chunk = cap["block_io"].chunks[1]
-
-    def load(li: int) -> torch.Tensor:
-        return torch.from_numpy(cap["block_io"][li]).double()
-
-    fc = []
-    with ThreadPoolExecutor(max_workers=1) as reader, progress() as bar:
-        task = bar.add_task("functional complexity", total=n_layers)
-        block_in, pending = load(0), reader.submit(load, 1)
-        for li in range(n_layers):
-            block_out = pending.result()
-            if li + 2 <= n_layers:
-                pending = reader.submit(load, li + 2)
-            stats = ComplexityStats()
-            for sl in batch_slices(n_tok, chunk):  # the chunks fix the summation order: FC is bit-stable
-                stats.add_batch(block_in[sl], block_out[sl])
-            fc.append(float(stats.value))
-            block_in = block_out
-            bar.advance(task)
-    return fc
+def functional_complexities(cap, path) -> list[float]:
+    """FC_l = 1 - mean cos(X_l, X_l+1) over calibration tokens (Eq. 8), accumulated by capture."""
+    return [float(v) for v in require_array(cap, "fc", path)[:]]
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -50,7 +22,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     targets = load_block("sweep" if source is None else "bias", path=params_path).sparsities
     art = paths.calibration_artifacts(source)
     cap = open_capture(art.capture)
-    fc = functional_complexities(cap)
+    fc = functional_complexities(cap, art.capture)
     # both block scores are kept, so any method can use either (prune.allocation: fc | taylor)
     taylor = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()
     scores = taylor if p.mode == "taylor" else fc

@@ -1,15 +1,18 @@
-"""cluster: per layer, PCA of the FFN-input tokens and KMeans into k context clusters."""
+"""cluster: per layer, KMeans of the PCA-projected FFN-input tokens into k context clusters.
+
+The PCA itself is fitted by capture (the store keeps the projections, not the full inputs); the
+cluster centres at down_proj's input come from taylor, which reruns the blocks with the clusters known.
+"""
 
 import numpy as np
 import torch
 
 from fang import paths
 from fang.atomic import write_json
-from fang.capture import open_capture
-from fang.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_project
+from fang.capture import open_capture, require_array
+from fang.cluster import kmeans
 from fang.device import pick_device
 from fang.errors import require
-from fang.layerwise import batch_slices
 from fang.memory import check_fits
 from fang.params import load_block
 from fang.progress import console, progress
@@ -30,41 +33,34 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("cluster", path=params_path)
     art = paths.calibration_artifacts(source)
     cap = open_capture(art.capture)
-    n_layers, d, n_ffn = cap.attrs["n_layers"], cap.attrs["hidden_size"], cap.attrs["intermediate_size"]
-    n_tok = cap["ffn_in"].shape[1]
+    n_layers, d = cap.attrs["n_layers"], cap.attrs["hidden_size"]
+    n_tok = cap.attrs["n_samples"] * cap.attrs["seq_len"]
     require(p.k <= n_tok, f"cluster.k={p.k} is larger than the number of calibration tokens ({n_tok})")
     require(p.pca_dim <= d, f"cluster.pca_dim={p.pca_dim} is above the model's hidden size ({d})")
+    n_ffn = cap.attrs["intermediate_size"]
     check_fits(cluster_bytes(n_layers, n_tok, d, n_ffn, p.k, p.pca_dim), "the cluster stage's arrays", f"cluster.k={p.k}")
+    # the PCA is fitted while capturing (the store keeps only the projected MLP inputs)
+    stored_dim = cap.attrs.get("pca_dim")
+    require(stored_dim == p.pca_dim,
+            f"{art.capture} holds a PCA of {stored_dim} components but cluster.pca_dim={p.pca_dim}: rerun capture")
+    proj = require_array(cap, "ffn_proj", art.capture)
     device = pick_device()
     out = {
-        "pca_mean": np.zeros((n_layers, d), np.float32),
-        "pca_components": np.zeros((n_layers, p.pca_dim, d), np.float32),
+        "pca_mean": np.asarray(cap["pca_mean"][:], np.float32),
+        "pca_components": np.asarray(cap["pca_components"][:], np.float32),
         "centroids": np.zeros((n_layers, p.k, p.pca_dim), np.float32),
         "token_clusters": np.zeros((n_layers, n_tok), np.int32),
         "cluster_sizes": np.zeros((n_layers, p.k), np.int64),
         "inertia": np.zeros(n_layers, np.float64),
-        "down_centers": np.zeros((n_layers, p.k, n_ffn), np.float32),
-        "center_distances": np.zeros((n_layers, p.k, p.k), np.float32),
     }
-    chunk = cap["down_in"].chunks[1]
     with progress() as bar:
         task = bar.add_task("cluster", total=n_layers)
         for li in range(n_layers):
-            x = torch.from_numpy(cap["ffn_in"][li]).to(device).float()
-            mean, comps = pca_fit(x, p.pca_dim)
-            centroids, assign, inertia = kmeans(pca_project(x, mean, comps), p.k, p.niter, p.seed)
-            del x
+            centroids, assign, inertia = kmeans(torch.from_numpy(proj[li]).to(device), p.k, p.niter, p.seed)
             assign = assign.cpu()
-            # cluster centres at the down_proj input, streamed chunk by chunk (Eq. 6's distances)
-            centers = CenterStats(p.k, n_ffn, device)
-            for sl in batch_slices(n_tok, chunk):
-                centers.add_batch(torch.from_numpy(cap["down_in"][li, sl]).to(device), assign[sl])
-            out["pca_mean"][li], out["pca_components"][li] = mean.cpu().numpy(), comps.cpu().numpy()
             out["centroids"][li], out["token_clusters"][li] = centroids.cpu().numpy(), assign.numpy()
             out["cluster_sizes"][li] = np.bincount(assign.numpy(), minlength=p.k)
             out["inertia"][li] = inertia
-            out["down_centers"][li] = centers.centers.cpu().numpy()
-            out["center_distances"][li] = center_distances(centers.centers).cpu().numpy()
             bar.advance(task)
     write_store(art.cluster, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
     sizes = out["cluster_sizes"]

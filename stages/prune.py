@@ -22,6 +22,7 @@ def fang_inputs(sparsity: float, source: str | None = None) -> FangInputs:
     """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`."""
     art = paths.calibration_artifacts(source)
     clusters = open_store(art.cluster, "cluster", "cluster")
+    taylor = open_store(art.taylor, "taylor", "taylor")
     groups = open_store(art.groups, "groups", "group")
     alloc = read_json(art.allocate)
     per_block = allocate_sparsity(alloc["mode"], alloc["scores"], sparsity, n_blocks=len(alloc["functional_complexity"]),
@@ -30,7 +31,7 @@ def fang_inputs(sparsity: float, source: str | None = None) -> FangInputs:
         pca_mean=clusters["pca_mean"][:],
         pca_components=clusters["pca_components"][:],
         centroids=clusters["centroids"][:],
-        center_distances=clusters["center_distances"][:],
+        center_distances=taylor["center_distances"][:],
         neuron_groups=groups["neuron_groups"][:],
         sparsity=per_block,
     )

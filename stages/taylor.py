@@ -1,8 +1,10 @@
-"""taylor: one forward+backward pass; cluster-neuron Taylor scores S (Eq. 5) per layer."""
+"""taylor: one forward+backward pass; cluster-neuron Taylor scores S (Eq. 5) per layer, and the cluster
+centres at down_proj's input with their distance matrix (Eq. 6), measured in the same pass."""
 
 import torch
 
 from fang import paths
+from fang.cluster import center_distances
 from fang.device import pick_device
 from fang.errors import require
 from fang.modeling import load_dense
@@ -25,5 +27,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     model, _ = load_dense(paths.MODEL, device)
     k = clusters.attrs["k"]
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device)
+    # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights
+    res["center_distances"] = torch.stack([center_distances(c) for c in res["down_centers"]])
     write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})
     console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {art.taylor}")

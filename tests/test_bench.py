@@ -299,13 +299,17 @@ _PROBE = textwrap.dedent("""
         store = f"{tmp}/cap{layers}.zarr"
         if mode == "capture":
             capture_features(model, ids, store, batch_size=16)
-        else:
+        elif mode == "prune":
             prune_model(model, open_capture(store), "flap", 0.3, batch_size=16)
+        else:
+            from fang.taylor import taylor_scores
+            clusters = torch.randint(0, 4, (layers, ids.numel()), generator=torch.Generator().manual_seed(1))
+            taylor_scores(model, ids, clusters, 4, batch_size=16)
         return {"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "weight_bytes": weight_bytes}
 
     out = {}
     for layers in (2, 8):
-        for mode in ("capture", "prune"):  # prune reads the store its capture wrote
+        for mode in ("capture", "prune", "taylor"):  # prune reads the store its capture wrote
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -328,7 +332,7 @@ _PROBE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="ru_maxrss in KiB and fork: Linux")
-def test_peak_rss_of_capture_and_prune_does_not_grow_with_depth(tmp_path):
+def test_peak_rss_of_capture_prune_and_taylor_does_not_grow_with_depth(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     env = {"PYTHONPATH": str(ROOT), "FANG_NO_PROGRESS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -348,3 +352,11 @@ def test_peak_rss_of_capture_and_prune_does_not_grow_with_depth(tmp_path):
         growth = big["maxrss"] - small["maxrss"]
         # weights (and their transient copies while pruning) may grow with depth; features must not
         assert growth < 3 * weight_growth + extra_features / 4, (mode, growth, weight_growth, extra_features)
+    # taylor: autograd over the whole model would keep ~(6d + 5 ffn) floats per token in every block
+    # for a batch; block-by-block backward keeps one block's, plus d floats per token and block
+    d, ffn = fp["model"]["hidden_size"], fp["model"]["intermediate_size"]
+    batch_tokens = 16 * 128
+    retained = (8 - 2) * batch_tokens * (6 * d + 5 * ffn) * 4
+    small, big = rss["taylor2"], rss["taylor8"]
+    growth = big["maxrss"] - small["maxrss"]
+    assert growth < 3 * (big["weight_bytes"] - small["weight_bytes"]) + retained / 4, (growth, retained)

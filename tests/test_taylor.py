@@ -57,3 +57,102 @@ def test_scores_do_not_depend_on_batch_size(input_ids):
     b = taylor_scores(model, input_ids, clusters, 2, batch_size=4)
     torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(a["block_sensitivity"], b["block_sensitivity"], rtol=1e-4, atol=1e-7)
+
+
+def test_sensitivity_and_down_centers_match_direct_computation(input_ids):
+    model = tiny_model(4, 4, layers=3)
+    k = 3
+    clusters = torch.randint(0, k, (3, input_ids.numel()), generator=torch.Generator().manual_seed(2))
+    res = taylor_scores(model, input_ids, clusters, k, batch_size=3)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ins, outs, hs = {}, {}, {}
+    handles = []
+    for li, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, kw, li=li: ins.__setitem__(li, kw.get("hidden_states", a[0] if a else None)), with_kwargs=True))
+        handles.append(layer.register_forward_hook(lambda m, a, o, li=li: outs.__setitem__(li, (o[0] if isinstance(o, tuple) else o))))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, li=li: hs.__setitem__(li, a[0].detach())))
+        # keep dL/dx_out of every block
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    logits = model(input_ids=input_ids).logits
+    for li in outs:
+        outs[li].retain_grad()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), input_ids[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    for h in handles + [emb]:
+        h.remove()
+    for li in range(3):
+        delta = (outs[li] - ins[li]).detach()
+        expected = (delta * outs[li].grad).sum(-1).abs().mean()
+        torch.testing.assert_close(res["block_sensitivity"][li], expected.float(), rtol=1e-4, atol=1e-6)
+        h = hs[li].reshape(-1, 64)
+        centers = torch.stack([h[clusters[li] == j].mean(0) for j in range(k)])
+        torch.testing.assert_close(res["down_centers"][li], centers, rtol=1e-5, atol=1e-6)
+
+
+class SavedBytes:
+    """Peak bytes of activations autograd keeps for backward (parameters excluded), via saved-tensor hooks."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live: dict[int, list[int]] = {}
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self.params:
+            return t
+        entry = self.live.setdefault(ptr, [0, t.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            self.now += entry[1]
+            self.peak = max(self.peak, self.now)
+        entry[0] += 1
+        return _Held(t, self, ptr)
+
+    def unpack(self, held):
+        return held.t if isinstance(held, _Held) else held
+
+    def release(self, ptr):
+        entry = self.live[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.live[ptr]
+
+
+class _Held:
+    def __init__(self, t, meter, ptr):
+        self.t, self.meter, self.ptr = t, meter, ptr
+
+    def __del__(self):
+        self.meter.release(self.ptr)
+
+
+def _peak_saved(layers, fn):
+    model = tiny_model(4, 4, layers=layers)
+    meter = SavedBytes(model)
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        fn(model)
+    return meter.peak
+
+
+def test_kept_activations_do_not_grow_with_depth():
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+
+    def full_backprop(model):  # what plain autograd over the whole model keeps
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        logits = model(input_ids=ids).logits
+        emb.remove()
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum").backward()
+
+    def taylor(model):
+        n = len(model.model.layers)
+        taylor_scores(model, ids, torch.zeros(n, ids.numel(), dtype=torch.long), 2, batch_size=8)
+
+    full = {n: _peak_saved(n, full_backprop) for n in (2, 8)}
+    ours = {n: _peak_saved(n, taylor) for n in (2, 8)}
+    assert full[8] > 2.5 * full[2]  # the meter sees activations pile up with depth
+    assert ours[8] <= 1.05 * ours[2], ours  # one block at a time
+    assert ours[8] < full[8] / 3
