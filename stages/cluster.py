@@ -1,12 +1,13 @@
 """cluster: per layer, PCA of the FFN-input tokens and KMeans into k context clusters."""
 
+import faiss
 import numpy as np
 import torch
 
 from fang import paths
 from fang.atomic import write_json
 from fang.capture import open_capture
-from fang.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_project
+from fang.cluster import CenterStats, center_distances, kmeans, kmeans_backend, pca_fit, pca_project
 from fang.device import pick_device
 from fang.errors import require
 from fang.layerwise import batch_slices
@@ -24,6 +25,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     require(p.k <= n_tok, f"cluster.k={p.k} is larger than the number of calibration tokens ({n_tok})")
     require(p.pca_dim <= d, f"cluster.pca_dim={p.pca_dim} is above the model's hidden size ({d})")
     device = pick_device()
+    backend = kmeans_backend(faiss)  # decided once, recorded in the metrics
     out = {
         "pca_mean": np.zeros((n_layers, d), np.float32),
         "pca_components": np.zeros((n_layers, p.pca_dim, d), np.float32),
@@ -40,7 +42,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
         for li in range(n_layers):
             x = torch.from_numpy(cap["ffn_in"][li]).to(device).float()
             mean, comps = pca_fit(x, p.pca_dim)
-            centroids, assign, inertia = kmeans(pca_project(x, mean, comps), p.k, p.niter, p.seed)
+            centroids, assign, inertia = kmeans(pca_project(x, mean, comps), p.k, p.niter, p.seed, backend=backend)
             del x
             assign = assign.cpu()
             # cluster centres at the down_proj input, streamed chunk by chunk (Eq. 6's distances)
@@ -57,7 +59,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(art.cluster, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
     sizes = out["cluster_sizes"]
     write_json(art.metrics / "cluster.json", {
-        "k": p.k, "tokens": n_tok,
+        "k": p.k, "tokens": n_tok, "kmeans_backend": backend,
         "smallest_cluster_fraction": float(sizes.min() / n_tok),
         "largest_cluster_fraction": float(sizes.max() / n_tok),
         "cluster_sizes": sizes.tolist(), "inertia": out["inertia"].tolist(),
