@@ -44,6 +44,8 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
     named take the given defaults (the prune.* keys)."""
     method, *rest = str(spec).split("+")
     require(method in METHODS, f"unknown method {method!r} in {spec!r}; available: {', '.join(METHODS)}")
+    if method != "o_fang":
+        compensation = "group"  # prune.compensation is O-FANG's key: the other methods ignore it
     for part in rest:
         if part in ALLOCATIONS:
             allocation = part
@@ -59,3 +61,13 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
         f"{spec!r}: compensation {compensation!r} applies to o_fang only (the other methods have one refit)",
     )
     return Variant(method, allocation, compensation)
+
+
+def resolve_allocation(method: str, allocation: str) -> str:
+    """The concrete allocation `auto` stands for with `method` (FANG's is its allocate.mode: "asa")."""
+    require(allocation in ALLOCATIONS, f"prune.allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+    if allocation != "auto":
+        return allocation
+    if method == "flap":
+        return "flap_search"
+    return "asa" if method in FANG_BASE else "uniform"

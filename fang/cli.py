@@ -110,6 +110,17 @@ def prune(
     _stage("prune").run(params, method, sparsity, out, source)
 
 
+@app.command("method-inputs")
+def method_inputs(
+    params: str = ParamsOpt,
+    method: str = typer.Option(..., help="pruning method whose inputs to list"),
+    out: str = typer.Option(..., help="manifest JSON to write"),
+    source: Optional[str] = SourceOpt,
+) -> None:
+    """Write the prune keys and analysis-artifact hashes one method reads: what a study cell depends on."""
+    _stage("method_inputs").run(params, method, out, source)
+
+
 @app.command()
 def evaluate(
     params: str = ParamsOpt,
@@ -131,6 +142,16 @@ def screen_tasks(
     multiple-choice task (a probe, then every question of those above chance); writes
     artifacts/screen/screen.{json,md} and the suggested `data.tasks`. Slow: about an hour on 2 CPU cores."""
     _stage("screen_tasks").run(params, readme)
+
+
+@app.command()
+def summary(
+    prompt_len: int = typer.Option(128, help="prefill tokens for the speed comparison"),
+    new_tokens: int = typer.Option(32, help="greedy decode steps for the speed comparison"),
+    repeats: int = typer.Option(3, help="interleaved timing rounds (median reported); 0 skips timing"),
+) -> None:
+    """Dense vs pruned perplexity, accuracy, size and speed on one screen (artifacts/summary.md, metrics/summary.json)."""
+    _stage("summary").run(prompt_len, new_tokens, repeats)
 
 
 @app.command()

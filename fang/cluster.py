@@ -9,6 +9,9 @@ All functions are plain tensor functions; the stage wrapper handles I/O.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -100,9 +103,29 @@ def _nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     return idx, dist
 
 
-def _faiss_use_gpu(faiss) -> bool:
-    get = getattr(faiss, "get_num_gpus", None)
-    return bool(torch.cuda.is_available() and get is not None and get() > 0)
+GPU_INSTALL_HINT = 'pip install -e ".[gpu]" (README "GPU")'
+
+
+def kmeans_backend(faiss, cuda_available: bool | None = None) -> str:
+    """Where faiss's k-means runs: "gpu" when CUDA is present (and not overridden by FANG_DEVICE)
+    and this faiss build can reach a GPU, "cpu" otherwise.
+
+    A CUDA machine with the CPU-only faiss build falls back to CPU with a warning naming the
+    install step, since the results are the same either way (see `kmeans`) and only time differs.
+    """
+    forced = os.environ.get("FANG_DEVICE", "")
+    if forced and not forced.startswith("cuda"):
+        return "cpu"
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        return "cpu"
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    if get_num_gpus is not None and get_num_gpus() > 0:
+        return "gpu"
+    warnings.warn(f"CUDA is available but the installed faiss is a CPU build: k-means runs on CPU; {GPU_INSTALL_HINT}",
+                  stacklevel=2)
+    return "cpu"
 
 
 def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -141,7 +164,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def kmeans(
-    x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0, init: str = "kmeans++"
+    x: Tensor | np.ndarray, k: int, niter: int = 25, seed: int = 0, init: str = "kmeans++", backend: str | None = None
 ) -> tuple[Tensor, Tensor, float]:
     """KMeans of the rows of `x` [T, dim] with faiss: (centroids [k, dim] f32, assignment [T] long, inertia).
 
@@ -151,7 +174,13 @@ def kmeans(
     - Seeded: the initial centroids and faiss's re-seeding of empty clusters derive from `seed`.
       On CPU the result is identical for a given seed, also across OpenMP thread counts
       (faiss's centroid update partitions work by centroid and sums points in order; see
-      tests/test_cluster.py). Runs on the faiss GPU build when CUDA is present.
+      tests/test_cluster.py).
+    - `backend`: "cpu", "gpu" or None (`kmeans_backend` decides). On the GPU, faiss computes
+      the training assignments in float32 on the device; the seeding, the centroid update and
+      the final assignment are the same code as on CPU, so a GPU run equals the CPU run up to
+      float32 rounding: centroids agree to 1e-4 (relative to the data's scale) and labels may
+      differ only for tokens equidistant to two centroids within that rounding (see
+      tests/test_cluster.py::test_kmeans_gpu_matches_cpu, run where a GPU is present).
     - The final assignment is an exact nearest-centroid search (`_nearest`), not faiss's last
       training assignment, so it matches the returned centroids and `assign_clusters`.
     - Inertia is the float64 sum of squared distances to the assigned centroids.
@@ -166,6 +195,11 @@ def kmeans(
     require(k <= t, f"k={k} clusters but only {t} tokens: need at least one token per cluster")
     require(niter > 0, f"niter={niter} must be positive")
     require(init in ("kmeans++", "random"), f"unknown KMeans init {init!r}: use 'kmeans++' or 'random'")
+    require(backend in (None, "cpu", "gpu"), f"unknown k-means backend {backend!r}: use 'cpu', 'gpu' or None (auto)")
+    if backend is None:
+        backend = kmeans_backend(faiss)
+    require(backend == "cpu" or getattr(faiss, "get_num_gpus", lambda: 0)() > 0,
+            f"k-means backend 'gpu' asked for but faiss sees no GPU; {GPU_INSTALL_HINT}")
     data = np.ascontiguousarray(xt.detach().to("cpu", torch.float32).numpy())
     require(bool(np.isfinite(data).all()), "KMeans input contains NaN or Inf (check the captured features)")
 
@@ -176,7 +210,7 @@ def kmeans(
         seed=int(seed),
         nredo=1,
         verbose=False,
-        gpu=_faiss_use_gpu(faiss),
+        gpu=backend == "gpu",
         # use all tokens and silence the "too few points" warning for small inputs
         max_points_per_centroid=(t + k - 1) // k + 1,
         min_points_per_centroid=1,

@@ -36,20 +36,10 @@ from .modeling import attention_geometry, count_block_params, decoder_layers
 from .progress import progress, warn
 from .shrink import shrink_attention, shrink_mlp
 
-from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS, Variant, parse_variant  # noqa: F401
+from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS, Variant, parse_variant, resolve_allocation  # noqa: F401
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
 DIAGNOSTIC_SEQUENCES = 8
-
-
-def resolve_allocation(method: str, allocation: str) -> str:
-    """The concrete allocation `auto` stands for with `method` (FANG's is its allocate.mode: "asa")."""
-    require(allocation in ALLOCATIONS, f"prune.allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
-    if allocation != "auto":
-        return allocation
-    if method == "flap":
-        return "flap_search"
-    return "asa" if method in FANG_BASE else "uniform"
 
 
 @dataclass

@@ -4,7 +4,10 @@ A pruned checkpoint is a directory holding:
 - `model.safetensors`: the pruned state dict (safetensors only; tied weights stored once);
 - `config.json` (+ `generation_config.json`): the *dense* architecture it came from;
 - the tokenizer files;
-- `structure.json`: the per-layer shapes that turn the dense architecture into the pruned one.
+- `structure.json`: the per-layer shapes that turn the dense architecture into the pruned one;
+- `configuration_fang_pruned.py`, `modeling_fang_pruned.py` and, in config.json, the same per-layer
+  shapes (`pruned_layers`) and an `auto_map`: stock transformers loads the directory with
+  `trust_remote_code=True`, without fang (see `fang.portable`).
 
 `load_pruned` is the only loader: it rebuilds the dense architecture without allocating it (meta
 device), reshapes every block from `structure.json`, then loads the weights strictly. No pickle.
@@ -29,6 +32,7 @@ from .atomic import atomic_dir
 from .errors import FangError, require
 from .integrity import check_safetensors, file_sha256, read_config
 from .modeling import check_supported, count_block_params, decoder_layers
+from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -274,6 +278,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
         # flipped bytes in a tensor load without complaint: load_pruned compares this checksum
         structure["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
         model.config.save_pretrained(tmp)
+        write_portable_code(tmp, structure["layers"])
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)

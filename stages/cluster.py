@@ -4,13 +4,14 @@ The PCA itself is fitted by capture (the store keeps the projections, not the fu
 cluster centres at down_proj's input come from taylor, which reruns the blocks with the clusters known.
 """
 
+import faiss
 import numpy as np
 import torch
 
 from fang import paths
 from fang.atomic import write_json
 from fang.capture import open_capture, require_array
-from fang.cluster import kmeans
+from fang.cluster import kmeans, kmeans_backend
 from fang.device import pick_device
 from fang.errors import require
 from fang.memory import check_fits
@@ -45,6 +46,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
             f"{art.capture} holds a PCA of {stored_dim} components but cluster.pca_dim={p.pca_dim}: rerun capture")
     proj = require_array(cap, "ffn_proj", art.capture)
     device = pick_device()
+    backend = kmeans_backend(faiss)  # decided once, recorded in the metrics
     out = {
         "pca_mean": np.asarray(cap["pca_mean"][:], np.float32),
         "pca_components": np.asarray(cap["pca_components"][:], np.float32),
@@ -56,7 +58,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     with progress() as bar:
         task = bar.add_task("cluster", total=n_layers)
         for li in range(n_layers):
-            centroids, assign, inertia = kmeans(torch.from_numpy(proj[li]).to(device), p.k, p.niter, p.seed)
+            centroids, assign, inertia = kmeans(torch.from_numpy(proj[li]).to(device), p.k, p.niter, p.seed,
+                                                backend=backend)
             assign = assign.cpu()
             out["centroids"][li], out["token_clusters"][li] = centroids.cpu().numpy(), assign.numpy()
             out["cluster_sizes"][li] = np.bincount(assign.numpy(), minlength=p.k)
@@ -65,7 +68,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(art.cluster, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
     sizes = out["cluster_sizes"]
     write_json(art.metrics / "cluster.json", {
-        "k": p.k, "tokens": n_tok,
+        "k": p.k, "tokens": n_tok, "kmeans_backend": backend,
         "smallest_cluster_fraction": float(sizes.min() / n_tok),
         "largest_cluster_fraction": float(sizes.max() / n_tok),
         "cluster_sizes": sizes.tolist(), "inertia": out["inertia"].tolist(),

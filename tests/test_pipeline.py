@@ -13,80 +13,44 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_model
-from helpers_tokenizer import tiny_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-TOPICS = ("People", "Geography", "Mathematics")
+from helpers_project import BIAS_FILE, SWEEP_FILE, TOPICS, dvc, make_project
 
 
-def write_corpus(path: Path) -> None:
-    words = {"People": "born king poet queen painter", "Geography": "river mountain city coast lake",
-             "Mathematics": "number prime proof theorem graph"}
-    arts = {}
-    for t in TOPICS:
-        vocab = words[t].split()
-        for i in range(24):
-            sents = [f"The {vocab[(i + j) % 5]} {j} is {vocab[(i * j) % 5]}." for j in range(4)]
-            arts[f"{t} {i}"] = {"title": f"{t} {i}", "extract": " ".join(sents), "topic": t}
-    path.write_text(json.dumps(arts))
+def _names(text: str) -> set[str]:
+    # stages of studies/*/dvc.yaml are printed as "studies/sweep/dvc.yaml:sweep_prune@flap-0.3"
+    return {name.rpartition(":")[2] for name in re.findall(r"Running stage '([^']+)'", text)}
 
 
-def write_bigbench(folder: Path) -> None:
-    task = folder / "tiny_mc"
-    task.mkdir(parents=True)
-    examples = [{"input": f"Is {i} even?", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(12)]
-    (task / "task.json").write_text(json.dumps({"name": "tiny_mc", "description": "parity", "examples": examples}))
+def repro(root: Path, *targets: str) -> set[str]:
+    """Stages that `dvc repro` (default: the main pipeline only) actually ran."""
+    return _names(dvc(root, "repro", *targets))
 
 
-def tiny_params(root: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["name"] = str(root / "tiny_model")
-    params["data"].update(corpus=str(root / "summaries.json"), bigbench=str(root / "bigbench"),
-                          tasks=["tiny_mc", "next_sentence"], next_sentence_per_topic=4, test_fraction=0.3)
-    params["calibrate"].update(n_samples=4, seq_len=32)
-    params["capture"]["batch_size"] = 2
-    params["prune"].update(sparsity=0.3, batch_size=2)
-    params["evaluate"].update(ppl_seq_len=32, ppl_max_windows_per_topic=2, task_limit=4, batch_size=4)
-    params["cluster"].update(k=3, pca_dim=8)
-    params["taylor"]["batch_size"] = 2
-    params["sweep"].update(methods=["f_fang"], sparsities=[0.3])
-    params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang"], sparsities=[0.3])
-    return params
+def repro_all(root: Path) -> set[str]:
+    return repro(root) | repro(root, SWEEP_FILE) | repro(root, BIAS_FILE)
 
 
-def dvc(root: Path, *args: str) -> str:
-    env = {**os.environ, "FANG_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def repro(root: Path) -> set[str]:
-    """Stages that `dvc repro` actually ran."""
-    return set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro")))
-
-
-def planned(root: Path) -> set[str]:
+def planned(root: Path, *targets: str) -> set[str]:
     """Stages `dvc repro --dry` would run (downstream of a change included)."""
-    return set(re.findall(r"Running stage '([^']+)'", dvc(root, "repro", "--dry")))
+    return _names(dvc(root, "repro", "--dry", *targets))
+
+
+def stale(root: Path) -> set[str]:
+    """Stages `dvc status` reports as changed, across every dvc.yaml of the project."""
+    out = dvc(root, "status")
+    return {line.rstrip(":").rpartition(":")[2] for line in out.splitlines() if line and not line[0].isspace()
+            and line.rstrip().endswith(":")}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    for name in ("fang", "stages"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    model = tiny_model(6, 3, layers=3)
-    model.save_pretrained(root / "tiny_model")
-    tiny_tokenizer().save_pretrained(root / "tiny_model")
-    write_corpus(root / "summaries.json")
-    write_bigbench(root / "bigbench")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(root)))
+    root = make_project(tmp_path_factory.mktemp("project"))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     return root
+
+
+def assert_ran(ran: set[str], must: set[str], may: set[str]) -> None:
+    assert must <= ran <= may, f"ran {sorted(ran)}; must {sorted(must)}, may {sorted(may)}"
 
 
 def edit_params(root: Path, block: str, **values) -> None:
@@ -95,31 +59,44 @@ def edit_params(root: Path, block: str, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-SWEEP = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3", "report"}
+SWEEP_CELLS = {f"sweep_{stage}@{m}-0.3" for stage in ("prune", "evaluate") for m in ("flap", "f_fang")}
+SWEEP_INPUTS = {"sweep_inputs@flap", "sweep_inputs@f_fang"}
+SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"report"}
+FANG_CELLS = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3"}
 ANALYSIS = {"cluster", "taylor", "group", "allocate"}
 BIAS_SOURCES = ("all", "Mathematics")
 BIAS_ANALYSIS = {f"bias_{stage}@{src}" for stage in ANALYSIS for src in BIAS_SOURCES}
-BIAS_RUNS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES} | {"bias_report"}
+BIAS_INPUTS = {f"bias_inputs@{src}-f_fang" for src in BIAS_SOURCES}
+BIAS_CELLS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
+BIAS_RUNS = BIAS_INPUTS | BIAS_CELLS | {"bias_report"}
 BIAS = {f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
-ALL_STAGES = (
-    {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"}
-    | ANALYSIS | SWEEP | BIAS
-)
+MAIN = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned", "summary"} | ANALYSIS
 
 
-def test_repro_runs_everything_then_only_what_changed(project):
-    assert repro(project) == ALL_STAGES
+def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project):
+    assert repro(project) == MAIN  # the plain `dvc repro` of a newcomer: no sweep, no bias study
 
     metrics = json.loads((project / "artifacts/metrics/pruned.json").read_text())
     prune = json.loads((project / "artifacts/metrics/prune.json").read_text())
     assert metrics["ppl"] > 1 and set(metrics["ppl_by_topic"]) == set(TOPICS)
-    assert 0.15 < prune["achieved_sparsity"] < 0.45
+    assert prune["method"] == "o_fang" and 0.1 < prune["achieved_sparsity"] < 0.45
+    assert all(layer["shared_removed"] == 0 for layer in prune["layers"])
     assert (project / "artifacts/pruned/structure.json").exists()
+    summary = json.loads((project / "artifacts/metrics/summary.json").read_text())
+    assert summary["rows"]["perplexity"] == {"dense": json.loads((project / "artifacts/metrics/dense.json").read_text())["ppl"],
+                                            "pruned": metrics["ppl"]}
+    sizes = summary["rows"]["block parameters"]
+    assert sizes["pruned"] < sizes["dense"] and summary["rows"]["decode tokens/s"]["pruned"] > 0
+    assert "| perplexity |" in (project / "artifacts/summary.md").read_text()
 
+    # the studies reuse the main artifacts: nothing of the main pipeline reruns
+    assert repro(project, SWEEP_FILE) == SWEEP
+    assert repro(project, BIAS_FILE) == BIAS
     for name in ("cluster.zarr", "taylor.zarr", "groups.zarr", "allocate.json", "report/results.md", "report/results.csv"):
         assert (project / "artifacts" / name).exists()
     report = (project / "artifacts/report/results.md").read_text()
-    assert "| dense |" in report and "| f_fang | 30% |" in report and "missing" not in report
+    assert "| dense |" in report and "| f_fang | 30% |" in report and "| flap | 30% |" in report
+    assert "missing" not in report
 
     # the bias study: its own calibration per source, and a report with every run present
     bias = project / "artifacts/bias"
@@ -128,39 +105,50 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert "| f_fang | Mathematics | 30% |" in bias_md and "missing" not in bias_md
     assert (project / "artifacts/bias_report/bias_heatmap.png").stat().st_size > 1000
 
-    assert repro(project) == set()  # nothing changed, nothing reruns
+    assert repro_all(project) == set() and stale(project) == set()  # nothing changed, nothing reruns
 
-    # the analysis artifacts and the sweep do not depend on prune.sparsity: only the single prune reruns
+    # prune.sparsity is the main job's: its prune reruns; the studies only rewrite their (unchanged) manifests
     edit_params(project, "prune", sparsity=0.2)
-    assert repro(project) == {"prune", "evaluate@pruned"}
+    assert repro(project) == {"prune", "evaluate@pruned", "summary"}
+    assert repro(project, SWEEP_FILE) == SWEEP_INPUTS
+    assert repro(project, BIAS_FILE) == BIAS_INPUTS
 
-    # a pruning key makes the pruning stages stale, not the analysis (--dry cannot see past their outputs)
-    bias_prunes = {f"bias_prune@{src}-f_fang-0.3" for src in BIAS_SOURCES}
-    edit_params(project, "prune", gqa="query_slot")
-    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"} | bias_prunes
-    edit_params(project, "prune", gqa="kv_group")
-
-    # FANG on the same analysis artifacts: only prune and its evaluation rerun
-    edit_params(project, "prune", method="o_fang")
-    assert repro(project) == {"prune", "evaluate@pruned"}
-    prune = json.loads((project / "artifacts/metrics/prune.json").read_text())
-    assert prune["method"] == "o_fang" and 0.1 < prune["achieved_sparsity"] < 0.35
-    assert all(layer["shared_removed"] == 0 for layer in prune["layers"])
-
-    # a FANG knob reruns the pruning that reads it, never the analysis
+    # a FANG-only knob: after the manifests are rewritten, only FANG cells are stale, never flap's
+    rewrite_manifests = (f"{SWEEP_FILE}:sweep_inputs", f"{BIAS_FILE}:bias_inputs")
+    bias_fang_prunes = {f"bias_prune@{src}-f_fang-0.3" for src in BIAS_SOURCES}
     edit_params(project, "prune", tau=7.0)
-    assert planned(project) == {"prune", "sweep_prune@f_fang-0.3"} | bias_prunes
-    edit_params(project, "prune", tau=9.0)
+    assert stale(project) == {"prune"} | SWEEP_INPUTS | BIAS_INPUTS
+    assert repro(project, *rewrite_manifests) == SWEEP_INPUTS | BIAS_INPUTS
+    assert stale(project) == {"prune", "sweep_prune@f_fang-0.3"} | bias_fang_prunes
+    # an evaluation (and what follows) is skipped by DVC when the re-pruned model came out identical
+    assert_ran(repro(project, SWEEP_FILE), {"sweep_prune@f_fang-0.3"}, FANG_CELLS | {"report"})
+    assert_ran(repro(project), {"prune"}, {"prune", "evaluate@pruned", "summary"})
+    assert_ran(repro(project, BIAS_FILE), bias_fang_prunes, BIAS_CELLS | {"bias_report"})
+
+    # a key every method reads makes every cell's pruning stale, and nothing of the analysis
+    edit_params(project, "prune", gqa="query_slot")
+    repro(project, *rewrite_manifests)
+    assert stale(project) == {"prune", "sweep_prune@flap-0.3", "sweep_prune@f_fang-0.3"} | bias_fang_prunes
+    edit_params(project, "prune", gqa="kv_group")
+    repro(project, *rewrite_manifests)
+    assert stale(project) == set()  # the manifests are back to what the cells ran with
 
     # the bias study's own keys rerun only the study
     edit_params(project, "bias", n_samples=4)
-    assert repro(project) == BIAS
+    assert repro(project) == set() and repro(project, SWEEP_FILE) == set()
+    assert repro(project, BIAS_FILE) == BIAS
 
+    # new clusters rerun the analysis and what reads it: FANG cells, not flap's
     edit_params(project, "cluster", k=2)
-    assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"} | BIAS_ANALYSIS | BIAS_RUNS
+    assert repro(project) == ANALYSIS | {"prune", "evaluate@pruned", "summary"}
+    assert repro(project, SWEEP_FILE) == FANG_CELLS | SWEEP_INPUTS | {"report"}
+    assert repro(project, BIAS_FILE) == BIAS_ANALYSIS | BIAS_RUNS
 
+    # new calibration data: everything after calibration, flap cells included (they read the capture)
     edit_params(project, "calibrate", seed=1)
-    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP | BIAS
+    assert repro(project) == MAIN - {"fetch_model", "fetch_data", "evaluate@dense"}
+    assert repro(project, SWEEP_FILE) == SWEEP
+    assert repro(project, BIAS_FILE) == BIAS
 
 
 def test_bias_calibration_is_one_topic_and_disjoint_from_its_evaluation(project):

@@ -1,0 +1,83 @@
+"""Per-method manifests: a method's manifest changes exactly when something that method reads changes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fang import method_inputs as mi
+from fang.errors import FangError
+from fang.params import PruneParams
+from fang.paths import calibration_artifacts
+
+
+@pytest.fixture
+def art(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = calibration_artifacts(None)
+    for d in (a.cluster, a.taylor, a.groups):
+        (d / "arr").mkdir(parents=True)
+        (d / "arr" / "0").write_bytes(b"\x00\x01")
+    a.allocate.write_text('{"mode": "fc"}')
+    return a
+
+
+def test_each_method_reads_its_own_keys():
+    assert "tau" not in mi.keys_read("flap") and "damp" not in mi.keys_read("flap")
+    assert "damp" in mi.keys_read("obc") and "tau" not in mi.keys_read("obc")
+    assert {"tau", "damp", "shared_group", "reweighting"} <= set(mi.keys_read("o_fang"))
+    assert "damp" not in mi.keys_read("f_fang") and "batch_size" not in mi.keys_read("magnitude")
+    every = {f.name for f in dataclasses.fields(PruneParams)} - set(mi.CELL_KEYS) - set(mi.VARIANT_KEYS)
+    assert set().union(*(mi.keys_read(m) for m in mi.READS)) == every
+
+
+def test_a_key_nobody_classified_counts_for_every_method(monkeypatch):
+    monkeypatch.setitem(mi.READS, "o_fang", tuple(k for k in mi.READS["o_fang"] if k != "tau"))
+    monkeypatch.setitem(mi.READS, "f_fang", tuple(k for k in mi.READS["f_fang"] if k != "tau"))
+    assert all("tau" in mi.keys_read(m) for m in mi.READS)  # rerunning too much beats a stale cell
+
+
+def test_manifest_changes_only_for_the_methods_that_read_a_change(art):
+    base = PruneParams()
+    before = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    after_tau = {m: mi.method_inputs(m, dataclasses.replace(base, tau=7.0), art) for m in mi.READS}
+    assert {m for m in mi.READS if before[m] != after_tau[m]} == {"f_fang", "o_fang"}
+    after_damp = {m: mi.method_inputs(m, dataclasses.replace(base, damp=0.1), art) for m in mi.READS}
+    assert {m for m in mi.READS if before[m] != after_damp[m]} == {"obc", "obc_iter", "o_fang"}
+
+    (art.cluster / "arr" / "0").write_bytes(b"\x00\x02")  # new clusters: only FANG reads them
+    after_cluster = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert {m for m in mi.READS if before[m] != after_cluster[m]} == {"f_fang", "o_fang"}
+
+
+def test_content_hash_sees_names_and_bytes(tmp_path):
+    d = tmp_path / "d"
+    (d / "a").mkdir(parents=True)
+    (d / "a" / "x").write_bytes(b"1")
+    h = mi.content_hash(d)
+    (d / "a" / "x").rename(d / "a" / "y")
+    assert mi.content_hash(d) != h
+    with pytest.raises(FangError, match="does not exist"):
+        mi.content_hash(tmp_path / "missing")
+    with pytest.raises(FangError, match="unknown prune method 'sparsegpt'"):
+        mi.keys_read("sparsegpt")
+
+
+def test_variants_record_their_effective_allocation_and_compensation(art):
+    base = PruneParams()
+    obc, obc_fc = mi.method_inputs("obc", base, art), mi.method_inputs("obc+fc", base, art)
+    assert obc["params"]["allocation"] == "uniform" and obc_fc["params"]["allocation"] == "fc"
+    assert obc["artifacts"] == {} and str(art.allocate) in obc_fc["artifacts"]  # only fc reads allocate.json
+    assert "compensation" not in obc["params"]
+    layer = mi.method_inputs("o_fang+layer", base, art)
+    assert layer["params"]["compensation"] == "layer" and layer["params"]["allocation"] == "asa"
+    # prune.compensation reaches o_fang rows that do not fix it, and no other method
+    changed = dataclasses.replace(base, compensation="layer")
+    assert mi.method_inputs("o_fang", changed, art) != mi.method_inputs("o_fang", base, art)
+    assert mi.method_inputs("o_fang+layer", changed, art) == layer
+    assert mi.method_inputs("obc", changed, art) == obc
+    # prune.allocation reaches rows that do not name one
+    fc_all = dataclasses.replace(base, allocation="fc")
+    assert mi.method_inputs("flap", fc_all, art)["params"]["allocation"] == "fc"
+    assert mi.method_inputs("obc+uniform", fc_all, art)["params"]["allocation"] == "uniform"
