@@ -22,6 +22,8 @@ REPORT = ARTIFACTS / "report"  # results.md, results.csv, sparsity_curves.png
 BIAS = ARTIFACTS / "bias"  # <source>/: the calibration-bias study's per-source calibration and analysis
 BIAS_SWEEP = ARTIFACTS / "bias_sweep"  # <source>/<method>-<sparsity>/ pruned models, .prune.json, .metrics.json
 BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_heatmap.png
+ATTRIBUTION = ARTIFACTS / "attribution.zarr"  # neuron topic selectivity, labels, top contexts (fang attribute)
+ATTRIBUTION_SUMMARY = ARTIFACTS / "attribution.json"  # per-topic counts and most selective neurons
 
 
 @dataclass(frozen=True)
