@@ -748,3 +748,9 @@ def all_views(
     section("sparsity", do_sparsity)
     if not shown:
         raise FangError(f"nothing to inspect under {artifacts}: run `dvc repro allocate` (cluster, taylor, group, allocate) first")
+
+
+# neuron attribution views live in their own module; registered here so `fang inspect neurons` exists
+from .inspect_neurons import neurons as _neurons  # noqa: E402  (needs the helpers above)
+
+app.command("neurons")(_neurons)
