@@ -751,6 +751,6 @@ def all_views(
 
 
 # neuron attribution views live in their own module; registered here so `fang inspect neurons` exists
-from .inspect_neurons import neurons as _neurons  # noqa: E402  (needs the helpers above)
+from .inspect_neurons import neurons as _neurons_view  # noqa: E402  (needs the helpers above)
 
-app.command("neurons")(_neurons)
+app.command("neurons")(_neurons_view)

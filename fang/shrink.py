@@ -114,7 +114,8 @@ def shrink_mlp(mlp: nn.Module, keep: Tensor, extra_down_bias: Tensor | None = No
     # original (dense) indices of the kept neurons, for removed-neuron accounting (fang.attribute);
     # composed so that a second shrink still names dense neurons
     prev = getattr(mlp, KEPT_ATTR, None)
-    setattr(mlp, KEPT_ATTR, keep if prev is None else prev[keep])
+    if prev is not None or keep.numel() < n:  # keeping all of a dense block needs no record
+        setattr(mlp, KEPT_ATTR, keep if prev is None else prev[keep])
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 
@@ -231,8 +232,6 @@ def apply_structure(layer: nn.Module, spec: dict, index: int) -> None:
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = inter
     if KEPT_ATTR in spec:  # so that a reloaded model saved again still records them
-        require(len(spec[KEPT_ATTR]) == inter, f"{STRUCTURE_FILE}: layer {index} lists {len(spec[KEPT_ATTR])} "
-                f"kept neurons but has intermediate_size {inter}")
         setattr(mlp, KEPT_ATTR, torch.as_tensor(spec[KEPT_ATTR], dtype=torch.long))
 
 

@@ -128,6 +128,9 @@ def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.
     kept, source = [], "structure.json"
     for li, spec in enumerate(layers):
         if KEPT_ATTR in spec:
+            require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
+                    f"{model_dir}/structure.json: layer {li} lists {len(spec[KEPT_ATTR])} kept neurons but has "
+                    f"intermediate_size {spec['intermediate_size']}")
             kept.append(np.asarray(spec[KEPT_ATTR], dtype=np.int64))
         elif int(spec["intermediate_size"]) == n_ffn:
             kept.append(np.arange(n_ffn))
