@@ -83,8 +83,14 @@ class Accumulator:
         self.top_index = torch.full((self.n_layers, self.top_k, self.n_ffn), -1, dtype=torch.int64)
 
     def add(self, layer: int, h: torch.Tensor, article: torch.Tensor, flat_index: torch.Tensor) -> None:
-        """h [..., n_ffn] activations of `layer`; article and flat_index [...] for the same tokens."""
-        h = h.detach().reshape(-1, self.n_ffn).float().cpu()
+        """h [tokens, n_ffn] or [sequences, L, n_ffn] activations of `layer`; article and flat_index for the
+        same tokens. Given sequences, each contributes at most one top context per neuron (its hardest
+        token), so a neuron's contexts come from different windows instead of one phrase's neighbours."""
+        h = h.detach().float().cpu()
+        if h.dim() == 3:
+            self._top(layer, *hardest_per_sequence(h, article, flat_index))
+        per_token = h.dim() == 2
+        h = h.reshape(-1, self.n_ffn)
         article, flat_index = article.reshape(-1), flat_index.reshape(-1)
         keep = article >= 0
         h, article, flat_index = h[keep], article[keep], flat_index[keep]
@@ -93,15 +99,32 @@ class Accumulator:
         self.sums[layer].index_add_(0, article, h.abs().double())
         if layer == 0:
             self.counts += torch.bincount(article, minlength=self.n_articles)
-        k = min(self.top_k, h.shape[0])
-        _, rows = h.abs().topk(k, dim=0)
-        cand_value = torch.cat([self.top_value[layer], h.gather(0, rows)])
-        cand_index = torch.cat([self.top_index[layer], flat_index[rows]])
+        if per_token:
+            _, rows = h.abs().topk(min(self.top_k, h.shape[0]), dim=0)
+            self._top(layer, h.gather(0, rows), flat_index[rows])
+
+    def _top(self, layer: int, value: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge candidates value/index [c, n_ffn] (index -1 = none) into the running top-k."""
+        cand_value = torch.cat([self.top_value[layer], value])
+        cand_index = torch.cat([self.top_index[layer], index])
         # empty slots rank below every real token
         rank = torch.where(cand_index >= 0, cand_value.abs(), torch.full_like(cand_value, -1.0))
         _, best = rank.topk(self.top_k, dim=0)
         self.top_value[layer] = cand_value.gather(0, best)
         self.top_index[layer] = cand_index.gather(0, best)
+
+
+def hardest_per_sequence(h: torch.Tensor, article: torch.Tensor, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence and neuron, the signed h and flat index of its largest-|h| token -> two [sequences, n].
+
+    Skipped tokens (article < 0) never win; a sequence with none left gives index -1.
+    """
+    valid = (article >= 0).unsqueeze(-1)
+    pos = torch.where(valid, h.abs(), torch.full_like(h, -1.0)).argmax(1)  # [B, n]
+    value = h.gather(1, pos.unsqueeze(1)).squeeze(1)
+    index = flat_index.gather(1, pos)
+    any_valid = valid.squeeze(-1).any(1, keepdim=True)
+    return value, torch.where(any_valid, index, torch.full_like(index, -1))
 
 
 # ---------------------------------------------------------------------------------------------- attribution

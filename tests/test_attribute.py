@@ -68,6 +68,21 @@ def test_planted_topic_neurons_are_found_and_only_they():
     assert (acc.top_value[0, :, 5].abs().diff() <= 0).all()  # sorted, hardest first
 
 
+def test_sequences_give_one_top_context_each():
+    """Given [sequences, L, n], a neuron's top contexts come from different windows, skipped tokens never."""
+    h = torch.zeros(3, 5, 2)
+    h[0, :, 0] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])  # window 0's first token is skipped below
+    h[1, 2, 0] = -4.0
+    h[2, 4, 0] = 1.0
+    article = torch.zeros(3, 5, dtype=torch.long)
+    article[:, 0] = -1
+    acc = Accumulator(1, 2, 1, top_k=3)
+    acc.add(0, h, article, torch.arange(15).view(3, 5))
+    assert acc.top_index[0, :, 0].tolist() == [1, 7, 14]  # 8 (window 0, pos 1), -4 (window 1), 1 (window 2)
+    assert acc.top_value[0, :, 0].tolist() == [8.0, -4.0, 1.0]
+    assert acc.counts.tolist() == [12]
+
+
 def test_guard_drops_topics_with_too_few_articles():
     h, article, topic_of_article, _ = planted()
     acc = accumulate(h, article, 12)
@@ -131,7 +146,8 @@ def test_stream_on_a_tiny_model_finds_a_planted_neuron():
     assert int(np.nanargmax(att.selectivity[0, 0])) == 7  # the most selective neuron of block 0 for topic A
     assert att.selectivity[0, 0, 7] > 1.9  # nearly all its mass is on A, half the tokens
     tops = acc.top_index[0, :, 7].numpy()
-    assert all(topic_of_article[owner.reshape(-1)[t]] == 0 for t in tops)
+    assert tops[-1] == -1 and sorted(tops[:4] // 48) == [0, 1, 2, 3]  # one context per window, 4 windows
+    assert all(topic_of_article[owner.reshape(-1)[t]] == 0 for t in tops[:4])
 
 
 # -------------------------------------------------------------------------------------------- removal
