@@ -103,7 +103,7 @@ BIAS_RUNS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate")
 BIAS = {f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
 ALL_STAGES = (
     {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"}
-    | ANALYSIS | SWEEP | BIAS
+    | ANALYSIS | SWEEP | BIAS | {"attribute"}
 )
 
 
@@ -160,7 +160,7 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"} | BIAS_ANALYSIS | BIAS_RUNS
 
     edit_params(project, "calibrate", seed=1)
-    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP | BIAS
+    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned", "attribute"} | ANALYSIS | SWEEP | BIAS
 
 
 def test_bias_calibration_is_one_topic_and_disjoint_from_its_evaluation(project):
