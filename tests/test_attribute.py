@@ -332,3 +332,32 @@ def test_attribute_removed_writes_exact_fractions_beside_the_evaluation(project,
         assert out["topics"][t]["selective_removed"] == expected["selective_removed"][k]
     assert out["ppl_log_ratio"]["Maths"] == pytest.approx(math.log(2.0))
     assert set(out["correlation"]) == {"removed", "mass_lost"}
+
+
+def test_bias_report_stage_adds_the_attribution_section_for_attributed_models(tmp_path, monkeypatch):
+    """Two bias-study models, one with an attribution file: only that one enters the section and figure."""
+    import stages.bias_report as stage
+
+    monkeypatch.chdir(tmp_path)
+    topics = ["A", "B", "C", "D"]
+    task = {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.05, "n": 100}
+    dense = {"ppl": 10.0, "ppl_by_topic": dict.fromkeys(topics, 10.0), "tasks": {"t": task}}
+    Path("artifacts/metrics").mkdir(parents=True)
+    Path("artifacts/metrics/dense.json").write_text(json.dumps(dense))
+    cell = Path("artifacts/bias_sweep/all")
+    cell.mkdir(parents=True)
+    for method, ppl in (("obc", [11.0, 12.0, 13.0, 14.0]), ("flap", [12.0, 12.0, 12.0, 12.0])):
+        (cell / f"{method}-0.3.metrics.json").write_text(json.dumps(
+            {**dense, "ppl": 12.0, "ppl_by_topic": dict(zip(topics, ppl))}))
+    removed = dict(zip(topics, [0.1, 0.2, 0.3, 0.5]))
+    (cell / "obc-0.3.attribution.json").write_text(json.dumps({"topics": {
+        t: {"selective_removed_fraction": v, "mass_lost": v / 2} for t, v in removed.items()}}))
+    params = {"bias": {"sources": ["all"], "methods": ["obc", "flap"], "sparsities": [0.3]},
+              "attribute": {"n_boot": 200}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    stage.run("params.yaml")
+    result = json.loads(Path("artifacts/bias_report/bias.json").read_text())
+    section = result["attribution"]
+    assert [m["method"] for m in section["methods"]] == ["obc"] and section["methods"][0]["removed"]["r"] > 0.9
+    assert "Does losing a topic's neurons predict losing the topic?" in Path("artifacts/bias_report/bias.md").read_text()
+    assert Path("artifacts/bias_report/attribution_correlation.png").stat().st_size > 1000
