@@ -5,6 +5,7 @@ Views (each needs only the artifacts it reads, and names the stage to run when o
   tokens    cluster.zarr, capture.zarr, model/  decoded context around sample tokens of one cluster
   groups    groups.zarr, taylor.zarr            functional/shared neuron groups and their top neurons
   sparsity  allocate.json                       functional complexity and head/FFN sparsity per block
+  neurons   attribution.zarr, model/            a neuron's top contexts and topic selectivity, a topic's neurons
   all       whatever exists                     every view above, plus PNG plots with --png
 
 Model weights are never loaded; `tokens` loads only the tokenizer from artifacts/model, and reads

@@ -3,7 +3,7 @@ neurons, from artifacts/attribution.zarr (written by `fang attribute`) and the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +38,7 @@ class NeuronView:
     mean_abs: float
     by_topic: list[tuple[str, float, float, bool]]  # topic, selectivity (NaN = guarded), q-value, selective
     contexts: list[Context]
+    removed_by: list[tuple[str, bool]] = field(default_factory=list)  # pruned model, removed this neuron?
 
 
 def _store(root: Path):
@@ -47,6 +48,32 @@ def _store(root: Path):
 def _topic_index(topics: list[str], topic: str) -> int:
     require(topic in topics, f"unknown topic {topic!r}; the attribution has: {', '.join(topics)}")
     return topics.index(topic)
+
+
+def pruned_models(root: Path) -> list[Path]:
+    """Pruned checkpoints under the artifacts root: the single run, the sweep and the bias study."""
+    candidates = [_artifact(root, paths.PRUNED), *sorted(_artifact(root, paths.SWEEP).glob("*")),
+                  *sorted(_artifact(root, paths.BIAS_SWEEP).glob("*/*"))]
+    return [c for c in candidates if (c / "structure.json").is_file()]
+
+
+def removed_by(root: Path, layer: int, neuron: int, n_ffn: int) -> list[tuple[str, bool]]:
+    """(model, removed?) for every pruned model whose structure.json tells (kept_neurons, or a full block)."""
+    import json
+
+    from .shrink import KEPT_ATTR
+
+    out = []
+    for model in pruned_models(root):
+        try:
+            spec = json.loads((model / "structure.json").read_text())["layers"][layer]
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+        if KEPT_ATTR in spec:
+            out.append((str(model.relative_to(root)), neuron not in set(spec[KEPT_ATTR])))
+        elif int(spec.get("intermediate_size", -1)) == n_ffn:
+            out.append((str(model.relative_to(root)), False))
+    return out
 
 
 def neuron_view(root: Path, layer: int, neuron: int, top: int = 8, context: int = 8, tokenizer=None) -> NeuronView:
@@ -75,7 +102,8 @@ def neuron_view(root: Path, layer: int, neuron: int, top: int = 8, context: int 
         contexts.append(Context(n, pos, float(v), topics[k] if k >= 0 else "?", left, tok, right))
     return NeuronView(layer, neuron, None if label == NO_LABEL else topics[label],
                       float(store["mean_abs"][layer, neuron]),
-                      [(topics[k], float(sel[k]), float(q[k]), bool(is_sel[k])) for k in order], contexts)
+                      [(topics[k], float(sel[k]), float(q[k]), bool(is_sel[k])) for k in order], contexts,
+                      removed_by(Path(root), layer, neuron, n_ffn))
 
 
 def neuron_renderables(v: NeuronView) -> list[Any]:
@@ -93,6 +121,9 @@ def neuron_renderables(v: NeuronView) -> list[Any]:
                             (_visible(c.right), "dim"))
         table.add_row(f"{c.seq}:{c.pos}", f"{c.value:+.3g}", c.topic, ctx)
     out.append(table)
+    if v.removed_by:
+        out.append(Text("removed by: " + (", ".join(m for m, gone in v.removed_by if gone) or "none") + "; kept by: "
+                        + (", ".join(m for m, gone in v.removed_by if not gone) or "none"), style="dim"))
     return out
 
 

@@ -332,6 +332,11 @@ def test_attribute_removed_writes_exact_fractions_beside_the_evaluation(project,
         assert out["topics"][t]["selective_removed"] == expected["selective_removed"][k]
     assert out["ppl_log_ratio"]["Maths"] == pytest.approx(math.log(2.0))
     assert set(out["correlation"]) == {"removed", "mass_lost"}
+    # inspect names the models that removed a neuron: layer 0 keeps even neurons only
+    from fang.inspect_neurons import removed_by
+
+    assert removed_by(Path("artifacts"), 0, 3, 64) == [("sweep/x-0.3", True)]
+    assert removed_by(Path("artifacts"), 0, 4, 64) == [("sweep/x-0.3", False)]
 
 
 def test_bias_report_stage_adds_the_attribution_section_for_attributed_models(tmp_path, monkeypatch):
