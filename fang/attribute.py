@@ -401,3 +401,15 @@ def plot_bias_correlation(section: dict, cells: Sequence[CellRemoval], path) -> 
         ax.legend(fontsize=5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def permutation_null(article_sums: np.ndarray, article_counts: np.ndarray, article_topic: np.ndarray,
+                     topics: list[str], n_perm: int = 5, seed: int = 0, **thresholds) -> list[int]:
+    """Selective (layer, neuron, topic) pairs found after shuffling the articles' topics, per shuffle.
+
+    The same tokens, activations and thresholds with the topic labels made meaningless: what the
+    selection finds by chance (plus what article-to-article variation alone produces).
+    """
+    rng = np.random.default_rng(seed)
+    return [int(attribute(article_sums, article_counts, rng.permutation(article_topic), topics, **thresholds)
+                .selective.sum()) for _ in range(n_perm)]

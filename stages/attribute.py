@@ -13,8 +13,8 @@ import torch
 
 from fang import paths
 from fang.atomic import read_json, write_json
-from fang.attribute import (NO_LABEL, Accumulator, Attribution, attribute, match_rows, removal_by_topic, removed_mask,
-                            token_articles, topic_correlation)
+from fang.attribute import (NO_LABEL, Accumulator, Attribution, attribute, match_rows, permutation_null, removal_by_topic,
+                            removed_mask, token_articles, topic_correlation)
 from fang.corpus import read_jsonl
 from fang.errors import require
 from fang.layerwise import batch_slices, input_hooks
@@ -102,6 +102,9 @@ def run(params_path: str = "params.yaml") -> None:
         "top_value": acc.top_value.numpy().transpose(0, 2, 1),
         "token_ids": input_ids.numpy().astype(np.int32), "token_topic": token_topic.astype(np.int16),
         "topic_tokens": att.topic_tokens, "topic_articles": att.topic_articles,
+        # per article, so thresholds can be changed and nulls drawn without another forward pass
+        "article_abs_sum": acc.sums.numpy().astype(np.float32), "article_tokens": acc.counts.numpy(),
+        "article_topic": article_topic,
     }
     attrs = {"topics": topics, "guarded": [t for t, g in zip(topics, att.guarded) if g],
              "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]),
@@ -109,9 +112,14 @@ def run(params_path: str = "params.yaml") -> None:
                                                     "min_selectivity", "fdr")}}
     write_store(paths.ATTRIBUTION, KIND, arrays, attrs)
     info = summary(att)
+    thresholds = dict(min_tokens=p.min_tokens, min_articles=p.min_articles, min_selectivity=p.min_selectivity, fdr=p.fdr)
+    info["selective_pairs"] = int(att.selective.sum())
+    info["null_selective_pairs"] = permutation_null(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics,
+                                                    seed=p.seed, **thresholds)
     write_json(paths.ATTRIBUTION_SUMMARY, {**attrs, **info})
     n_sel = sum(t["selective_neurons"] for t in info["topics"])
-    console.print(f"attribution: {len(topics)} topics, {n_sel:,} (layer, neuron, topic) selective pairs, "
+    console.print(f"attribution: {len(topics)} topics, {n_sel:,} (layer, neuron, topic) selective pairs "
+                  f"(with shuffled topics: {info['null_selective_pairs']}), "
                   f"{sum(info['labelled_neurons_by_layer']):,} of {att.label.size:,} neurons labelled -> {paths.ATTRIBUTION}")
 
 

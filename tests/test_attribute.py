@@ -83,6 +83,17 @@ def test_sequences_give_one_top_context_each():
     assert acc.counts.tolist() == [12]
 
 
+def test_shuffled_topics_find_far_fewer_selective_neurons():
+    from fang.attribute import permutation_null
+
+    h, article, topic_of_article, _ = planted()
+    acc = accumulate(h, article, 12)
+    args = (acc.sums.numpy(), acc.counts.numpy(), topic_of_article, TOPICS)
+    real = attribute(*args, min_tokens=100, min_articles=3).selective.sum()
+    null = permutation_null(*args, n_perm=5, min_tokens=100, min_articles=3)
+    assert real == 2 and len(null) == 5 and max(null) < real
+
+
 def test_guard_drops_topics_with_too_few_articles():
     h, article, topic_of_article, _ = planted()
     acc = accumulate(h, article, 12)
@@ -280,9 +291,11 @@ def test_stage_writes_consistent_store_and_summary(project):
     # window 0's second token belongs to the first article of the window
     assert topics[token_topic[0, 1]] == topic_of[calib["window_articles"][0][0]]
     assert store["topic_tokens"][:].sum() == 8 * 63
+    assert store["article_tokens"][:].sum() == 8 * 63 and store["article_abs_sum"].shape[:2] == (2, store["article_topic"].shape[0])
     summary = json.loads((project / "artifacts/attribution.json").read_text())
     assert [t["topic"] for t in summary["topics"]] == topics
     assert sum(t["tokens"] for t in summary["topics"]) == 8 * 63
+    assert len(summary["null_selective_pairs"]) == 5
     top = store["top_index"][0, 5]
     assert ((top >= 0) & (top % 64 != 0)).all()  # never a skipped window start
 
