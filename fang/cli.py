@@ -196,10 +196,12 @@ def attribute_removed(
     params: str = ParamsOpt,
     model: str = typer.Option(..., "--model", help="pruned model directory (e.g. artifacts/sweep/obc-0.3)"),
     out: Optional[str] = typer.Option(None, help="JSON to write (default: beside the model's evaluation, <model>.attribution.json)"),
+    metrics: Optional[str] = typer.Option(None, help="the model's evaluation JSON (default: <model>.metrics.json)"),
+    dense: Optional[str] = typer.Option(None, help="the dense model's evaluation JSON (default: artifacts/metrics/dense.json)"),
 ) -> None:
     """Per topic: the share of its selective neurons a pruned model removed and of its activation mass; needs `fang attribute`."""
     module = _stage("attribute").module
-    module.run_removed(params, model, out)
+    module.run_removed(params, model, out, metrics, dense)
 
 
 app.add_typer(inspect_app, name="inspect")

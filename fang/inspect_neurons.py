@@ -13,10 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from . import paths
-from .attribute import NO_LABEL
 from .errors import require
-from .inspect import (HIGHLIGHT_CLOSE, HIGHLIGHT_OPEN, _artifact, _console, _decode_parts, _layer_index, _load_tokenizer,
-                      _num_column, _open, _save, _table, _visible, _wrote)
+
+
+def _base():
+    # fang.inspect imports this module at its end to register the command; importing it back on use
+    # (not at the top) lets either module be imported first
+    from . import inspect
+
+    return inspect
 
 
 @dataclass
@@ -42,7 +47,7 @@ class NeuronView:
 
 
 def _store(root: Path):
-    return _open(_artifact(root, paths.ATTRIBUTION), "attribution", "attribute")
+    return _base()._open(_base()._artifact(root, paths.ATTRIBUTION), "attribution", "attribute")
 
 
 def _topic_index(topics: list[str], topic: str) -> int:
@@ -52,8 +57,8 @@ def _topic_index(topics: list[str], topic: str) -> int:
 
 def pruned_models(root: Path) -> list[Path]:
     """Pruned checkpoints under the artifacts root: the single run, the sweep and the bias study."""
-    candidates = [_artifact(root, paths.PRUNED), *sorted(_artifact(root, paths.SWEEP).glob("*")),
-                  *sorted(_artifact(root, paths.BIAS_SWEEP).glob("*/*"))]
+    candidates = [_base()._artifact(root, paths.PRUNED), *sorted(_base()._artifact(root, paths.SWEEP).glob("*")),
+                  *sorted(_base()._artifact(root, paths.BIAS_SWEEP).glob("*/*"))]
     return [c for c in candidates if (c / "structure.json").is_file()]
 
 
@@ -79,7 +84,7 @@ def removed_by(root: Path, layer: int, neuron: int, n_ffn: int) -> list[tuple[st
 def neuron_view(root: Path, layer: int, neuron: int, top: int = 8, context: int = 8, tokenizer=None) -> NeuronView:
     store = _store(root)
     topics, n_layers, n_ffn = list(store.attrs["topics"]), int(store.attrs["n_layers"]), int(store.attrs["n_ffn"])
-    layer = _layer_index(layer, n_layers)
+    layer = _base()._layer_index(layer, n_layers)
     require(0 <= neuron < n_ffn, f"--neuron {neuron} is out of range: layer {layer} has {n_ffn} neurons (0..{n_ffn - 1})")
     sel = np.asarray(store["selectivity"][layer, :, neuron], dtype=np.float64)
     q = np.asarray(store["q_value"][layer, :, neuron], dtype=np.float64)
@@ -89,7 +94,7 @@ def neuron_view(root: Path, layer: int, neuron: int, top: int = 8, context: int 
     ids = np.asarray(store["token_ids"][:], dtype=np.int64)
     token_topic = np.asarray(store["token_topic"][:])
     seq_len = ids.shape[1]
-    tokenizer = tokenizer or _load_tokenizer(root)
+    tokenizer = tokenizer or _base()._load_tokenizer(root)
     contexts = []
     idx, val = store["top_index"][layer, neuron], store["top_value"][layer, neuron]
     for t, v in list(zip(idx.tolist(), val.tolist()))[:top]:
@@ -97,10 +102,10 @@ def neuron_view(root: Path, layer: int, neuron: int, top: int = 8, context: int 
             continue
         n, pos = divmod(t, seq_len)
         a, b = max(0, pos - context), min(seq_len, pos + context + 1)
-        left, tok, right = _decode_parts(tokenizer, ids[n, a:b].tolist(), pos - a)
+        left, tok, right = _base()._decode_parts(tokenizer, ids[n, a:b].tolist(), pos - a)
         k = int(token_topic[n, pos])
         contexts.append(Context(n, pos, float(v), topics[k] if k >= 0 else "?", left, tok, right))
-    return NeuronView(layer, neuron, None if label == NO_LABEL else topics[label],
+    return NeuronView(layer, neuron, None if label < 0 else topics[label],
                       float(store["mean_abs"][layer, neuron]),
                       [(topics[k], float(sel[k]), float(q[k]), bool(is_sel[k])) for k in order], contexts,
                       removed_by(Path(root), layer, neuron, n_ffn))
@@ -117,8 +122,8 @@ def neuron_renderables(v: NeuronView) -> list[Any]:
     table.add_column("topic", no_wrap=True)
     table.add_column("context", overflow="fold")
     for c in v.contexts:
-        ctx = Text.assemble((_visible(c.left), "dim"), (HIGHLIGHT_OPEN + _visible(c.token) + HIGHLIGHT_CLOSE, "bold reverse"),
-                            (_visible(c.right), "dim"))
+        ctx = Text.assemble((_base()._visible(c.left), "dim"), (_base().HIGHLIGHT_OPEN + _base()._visible(c.token) + _base().HIGHLIGHT_CLOSE, "bold reverse"),
+                            (_base()._visible(c.right), "dim"))
         table.add_row(f"{c.seq}:{c.pos}", f"{c.value:+.3g}", c.topic, ctx)
     out.append(table)
     if v.removed_by:
@@ -131,7 +136,7 @@ def topic_table(root: Path, layer: int, topic: str, top: int = 10) -> Table:
     """The layer's neurons most selective for `topic`, with their label and q-value."""
     store = _store(root)
     topics = list(store.attrs["topics"])
-    layer = _layer_index(layer, int(store.attrs["n_layers"]))
+    layer = _base()._layer_index(layer, int(store.attrs["n_layers"]))
     k = _topic_index(topics, topic)
     sel = np.asarray(store["selectivity"][layer, k], dtype=np.float64)
     q = np.asarray(store["q_value"][layer, k], dtype=np.float64)
@@ -140,33 +145,33 @@ def topic_table(root: Path, layer: int, topic: str, top: int = 10) -> Table:
     tokens, articles = int(store["topic_tokens"][k]), int(store["topic_articles"][k])
     caption = "selectivity = mean |h| on the topic's tokens / over all tokens; q = Benjamini-Hochberg q-value " \
               "(article-level Welch test); label = the neuron's most selective topic"
-    table = _table(f"layer {layer}, topic {topic} ({tokens:,} tokens, {articles} articles): "
+    table = _base()._table(f"layer {layer}, topic {topic} ({tokens:,} tokens, {articles} articles): "
                    f"{int(selective.sum())} selective neurons", caption)
     if not np.isfinite(sel).any():
         table.footnote = f"{topic} is guarded (too few tokens or articles): no selectivity. " + caption
     for h in ("neuron", "selectivity", "q"):
-        _num_column(table, h)
+        _base()._num_column(table, h)
     table.add_column("selective")
     table.add_column("label")
     for j in np.argsort(-np.nan_to_num(sel, nan=-np.inf), kind="stable")[:top]:
         if not np.isfinite(sel[j]):
             break
         table.add_row(str(j), f"{sel[j]:.2f}", f"{q[j]:.2g}", "yes" if selective[j] else "",
-                      "—" if label[j] == NO_LABEL else topics[label[j]])
+                      "—" if label[j] < 0 else topics[label[j]])  # < 0: attribute.NO_LABEL
     return table
 
 
 def layer_table(root: Path, layer: int) -> Table:
     store = _store(root)
     topics = list(store.attrs["topics"])
-    layer = _layer_index(layer, int(store.attrs["n_layers"]))
+    layer = _base()._layer_index(layer, int(store.attrs["n_layers"]))
     selective = np.asarray(store["selective"][layer])
     label = np.asarray(store["label"][layer])
-    table = _table(f"layer {layer}: selective and labelled neurons per topic (of {label.size})",
+    table = _base()._table(f"layer {layer}: selective and labelled neurons per topic (of {label.size})",
                    "pass --neuron J for a neuron's contexts or --topic T for a topic's neurons")
     table.add_column("topic")
     for h in ("tokens", "selective", "labelled"):
-        _num_column(table, h)
+        _base()._num_column(table, h)
     for k, t in enumerate(topics):
         table.add_row(t, f"{int(store['topic_tokens'][k]):,}", str(int(selective[k].sum())), str(int((label == k).sum())))
     return table
@@ -183,7 +188,7 @@ def plot_neuron(v: NeuronView, out_dir: Path) -> Path:
     ax.set_xticks(range(len(shown)), [t[:14] for t, *_ in shown], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("selectivity")
     ax.set_title(f"layer {v.layer}, neuron {v.neuron}: mean |h| on topic / overall (red = selective)", fontsize=9)
-    return _save(fig, Path(out_dir) / f"neuron_l{v.layer}_n{v.neuron}.png")
+    return _base()._save(fig, Path(out_dir) / f"neuron_l{v.layer}_n{v.neuron}.png")
 
 
 def plot_topic(root: Path, layer: int, topic: str, out_dir: Path) -> Path:
@@ -191,7 +196,7 @@ def plot_topic(root: Path, layer: int, topic: str, out_dir: Path) -> Path:
 
     store = _store(root)
     topics = list(store.attrs["topics"])
-    layer = _layer_index(layer, int(store.attrs["n_layers"]))
+    layer = _base()._layer_index(layer, int(store.attrs["n_layers"]))
     k = _topic_index(topics, topic)
     sel = np.asarray(store["selectivity"][layer, k], dtype=np.float64)
     selective = np.asarray(store["selective"][layer, k])
@@ -206,7 +211,7 @@ def plot_topic(root: Path, layer: int, topic: str, out_dir: Path) -> Path:
     ax.set_ylabel("neurons")
     ax.set_title(f"layer {layer}: {int(selective.sum())} neurons selective for {topic}", fontsize=9)
     ax.legend(fontsize=7)
-    return _save(fig, Path(out_dir) / f"topic_l{layer}_{topic.replace(' ', '_')}.png")
+    return _base()._save(fig, Path(out_dir) / f"topic_l{layer}_{topic.replace(' ', '_')}.png")
 
 
 def neurons(
@@ -222,16 +227,16 @@ def neurons(
     selective neurons; with neither, the layer's selective neurons per topic. Needs attribution.zarr and model/."""
     require(neuron is None or topic is None, "give --neuron or --topic, not both")
     require(top >= 1 and context >= 0, "--top must be >= 1 and --context >= 0")
-    console = _console()
+    console = _base()._console()
     if neuron is not None:
         v = neuron_view(artifacts, layer, neuron, top, context)
         for r in neuron_renderables(v):
             console.print(r)
         if png:
-            _wrote(console, plot_neuron(v, png))
+            _base()._wrote(console, plot_neuron(v, png))
     elif topic is not None:
         console.print(topic_table(artifacts, layer, topic, top))
         if png:
-            _wrote(console, plot_topic(artifacts, layer, topic, png))
+            _base()._wrote(console, plot_topic(artifacts, layer, topic, png))
     else:
         console.print(layer_table(artifacts, layer))

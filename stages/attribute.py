@@ -157,7 +157,8 @@ def default_paths(model_dir: Path) -> tuple[Path, Path]:
     return Path(f"{model_dir}.metrics.json"), Path(f"{model_dir}.attribution.json")
 
 
-def run_removed(params_path: str, model: str, out: str | None = None) -> None:
+def run_removed(params_path: str, model: str, out: str | None = None, metrics: str | None = None,
+                dense: str | None = None) -> None:
     p = load_block("attribute", path=params_path)
     model_dir = Path(model)
     store = open_store(paths.ATTRIBUTION, KIND, "attribute")
@@ -168,6 +169,7 @@ def run_removed(params_path: str, model: str, out: str | None = None) -> None:
     removed = removed_mask(kept, int(store.attrs["n_ffn"]))
     r = removal_by_topic(store["selective"][:], store["topic_mean_abs"][:], removed)
     metrics_path, default_out = default_paths(model_dir)
+    metrics_path = Path(metrics) if metrics else metrics_path
     result = {
         "model": str(model_dir), "kept_from": kept_from, "removed_fraction": float(r["removed_fraction"]),
         "topics": {t: {"selective": int(r["selective"][k]), "selective_removed": int(r["selective_removed"][k]),
@@ -176,7 +178,9 @@ def run_removed(params_path: str, model: str, out: str | None = None) -> None:
                        "mass_lost": float(r["mass_lost"][k])} for k, t in enumerate(topics)},
         "removed_by_layer": [int(v) for v in removed.sum(1)],
     }
-    dense_path = paths.METRICS / "dense.json"
+    dense_path = Path(dense) if dense else paths.METRICS / "dense.json"
+    require(metrics is None or metrics_path.exists(), f"--metrics {metrics_path} does not exist")
+    require(dense is None or dense_path.exists(), f"--dense {dense_path} does not exist")
     if metrics_path.exists() and dense_path.exists():
         ppl, dense = read_json(metrics_path)["ppl_by_topic"], read_json(dense_path)["ppl_by_topic"]
         y = np.array([[np.log(ppl[t] / dense[t]) if t in ppl and t in dense else np.nan for t in topics]])
