@@ -224,6 +224,25 @@ def bench(
     _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, readme, keep)
 
 
+@app.command()
+def attribute(params: str = ParamsOpt) -> None:
+    """Neuron semantic attribution: per FFN neuron, topic selectivity, label and top contexts (artifacts/attribution.zarr)."""
+    _stage("attribute").run(params)
+
+
+@app.command("attribute-removed")
+def attribute_removed(
+    params: str = ParamsOpt,
+    model: str = typer.Option(..., "--model", help="pruned model directory (e.g. artifacts/sweep/obc-0.3)"),
+    out: Optional[str] = typer.Option(None, help="JSON to write (default: beside the model's evaluation, <model>.attribution.json)"),
+    metrics: Optional[str] = typer.Option(None, help="the model's evaluation JSON (default: <model>.metrics.json)"),
+    dense: Optional[str] = typer.Option(None, help="the dense model's evaluation JSON (default: artifacts/metrics/dense.json)"),
+) -> None:
+    """Per topic: the share of its selective neurons a pruned model removed and of its activation mass; needs `fang attribute`."""
+    module = _stage("attribute").module
+    module.run_removed(params, model, out, metrics, dense)
+
+
 app.add_typer(inspect_app, name="inspect")
 
 

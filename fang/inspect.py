@@ -5,6 +5,7 @@ Views (each needs only the artifacts it reads, and names the stage to run when o
   tokens    cluster.zarr, capture.zarr, model/  decoded context around sample tokens of one cluster
   groups    groups.zarr, taylor.zarr            functional/shared neuron groups and their top neurons
   sparsity  allocate.json                       functional complexity and head/FFN sparsity per block
+  neurons   attribution.zarr, model/            a neuron's top contexts and topic selectivity, a topic's neurons
   all       whatever exists                     every view above, plus PNG plots with --png
 
 Model weights are never loaded; `tokens` loads only the tokenizer from artifacts/model, and reads
@@ -770,3 +771,9 @@ def all_views(
     section("sparsity", do_sparsity)
     if not shown:
         raise FangError(f"nothing to inspect under {artifacts}: run `dvc repro allocate` (cluster, taylor, group, allocate) first")
+
+
+# neuron attribution views live in their own module; registered here so `fang inspect neurons` exists
+from .inspect_neurons import neurons as _neurons_view  # noqa: E402  (needs the helpers above)
+
+app.command("neurons")(_neurons_view)

@@ -221,6 +221,30 @@ class BiasParams:
         return [] if source == ALL_TOPICS else [source]
 
 
+@dataclass
+class AttributeParams:
+    """Neuron semantic attribution (`fang attribute`): which topics each FFN neuron responds to."""
+
+    batch_size: int = 8  # sequences per forward batch
+    top_k: int = 16  # top contexts kept per neuron
+    skip_first: int = 1  # tokens at the start of every window left out (no context; attention-sink activations)
+    min_tokens: int = 256  # a topic with fewer calibration tokens gets no selectivity (guard)
+    min_articles: int = 3  # ... or with fewer articles (the significance test runs over articles)
+    min_selectivity: float = 1.5  # "selective": mean |h| on the topic >= this x the mean over all tokens ...
+    fdr: float = 0.05  # ... and Benjamini-Hochberg q-value below this (per layer)
+    n_boot: int = 2000  # bootstrap resamples of the topics for correlation intervals
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.batch_size > 0 and self.top_k > 0, "attribute.batch_size and attribute.top_k must be positive")
+        require(self.skip_first >= 0, f"attribute.skip_first={self.skip_first} must be >= 0")
+        require(self.min_tokens >= 0 and self.min_articles >= 2,
+                "attribute.min_tokens must be >= 0 and attribute.min_articles >= 2 (a t-test needs 2 articles)")
+        require(self.min_selectivity > 0, f"attribute.min_selectivity={self.min_selectivity} must be positive")
+        require(0 < self.fdr < 1, f"attribute.fdr={self.fdr} must be in (0, 1)")
+        require(self.n_boot >= 100, f"attribute.n_boot={self.n_boot} is too few resamples (use >= 100)")
+
+
 DTYPES = {"float32", "float16", "bfloat16"}
 
 @dataclass
@@ -260,6 +284,7 @@ BLOCKS: dict[str, type] = {
     "sweep": SweepParams,
     "bias": BiasParams,
     "screen": ScreenParams,
+    "attribute": AttributeParams,
 }
 
 

@@ -23,6 +23,8 @@ BIAS = ARTIFACTS / "bias"  # <source>/: the calibration-bias study's per-source 
 BIAS_SWEEP = ARTIFACTS / "bias_sweep"  # <source>/<method>-<sparsity>/ pruned models, .prune.json, .metrics.json
 BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_heatmap.png
 SCREEN = ARTIFACTS / "screen"  # screen.json, screen.md: which tasks the dense model does above chance
+ATTRIBUTION = ARTIFACTS / "attribution.zarr"  # neuron topic selectivity, labels, top contexts (fang attribute)
+ATTRIBUTION_SUMMARY = ARTIFACTS / "attribution.json"  # per-topic counts and most selective neurons
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .portable import write_portable_code
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
 STRUCTURE_FORMAT = 1
+KEPT_ATTR = "kept_neurons"  # MLP attribute and optional structure.json layer key: dense indices of the kept neurons
 
 # head-count attributes some attention implementations carry besides num_key_value_groups
 _QUERY_HEAD_ATTRS = ("num_heads", "num_attention_heads")
@@ -115,6 +116,11 @@ def shrink_mlp(mlp: nn.Module, keep: Tensor, extra_down_bias: Tensor | None = No
     # build everything before assigning anything, so a rejected call leaves the block untouched
     down = _cols(mlp.down_proj, keep, extra_down_bias, "down_proj")
     mlp.gate_proj, mlp.up_proj, mlp.down_proj = _rows(mlp.gate_proj, keep), _rows(mlp.up_proj, keep), down
+    # original (dense) indices of the kept neurons, for removed-neuron accounting (fang.attribute);
+    # composed so that a second shrink still names dense neurons
+    prev = getattr(mlp, KEPT_ATTR, None)
+    if prev is not None or keep.numel() < n:  # keeping all of a dense block needs no record
+        setattr(mlp, KEPT_ATTR, keep if prev is None else prev[keep])
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 
@@ -181,13 +187,17 @@ def block_structure(layer: nn.Module) -> dict:
     """Shapes of one decoder block that differ from the dense config after pruning."""
     attn, mlp = layer.self_attn, layer.mlp
     n_heads, n_kv, _ = attention_heads(attn)
-    return {
+    spec = {
         "n_heads": n_heads,
         "n_kv_heads": n_kv,
         "intermediate_size": mlp.gate_proj.out_features,
         "o_bias": attn.o_proj.bias is not None,
         "down_bias": mlp.down_proj.bias is not None,
     }
+    kept = getattr(mlp, KEPT_ATTR, None)
+    if kept is not None:  # optional: absent for blocks never shrunk and in older checkpoints
+        spec[KEPT_ATTR] = [int(i) for i in kept]
+    return spec
 
 
 def model_structure(model: nn.Module) -> list[dict]:
@@ -226,6 +236,8 @@ def apply_structure(layer: nn.Module, spec: dict, index: int) -> None:
     mlp.down_proj = _meta_linear(inter, hidden, bool(spec["down_bias"]), mlp.down_proj)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = inter
+    if KEPT_ATTR in spec:  # so that a reloaded model saved again still records them
+        setattr(mlp, KEPT_ATTR, torch.as_tensor(spec[KEPT_ATTR], dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from fang import paths
 from fang.atomic import atomic_dir
 import time
 
+from fang.attribute import CellRemoval, bias_correlations, plot_bias_correlation
 from fang.bias_report import README_END, README_START, BiasRun, analyse, heatmap, readme_fragment, render
 from fang.errors import require
 from fang.params import load_block
@@ -15,6 +16,20 @@ from fang.readme import publish
 from fang.report import load_json
 
 README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows
+
+
+def attributed_cells(result: dict) -> list[CellRemoval]:
+    """The study's models that `fang attribute-removed` has scored (<cell>.attribution.json beside the evaluation)."""
+    cells = []
+    for r in result["records"]:
+        f = paths.BIAS_SWEEP / r["source"] / f"{r['method']}-{r['sparsity']}.attribution.json"
+        if r["status"] != "ok" or not f.exists():
+            continue
+        topics = json.loads(f.read_text())["topics"]
+        cells.append(CellRemoval(r["method"], r["source"], r["sparsity"],
+                                 {t: v["selective_removed_fraction"] for t, v in topics.items()},
+                                 {t: v["mass_lost"] for t, v in topics.items()}, r["increase_by_topic"]))
+    return cells
 
 
 def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
@@ -30,12 +45,18 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
                 runs.append(BiasRun(source, method, sparsity, load_json(Path(f"{cell}.metrics.json")),
                                     load_json(Path(f"{cell}.prune.json"))))
     result = analyse(runs, dense)
+    cells = attributed_cells(result)
+    if cells:
+        a = load_block("attribute", path=params_path)
+        result["attribution"] = bias_correlations(cells, result["topics"], a.n_boot, a.seed)
     md, table_csv = render(result, dense)
     with atomic_dir(paths.BIAS_REPORT) as tmp:
         (tmp / "bias.md").write_text(md)
         (tmp / "bias.csv").write_text(table_csv)
         (tmp / "bias.json").write_text(json.dumps(result, indent=1))
         heatmap(result, tmp / "bias_heatmap.png")
+        if cells:
+            plot_bias_correlation(result["attribution"], cells, tmp / "attribution_correlation.png")
     if readme:
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
         publish(readme, paths.BIAS_REPORT / "bias_heatmap.png", README_IMAGE,

@@ -1,0 +1,197 @@
+"""attribute: one streaming forward pass over the calibration set, hooks on every down_proj input,
+-> artifacts/attribution.zarr (topic selectivity, labels, top contexts) + artifacts/attribution.json.
+
+attribute-removed: which of those neurons a pruned model removed, per topic, beside its evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fang import paths
+from fang.atomic import read_json, write_json
+from fang.attribute import (NO_LABEL, Accumulator, Attribution, attribute, match_rows, permutation_null, removal_by_topic,
+                            removed_mask, token_articles, topic_correlation)
+from fang.corpus import read_jsonl
+from fang.errors import require
+from fang.layerwise import batch_slices, input_hooks
+from fang.params import load_block
+from fang.progress import console, progress
+from fang.store import open_store, write_store
+from stages.capture import load_calibration
+
+KIND = "attribution"
+
+
+def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(article index [N, L], topic index per article, article ids, topics) of the main calibration set."""
+    meta = read_json(paths.CALIB / "calib.json")
+    require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
+    rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
+    # tokenized exactly as fang.corpus.sample_calibration does, so the stream can be checked token by token
+    tokens = {a: tokenizer(rows[a]["text"], add_special_tokens=False)["input_ids"] + [sep] for a in wanted if a in rows}
+    owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
+    topics = sorted({r["topic"] for r in rows.values()})
+    return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
+
+
+@torch.no_grad()
+def stream(model, input_ids: torch.Tensor, owner: np.ndarray, n_articles: int, batch_size: int, top_k: int,
+           device) -> Accumulator:
+    layers = model.model.layers
+    cfg = model.config
+    acc = Accumulator(len(layers), cfg.intermediate_size, n_articles, top_k)
+    n, seq_len = input_ids.shape
+    owner_t = torch.as_tensor(owner)
+    flat = torch.arange(n * seq_len).view(n, seq_len)
+    current: dict[str, slice] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        sl = current["batch"]
+        acc.add(int(name), x, owner_t[sl], flat[sl])
+
+    with input_hooks({str(i): layer.mlp.down_proj for i, layer in enumerate(layers)}, sink), progress() as bar:
+        task = bar.add_task("attribute", total=n)
+        for sl in batch_slices(n, batch_size):
+            current["batch"] = sl
+            model.model(input_ids=input_ids[sl].to(device), use_cache=False)  # no LM head: only the blocks matter
+            bar.advance(task, sl.stop - sl.start)
+    return acc
+
+
+def summary(att: Attribution, top: int = 5) -> dict:
+    topics = []
+    for k, t in enumerate(att.topics):
+        sel = np.where(att.selective[:, k, :], att.selectivity[:, k, :], -np.inf)
+        best = np.argsort(-sel, axis=None)[:top]
+        topics.append({
+            "topic": t, "tokens": int(att.topic_tokens[k]), "articles": int(att.topic_articles[k]),
+            "guarded": bool(att.guarded[k]), "selective_neurons": int(att.selective[:, k, :].sum()),
+            "labelled_neurons": int((att.label == k).sum()),
+            "most_selective": [{"layer": int(li), "neuron": int(j), "selectivity": round(float(att.selectivity[li, k, j]), 3)}
+                               for li, j in zip(*np.unravel_index(best, sel.shape)) if np.isfinite(sel[li, j])],
+        })
+    return {"topics": topics,
+            "labelled_neurons_by_layer": [int(v) for v in (att.label != NO_LABEL).sum(1)],
+            "neurons_per_layer": int(att.label.shape[1])}
+
+
+def run(params_path: str = "params.yaml") -> None:
+    from fang.device import pick_device
+    from fang.modeling import load_dense
+
+    p = load_block("attribute", path=params_path)
+    input_ids = load_calibration(None)
+    device = pick_device()
+    model, tokenizer = load_dense(paths.MODEL, device)
+    owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
+    owner[:, : p.skip_first] = -1
+    acc = stream(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)
+    att = attribute(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics, p.min_tokens, p.min_articles,
+                    p.min_selectivity, p.fdr)
+    token_topic = np.where(owner >= 0, article_topic[np.maximum(owner, 0)], -1)
+    arrays = {
+        "topic_mean_abs": att.topic_mean_abs, "mean_abs": att.mean_abs, "selectivity": att.selectivity,
+        "q_value": att.q_value, "selective": att.selective, "label": att.label.astype(np.int16),
+        "top_index": acc.top_index.numpy().transpose(0, 2, 1),  # [layers, n_ffn, k]
+        "top_value": acc.top_value.numpy().transpose(0, 2, 1),
+        "token_ids": input_ids.numpy().astype(np.int32), "token_topic": token_topic.astype(np.int16),
+        "topic_tokens": att.topic_tokens, "topic_articles": att.topic_articles,
+        # per article, so thresholds can be changed and nulls drawn without another forward pass
+        "article_abs_sum": acc.sums.numpy().astype(np.float32), "article_tokens": acc.counts.numpy(),
+        "article_topic": article_topic,
+    }
+    attrs = {"topics": topics, "guarded": [t for t, g in zip(topics, att.guarded) if g],
+             "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]),
+             "params": {k: getattr(p, k) for k in ("top_k", "skip_first", "min_tokens", "min_articles",
+                                                    "min_selectivity", "fdr")}}
+    write_store(paths.ATTRIBUTION, KIND, arrays, attrs)
+    info = summary(att)
+    thresholds = dict(min_tokens=p.min_tokens, min_articles=p.min_articles, min_selectivity=p.min_selectivity, fdr=p.fdr)
+    info["selective_pairs"] = int(att.selective.sum())
+    info["null_selective_pairs"] = permutation_null(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics,
+                                                    seed=p.seed, **thresholds)
+    write_json(paths.ATTRIBUTION_SUMMARY, {**attrs, **info})
+    n_sel = sum(t["selective_neurons"] for t in info["topics"])
+    console.print(f"attribution: {len(topics)} topics, {n_sel:,} (layer, neuron, topic) selective pairs "
+                  f"(with shuffled topics: {info['null_selective_pairs']}), "
+                  f"{sum(info['labelled_neurons_by_layer']):,} of {att.label.size:,} neurons labelled -> {paths.ATTRIBUTION}")
+
+
+# ---------------------------------------------------------------------------------------------- removed
+
+
+def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.ndarray], str]:
+    """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
+    from safetensors import safe_open
+
+    from fang.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
+
+    layers = read_structure(model_dir)["layers"]
+    kept, source = [], "structure.json"
+    for li, spec in enumerate(layers):
+        if KEPT_ATTR in spec:
+            require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
+                    f"{model_dir}/structure.json: layer {li} lists {len(spec[KEPT_ATTR])} kept neurons but has "
+                    f"intermediate_size {spec['intermediate_size']}")
+            kept.append(np.asarray(spec[KEPT_ATTR], dtype=np.int64))
+        elif int(spec["intermediate_size"]) == n_ffn:
+            kept.append(np.arange(n_ffn))
+        else:
+            name = f"model.layers.{li}.mlp.gate_proj.weight"
+            with safe_open(str(model_dir / WEIGHTS_FILE), "np") as fp, safe_open(str(dense_dir / WEIGHTS_FILE), "np") as fd:
+                kept.append(match_rows(fd.get_tensor(name), fp.get_tensor(name)))
+            source = "gate_proj rows matched to the dense model"
+    return kept, source
+
+
+def default_paths(model_dir: Path) -> tuple[Path, Path]:
+    """(evaluation JSON, attribution JSON beside it) of a pruned model directory."""
+    if model_dir.resolve() == paths.PRUNED.resolve():
+        return paths.METRICS / "pruned.json", paths.METRICS / "pruned.attribution.json"
+    return Path(f"{model_dir}.metrics.json"), Path(f"{model_dir}.attribution.json")
+
+
+def run_removed(params_path: str, model: str, out: str | None = None, metrics: str | None = None,
+                dense: str | None = None) -> None:
+    p = load_block("attribute", path=params_path)
+    model_dir = Path(model)
+    store = open_store(paths.ATTRIBUTION, KIND, "attribute")
+    topics = list(store.attrs["topics"])
+    kept, kept_from = kept_neurons(model_dir, paths.MODEL, int(store.attrs["n_ffn"]))
+    require(len(kept) == int(store.attrs["n_layers"]),
+            f"{model_dir} has {len(kept)} layers, the attribution {store.attrs['n_layers']}")
+    removed = removed_mask(kept, int(store.attrs["n_ffn"]))
+    r = removal_by_topic(store["selective"][:], store["topic_mean_abs"][:], removed)
+    metrics_path, default_out = default_paths(model_dir)
+    metrics_path = Path(metrics) if metrics else metrics_path
+    result = {
+        "model": str(model_dir), "kept_from": kept_from, "removed_fraction": float(r["removed_fraction"]),
+        "topics": {t: {"selective": int(r["selective"][k]), "selective_removed": int(r["selective_removed"][k]),
+                       "selective_removed_fraction": None if np.isnan(r["selective_removed_fraction"][k])
+                       else float(r["selective_removed_fraction"][k]),
+                       "mass_lost": float(r["mass_lost"][k])} for k, t in enumerate(topics)},
+        "removed_by_layer": [int(v) for v in removed.sum(1)],
+    }
+    dense_path = Path(dense) if dense else paths.METRICS / "dense.json"
+    require(metrics is None or metrics_path.exists(), f"--metrics {metrics_path} does not exist")
+    require(dense is None or dense_path.exists(), f"--dense {dense_path} does not exist")
+    if metrics_path.exists() and dense_path.exists():
+        ppl, dense = read_json(metrics_path)["ppl_by_topic"], read_json(dense_path)["ppl_by_topic"]
+        y = np.array([[np.log(ppl[t] / dense[t]) if t in ppl and t in dense else np.nan for t in topics]])
+        result["ppl_log_ratio"] = {t: float(v) for t, v in zip(topics, y[0]) if np.isfinite(v)}
+        result["correlation"] = {
+            what: topic_correlation(np.array([[np.nan if v is None else v for v in
+                                               (result["topics"][t][key] for t in topics)]], dtype=float), y,
+                                    n_boot=p.n_boot, seed=p.seed)
+            for what, key in (("removed", "selective_removed_fraction"), ("mass_lost", "mass_lost"))}
+    out_path = Path(out) if out else default_out
+    write_json(out_path, result)
+    worst = max(topics, key=lambda t: result["topics"][t]["mass_lost"])
+    console.print(f"{model_dir}: {result['removed_fraction']:.1%} of FFN neurons removed; most activation mass lost on "
+                  f"{worst} ({result['topics'][worst]['mass_lost']:.1%}) -> {out_path}")
