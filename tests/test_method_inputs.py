@@ -81,3 +81,18 @@ def test_variants_record_their_effective_allocation_and_compensation(art):
     fc_all = dataclasses.replace(base, allocation="fc")
     assert mi.method_inputs("flap", fc_all, art)["params"]["allocation"] == "fc"
     assert mi.method_inputs("obc+uniform", fc_all, art)["params"]["allocation"] == "uniform"
+
+
+def test_stage_writes_the_manifest_and_names_an_unknown_key(art, tmp_path):
+    import json
+
+    from stages.method_inputs import run
+
+    (tmp_path / "params.yaml").write_text("prune:\n  tau: 7.0\n  method: o_fang\n")
+    run(str(tmp_path / "params.yaml"), "o_fang", str(tmp_path / "m.json"))
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert manifest["params"]["prune.tau"] == 7.0 and set(manifest["artifacts"]) == {
+        str(art.cluster), str(art.taylor), str(art.groups), str(art.allocate)}
+    (tmp_path / "params.yaml").write_text("prune:\n  tua: 7.0\n")
+    with pytest.raises(FangError, match="unknown key\\(s\\) in params block 'prune': tua"):
+        run(str(tmp_path / "params.yaml"), "o_fang", str(tmp_path / "m.json"))
