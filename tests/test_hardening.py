@@ -289,8 +289,11 @@ def test_cluster_refuses_a_k_that_needs_more_memory_than_available(tmp_path, mon
     import stages.cluster
 
     _project(tmp_path, cluster={"k": 5, "pca_dim": 8})
-    captured(tiny_model(4, 4), calib, tmp_path / "artifacts")
-    (tmp_path / "artifacts" / "cap.zarr").rename(tmp_path / "artifacts" / "capture.zarr")
+    from fang.capture import capture_features
+
+    # the slim store fits the PCA while capturing: the store must carry cluster.pca_dim components
+    capture_features(tiny_model(4, 4), calib, tmp_path / "artifacts" / "capture.zarr", batch_size=4,
+                     dtype="float32", pca_dim=8)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FANG_MEMORY_MIB", "64")  # below the stage's ~256 MiB of fixed working set
     with pytest.raises(FangError, match=r"cluster.k=5 needs about .* of memory .* only 64 MiB is available: lower cluster.k"):
