@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +380,16 @@ def test_bias_report_stage_adds_the_attribution_section_for_attributed_models(tm
     assert [m["method"] for m in section["methods"]] == ["obc"] and section["methods"][0]["removed"]["r"] > 0.9
     assert "Does losing a topic's neurons predict losing the topic?" in Path("artifacts/bias_report/bias.md").read_text()
     assert Path("artifacts/bias_report/attribution_correlation.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"fdr": 2.0}, "attribute.fdr=2.0 must be in"),
+    ({"min_articles": 1}, "min_articles >= 2"),
+    ({"top_k": "many"}, "attribute.top_k='many' has the wrong type"),
+    ({"bins": 3}, "unknown key(s) in params block 'attribute': bins"),
+])
+def test_bad_attribute_params_are_named(raw, message):
+    from fang.params import AttributeParams, parse_block
+
+    with pytest.raises(FangError, match=re.escape(message)):
+        parse_block("attribute", raw, AttributeParams)
