@@ -22,6 +22,8 @@ REPORT = ARTIFACTS / "report"  # results.md, results.csv, sparsity_curves.png
 BIAS = ARTIFACTS / "bias"  # <source>/: the calibration-bias study's per-source calibration and analysis
 BIAS_SWEEP = ARTIFACTS / "bias_sweep"  # <source>/<method>-<sparsity>/ pruned models, .prune.json, .metrics.json
 BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_heatmap.png
+ICA = ARTIFACTS / "ica.zarr"  # per-layer ICA spatial maps of the FFN (functional networks, seed 003)
+GPRUNE = ARTIFACTS / "gprune.zarr"  # GPrune-LLM modules, rank drift and reliability per layer (seed 002)
 
 
 @dataclass(frozen=True)
@@ -51,3 +53,8 @@ def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
         root / "calib", root / "capture.zarr", root / "cluster.zarr", root / "taylor.zarr", root / "groups.zarr",
         root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",
     )
+
+
+def beside_capture(source: str | None, name: str) -> Path:
+    """An analysis artifact next to the calibration set's capture store: artifacts/<name> or artifacts/bias/<source>/<name>."""
+    return calibration_artifacts(source).capture.parent / name

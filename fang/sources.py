@@ -64,3 +64,18 @@ def source_index(topics: list[str], wanted: list[str], min_tokens: int) -> tuple
     pos = {n: i for i, n in enumerate(names)}
     ids = torch.tensor([pos.get(t, -1) for t in topics], dtype=torch.long)
     return ids, names, dict(sorted(counts.items()))
+
+
+def shard_sources(n_seq: int, seq_len: int, n_shards: int = 4) -> tuple[Tensor, list[str]]:
+    """Fallback sources for a one-topic calibration set: contiguous shards of its windows (ours).
+
+    Rank drift then measures sampling noise between shards rather than a distribution shift; the
+    stage records that it fell back. With one window, its two token halves are the shards.
+    """
+    if n_seq >= 2:
+        k = max(2, min(n_shards, n_seq))
+        ids = (torch.arange(n_seq) * k // n_seq).repeat_interleave(seq_len)
+    else:
+        k = 2
+        ids = (torch.arange(seq_len) * 2 // seq_len)
+    return ids.long(), [f"shard{i}" for i in range(k)]

@@ -52,6 +52,8 @@ def tiny_params(root: Path) -> dict:
     params["taylor"]["batch_size"] = 2
     params["sweep"].update(methods=["f_fang"], sparsities=[0.3])
     params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang"], sparsities=[0.3])
+    params["ica"].update(n_components=4, n_restarts=1)
+    params["gprune"].update(min_source_tokens=16, n_modules=3)
     return params
 
 
@@ -103,7 +105,7 @@ BIAS_RUNS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate")
 BIAS = {f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
 ALL_STAGES = (
     {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned"}
-    | ANALYSIS | SWEEP | BIAS
+    | ANALYSIS | SWEEP | BIAS | {"ica", "gprune_modules"}
 )
 
 
@@ -160,7 +162,8 @@ def test_repro_runs_everything_then_only_what_changed(project):
     assert repro(project) == ANALYSIS | SWEEP | {"prune", "evaluate@pruned"} | BIAS_ANALYSIS | BIAS_RUNS
 
     edit_params(project, "calibrate", seed=1)
-    assert repro(project) == {"calibrate", "capture", "prune", "evaluate@pruned"} | ANALYSIS | SWEEP | BIAS
+    assert repro(project) == ({"calibrate", "capture", "prune", "evaluate@pruned", "ica", "gprune_modules"}
+                              | ANALYSIS | SWEEP | BIAS)
 
 
 def test_bias_calibration_is_one_topic_and_disjoint_from_its_evaluation(project):
