@@ -116,7 +116,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
         "mean_module_tau": round(float(np.nanmean(consumer.out["module_tau"])), 4),
         "layers": layers,
         "seconds": {"total": round(total, 1), "forward": round(timing["forward_s"], 1),
-                    "analysis": round(timing["consumer_s"], 1)},
+                    "analysis": round(timing["consumer_s"], 1), "forward_cpu": round(timing["forward_cpu_s"], 1),
+                    "analysis_cpu": round(timing["consumer_cpu_s"], 1)},
     })
     console.print(f"gprune: {len(names)} sources, {cfg.num_hidden_layers} layers -> {out} "
                   f"({sum(x['switched'] for x in layers)} modules switched to magnitude; "

@@ -76,7 +76,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
         "n_components": p.n_components, "tokens": n_tok, "layers": consumer.layers,
         "mean_explained_variance": round(float(np.mean([x["explained_variance"] for x in consumer.layers])), 4),
         "seconds": {"total": round(total, 1), "forward": round(timing["forward_s"], 1),
-                    "decomposition": round(timing["consumer_s"], 1)},
+                    "decomposition": round(timing["consumer_s"], 1), "forward_cpu": round(timing["forward_cpu_s"], 1),
+                    "decomposition_cpu": round(timing["consumer_cpu_s"], 1)},
     })
     console.print(f"ica: {n_layers} layers x {p.n_components} components over {n_tok:,} tokens -> {out} "
                   f"(forward {timing['forward_s']:.1f} s, decomposition {timing['consumer_s']:.1f} s)")
