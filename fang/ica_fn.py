@@ -67,7 +67,8 @@ def reduce_svd(signals: Tensor, n_components: int, n_iter: int = 4, seed: int = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _, s, v = torch.svd_lowrank(signals, q=min(n_components + 10, t, c), niter=n_iter)
-    total = float(signals.double().pow(2).sum())
+    # in column slices: a float64 copy of the whole matrix would double the stage's peak RAM
+    total = sum(float(cols.double().pow(2).sum()) for cols in signals.split(256, dim=1))
     kept = float(s[:n_components].double().pow(2).sum())
     return v[:, :n_components].contiguous(), kept / max(total, 1e-30)
 
