@@ -240,3 +240,16 @@ def analyze_layer(metric: str, moments: SourceMoments, w_gate: Tensor, w_up: Ten
     mag = magnitude_score(w_down)
     return LayerModules(scores, ranks, drift, act, mag, modules, stats, switched,
                         within_module_score(act, mag, modules, switched))
+
+
+def layer_keep(modules: Tensor, score: Tensor, module_drift: Tensor, n_keep: int, gamma: float = 0.1,
+               max_sparsity: float = 0.95) -> Tensor:
+    """What method `gprune` keeps of one block's FFN given its budget: module counts, then per-module ranking.
+
+    Inputs are one layer's rows of `artifacts/gprune.zarr` (`modules`, `score`, `module_drift`).
+    """
+    modules = torch.as_tensor(modules).long()
+    m = int(modules.max()) + 1
+    size = torch.bincount(modules, minlength=m)
+    counts = module_keep_counts(size, torch.as_tensor(module_drift)[:m], n_keep, gamma, max_sparsity)
+    return select_neurons(modules, torch.as_tensor(score).double(), counts)

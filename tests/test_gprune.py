@@ -124,3 +124,20 @@ def test_reliability_switch_rules():
                         torch.zeros(3), torch.tensor([0.5, 2.0, 0.5], dtype=torch.float64))
     assert reliability_switch(stats, 0.1, 1.0, "sensitive_and_weak").tolist() == [True, False, False]
     assert reliability_switch(stats, 0.1, 1.0, "sensitive_or_weak").tolist() == [True, True, True]
+
+
+def test_layer_keep_meets_the_budget_from_store_rows():
+    from fang.gprune import layer_keep
+
+    m, w_gate, w_up, w_down, _ = planted_layer((0.0, 0.5))
+    r = analyze(m, w_gate, w_up, w_down)
+    keep = layer_keep(r.modules.numpy(), r.score.numpy(), r.stats.drift.numpy(), 30, gamma=0.2)
+    assert int(keep.sum()) == 30
+    unstable = int(r.modules[2 * PER])
+    kept_frac = [float(keep[r.modules == c].double().mean()) for c in range(3)]
+    assert kept_frac[unstable] == min(kept_frac)  # the drifting module gives up the most
+    # inside a module the kept neurons are its best-scored ones
+    c = int(r.modules[0])
+    idx = (r.modules == c).nonzero().flatten()
+    kept, dropped = r.score[idx][keep[idx]], r.score[idx][~keep[idx]]
+    assert kept.min() >= dropped.max()
