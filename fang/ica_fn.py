@@ -32,11 +32,14 @@ def zscore_columns(x: Tensor, out: Tensor | None = None) -> Tensor:
     Pass `out=x` to work in place: the stage's matrix is the largest thing it holds.
     """
     require(x.dim() == 2 and x.shape[0] > 1, f"zscore_columns: need [tokens > 1, columns], got {tuple(x.shape)}")
-    mean = x.mean(0, dtype=torch.float64).to(x.dtype)
-    std = x.std(0).to(x.dtype)
-    std = torch.where(std < torch.finfo(x.dtype).eps, torch.ones_like(std), std)
     out = x.clone() if out is None else out
-    return out.sub_(mean).div_(std)
+    # column slices: whole-matrix mean/std would allocate float64 / squared copies of the layer matrix
+    for cols in out.split(256, dim=1):
+        c = cols.double()
+        mean, std = c.mean(0), c.std(0)
+        std = torch.where(std < torch.finfo(x.dtype).eps, torch.ones_like(std), std)
+        cols.copy_((c - mean) / std)
+    return out
 
 
 def zscore_maps(maps: Tensor) -> Tensor:
