@@ -179,6 +179,18 @@ def allocate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None
 
 
 @app.command()
+def ica(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
+    """Per layer: CanICA of the FFN's act and up activations (functional networks, seed 003) -> artifacts/ica.zarr."""
+    _stage("ica").run(params, source)
+
+
+@app.command("gprune-modules")
+def gprune_modules(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
+    """Per layer: per-source neuron scores, rank drift, modules and their reliability (GPrune-LLM) -> artifacts/gprune.zarr."""
+    _stage("gprune_modules").run(params, source)
+
+
+@app.command()
 def report(
     params: str = ParamsOpt,
     readme: Optional[str] = _readme_option("report", "plot to docs/sparsity_curves.png"),

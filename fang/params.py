@@ -243,6 +243,55 @@ class AttributeParams:
         require(self.min_selectivity > 0, f"attribute.min_selectivity={self.min_selectivity} must be positive")
         require(0 < self.fdr < 1, f"attribute.fdr={self.fdr} must be in (0, 1)")
         require(self.n_boot >= 100, f"attribute.n_boot={self.n_boot} is too few resamples (use >= 100)")
+class IcaParams:
+    """Functional networks by ICA (seed 003): per-layer CanICA of the FFN's act and up activations."""
+
+    n_components: int = 32  # ICA components per layer (paper: 128 for LLaMA-7B's 2 x 11008 columns; README says why 32)
+    n_restarts: int = 5  # seeded FastICA restarts per layer; the sparsest is kept (nilearn CanICA)
+    max_iter: int = 400  # FastICA iterations per restart
+    tol: float = 0.0001  # FastICA convergence tolerance (authors' code: 1e-4)
+    svd_iter: int = 4  # power iterations of the randomized SVD
+    batch_size: int = 8  # sequences per forward batch
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.n_components >= 2, f"ica.n_components={self.n_components} must be at least 2")
+        require(self.n_restarts >= 1, f"ica.n_restarts={self.n_restarts} must be at least 1")
+        require(self.max_iter > 0 and self.tol > 0, "ica.max_iter and ica.tol must be positive")
+        require(self.svd_iter >= 0, f"ica.svd_iter={self.svd_iter} must be >= 0")
+        require(self.batch_size > 0, "ica.batch_size must be positive")
+
+
+@dataclass
+class GPruneParams:
+    """GPrune-LLM (seed 002): per-source neuron scores, behaviour-consistent modules, a reliability switch."""
+
+    sources: list[str] = field(default_factory=list)  # [] = every topic in the calibration set; else topic names
+    min_source_tokens: int = 2048  # topics with fewer calibration tokens are left out of the drift statistics
+    metric: str = "wanda_sp"  # base activation metric per source: wanda_sp | flap
+    n_modules: int = 16  # modules per layer (k-means on normalized gate/up rows + down column)
+    drift_weight: float = 1.0  # weight of the rank-drift profile when refining modules (0 = parameters only)
+    refine_iter: int = 20  # k-means iterations of the refinement
+    drift_threshold: float = 0.12  # module mean rank drift above this = distribution-sensitive (random ranks: ~0.29)
+    weak_ratio: float = 1.0  # module mean activation score below this x the layer mean = weak
+    switch: str = "sensitive_and_weak"  # when to rank a module by weight magnitude: sensitive_and_weak | sensitive_or_weak
+    module_gamma: float = 0.1  # module sparsity = base + gamma x (standardized module drift), base fit to the budget
+    max_sparsity: float = 0.95  # per-module cap so no module is emptied
+    batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.metric in ("wanda_sp", "flap"), f"gprune.metric={self.metric!r}: use wanda_sp or flap "
+                                                     "(taylor needs per-source gradients, not implemented)")
+        require(self.n_modules >= 1, f"gprune.n_modules={self.n_modules} must be at least 1")
+        require(self.min_source_tokens > 0, "gprune.min_source_tokens must be positive")
+        require(self.drift_weight >= 0 and self.refine_iter >= 0, "gprune.drift_weight and refine_iter must be >= 0")
+        require(self.drift_threshold >= 0 and self.weak_ratio >= 0, "gprune.drift_threshold and weak_ratio must be >= 0")
+        require(self.switch in ("sensitive_and_weak", "sensitive_or_weak"),
+                f"gprune.switch={self.switch!r}: use sensitive_and_weak or sensitive_or_weak")
+        require(self.module_gamma >= 0, f"gprune.module_gamma={self.module_gamma} must be >= 0")
+        require(0 < self.max_sparsity < 1, "gprune.max_sparsity must be in (0, 1)")
+        require(self.batch_size > 0, "gprune.batch_size must be positive")
 
 
 DTYPES = {"float32", "float16", "bfloat16"}
@@ -285,6 +334,8 @@ BLOCKS: dict[str, type] = {
     "bias": BiasParams,
     "screen": ScreenParams,
     "attribute": AttributeParams,
+    "ica": IcaParams,
+    "gprune": GPruneParams,
 }
 
 

@@ -25,6 +25,8 @@ BIAS_REPORT = ARTIFACTS / "bias_report"  # bias.md, bias.csv, bias.json, bias_he
 SCREEN = ARTIFACTS / "screen"  # screen.json, screen.md: which tasks the dense model does above chance
 ATTRIBUTION = ARTIFACTS / "attribution.zarr"  # neuron topic selectivity, labels, top contexts (fang attribute)
 ATTRIBUTION_SUMMARY = ARTIFACTS / "attribution.json"  # per-topic counts and most selective neurons
+ICA = ARTIFACTS / "ica.zarr"  # per-layer ICA spatial maps of the FFN (functional networks, seed 003)
+GPRUNE = ARTIFACTS / "gprune.zarr"  # GPrune-LLM modules, rank drift and reliability per layer (seed 002)
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,8 @@ def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
         root / "calib", root / "capture.zarr", root / "cluster.zarr", root / "taylor.zarr", root / "groups.zarr",
         root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",
     )
+
+
+def beside_capture(source: str | None, name: str) -> Path:
+    """An analysis artifact next to the calibration set's capture store: artifacts/<name> or artifacts/bias/<source>/<name>."""
+    return calibration_artifacts(source).capture.parent / name

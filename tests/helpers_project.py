@@ -51,6 +51,8 @@ def tiny_params(root: Path) -> dict:
     params["taylor"]["batch_size"] = 2
     params["sweep"].update(methods=["flap", "f_fang"], sparsities=[0.3])
     params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang"], sparsities=[0.3])
+    params["ica"].update(n_components=4, n_restarts=1)
+    params["gprune"].update(min_source_tokens=16, n_modules=3)
     return params
 
 

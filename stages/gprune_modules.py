@@ -1,0 +1,123 @@
+"""gprune_modules: per-source neuron scores, rank drift, modules and their reliability (GPrune-LLM), per layer.
+
+The calibration tokens' article topics are the sources. One dense pass streams each MLP's
+activations into per-source moments; nothing per token is kept. Writes artifacts/gprune.zarr and
+artifacts/metrics/gprune.json.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from torch import Tensor, nn
+
+from fang import paths
+from fang.atomic import read_json, write_json
+from fang.corpus import read_jsonl
+from fang.device import pick_device
+from fang.gprune import SourceMoments, analyze_layer
+from fang.mlp_stream import stream_mlp
+from fang.modeling import load_dense
+from fang.params import GPruneParams, load_block
+from fang.progress import console
+from fang.errors import FangError
+from fang.sources import shard_sources, source_index, token_topics
+from fang.store import write_store
+
+
+class _GPruneConsumer:
+    def __init__(self, p: GPruneParams, source: Tensor, n_sources: int, n_layers: int, n_ffn: int) -> None:
+        self.p, self.source, self.n_sources, self.n_ffn = p, source, n_sources, n_ffn
+        self.moments = SourceMoments(n_sources, n_ffn)
+        m = p.n_modules
+        self.out = {
+            "source_scores": np.zeros((n_layers, n_sources, n_ffn), np.float32),
+            "ranks": np.zeros((n_layers, n_sources, n_ffn), np.float32),
+            "drift": np.zeros((n_layers, n_ffn), np.float32),
+            "activation_score": np.zeros((n_layers, n_ffn), np.float32),
+            "magnitude_score": np.zeros((n_layers, n_ffn), np.float32),
+            "modules": np.zeros((n_layers, n_ffn), np.int32),
+            "score": np.zeros((n_layers, n_ffn), np.float32),
+            "module_size": np.zeros((n_layers, m), np.int32),
+            "module_drift": np.full((n_layers, m), np.nan, np.float32),
+            "module_tau": np.full((n_layers, m), np.nan, np.float32),
+            "module_activation": np.full((n_layers, m), np.nan, np.float32),
+            "switched": np.zeros((n_layers, m), bool),
+        }
+        self.layers: list[dict] = []
+
+    def add(self, layer: int, rows: slice, act: Tensor, up: Tensor) -> None:
+        self.moments.add(act * up, self.source[rows])
+
+    def end_layer(self, layer: int, mlp: nn.Module) -> None:
+        p, o = self.p, self.out
+        r = analyze_layer(p.metric, self.moments, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                          p.n_modules, p.drift_weight, p.refine_iter, p.drift_threshold, p.weak_ratio, p.switch,
+                          p.seed + layer)
+        self.moments = SourceMoments(self.n_sources, self.n_ffn)
+        m = len(r.stats.size)
+        o["source_scores"][layer], o["ranks"][layer] = r.scores.numpy(), r.ranks.numpy()
+        o["drift"][layer], o["activation_score"][layer] = r.drift.numpy(), r.act.numpy()
+        o["magnitude_score"][layer], o["modules"][layer], o["score"][layer] = r.magnitude.numpy(), r.modules.numpy(), r.score.numpy()
+        o["module_size"][layer, :m], o["module_drift"][layer, :m] = r.stats.size.numpy(), r.stats.drift.numpy()
+        o["module_tau"][layer, :m], o["module_activation"][layer, :m] = r.stats.tau.numpy(), r.stats.act.numpy()
+        o["switched"][layer, :m] = r.switched.numpy()
+        self.layers.append({
+            "layer": layer, "modules": m, "switched": int(r.switched.sum()),
+            "switched_neurons": int(r.stats.size[r.switched].sum()),
+            "mean_neuron_drift": round(float(r.drift.mean()), 4),
+            "module_drift": [round(float(x), 4) for x in r.stats.drift],
+            "module_tau": [round(float(x), 3) for x in r.stats.tau],
+        })
+
+
+def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from stages.capture import load_calibration
+
+    p = load_block("gprune", path=params_path)
+    art = paths.calibration_artifacts(source)
+    ids = load_calibration(source)
+    meta = read_json(art.calib / "calib.json")
+    rows = read_jsonl(paths.DATA / f"{meta['split']}.jsonl")
+    topics = token_topics(ids, meta["window_articles"], rows, AutoTokenizer.from_pretrained(paths.MODEL))
+    kind = "topics"
+    try:
+        src, names, counts = source_index(topics, p.sources, p.min_source_tokens)
+    except FangError:
+        if p.sources:
+            raise
+        # a one-topic calibration (calibrate.topics: [People]) has one distribution: compare shards of it instead
+        src, names = shard_sources(*ids.shape)
+        counts, kind = {n: int((src == i).sum()) for i, n in enumerate(names)}, "shards"
+        console.print(f"[yellow]gprune: fewer than 2 topics with >= {p.min_source_tokens} calibration tokens; "
+                      f"the sources are {len(names)} shards of the calibration windows[/yellow]")
+    device = pick_device()
+    model, _ = load_dense(paths.MODEL, device)
+    cfg = model.config
+    consumer = _GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
+    t0 = time.perf_counter()
+    timing = stream_mlp(model, ids, consumer, p.batch_size, device, label="gprune")
+    total = time.perf_counter() - t0
+    out = paths.beside_capture(source, "gprune.zarr")
+    write_store(out, "gprune", consumer.out, {
+        "sources": names, "source_kind": kind, "source_tokens": [counts[n] for n in names], "metric": p.metric,
+        "n_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
+    })
+    layers = consumer.layers
+    write_json(art.metrics / "gprune.json", {
+        "sources": dict(zip(names, (counts[n] for n in names))), "source_kind": kind,
+        "unused_tokens": int((src < 0).sum()),
+        "metric": p.metric, "switched_modules": sum(x["switched"] for x in layers),
+        "switched_neurons": sum(x["switched_neurons"] for x in layers),
+        "mean_module_tau": round(float(np.nanmean(consumer.out["module_tau"])), 4),
+        "layers": layers,
+        "seconds": {"total": round(total, 1), "forward": round(timing["forward_s"], 1),
+                    "analysis": round(timing["consumer_s"], 1), "forward_cpu": round(timing["forward_cpu_s"], 1),
+                    "analysis_cpu": round(timing["consumer_cpu_s"], 1)},
+    })
+    console.print(f"gprune: {len(names)} sources, {cfg.num_hidden_layers} layers -> {out} "
+                  f"({sum(x['switched'] for x in layers)} modules switched to magnitude; "
+                  f"forward {timing['forward_s']:.1f} s, analysis {timing['consumer_s']:.1f} s)")
