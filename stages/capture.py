@@ -21,8 +21,10 @@ def load_calibration(source: str | None = None):
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("capture", path=params_path)
+    pca_dim = load_block("cluster", path=params_path).pca_dim  # the PCA is fitted while capturing
     out = paths.calibration_artifacts(source).capture
     device = pick_device()
     model, _ = load_dense(paths.MODEL, device)
-    info = capture_features(model, load_calibration(source), out, p.batch_size, p.dtype, device)
+    info = capture_features(model, load_calibration(source), out, p.batch_size, p.dtype, device,
+                            pca_dim=pca_dim, keep=p.keep)
     console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")
