@@ -69,8 +69,8 @@ class CalibrateParams:
 class CaptureParams:
     batch_size: int = 8  # sequences per forward batch
     dtype: str = "float16"  # storage dtype of captured features
-    # full per-token arrays to store besides what later stages read (block_io, ffn_in, down_in)
-    keep: list[str] = field(default_factory=lambda: ["block_io", "ffn_in", "down_in"])
+    # full per-token arrays to store besides what later stages read (block_io, ffn_in, down_in): none by default
+    keep: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         require(self.batch_size > 0, "capture.batch_size must be positive")

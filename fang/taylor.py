@@ -44,7 +44,7 @@ def _final_norm(model: nn.Module) -> nn.Module:
     return model.model.norm
 
 
-def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget: int = LOGIT_BUDGET) -> torch.Tensor:
+def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget: int | None = None) -> torch.Tensor:
     """dL/dhidden for the last block's output [b, L, d], L the summed next-token cross-entropy of `ids`.
 
     Chunked over tokens so at most `budget` logits exist at once; the norm is per token, so
@@ -54,7 +54,7 @@ def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget:
     b, seq_len, d = hidden.shape
     x = hidden[:, :-1].reshape(-1, d)
     target = ids[:, 1:].reshape(-1).to(hidden.device)
-    rows = max(1, budget // head.out_features)
+    rows = max(1, (budget or LOGIT_BUDGET) // head.out_features)
     grad = torch.zeros_like(hidden)
     g_flat = torch.empty_like(x)
     with torch.enable_grad():

@@ -157,7 +157,8 @@ def _profile(params_path: str, device, n_seqs: int) -> dict:
     model, _ = load_dense(paths.MODEL, device)
     runs = {}
     with tempfile.TemporaryDirectory(dir=paths.ARTIFACTS) as tmp:
+        pca_dim = load_block("cluster", path=params_path).pca_dim  # as the stage runs it: PCA, slim store
         runs["capture"] = profile_call(lambda: capture_features(model, ids, f"{tmp}/capture.zarr", cap.batch_size,
-                                                                cap.dtype, device))
+                                                                cap.dtype, device, pca_dim=pca_dim, keep=cap.keep))
     runs["taylor"] = profile_call(lambda: taylor_scores(model, ids, labels, clusters.attrs["k"], tay.batch_size, device))
     return {"sequences": int(ids.shape[0]), "runs": runs}

@@ -27,6 +27,7 @@ def load_calibration(source: str | None = None):
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("capture", path=params_path)
+    pca_dim = load_block("cluster", path=params_path).pca_dim  # the PCA is fitted while capturing
     out = paths.calibration_artifacts(source).capture
     device = pick_device()
     input_ids = load_calibration(source)
@@ -36,5 +37,5 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     needed = n_tok * cfg.hidden_size * 4 + p.batch_size * input_ids.shape[1] * (2 * cfg.hidden_size + cfg.intermediate_size) * 8
     samples = "calibrate.n_samples" if source is None else "bias.n_samples"
     check_fits(needed, f"{n_tok:,} calibration tokens' hidden states", f"{samples}={input_ids.shape[0]}")
-    info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device)
+    info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device, pca_dim=pca_dim, keep=p.keep)
     console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")

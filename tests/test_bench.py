@@ -66,6 +66,7 @@ def tree(tmp_path_factory) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["capture"]["batch_size"] = 2
     params["taylor"]["batch_size"] = 2
+    params["cluster"]["pca_dim"] = 8  # capture fits the PCA: at most the tiny model's hidden size
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

@@ -158,3 +158,11 @@ def test_slim_footprint_and_llama2_7b_estimate(tmp_path):
     assert est["disk"]["uncompressed_bytes"] == 128 * 2048 * 32 * PCA * 4 <= 16 * 2**30
     full = bench.estimate_memory(bench.capture_footprint(tmp_path / "full.zarr"))
     assert full["disk"]["uncompressed_bytes"] == 128 * 2048 * ((33 * 4096 + 32 * 4096 + 32 * 11008) * 2 + 32 * PCA * 4)
+
+
+def test_capture_keep_defaults_to_nothing_and_rejects_unknown_names():
+    from fang.params import CaptureParams
+
+    assert CaptureParams().keep == []
+    with pytest.raises(FangError, match="capture.keep: unknown arrays \\['hidden'\\]"):
+        CaptureParams(keep=["hidden", "ffn_in"]).validate()

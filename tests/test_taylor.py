@@ -50,6 +50,18 @@ def test_taylor_scores_match_direct_autograd(input_ids):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_loss_over_the_vocabulary_in_chunks_gives_the_same_scores(input_ids, monkeypatch):
+    import fang.taylor
+
+    model = tiny_model(4, 4)
+    clusters = torch.randint(0, 2, (2, input_ids.numel()), generator=torch.Generator().manual_seed(4))
+    whole = taylor_scores(model, input_ids, clusters, 2, batch_size=4)
+    monkeypatch.setattr(fang.taylor, "LOGIT_BUDGET", 7 * 128)  # 7 tokens' logits at a time: uneven chunks
+    chunked = taylor_scores(model, input_ids, clusters, 2, batch_size=4)
+    for name in ("scores", "block_sensitivity", "down_centers"):
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
 def test_scores_do_not_depend_on_batch_size(input_ids):
     model = tiny_model(4, 4)
     clusters = torch.randint(0, 2, (2, input_ids.numel()), generator=torch.Generator().manual_seed(1))
