@@ -24,7 +24,6 @@ import numpy as np
 
 from . import attribute
 from .params import ALL_TOPICS
-from .choices import FANG_BASE
 from .errors import FangError, require
 from .paired import bootstrap
 from .report import (average, comparison_pairs, fmt_accuracy, fmt_comparison, headline_tasks, markdown_table,

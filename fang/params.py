@@ -243,6 +243,9 @@ class AttributeParams:
         require(self.min_selectivity > 0, f"attribute.min_selectivity={self.min_selectivity} must be positive")
         require(0 < self.fdr < 1, f"attribute.fdr={self.fdr} must be in (0, 1)")
         require(self.n_boot >= 100, f"attribute.n_boot={self.n_boot} is too few resamples (use >= 100)")
+
+
+@dataclass
 class IcaParams:
     """Functional networks by ICA (seed 003): per-layer CanICA of the FFN's act and up activations."""
 
@@ -295,6 +298,7 @@ class GPruneParams:
 
 
 DTYPES = {"float32", "float16", "bfloat16"}
+
 
 @dataclass
 class ScreenParams:
