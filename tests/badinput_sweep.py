@@ -81,7 +81,7 @@ def build_project(code: Path, root: Path) -> None:
     """A tiny project whose every artifact was made by the CLI under test."""
     from conftest import tiny_model
     from helpers_tokenizer import tiny_tokenizer
-    from test_pipeline import tiny_params, write_bigbench, write_corpus
+    from helpers_project import tiny_params, write_bigbench, write_corpus
 
     root.mkdir(parents=True)
     model = tiny_model(6, 3, layers=3)
