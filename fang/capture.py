@@ -164,8 +164,10 @@ def capture_features(
             for name in keep
         }
         if pca_dim is not None:
+            # compressed with a checksum like every other array, so damaged bytes fail on read
             arrays["ffn_proj"] = root.create_array("ffn_proj", shape=(n_layers, n_tok, pca_dim),
-                                                   chunks=(1, n_tok, pca_dim), dtype=np.float32)
+                                                   chunks=(1, n_tok, pca_dim), dtype=np.float32,
+                                                   compressors=compressors())
         stats = {name: np.zeros((n_layers, c), dtype=np.float64) for name, c in
                  [("o_proj_in_mean", n_heads * head_dim), ("o_proj_in_var", n_heads * head_dim),
                   ("down_in_mean", n_ffn), ("down_in_var", n_ffn)]}
