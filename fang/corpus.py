@@ -82,6 +82,16 @@ def filter_topics(rows: list[dict], topics: list[str], param: str = "calibrate.t
     return [r for r in rows if r["topic"] in set(topics)]
 
 
+def article_tokens(tokenizer, text: str) -> list[int]:
+    """One article as calibration windows hold it: its tokens, then the separator (EOS, or 0 without one).
+
+    The one definition of that layout: stages that map calibration tokens back to their articles
+    (attribution, GPrune's sources) re-tokenize with it and check the ids match.
+    """
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
+
+
 def sample_calibration(
     rows: list[dict], tokenizer, n_samples: int, seq_len: int, seed: int
 ) -> tuple[torch.Tensor, list[list[str]]]:
@@ -93,12 +103,11 @@ def sample_calibration(
     """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     need = n_samples * seq_len
     ids: list[int] = []
     owner: list[int] = []
     for idx in order:
-        toks = tokenizer(rows[idx]["text"], add_special_tokens=False)["input_ids"] + [sep]
+        toks = article_tokens(tokenizer, rows[idx]["text"])
         ids += toks
         owner += [idx] * len(toks)
         if len(ids) >= need:

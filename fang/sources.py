@@ -13,6 +13,7 @@ import collections
 import torch
 from torch import Tensor
 
+from .corpus import article_tokens
 from .errors import FangError, require
 
 
@@ -27,12 +28,11 @@ def token_topics(input_ids: Tensor, window_articles: list[list[str]], rows: list
     if missing:
         raise FangError(f"{len(missing)} calibration articles (e.g. {missing[0]!r}) are not in the corpus split; "
                         "rerun calibrate")
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     need = n_seq * seq_len
     ids: list[int] = []
     topics: list[str] = []
     for art in order:
-        toks = tokenizer(by_id[art]["text"], add_special_tokens=False)["input_ids"] + [sep]
+        toks = article_tokens(tokenizer, by_id[art]["text"])
         ids += toks
         topics += [by_id[art]["topic"]] * len(toks)
         if len(ids) >= need:

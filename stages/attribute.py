@@ -15,7 +15,7 @@ from fang import paths
 from fang.atomic import read_json, write_json
 from fang.attribute import (NO_LABEL, Accumulator, Attribution, attribute, match_rows, permutation_null, removal_by_topic,
                             removed_mask, token_articles, topic_correlation)
-from fang.corpus import read_jsonl
+from fang.corpus import article_tokens, read_jsonl
 from fang.errors import require
 from fang.layerwise import batch_slices, input_hooks
 from fang.params import load_block
@@ -31,10 +31,9 @@ def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, 
     meta = read_json(paths.CALIB / "calib.json")
     require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
     rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
     # tokenized exactly as fang.corpus.sample_calibration does, so the stream can be checked token by token
-    tokens = {a: tokenizer(rows[a]["text"], add_special_tokens=False)["input_ids"] + [sep] for a in wanted if a in rows}
+    tokens = {a: article_tokens(tokenizer, rows[a]["text"]) for a in wanted if a in rows}
     owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
     topics = sorted({r["topic"] for r in rows.values()})
     return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
