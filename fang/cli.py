@@ -126,9 +126,12 @@ def evaluate(
     params: str = ParamsOpt,
     model: str = typer.Option("artifacts/model", help="model directory (dense or pruned)"),
     out: str = typer.Option("artifacts/metrics/dense.json", help="metrics JSON to write"),
+    task_limit: Optional[int] = typer.Option(
+        None, min=0, help="examples per task (0 = all); default evaluate.task_limit. The studies pass "
+        "sweep.task_limit / bias.task_limit so the quick main job and the comparisons can differ"),
 ) -> None:
     """Perplexity on the test split (overall and per topic) and zero-shot accuracy (lm-eval) of one model."""
-    _stage("evaluate").run(params, model, out)
+    _stage("evaluate").run(params, model, out, task_limit)
 
 
 @app.command("screen-tasks")

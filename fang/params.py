@@ -173,8 +173,10 @@ class AllocateParams:
 class SweepParams:
     methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])  # pruned in the sweep
     sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
+    task_limit: int = 0  # examples per task in the sweep's evaluations; 0 = all (the main job keeps evaluate.task_limit)
 
     def validate(self) -> None:
+        require(isinstance(self.task_limit, int) and self.task_limit >= 0, "sweep.task_limit must be >= 0 (0 = all examples)")
         for m in self.methods:
             try:
                 parse_variant(m)
@@ -196,8 +198,10 @@ class BiasParams:
     seq_len: int = 512  # tokens per calibration sequence
     methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])
+    task_limit: int = 0  # examples per task in the study's evaluations; 0 = all
 
     def validate(self) -> None:
+        require(isinstance(self.task_limit, int) and self.task_limit >= 0, "bias.task_limit must be >= 0 (0 = all examples)")
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
         require(not dup, f"bias.sources lists {dup} more than once")

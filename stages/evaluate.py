@@ -12,7 +12,8 @@ from fang.params import load_block
 from fang.progress import console
 
 
-def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json")) -> None:
+def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json"),
+        task_limit: int | None = None) -> None:
     from fang.evaluate import perplexity_by_topic, zero_shot
     from fang.tasks import verify_task_folder
 
@@ -27,7 +28,8 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     )
     t1 = time.perf_counter()
     tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
-    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, p.task_limit or None, p.batch_size)
+    limit = p.task_limit if task_limit is None else task_limit
+    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size)
     t2 = time.perf_counter()
     metrics = {
         "model": model_dir,
@@ -36,6 +38,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
         "ppl_by_topic": ppl["by_topic"],
         "ppl_windows": {"nll": ppl["window_nll"], "tokens_per_window": ppl["window_tokens"]},
         "tasks": acc,
+        "task_limit": limit,
         "seconds": {"perplexity": round(t1 - t0, 1), "zero_shot": round(t2 - t1, 1)},
     }
     write_json(Path(out), metrics)

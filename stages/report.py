@@ -15,7 +15,8 @@ README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the READ
 
 def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     p = load_block("sweep", SweepParams, path=params_path)
-    runs = [Run("dense", 0.0, load_json(paths.METRICS / "dense.json"))]
+    # dense evaluated on the sweep's examples (stage sweep_dense), not the main job's quick subset
+    runs = [Run("dense", 0.0, load_json(paths.SWEEP / "dense.metrics.json"))]
     for method in p.methods:
         for sparsity in p.sparsities:
             # not Path.with_suffix: "flap-0.3" would lose its ".3"

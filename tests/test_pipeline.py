@@ -62,7 +62,7 @@ def edit_params(root: Path, block: str, **values) -> None:
 SWEEP_CELLS = {f"sweep_{stage}@{m}-0.3" for stage in ("prune", "evaluate") for m in ("flap", "f_fang")}
 SWEEP_INPUTS = {"sweep_inputs@flap", "sweep_inputs@f_fang"}
 SWEEP_ANALYSIS = {"ica", "gprune_modules"}  # the ICA maps and GPrune modules (seeds 003, 002) live with the sweep
-SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"report"} | SWEEP_ANALYSIS
+SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"sweep_dense", "report"} | SWEEP_ANALYSIS
 FANG_CELLS = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3"}
 ANALYSIS = {"cluster", "taylor", "group", "allocate"}
 BIAS_SOURCES = ("all", "Mathematics")
