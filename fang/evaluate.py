@@ -311,8 +311,12 @@ def zero_shot(
     tasks: list[str],
     limit: int | None,
     batch_size: int,
+    shared_context: bool = True,
 ) -> dict[str, dict]:
     """Zero-shot lm-eval accuracy of the in-memory model on `tasks` (names from tasks.json).
+
+    `shared_context` scores each question's context once for all its choices (fang.shared_context,
+    same log-likelihoods up to float rounding); False uses lm-eval's HFLM scoring unchanged.
 
     Local tasks come from `task_dir` (a folder written by fang.tasks); other names are lm-eval's
     built-in tasks (their data needs the network). `limit` caps examples per task (0/None = all).
@@ -342,7 +346,12 @@ def zero_shot(
                 f"unknown lm-eval task(s) {unknown}: not in {task_dir} (has {sorted(local) or 'nothing'})"
                 + (" nor among lm-eval's built-in tasks" if remote else "")
             )
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        if shared_context:
+            from .shared_context import shared_context_lm
+
+            lm = shared_context_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
             tasks=list(tasks),

@@ -121,12 +121,14 @@ class EvaluateParams:
     ppl_max_windows_per_topic: int = 4  # cap per topic so 12 topics stay cheap on CPU
     task_limit: int = 100  # examples per lm-eval task (None-like 0 = all)
     batch_size: int = 8
+    shared_context: bool = True  # score a question's context once for all its choices (fang.shared_context); false = lm-eval's HFLM as is
 
     def validate(self) -> None:
         require(self.ppl_seq_len > 1, "evaluate.ppl_seq_len must be > 1")
         require(self.ppl_max_windows_per_topic > 0, "evaluate.ppl_max_windows_per_topic must be positive")
         require(self.task_limit >= 0, "evaluate.task_limit must be >= 0 (0 = all examples)")
         require(self.batch_size > 0, "evaluate.batch_size must be positive")
+        require(isinstance(self.shared_context, bool), "evaluate.shared_context must be true or false")
 
 
 @dataclass

@@ -29,7 +29,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     t1 = time.perf_counter()
     tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
     limit = p.task_limit if task_limit is None else task_limit
-    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size)
+    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size, p.shared_context)
     t2 = time.perf_counter()
     metrics = {
         "model": model_dir,
