@@ -316,6 +316,7 @@ class ScreenParams:
     probe_min_z: float = 1.0  # first pass keeps candidates this many standard errors above chance
     min_z: float = 3.0  # the decision (all questions): at least this many standard errors above chance
     max_total_requests: int = 4500  # dev-set budget per evaluated model (~11 min at 7 requests/s on 2 cores)
+    max_request_tokens: int = 1024  # longest question + choice a candidate may have (tokens); longer ones cost minutes each on CPU
     exclude: list[str] = field(default_factory=list)  # tasks never considered
     batch_size: int = 8
 
@@ -327,6 +328,7 @@ class ScreenParams:
                 f"screen.max_total_requests={self.max_total_requests} is below one task's cap "
                 f"screen.max_task_requests={self.max_task_requests}")
         require(self.batch_size > 0, "screen.batch_size must be positive")
+        require(self.max_request_tokens > 0, f"screen.max_request_tokens={self.max_request_tokens} must be positive")
 
 
 BLOCKS: dict[str, type] = {

@@ -118,7 +118,13 @@ def shared_context_lm(**kwargs):
             out: list = [None] * len(requests)
             fallback = sorted(set(range(len(requests))) - set(shared))
             if fallback:
-                for i, ans in zip(fallback, super()._loglikelihood_tokens([requests[i] for i in fallback], disable_tqdm, override_bs)):
+                # one at a time: HFLM's logits for a batch of 8 x 8k-token requests are 8 x 8k x vocab floats
+                size, self.batch_size_per_gpu = self.batch_size_per_gpu, 1  # HFLM's batch_size reads it
+                try:
+                    answers = super()._loglikelihood_tokens([requests[i] for i in fallback], disable_tqdm, override_bs)
+                finally:
+                    self.batch_size_per_gpu = size
+                for i, ans in zip(fallback, answers):
                     out[i] = ans
             groups = group_by_context([requests[i] for i in shared])
             # longest contexts first (HFLM's order: a memory problem shows at once), similar lengths batched

@@ -35,6 +35,7 @@ class Candidate:
     probe: dict | None = None  # {"n", "acc", "stderr", "z"}
     full: dict | None = None  # {"n", "acc", "stderr", "z", "constant_share"}
     decision: str = "not screened"  # kept | dropped: <reason> | not screened: <reason>
+    max_tokens: int | None = None  # longest question + choice in tokens (None: not measured)
     in_dev_set: bool = False
 
     @property
@@ -61,9 +62,11 @@ def constant_share(preds: list[int] | None) -> float | None:
 
 
 def affordable(candidates: list[Candidate], min_examples: int, max_task_requests: int,
-               exclude: list[str] = ()) -> list[Candidate]:
+               exclude: list[str] = (), max_request_tokens: int | None = None) -> list[Candidate]:
     """Candidates big enough to resolve a few points and cheap enough to evaluate on every model;
-    the others are marked with the reason."""
+    the others are marked with the reason. A task with a very long question costs its length
+    squared in attention and, at lm-eval's batch size, more memory than a CPU machine has: such
+    a task cannot be in a dev set that every sweep model runs, so `max_request_tokens` leaves it out."""
     out = []
     for c in candidates:
         if c.name in exclude:
@@ -72,6 +75,9 @@ def affordable(candidates: list[Candidate], min_examples: int, max_task_requests
             c.decision = f"not screened: {c.n_examples} questions < screen.min_examples={min_examples}"
         elif c.requests > max_task_requests:
             c.decision = f"not screened: {c.requests} requests > screen.max_task_requests={max_task_requests}"
+        elif max_request_tokens and c.max_tokens is not None and c.max_tokens > max_request_tokens:
+            c.decision = (f"not screened: a question of {c.max_tokens} tokens > "
+                          f"screen.max_request_tokens={max_request_tokens}")
         else:
             out.append(c)
     return out

@@ -32,8 +32,10 @@ README_START = "<!-- screen:start -->"
 README_END = "<!-- screen:end -->"
 
 
-def bigbench_candidates(source) -> list[Candidate]:
-    """Every multiple-choice task of the source with its size; chance is refined from the built rows."""
+def bigbench_candidates(source, tokenizer=None) -> list[Candidate]:
+    """Every multiple-choice task of the source with its size; chance is refined from the built rows.
+    With a tokenizer, also the length of its longest question + longest choice (the prompt template
+    adds a few tokens more)."""
     names = source.mc_names()
     tasks, _ = source.read(names)
     out = []
@@ -42,7 +44,12 @@ def bigbench_candidates(source) -> list[Candidate]:
         if not examples:
             continue
         choices = [len(e["target_scores"]) for e in examples]
-        out.append(Candidate(name, len(examples), statistics.mean(choices), statistics.mean(1 / c for c in choices)))
+        c = Candidate(name, len(examples), statistics.mean(choices), statistics.mean(1 / c for c in choices))
+        if tokenizer is not None:
+            q = tokenizer([str(e.get("input", "")) for e in examples], add_special_tokens=False)["input_ids"]
+            a = tokenizer([" " + max(map(str, e["target_scores"]), key=len) for e in examples], add_special_tokens=False)["input_ids"]
+            c.max_tokens = max(len(x) + len(y) for x, y in zip(q, a))
+        out.append(c)
     return out
 
 
@@ -72,12 +79,12 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     p = load_block("screen", path=params_path)
     data = load_block("data", path=params_path)
     source = read_bigbench_source(data.bigbench)
-    candidates = bigbench_candidates(source)
-    test_rows = read_jsonl(paths.DATA / "test.jsonl")
-    ns = Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)  # sizes filled from the built task below
-    pool = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude) + [ns]
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device)
+    candidates = bigbench_candidates(source, tokenizer)
+    test_rows = read_jsonl(paths.DATA / "test.jsonl")
+    ns = Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)  # sizes filled from the built task below
+    pool = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens) + [ns]
     with tempfile.TemporaryDirectory(prefix="fang-screen-") as tmp:
         task_dir = Path(tmp) / "tasks"
         manifest = build_task_folder([c.name for c in pool], source, test_rows, task_dir,

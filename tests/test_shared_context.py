@@ -95,3 +95,5 @@ def test_too_long_requests_take_hflms_path():
     theirs = HFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=16)._loglikelihood_tokens([long, short], disable_tqdm=True)
     for (a, ga), (b, gb) in zip(ours, theirs):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert lm.batch_size == 2  # the one-at-a-time fallback gives the batch size back
+    assert lm.batch_size == 2  # the one-at-a-time fallback gives the batch size back

@@ -36,6 +36,14 @@ def test_affordable_filters_small_and_expensive_tasks():
     assert "excluded" in cands[3].decision
 
 
+def test_affordable_leaves_out_long_questions():
+    long, short, unmeasured = Candidate("long", 300, 2, 0.5), Candidate("short", 300, 2, 0.5), Candidate("u", 300, 2, 0.5)
+    long.max_tokens, short.max_tokens = 9000, 200
+    kept = affordable([long, short, unmeasured], min_examples=100, max_task_requests=2000, max_request_tokens=1024)
+    assert [c.name for c in kept] == ["short", "u"]
+    assert "9000 tokens > screen.max_request_tokens=1024" in long.decision
+
+
 def test_probe_then_full_decision():
     c = Candidate("t", 400, 2, 0.5)
     assert not decide_probe(c, {"n": 30, "acc": 0.5, "stderr": 0.09}, probe_min_z=1.0)
