@@ -32,25 +32,27 @@ README_START = "<!-- screen:start -->"
 README_END = "<!-- screen:end -->"
 
 
-def bigbench_candidates(source, tokenizer=None) -> list[Candidate]:
-    """Every multiple-choice task of the source with its size; chance is refined from the built rows.
-    With a tokenizer, also the length of its longest question + longest choice (the prompt template
-    adds a few tokens more)."""
+def bigbench_candidates(source) -> tuple[list[Candidate], dict[str, list[dict]]]:
+    """Every multiple-choice task of the source with its size, and its examples; chance is refined
+    from the built rows."""
     names = source.mc_names()
     tasks, _ = source.read(names)
-    out = []
+    out, examples_of = [], {}
     for name in names:
         examples = [e for e in tasks.get(name, {}).get("examples", []) if e.get("target_scores")]
         if not examples:
             continue
         choices = [len(e["target_scores"]) for e in examples]
-        c = Candidate(name, len(examples), statistics.mean(choices), statistics.mean(1 / c for c in choices))
-        if tokenizer is not None:
-            q = tokenizer([str(e.get("input", "")) for e in examples], add_special_tokens=False)["input_ids"]
-            a = tokenizer([" " + max(map(str, e["target_scores"]), key=len) for e in examples], add_special_tokens=False)["input_ids"]
-            c.max_tokens = max(len(x) + len(y) for x, y in zip(q, a))
-        out.append(c)
-    return out
+        out.append(Candidate(name, len(examples), statistics.mean(choices), statistics.mean(1 / c for c in choices)))
+        examples_of[name] = examples
+    return out, examples_of
+
+
+def longest_request(tokenizer, examples: list[dict]) -> int:
+    """Tokens of the longest question + its longest choice (the prompt template adds a few more)."""
+    q = tokenizer([str(e.get("input", "")) for e in examples], add_special_tokens=False)["input_ids"]
+    a = tokenizer([" " + max(map(str, e["target_scores"]), key=len) for e in examples], add_special_tokens=False)["input_ids"]
+    return max(len(x) + len(y) for x, y in zip(q, a))
 
 
 def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit: int | None, batch: int) -> dict:
@@ -81,10 +83,14 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     source = read_bigbench_source(data.bigbench)
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device)
-    candidates = bigbench_candidates(source, tokenizer)
+    candidates, examples_of = bigbench_candidates(source)
     test_rows = read_jsonl(paths.DATA / "test.jsonl")
     ns = Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)  # sizes filled from the built task below
-    pool = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens) + [ns]
+    # sizes first (free), then the token length of what is left (tokenizing every BIG-bench task is slow)
+    sized = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude)
+    for c in sized:
+        c.max_tokens = longest_request(tokenizer, examples_of[c.name])
+    pool = affordable(sized, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens) + [ns]
     with tempfile.TemporaryDirectory(prefix="fang-screen-") as tmp:
         task_dir = Path(tmp) / "tasks"
         manifest = build_task_folder([c.name for c in pool], source, test_rows, task_dir,
