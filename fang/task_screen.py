@@ -7,7 +7,8 @@ Both only dilute an average. The screen runs the dense model in two passes:
 1. probe: the first `probe_examples` questions of every affordable candidate (enough questions to
    resolve a few points, few enough choices x questions to evaluate on every sweep model);
 2. full: every question of the candidates the probe found above chance, where the decision is made:
-   accuracy at least `min_z` standard errors above chance, and not a constant answer.
+   accuracy at least `min_z` standard errors above chance, and not a constant answer. Candidates
+   go through it by decreasing probe signal until the kept ones fill the dev-set budget.
 
 The dev set is then the kept tasks by strength of signal (z) until the per-model request budget is
 spent. Everything here is pure bookkeeping on numbers; `stages/screen_tasks.py` runs the model.
@@ -109,6 +110,22 @@ def decide_full(c: Candidate, full: dict, min_z: float) -> bool:
         return False
     c.decision = "kept"
     return True
+
+
+def confirm_within_budget(survivors: list[Candidate], evaluate_full, min_z: float, max_total_requests: int) -> None:
+    """The full pass, in order of probe signal, stopping once kept tasks fill the dev-set budget.
+
+    A task that can no longer enter the dev set is not worth every question of the dense model:
+    with 80 candidates, a third pass a 30-question probe, and their full evaluation alone would
+    cost hours on CPU. `evaluate_full(candidate)` returns its `score` on every question."""
+    spent = 0
+    for c in sorted(survivors, key=lambda c: (-c.probe["z"], c.name)):
+        if spent + c.requests > max_total_requests:
+            c.decision = (f"not screened: passed the probe, but tasks with a stronger probe already filled "
+                          f"the dev-set budget ({spent} of {max_total_requests} requests)")
+            continue
+        if decide_full(c, evaluate_full(c), min_z):
+            spent += c.requests
 
 
 def choose_dev_set(candidates: list[Candidate], max_total_requests: int) -> list[str]:

@@ -21,7 +21,7 @@ from fang.task_screen import (
     ScreenResult,
     affordable,
     choose_dev_set,
-    decide_full,
+    confirm_within_budget,
     decide_probe,
     markdown,
     score,
@@ -104,11 +104,15 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         console.print(f"screen: probing {len(pool)} of {len(candidates) + 1} tasks on {p.probe_examples} questions each")
         probe = _evaluate(model, tokenizer, task_dir, lm_names, p.probe_examples, p.batch_size)
         survivors = [c for c in pool if decide_probe(c, _scored(probe, lm_names[c.name]), p.probe_min_z)]
-        console.print(f"screen: {len(survivors)} above chance in the probe; evaluating them on every question")
-        if survivors:
-            full = _evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name] for c in survivors}, None, p.batch_size)
-            for c in survivors:
-                decide_full(c, _scored(full, lm_names[c.name]), p.min_z)
+        console.print(f"screen: {len(survivors)} above chance in the probe; every question of the strongest, "
+                      f"until kept tasks fill {p.max_total_requests} requests")
+
+        def evaluate_full(c: Candidate) -> dict:
+            full = _evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name]}, None, p.batch_size)
+            console.print(f"screen: {c.name}: {_scored(full, lm_names[c.name])['acc']:.3f} on every question")
+            return _scored(full, lm_names[c.name])
+
+        confirm_within_budget(survivors, evaluate_full, p.min_z, p.max_total_requests)
     result = ScreenResult(str(paths.MODEL), candidates + [ns], settings=vars(p).copy())
     result.dev_set = choose_dev_set(result.candidates, p.max_total_requests)
     out = result.as_dict()

@@ -89,3 +89,26 @@ def test_score_uses_the_reported_metric_and_markdown_lists_decisions():
     r.dev_set = choose_dev_set(r.candidates, 5000)
     md = markdown(r.as_dict())
     assert "| good | 300 |" in md and "**dev set**" in md and "1 not screened" in md
+
+
+def test_full_pass_stops_once_the_budget_is_filled():
+    from fang.task_screen import confirm_within_budget
+
+    def cand(name, n, z):
+        c = Candidate(name, n, 2, 0.5)
+        c.probe = {"n": 30, "acc": 0.7, "stderr": 0.08, "z": z}
+        return c
+
+    strong, big, weak_kept, weakest = cand("strong", 1000, 5.0), cand("big", 2000, 4.0), cand("small", 500, 3.0), cand("weakest", 400, 2.0)
+    evaluated = []
+
+    def evaluate_full(c):
+        evaluated.append(c.name)
+        return {"n": c.n_examples, "acc": 0.8, "stderr": 0.01, "constant_share": 0.5}
+
+    # budget 3200 requests: strong (2000) is kept, big (4000) no longer fits, small (1000) does; weakest would overflow
+    confirm_within_budget([weakest, big, weak_kept, strong], evaluate_full, min_z=3.0, max_total_requests=3200)
+    assert evaluated == ["strong", "small"]
+    assert strong.decision == weak_kept.decision == "kept"
+    assert "already filled" in big.decision and "already filled" in weakest.decision
+    assert sorted(choose_dev_set([strong, big, weak_kept, weakest], 3200)) == ["small", "strong"]
