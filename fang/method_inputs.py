@@ -66,16 +66,28 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts) -> dict:
+def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts, blocks: dict | None = None) -> dict:
     """The manifest of one sweep row (a method or a variant such as "obc+fc"): the prune keys it reads
-    with their values, its effective allocation and compensation, and its artifacts' hashes."""
+    with their values, its effective allocation and compensation, the keys of other params blocks
+    its registry line names (values from `blocks`, the params.yaml blocks, or the defaults), and its
+    artifacts' hashes."""
     v = parse_variant(spec, params.allocation, params.compensation)
     read = {f"prune.{k}": getattr(params, k) for k in keys_read(v.method)}
     read["allocation"] = resolve_allocation(v.method, v.allocation)
     if method_spec(v.method).compensations:  # a method with a choice of refit (o_fang)
         read["compensation"] = v.compensation
+    for key in method_spec(v.method).params:
+        read[key] = other_param(key, blocks or {})
     return {
         "method": spec,
         "params": read,
         "artifacts": {str(p): content_hash(p) for p in artifacts_read(v.method, art, v.allocation)},
     }
+
+
+def other_param(key: str, blocks: dict):
+    """The value of "block.key" in the params.yaml `blocks`, validated as that block's stage would."""
+    from .params import BLOCKS, parse_block
+
+    block, _, name = key.partition(".")
+    return getattr(parse_block(block, blocks.get(block), BLOCKS[block]), name)

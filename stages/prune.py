@@ -11,10 +11,17 @@ from fang.choices import parse_variant, resolve_allocation
 from fang.device import pick_device
 from fang.errors import FangError
 from fang.methods.driver import PruneOptions, method_class, prune_model
+from fang.methods.registry import method_spec
 from fang.modeling import attention_geometry, decoder_layers, load_dense
 from fang.params import load_block
 from fang.progress import console
 from fang.shrink import save_pruned
+
+
+# The analysis artifacts the main pipeline (dvc.yaml) builds and its prune stage lists as deps. A method
+# reading others (ica_fn: ica.zarr, gprune: gprune.zarr, built by the studies' stages) is pruned in a
+# study, whose cells depend on a manifest of everything their method reads (`fang method-inputs`).
+MAIN_JOB_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
 
 
 def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int, source: str | None = None) -> list[float] | None:
@@ -43,6 +50,13 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     sparsity = p.sparsity if sparsity is None else sparsity
     # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
     dataclasses.replace(p, method=method, sparsity=sparsity).validate()
+    extra = [a for a in method_spec(method).artifacts if a not in MAIN_JOB_ARTIFACTS]
+    if not out and source is None and extra:
+        raise FangError(
+            f"prune.method={method} reads {', '.join(str(getattr(paths.MAIN, a)) for a in extra)}, which the main "
+            "pipeline does not build (dvc.yaml's prune stage could not see it change): prune it in the sweep (add it "
+            "to sweep.methods, `dvc repro studies/sweep/dvc.yaml`) or by hand with --out DIR"
+        )
     out_dir = Path(out) if out else paths.PRUNED
     report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
     art = paths.calibration_artifacts(source)

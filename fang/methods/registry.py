@@ -66,6 +66,11 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                baseline="flap"),
     MethodSpec("o_fang", "o_fang:OFang", ("gqa", "batch_size", "damp", *_FANG_KEYS), _FANG_ARTIFACTS,
                allocation="asa", compensations=("group", "layer"), baseline="obc"),
+    MethodSpec("ica_fn", "ica_fn:IcaFaithful", ("batch_size",), ("ica",), allocation="ica_threshold",
+               fixed_allocation=True, baseline="flap"),
+    MethodSpec("ica_fn_ranked", "ica_fn:IcaRanked", ("gqa", "batch_size"), ("ica",), baseline="flap"),
+    MethodSpec("gprune", "gprune:GPrune", ("gqa", "batch_size"), ("gprune",),
+               params=("gprune.module_gamma", "gprune.max_sparsity"), baseline="wanda_sp"),
 )}
 
 
