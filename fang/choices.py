@@ -1,7 +1,8 @@
 """The names params.yaml accepts for pruning: methods, allocations, compensations, and variants.
 
 Kept apart from the pruning code so that validating params.yaml (every stage does) does not import
-the pruning algorithms, and a change to them does not look like a change to every stage.
+the pruning algorithms, and a change to them does not look like a change to every stage: the methods
+and what each accepts come from the declarative registry (`fang.methods.registry`).
 """
 
 from __future__ import annotations
@@ -9,15 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import FangError, require
+from .methods.registry import REGISTRY, method_spec
 
-METHODS = ("flap", "wanda_sp", "magnitude", "obc", "obc_iter", "f_fang", "o_fang")
-# FANG method -> base method used for attention heads (and for the FFN inside each group)
-FANG_BASE = {"f_fang": "flap", "o_fang": "obc"}
-# How each block's keep counts are chosen. auto = what each method's paper used: FLAP's global
-# search for flap, FANG's adaptive allocation (allocate.mode, paper: fc) for f_fang/o_fang, the
-# same sparsity in every block for the rest. Any choice works with any method.
+METHODS = tuple(REGISTRY)
+# How each block's keep counts are chosen. auto = what each method's paper used (its registry line):
+# FLAP's global search for flap, FANG's adaptive allocation (allocate.mode, paper: fc) for
+# f_fang/o_fang, the same sparsity in every block for the rest. Any choice works with any method
+# whose registry line does not fix its own allocation.
 ALLOCATIONS = ("auto", "uniform", "fc", "taylor", "flap_search")
-# O-FANG's refit of the kept neurons: per functional group (paper, Eq. 7) or the whole layer (OBC)
+# Refits a method may offer (registry `compensations`): O-FANG's per functional group (paper, Eq. 7)
+# or over the whole layer (OBC)
 COMPENSATIONS = ("group", "layer")
 
 
@@ -43,11 +45,16 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
     """`method[+allocation][+compensation]`, e.g. "obc+fc", "flap+uniform", "o_fang+layer"; parts not
     named take the given defaults (the prune.* keys)."""
     method, *rest = str(spec).split("+")
-    require(method in METHODS, f"unknown method {method!r} in {spec!r}; available: {', '.join(METHODS)}")
-    if method != "o_fang":
-        compensation = "group"  # prune.compensation is O-FANG's key: the other methods ignore it
+    require(method in REGISTRY, f"unknown method {method!r} in {spec!r}; available: {', '.join(REGISTRY)}")
+    m = method_spec(method)
+    if not m.compensations:
+        compensation = "group"  # prune.compensation is for methods with a choice of refit: the others ignore it
+    if m.fixed_allocation:
+        allocation = "auto"  # prune.allocation does not apply to a method that chooses its keep counts itself
     for part in rest:
         if part in ALLOCATIONS:
+            require(not m.fixed_allocation or part == "auto",
+                    f"{spec!r}: {method} chooses its keep counts itself ({m.allocation}); it takes no allocation")
             allocation = part
         elif part in COMPENSATIONS:
             compensation = part
@@ -56,18 +63,20 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
                 f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "
                 f"nor a compensation ({', '.join(COMPENSATIONS)})"
             )
+    offered = [n for n, s in REGISTRY.items() if s.compensations]
     require(
-        compensation == "group" or method == "o_fang",
-        f"{spec!r}: compensation {compensation!r} applies to o_fang only (the other methods have one refit)",
+        compensation == "group" or compensation in m.compensations,
+        f"{spec!r}: compensation {compensation!r} applies to {', '.join(offered)} only "
+        "(the other methods have one refit)",
     )
     return Variant(method, allocation, compensation)
 
 
 def resolve_allocation(method: str, allocation: str) -> str:
-    """The concrete allocation `auto` stands for with `method` (FANG's is its allocate.mode: "asa")."""
+    """The concrete allocation `auto` stands for with `method` (its registry line: FANG's is its
+    allocate.mode, "asa"; flap's its global search, "flap_search")."""
     require(allocation in ALLOCATIONS, f"prune.allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
-    if allocation != "auto":
-        return allocation
-    if method == "flap":
-        return "flap_search"
-    return "asa" if method in FANG_BASE else "uniform"
+    m = method_spec(method)
+    require(not m.fixed_allocation or allocation == "auto",
+            f"prune.allocation={allocation!r}: {method} chooses its keep counts itself ({m.allocation})")
+    return m.allocation if allocation == "auto" else allocation

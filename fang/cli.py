@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from .errors import FangError
+from .methods.registry import REGISTRY
 from .inspect import app as inspect_app
 
 app = typer.Typer(
@@ -95,7 +96,7 @@ def prune(
     params: str = ParamsOpt,
     method: Optional[str] = typer.Option(
         None,
-        help="override prune.method (flap, wanda_sp, magnitude, obc, obc_iter, f_fang, o_fang); a variant "
+        help=f"override prune.method ({', '.join(REGISTRY)}); a variant "
         "'method+allocation+compensation' also sets prune.allocation (uniform, fc, taylor, flap_search) and "
         "prune.compensation (group, layer), e.g. obc+fc, flap+uniform, o_fang+layer",
     ),
@@ -105,7 +106,8 @@ def prune(
 ) -> None:
     """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model.
 
-    f_fang / o_fang also read the analysis artifacts (cluster, groups, allocate).
+    Methods that read analysis artifacts (fang/methods/registry.py: f_fang / o_fang the cluster, groups and
+    allocate ones) read those of the main calibration, or of `--source`.
     """
     _stage("prune").run(params, method, sparsity, out, source)
 

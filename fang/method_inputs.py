@@ -18,27 +18,17 @@ from pathlib import Path
 
 from .choices import parse_variant, resolve_allocation
 from .errors import require
+from .methods.registry import REGISTRY, method_spec
 from .params import PruneParams
 from .paths import CalibrationArtifacts
 
-# The prune keys each method reads (fang/prune.py: magnitude runs no forward pass, so no batch_size;
-# only the OBC family uses the Hessian dampening; FANG adds its own knobs to its base method's).
-_FANG_KEYS = ("tau", "shared_group", "function_aware", "reweighting")
-READS: dict[str, tuple[str, ...]] = {
-    "magnitude": ("gqa",),
-    "wanda_sp": ("gqa", "batch_size"),
-    "flap": ("gqa", "batch_size"),
-    "obc": ("gqa", "batch_size", "damp"),
-    "obc_iter": ("gqa", "batch_size", "damp"),
-    "f_fang": ("gqa", "batch_size", *_FANG_KEYS),
-    "o_fang": ("gqa", "batch_size", "damp", *_FANG_KEYS),
-}
+# The prune keys each method reads, from its registry line (e.g. magnitude runs no forward pass, so no
+# batch_size; only the OBC family uses the Hessian dampening; FANG adds its own knobs to its base's).
+READS: dict[str, tuple[str, ...]] = {name: spec.reads for name, spec in REGISTRY.items()}
 # Keys every cell passes on its command line instead of reading them from params.yaml.
 CELL_KEYS = ("method", "sparsity")
 # Keys a variant ("obc+fc", "o_fang+layer") may fix itself; the manifest records their effective values.
 VARIANT_KEYS = ("allocation", "compensation")
-# FANG methods prune with the clustering, the neuron groups and the sparsity allocation.
-FANG_METHODS = ("f_fang", "o_fang")
 
 
 def keys_read(method: str) -> tuple[str, ...]:
@@ -52,12 +42,13 @@ def keys_read(method: str) -> tuple[str, ...]:
 
 def artifacts_read(method: str, art: CalibrationArtifacts, allocation: str = "auto") -> tuple[Path, ...]:
     """Analysis artifacts `method` reads beyond the model and the capture (which every cell lists as
-    deps): FANG's clustering, centre distances (taylor), groups and allocation; for any other method
-    the allocation scores when its (resolved) allocation is fc or taylor."""
+    deps): those of its registry line (FANG: clustering, centre distances (taylor), groups and
+    allocation), plus the allocation scores when its (resolved) allocation is fc or taylor."""
     require(method in READS, f"unknown prune method {method!r}; known: {', '.join(READS)}")
-    if method in FANG_METHODS:
-        return art.cluster, art.taylor, art.groups, art.allocate
-    return (art.allocate,) if resolve_allocation(method, allocation) in ("fc", "taylor") else ()
+    names = list(method_spec(method).artifacts)
+    if resolve_allocation(method, allocation) in ("fc", "taylor") and "allocate" not in names:
+        names.append("allocate")
+    return tuple(getattr(art, name) for name in names)
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -75,16 +66,28 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts) -> dict:
+def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts, blocks: dict | None = None) -> dict:
     """The manifest of one sweep row (a method or a variant such as "obc+fc"): the prune keys it reads
-    with their values, its effective allocation and compensation, and its artifacts' hashes."""
+    with their values, its effective allocation and compensation, the keys of other params blocks
+    its registry line names (values from `blocks`, the params.yaml blocks, or the defaults), and its
+    artifacts' hashes."""
     v = parse_variant(spec, params.allocation, params.compensation)
     read = {f"prune.{k}": getattr(params, k) for k in keys_read(v.method)}
     read["allocation"] = resolve_allocation(v.method, v.allocation)
-    if v.method == "o_fang":  # the only method with a choice of refit
+    if method_spec(v.method).compensations:  # a method with a choice of refit (o_fang)
         read["compensation"] = v.compensation
+    for key in method_spec(v.method).params:
+        read[key] = other_param(key, blocks or {})
     return {
         "method": spec,
         "params": read,
         "artifacts": {str(p): content_hash(p) for p in artifacts_read(v.method, art, v.allocation)},
     }
+
+
+def other_param(key: str, blocks: dict):
+    """The value of "block.key" in the params.yaml `blocks`, validated as that block's stage would."""
+    from .params import BLOCKS, parse_block
+
+    block, _, name = key.partition(".")
+    return getattr(parse_block(block, blocks.get(block), BLOCKS[block]), name)

@@ -42,9 +42,11 @@ class CalibrationArtifacts:
     block_sparsity: Path
     metrics: Path  # cluster.json, groups.json
     plots: Path
+    ica: Path  # ICA maps (stage ica), read by ica_fn / ica_fn_ranked
+    gprune: Path  # GPrune modules (stage gprune_modules), read by gprune
 
 
-MAIN = CalibrationArtifacts(CALIB, CAPTURE, CLUSTER, TAYLOR, GROUPS, ALLOCATE, BLOCK_SPARSITY, METRICS, PLOTS)
+MAIN = CalibrationArtifacts(CALIB, CAPTURE, CLUSTER, TAYLOR, GROUPS, ALLOCATE, BLOCK_SPARSITY, METRICS, PLOTS, ICA, GPRUNE)
 
 
 def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
@@ -55,9 +57,5 @@ def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
     return CalibrationArtifacts(
         root / "calib", root / "capture.zarr", root / "cluster.zarr", root / "taylor.zarr", root / "groups.zarr",
         root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",
+        root / "ica.zarr", root / "gprune.zarr",
     )
-
-
-def beside_capture(source: str | None, name: str) -> Path:
-    """An analysis artifact next to the calibration set's capture store: artifacts/<name> or artifacts/bias/<source>/<name>."""
-    return calibration_artifacts(source).capture.parent / name

@@ -143,15 +143,16 @@ def base_method(name: str) -> str:
 
 
 def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
-    """(FANG variant, baseline) pairs among the sweep's rows: every f_fang* row against every flap*
-    row, every o_fang* row against every obc* row (obc_iter excluded: another algorithm)."""
-    from .choices import FANG_BASE
+    """(method variant, baseline) pairs among the sweep's rows: every row of a method whose registry line
+    names a baseline against every row of that baseline (f_fang* against flap*, o_fang* against obc*,
+    obc_iter excluded: another algorithm)."""
+    from .methods.registry import REGISTRY
 
     pairs = []
     for m in methods:
-        base = FANG_BASE.get(base_method(m))
-        if base:
-            pairs += [(m, b) for b in methods if base_method(b) == base]
+        spec = REGISTRY.get(base_method(m))
+        if spec is not None and spec.baseline:
+            pairs += [(m, b) for b in methods if base_method(b) == spec.baseline]
     return pairs
 
 

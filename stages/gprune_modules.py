@@ -101,7 +101,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     t0 = time.perf_counter()
     timing = stream_mlp(model, ids, consumer, p.batch_size, device, label="gprune")
     total = time.perf_counter() - t0
-    out = paths.beside_capture(source, "gprune.zarr")
+    out = art.gprune
     write_store(out, "gprune", consumer.out, {
         "sources": names, "source_kind": kind, "source_tokens": [counts[n] for n in names], "metric": p.metric,
         "n_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,

@@ -66,7 +66,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     t0 = time.perf_counter()
     timing = stream_mlp(model, ids, consumer, p.batch_size, device, label="ica")
     total = time.perf_counter() - t0
-    out = paths.beside_capture(source, "ica.zarr")
+    out = paths.calibration_artifacts(source).ica
     write_store(out, "ica", {"maps": consumer.maps, "neuron_score": consumer.score}, {
         "n_layers": n_layers, "intermediate_size": n_ffn, "n_components": p.n_components, "tokens": n_tok,
         "columns": "maps[l, k, :n_ffn] = act_fn(gate_proj) columns, maps[l, k, n_ffn:] = up_proj columns",

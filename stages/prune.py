@@ -7,40 +7,27 @@ from fang import paths
 from fang.allocate import allocate_sparsity
 from fang.atomic import read_json, write_json
 from fang.capture import open_capture
+from fang.choices import parse_variant, resolve_allocation
 from fang.device import pick_device
-from fang.fang_prune import FangInputs
 from fang.errors import FangError
+from fang.methods.driver import PruneOptions, method_class, prune_model
+from fang.methods.registry import method_spec
 from fang.modeling import attention_geometry, decoder_layers, load_dense
 from fang.params import load_block
 from fang.progress import console
-from fang.prune import FANG_BASE, PruneOptions, parse_variant, prune_model, resolve_allocation
 from fang.shrink import save_pruned
-from fang.store import open_store
 
 
-def fang_inputs(sparsity: float, source: str | None = None) -> FangInputs:
-    """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`."""
-    art = paths.calibration_artifacts(source)
-    clusters = open_store(art.cluster, "cluster", "cluster")
-    taylor = open_store(art.taylor, "taylor", "taylor")
-    groups = open_store(art.groups, "groups", "group")
-    alloc = read_json(art.allocate)
-    per_block = allocate_sparsity(alloc["mode"], alloc["scores"], sparsity, n_blocks=len(alloc["functional_complexity"]),
-                                  max_sparsity=alloc["max_sparsity"])
-    return FangInputs(
-        pca_mean=clusters["pca_mean"][:],
-        pca_components=clusters["pca_components"][:],
-        centroids=clusters["centroids"][:],
-        center_distances=taylor["center_distances"][:],
-        neuron_groups=groups["neuron_groups"][:],
-        sparsity=per_block,
-    )
+# The analysis artifacts the main pipeline (dvc.yaml) builds and its prune stage lists as deps. A method
+# reading others (ica_fn: ica.zarr, gprune: gprune.zarr, built by the studies' stages) is pruned in a
+# study, whose cells depend on a manifest of everything their method reads (`fang method-inputs`).
+MAIN_JOB_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
 
 
 def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int, source: str | None = None) -> list[float] | None:
     """Per-block sparsity for `allocation` (already resolved), or None where the method decides
-    (flap_search searches; "asa" is FANG's own allocation in FangInputs)."""
-    if allocation in ("flap_search", "asa"):
+    (flap_search searches; a method's own allocation such as FANG's "asa" is in its inputs)."""
+    if allocation not in ("uniform", "fc", "taylor"):
         return None
     if allocation == "uniform":
         return [float(sparsity)] * n_blocks
@@ -63,10 +50,18 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     sparsity = p.sparsity if sparsity is None else sparsity
     # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
     dataclasses.replace(p, method=method, sparsity=sparsity).validate()
+    extra = [a for a in method_spec(method).artifacts if a not in MAIN_JOB_ARTIFACTS]
+    if not out and source is None and extra:
+        raise FangError(
+            f"prune.method={method} reads {', '.join(str(getattr(paths.MAIN, a)) for a in extra)}, which the main "
+            "pipeline does not build (dvc.yaml's prune stage could not see it change): prune it in the sweep (add it "
+            "to sweep.methods, `dvc repro studies/sweep/dvc.yaml`) or by hand with --out DIR"
+        )
     out_dir = Path(out) if out else paths.PRUNED
     report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
-    capture = open_capture(paths.calibration_artifacts(source).capture)
-    inputs = fang_inputs(sparsity, source) if method in FANG_BASE else None
+    art = paths.calibration_artifacts(source)
+    capture = open_capture(art.capture)
+    inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device)
     allocation = resolve_allocation(method, variant.allocation)
@@ -74,7 +69,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     options.allocation, options.compensation = variant.allocation, variant.compensation
     options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), source)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=options, fang_inputs=inputs)
+                         options=options, inputs=inputs)
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())
     console.print(

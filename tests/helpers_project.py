@@ -49,8 +49,10 @@ def tiny_params(root: Path) -> dict:
     params["evaluate"].update(ppl_seq_len=32, ppl_max_windows_per_topic=2, task_limit=4, batch_size=4)
     params["cluster"].update(k=3, pca_dim=8)
     params["taylor"]["batch_size"] = 2
-    params["sweep"].update(methods=["flap", "f_fang"], sparsities=[0.3], task_limit=4)
-    params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang"], sparsities=[0.3], task_limit=4)
+    # ica_fn_ranked, not ica_fn: the faithful mode keeps 5 edge blocks dense and the tiny model has 3
+    params["sweep"].update(methods=["flap", "f_fang", "ica_fn_ranked", "gprune"], sparsities=[0.3], task_limit=4)
+    params["bias"].update(sources=["all", "Mathematics"], n_samples=3, seq_len=32, methods=["f_fang", "gprune"],
+                          sparsities=[0.3], task_limit=4)
     params["ica"].update(n_components=4, n_restarts=1)
     params["gprune"].update(min_source_tokens=16, n_modules=3)
     return params

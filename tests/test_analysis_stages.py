@@ -33,6 +33,7 @@ def tree(tmp_path_factory):
     (root / "artifacts/data").mkdir(parents=True)
     (root / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     params = {"calibrate": {"n_samples": 6, "seq_len": 40},
+              "capture": {"batch_size": 4, "dtype": "float32"}, "cluster": {"pca_dim": 8},
               "ica": {"n_components": 4, "n_restarts": 2, "batch_size": 4},
               "gprune": {"min_source_tokens": 16, "n_modules": 3, "batch_size": 4, "drift_threshold": 0.05}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -142,3 +143,28 @@ def test_gprune_stage_falls_back_to_shards_of_a_one_topic_calibration(tree, monk
     ids, names = shard_sources(6, 40)
     assert ids.tolist() == [0] * 80 + [1] * 40 + [2] * 80 + [3] * 40 and len(names) == 4
     assert shard_sources(1, 10)[0].tolist() == [0] * 5 + [1] * 5
+
+
+def test_ica_fn_ranked_and_gprune_prune_from_the_stores_of_the_stages(tree, monkeypatch):
+    """The stage path of the two methods: stores written by the stages, pruned with `fang prune --out`, reloaded.
+    The main job refuses them: its prune stage does not list the studies' stores as deps."""
+    from fang.errors import FangError
+    from fang.shrink import load_pruned
+    from stages import capture, gprune_modules, ica, prune
+
+    root, model = tree
+    monkeypatch.chdir(root)
+    capture.run("params.yaml")
+    ica.run("params.yaml")
+    gprune_modules.run("params.yaml")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for method in ("ica_fn_ranked", "gprune"):
+        prune.run("params.yaml", method=method, sparsity=0.3, out=f"artifacts/sweep/{method}-0.3")
+        report = json.loads((root / f"artifacts/sweep/{method}-0.3.prune.json").read_text())
+        assert report["method"] == method and abs(report["achieved_sparsity"] - 0.3) < 0.1
+        pruned, _ = load_pruned(root / f"artifacts/sweep/{method}-0.3")
+        assert [layer.mlp.down_proj.in_features for layer in pruned.model.layers] == [e["ffn"] for e in report["layers"]]
+        with torch.no_grad():
+            assert torch.isfinite(pruned(ids).logits).all()
+        with pytest.raises(FangError, match="which the main pipeline does not build"):
+            prune.run("params.yaml", method=method, sparsity=0.3)

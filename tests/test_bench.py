@@ -20,7 +20,7 @@ from fang import bench
 from fang.atomic import write_json
 from fang.capture import capture_features, open_capture
 from fang.errors import FangError
-from fang.prune import prune_model
+from fang.methods.driver import prune_model
 from fang.shrink import save_pruned
 from helpers_tokenizer import tiny_tokenizer
 
@@ -285,7 +285,7 @@ _PROBE = textwrap.dedent("""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from fang.capture import capture_features, open_capture
-    from fang.prune import prune_model
+    from fang.methods.driver import prune_model
     torch.set_num_threads(1)
     tmp = sys.argv[1]
 

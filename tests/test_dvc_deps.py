@@ -24,8 +24,25 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+# The driver imports each registered method's module by name (`fang.methods.driver.method_class`), so
+# a module that resolves methods by name depends on every module the registry names.
+REGISTRY = ROOT / "fang" / "methods" / "registry.py"
+RESOLVES_METHODS = {ROOT / "fang" / "methods" / "driver.py"}
+
+
+def registered_method_modules() -> set[Path]:
+    """The files of every method in fang/methods/registry.py (its `MethodSpec("name", "module:Class", ...)` lines)."""
+    found = set()
+    for node in ast.walk(ast.parse(REGISTRY.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MethodSpec" and len(node.args) > 1:
+            found.add(REGISTRY.parent / f"{node.args[1].value.partition(':')[0]}.py")
+    assert found and all(f.exists() for f in found), f"registry names missing modules: {sorted(map(str, found))}"
+    return found
+
+
 def _imports(path: Path) -> set[Path]:
-    """Project modules `path` imports (absolute `fang.x`, `stages.x` and relative `.x` imports)."""
+    """Project modules `path` imports (absolute `fang.x`, `stages.x` and relative `.x` imports, and the
+    registered methods for a module that resolves them by name)."""
     tree = ast.parse(path.read_text())
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = set()
@@ -44,6 +61,8 @@ def _imports(path: Path) -> set[Path]:
             f = _module_file(name)
             if f is not None and f != path:
                 found.add(f)
+    if path in RESOLVES_METHODS:
+        found |= registered_method_modules() - {path}
     return found
 
 
@@ -104,6 +123,12 @@ def test_every_stage_depends_on_every_module_it_imports():
     assert not missing, f"dvc.yaml stages miss deps on modules they import: {missing}"
 
 
+def test_the_driver_depends_on_every_registered_method():
+    got = transitive_imports(ROOT / "stages" / "prune.py")
+    assert {str(f.relative_to(ROOT)) for f in registered_method_modules()} <= got
+    assert "fang/methods/o_fang.py" in got and "fang/methods/function_aware.py" in got
+
+
 def test_transitive_imports_follow_relative_imports():
     got = transitive_imports(ROOT / "stages" / "prune.py")
-    assert {"fang/prune.py", "fang/flap.py", "fang/obc.py", "fang/shrink.py"} <= got
+    assert {"fang/methods/driver.py", "fang/methods/flap.py", "fang/methods/obc.py", "fang/shrink.py"} <= got

@@ -9,19 +9,10 @@ import torch
 from conftest import assert_reloads_identically, captured, tiny_model
 from fang.cluster import relevance_weights
 from fang.errors import FangError
-from fang.fang_prune import FangLayerPruner, plan_groups
+from fang.choices import Variant, parse_variant, resolve_allocation
+from fang.methods.function_aware import FangLayerPruner, own_cluster_weight, plan_groups
 from fang.modeling import count_block_params
-from fang.prune import (
-    AttentionUnits,
-    PruneOptions,
-    Variant,
-    attention_units,
-    flap_plan_from_capture,
-    own_cluster_weight,
-    parse_variant,
-    prune_model,
-    resolve_allocation,
-)
+from fang.methods.driver import AttentionUnits, PruneOptions, attention_units, flap_plan_from_capture, prune_model
 from test_fang_prune import K, _data, make_fang_inputs
 
 
@@ -67,7 +58,7 @@ def test_per_block_allocation_for_any_method(method, calib, tmp_path):
     inputs = make_fang_inputs(cap, [0.3, 0.3]) if method == "o_fang" else None
     per_block = [0.1, 0.5]
     report = prune_model(model, cap, method, 0.3, options=PruneOptions(tau=1.0, block_sparsity=per_block,
-                                                                        allocation="fc"), fang_inputs=inputs)
+                                                                        allocation="fc"), inputs=inputs)
     neuron = 3 * model.config.hidden_size
     bias = 2 * model.config.hidden_size if method == "flap" else 0  # FLAP's compensation biases
     for layer, s in zip(model.model.layers, per_block):
@@ -112,7 +103,7 @@ def test_o_fang_layer_compensation_end_to_end(calib, tmp_path):
     for comp in ("group", "layer"):
         m = tiny_model(6, 3, layers=2)
         reports[comp] = prune_model(m, cap, "o_fang", 0.3, options=PruneOptions(tau=1.0, compensation=comp),
-                                    fang_inputs=inputs)
+                                    inputs=inputs)
         if comp == "layer":
             assert_reloads_identically(m, calib, tmp_path)
     # same neurons in block 0 (identical inputs there); the refit differs
@@ -142,7 +133,7 @@ def test_fang_records_own_cluster_weight_per_group(calib, tmp_path):
     model = tiny_model(4, 4, layers=1)
     cap = captured(model, calib, tmp_path, batch_size=3)
     report = prune_model(model, cap, "f_fang", 0.3, options=PruneOptions(tau=1.0),
-                         fang_inputs=make_fang_inputs(cap, [0.3]))
+                         inputs=make_fang_inputs(cap, [0.3]))
     own = report.layers[0]["own_cluster_weight"]
     assert len(own) == K and all(1.0 / K - 1e-9 <= v <= 1.0 for v in own)  # softmax(-d/tau) favours its own cluster
     assert report.as_dict()["empty_clusters"] == 0

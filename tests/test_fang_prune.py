@@ -10,7 +10,7 @@ import torch
 from conftest import assert_reloads_identically, captured, tiny_model
 from fang.cluster import center_distances, cluster_centers, kmeans, pca_fit, pca_project, relevance_weights
 from fang.errors import FangError
-from fang.fang_prune import (
+from fang.methods.function_aware import (
     ClusterMoments,
     FangInputs,
     FangLayerPruner,
@@ -20,8 +20,8 @@ from fang.fang_prune import (
     reweighted_fluctuation,
 )
 from fang.modeling import count_block_params
-from fang.obc import inverse_hessian, obc_prune
-from fang.prune import PruneOptions, prune_model
+from fang.methods.driver import PruneOptions, prune_model
+from fang.methods.obc import inverse_hessian, obc_prune
 
 K = 3
 
@@ -265,7 +265,7 @@ def test_fang_prunes_to_target_and_reloads(method, heads, scheme, calib, tmp_pat
     inputs = make_fang_inputs(cap, [0.2, 0.4])
     dense = count_block_params(model)
     opts = PruneOptions(tau=1.0)
-    report = prune_model(model, cap, method, 0.3, scheme, batch_size=4, options=opts, fang_inputs=inputs)
+    report = prune_model(model, cap, method, 0.3, scheme, batch_size=4, options=opts, inputs=inputs)
     assert report.pruned_block_params == count_block_params(model) < dense
     assert abs(report.achieved_sparsity - 0.3) < 0.01  # mean of the per-block targets, equal block sizes
     neuron = 3 * model.config.hidden_size
@@ -301,7 +301,7 @@ def test_every_ablation_switch_changes_the_masks(method, calib, tmp_path):
     def kept(**kw):
         fi = kw.pop("inputs", inputs)
         model = tiny_model(4, 4, layers=1)
-        report = prune_model(model, cap, method, 0.5, options=PruneOptions(tau=tau, **kw), fang_inputs=fi)
+        report = prune_model(model, cap, method, 0.5, options=PruneOptions(tau=tau, **kw), inputs=fi)
         return _kept_neurons(base_model, model), report.layers[0]
 
     ref, spec = kept()
@@ -325,7 +325,7 @@ def test_fang_input_errors(calib, tmp_path):
 
     def run(inputs, **kw):
         model = tiny_model(4, 4, layers=2)
-        return prune_model(model, cap, "o_fang", 0.3, options=PruneOptions(**kw), fang_inputs=inputs)
+        return prune_model(model, cap, "o_fang", 0.3, options=PruneOptions(**kw), inputs=inputs)
 
     with pytest.raises(FangError, match="tau"):
         run(good, tau=0.0)

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from fang.errors import FangError
-from fang.flap import (
-    InputStats,
+from fang.methods.base import select_top
+from fang.methods.stats import InputStats
+from fang.methods.flap import (
     al_am_scores,
     bias_compensation,
     fluctuation_metric,
     group_scores,
     head_scores,
-    select_top,
     slot_scores,
     standardize,
     structure_search,

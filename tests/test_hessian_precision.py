@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import captured, tiny_model
-from fang import obc
+from fang.methods import obc
 from fang.errors import FangError
-from fang.prune import PruneOptions, prune_model
+from fang.methods.driver import PruneOptions, prune_model
 from test_fang_prune import make_fang_inputs
 
 
@@ -22,7 +22,7 @@ def _prune(method, dtype, calib, tmp_path, monkeypatch):
     cap = captured(model, calib, tmp_path, batch_size=3)
     kw = {}
     if method == "o_fang":
-        kw["fang_inputs"] = make_fang_inputs(cap, [0.2, 0.3, 0.4])
+        kw["inputs"] = make_fang_inputs(cap, [0.2, 0.3, 0.4])
     prune_model(model, cap, method, 0.3, batch_size=4, options=PruneOptions(tau=1.0), **kw)
     kept = []
     for ld, lp in zip(dense.model.layers, model.model.layers):

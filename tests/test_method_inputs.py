@@ -16,7 +16,7 @@ from fang.paths import calibration_artifacts
 def art(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = calibration_artifacts(None)
-    for d in (a.cluster, a.taylor, a.groups):
+    for d in (a.cluster, a.taylor, a.groups, a.ica, a.gprune):
         (d / "arr").mkdir(parents=True)
         (d / "arr" / "0").write_bytes(b"\x00\x01")
     a.allocate.write_text('{"mode": "fc"}')
@@ -49,6 +49,33 @@ def test_manifest_changes_only_for_the_methods_that_read_a_change(art):
     (art.cluster / "arr" / "0").write_bytes(b"\x00\x02")  # new clusters: only FANG reads them
     after_cluster = {m: mi.method_inputs(m, base, art) for m in mi.READS}
     assert {m for m in mi.READS if before[m] != after_cluster[m]} == {"f_fang", "o_fang"}
+
+
+def test_ica_and_gprune_manifests_follow_their_own_artifacts_and_keys(art):
+    base = PruneParams()
+    before = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert set(before["ica_fn"]["artifacts"]) == {str(art.ica)} and set(before["gprune"]["artifacts"]) == {str(art.gprune)}
+    assert before["ica_fn"]["params"]["allocation"] == "ica_threshold"
+    assert before["ica_fn_ranked"]["params"]["allocation"] == "uniform"
+    assert before["gprune"]["params"]["gprune.module_gamma"] == 0.1  # the default when params.yaml has no gprune block
+
+    (art.ica / "arr" / "0").write_bytes(b"\x00\x03")  # new ICA maps: only the ICA methods read them
+    after = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert {m for m in mi.READS if before[m] != after[m]} == {"ica_fn", "ica_fn_ranked"}
+    (art.gprune / "arr" / "0").write_bytes(b"\x00\x03")
+    again = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert {m for m in mi.READS if after[m] != again[m]} == {"gprune"}
+    # gprune's prune-time keys live in the gprune block; a change reaches only its manifest
+    blocks = {"gprune": {"module_gamma": 0.3}}
+    gamma = {m: mi.method_inputs(m, base, art, blocks) for m in mi.READS}
+    assert {m for m in mi.READS if gamma[m] != again[m]} == {"gprune"}
+    assert gamma["gprune"]["params"]["gprune.module_gamma"] == 0.3
+    with pytest.raises(FangError, match="gprune.module_gamma=-1"):
+        mi.method_inputs("gprune", base, art, {"gprune": {"module_gamma": -1.0}})
+    # prune.gqa: ica_fn prunes no head
+    gqa = dataclasses.replace(base, gqa="query_slot")
+    assert mi.method_inputs("ica_fn", gqa, art) == again["ica_fn"]
+    assert mi.method_inputs("ica_fn_ranked", gqa, art) != again["ica_fn_ranked"]
 
 
 def test_content_hash_sees_names_and_bytes(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fang.errors import FangError
-from fang.obc import (
+from fang.methods.obc import (
     HessianAccumulator,
     accumulate_hessian,
     inverse_hessian,

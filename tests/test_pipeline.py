@@ -59,18 +59,22 @@ def edit_params(root: Path, block: str, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-SWEEP_CELLS = {f"sweep_{stage}@{m}-0.3" for stage in ("prune", "evaluate") for m in ("flap", "f_fang")}
-SWEEP_INPUTS = {"sweep_inputs@flap", "sweep_inputs@f_fang"}
+SWEEP_METHODS = ("flap", "f_fang", "ica_fn_ranked", "gprune")
+SWEEP_CELLS = {f"sweep_{stage}@{m}-0.3" for stage in ("prune", "evaluate") for m in SWEEP_METHODS}
+SWEEP_INPUTS = {f"sweep_inputs@{m}" for m in SWEEP_METHODS}
 SWEEP_ANALYSIS = {"ica", "gprune_modules"}  # the ICA maps and GPrune modules (seeds 003, 002) live with the sweep
 SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"sweep_dense", "report"} | SWEEP_ANALYSIS
 FANG_CELLS = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3"}
 ANALYSIS = {"cluster", "taylor", "group", "allocate"}
 BIAS_SOURCES = ("all", "Mathematics")
 BIAS_ANALYSIS = {f"bias_{stage}@{src}" for stage in ANALYSIS for src in BIAS_SOURCES}
-BIAS_INPUTS = {f"bias_inputs@{src}-f_fang" for src in BIAS_SOURCES}
+BIAS_SEED_ANALYSIS = {f"bias_{stage}@{src}" for stage in SWEEP_ANALYSIS for src in BIAS_SOURCES}  # per source too
+BIAS_INPUTS = {f"bias_inputs@{src}-{m}" for src in BIAS_SOURCES for m in ("f_fang", "gprune")}
 BIAS_CELLS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
+BIAS_GPRUNE_CELLS = {f"bias_{stage}@{src}-gprune-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
 BIAS_RUNS = BIAS_INPUTS | BIAS_CELLS | {"bias_report"}
 BIAS = ({f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
+        | BIAS_SEED_ANALYSIS | BIAS_GPRUNE_CELLS
         | {"attribute"})  # the attribution (main calibration) lives in the bias study, whose report reads it
 MAIN = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned", "summary"} | ANALYSIS
 
@@ -98,6 +102,7 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
         assert (project / "artifacts" / name).exists()
     report = (project / "artifacts/report/results.md").read_text()
     assert "| dense |" in report and "| f_fang | 30% |" in report and "| flap | 30% |" in report
+    assert "| ica_fn_ranked | 30% |" in report and "| gprune | 30% |" in report
     assert "missing" not in report
 
     # the bias study: its own calibration per source, and a report with every run present
@@ -105,6 +110,7 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     assert json.loads((bias / "all/calib/calib.json").read_text())["n_samples"] == 3
     bias_md = (project / "artifacts/bias_report/bias.md").read_text()
     assert "| f_fang | Mathematics | 30% |" in bias_md and "missing" not in bias_md
+    assert "| gprune | Mathematics | 30% |" in bias_md  # GPrune's sources there are shards of one topic
     assert (project / "artifacts/bias_report/bias_heatmap.png").stat().st_size > 1000
 
     assert repro_all(project) == set() and stale(project) == set()  # nothing changed, nothing reruns
@@ -130,7 +136,8 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     # a key every method reads makes every cell's pruning stale, and nothing of the analysis
     edit_params(project, "prune", gqa="query_slot")
     repro(project, *rewrite_manifests)
-    assert stale(project) == {"prune", "sweep_prune@flap-0.3", "sweep_prune@f_fang-0.3"} | bias_fang_prunes
+    assert stale(project) == ({"prune"} | {f"sweep_prune@{m}-0.3" for m in SWEEP_METHODS} | bias_fang_prunes
+                              | {f"bias_prune@{src}-gprune-0.3" for src in BIAS_SOURCES})
     edit_params(project, "prune", gqa="kv_group")
     repro(project, *rewrite_manifests)
     assert stale(project) == set()  # the manifests are back to what the cells ran with
@@ -140,11 +147,24 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     assert repro(project) == set() and repro(project, SWEEP_FILE) == set()
     assert repro(project, BIAS_FILE) == BIAS - {"attribute"}  # the attribution reads the main calibration
 
-    # new clusters rerun the analysis and what reads it: FANG cells, not flap's
+    # new clusters rerun the analysis and what reads it: FANG cells, not flap's, ICA's or GPrune's
     edit_params(project, "cluster", k=2)
     assert repro(project) == ANALYSIS | {"prune", "evaluate@pruned", "summary"}
     assert repro(project, SWEEP_FILE) == FANG_CELLS | SWEEP_INPUTS | {"report"}
     assert repro(project, BIAS_FILE) == BIAS_ANALYSIS | BIAS_RUNS
+
+    # new ICA maps rerun only the ICA cells; GPrune's prune-time keys only GPrune's cells, not its modules
+    edit_params(project, "ica", n_components=3)
+    assert repro(project) == set()
+    ica_cells = {"sweep_prune@ica_fn_ranked-0.3", "sweep_evaluate@ica_fn_ranked-0.3", "report"}
+    assert_ran(repro(project, SWEEP_FILE), {"ica", "sweep_prune@ica_fn_ranked-0.3"} | SWEEP_INPUTS,
+               {"ica"} | SWEEP_INPUTS | ica_cells)
+    assert repro(project, BIAS_FILE) == {f"bias_ica@{src}" for src in BIAS_SOURCES} | BIAS_INPUTS
+    edit_params(project, "gprune", module_gamma=0.5)
+    gprune_sweep = {"sweep_prune@gprune-0.3", "sweep_evaluate@gprune-0.3", "report"}
+    assert_ran(repro(project, SWEEP_FILE), SWEEP_INPUTS | {"sweep_prune@gprune-0.3"}, SWEEP_INPUTS | gprune_sweep)
+    gprune_prunes = {f"bias_prune@{src}-gprune-0.3" for src in BIAS_SOURCES}
+    assert_ran(repro(project, BIAS_FILE), BIAS_INPUTS | gprune_prunes, BIAS_INPUTS | BIAS_GPRUNE_CELLS | {"bias_report"})
 
     # new calibration data: everything after calibration, flap cells included (they read the capture)
     edit_params(project, "calibrate", seed=1)

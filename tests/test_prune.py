@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
-from fang.baselines import ChannelPruner, magnitude_metric, wanda_sp_metric
+from fang.methods.magnitude import magnitude_metric, magnitude_pruner
+from fang.methods.wanda_sp import wanda_sp_metric, wanda_sp_pruner
 from fang.errors import FangError
-from fang.flap import InputStats
+from fang.methods.stats import InputStats
 from fang.modeling import count_block_params
-from fang.prune import AttentionUnits, PruneOptions, prune_model
+from fang.methods.driver import AttentionUnits, PruneOptions, prune_model
 
 
 
@@ -93,11 +94,11 @@ def test_channel_pruner_scores_heads_by_mean_of_their_columns():
     w = torch.randn(6, 12, generator=g)
     x = torch.randn(40, 12, generator=g) * torch.linspace(0.1, 3.0, 12)
     units = torch.arange(12).reshape(4, 3)
-    for kind, metric in (
-        ("wanda_sp", lambda st: wanda_sp_metric(w, st.sum_sq)),
-        ("magnitude", lambda st: magnitude_metric(w)),
+    for make, metric in (
+        (wanda_sp_pruner, lambda st: wanda_sp_metric(w, st.sum_sq)),
+        (magnitude_pruner, lambda st: magnitude_metric(w)),
     ):
-        pruner = ChannelPruner(kind, 12)
+        pruner = make(12, "layer")
         pruner.add_batch(x)
         stats = InputStats()
         stats.add_batch(x)

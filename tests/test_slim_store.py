@@ -15,9 +15,9 @@ from fang.allocate import ComplexityStats, allocate_sparsity
 from fang.capture import FULL_ARRAYS, capture_features, open_capture, require_array
 from fang.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_project
 from fang.errors import FangError
-from fang.fang_prune import FangInputs
+from fang.methods.function_aware import FangInputs
 from fang.grouping import neuron_groups
-from fang.prune import PruneOptions, prune_model
+from fang.methods.driver import PruneOptions, prune_model
 from fang.taylor import taylor_scores
 
 K, PCA = 3, 6
@@ -120,7 +120,7 @@ def test_slim_and_full_stores_give_the_same_clusters_groups_allocation_and_masks
         inputs, clusters = _fang_inputs(store, dense, ids, slim=name == "slim", sparsity=0.3)
         m = tiny_model(6, 3, layers=3)
         fi = inputs if method in ("f_fang", "o_fang") else None
-        report = prune_model(m, store, method, 0.3, batch_size=3, options=PruneOptions(tau=1.0), fang_inputs=fi)
+        report = prune_model(m, store, method, 0.3, batch_size=3, options=PruneOptions(tau=1.0), inputs=fi)
         results[name] = (clusters, inputs, _kept(dense, m), report.layers)
     (c_full, in_full, kept_full, _), (c_slim, in_slim, kept_slim, _) = results["full"], results["slim"]
     assert torch.equal(c_full, c_slim)  # clusters

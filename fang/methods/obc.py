@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import flap
-from .errors import FangError, require
+from ..errors import FangError, require
+from .base import LayerContext, PruningMethod, Selection, default_units, select_top
 
 # Tokens per chunk when accumulating a Hessian: bounds the float copy of the activations.
 _HESSIAN_CHUNK = 4096
@@ -230,7 +230,7 @@ def obc_prune(
     """One-shot structured OBC (the paper's variant, Algorithm 2) -> (kept block ids ascending, new weight).
 
     Scores every block once (`obc_scores`), removes the `n_remove` lowest among the `removable`
-    ones (ties: the higher index goes, as in `flap.select_top`), and applies the unified
+    ones (ties: the higher index goes, as in `base.select_top`), and applies the unified
     compensation of Eq. 10 to the kept columns. The returned weight has H^-1's dtype, full width, with
     the removed columns zeroed.
     """
@@ -242,7 +242,7 @@ def obc_prune(
     if not bool(torch.isfinite(scores[ok]).all()):
         raise FangError(f"{where}: OBC scores are not finite; increase prune.damp")
     scores = torch.where(ok, scores, torch.full_like(scores, float("inf")))
-    keep = flap.select_top(scores, b.shape[0] - n_remove)
+    keep = select_top(scores, b.shape[0] - n_remove)
     gone = torch.ones(b.shape[0], dtype=torch.bool)
     gone[keep] = False
     new_w = obc_compensate(weight, hinv, b[gone].reshape(-1), where)
@@ -310,3 +310,45 @@ def _alive_block_scores(w: Tensor, h: Tensor, blocks: Tensor, cand: Tensor, wher
 def _require_finite(w: Tensor, where: str) -> None:
     if not bool(torch.isfinite(w).all()):
         raise FangError(f"{where}: OBC compensation produced NaN/Inf weights; increase prune.damp")
+
+
+class ObcPruner:
+    """Structured OBC on one Linear input: the Hessian of its calibration inputs, then one-shot
+    (`obc_prune`) or greedy (`obc_prune_iterative`) removal with compensation of the kept columns."""
+
+    def __init__(self, n_channels: int, damp: float = 0.01, where: str = "layer",
+                 device: torch.device | str = "cpu", iterative: bool = False) -> None:
+        self.n_channels, self.damp, self.where, self.iterative = n_channels, damp, where, iterative
+        self.hessian = HessianAccumulator(n_channels, device)
+
+    def add_batch(self, x: Tensor) -> None:
+        self.hessian.add_batch(x)
+
+    def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
+        require(
+            weight.shape[1] == self.n_channels,
+            f"{self.where}: weight has {weight.shape[1]} inputs, the statistics {self.n_channels}",
+        )
+        units = default_units(self.n_channels, units)
+        n_units = units.shape[0]
+        require(0 < n_keep <= n_units, f"{self.where}: cannot keep {n_keep} of {n_units} units")
+        if n_keep == n_units:  # nothing to remove: no Hessian to invert
+            return Selection(torch.arange(n_units))
+        hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
+        single = units.shape[1] == 1 and torch.equal(units[:, 0], torch.arange(self.n_channels))
+        prune_fn = obc_prune_iterative if self.iterative else obc_prune
+        keep, new_w = prune_fn(weight.detach(), hinv, n_units - n_keep, None if single else units, where=self.where)
+        return Selection(keep.cpu(), weight=new_w)
+
+
+class Obc(PruningMethod):
+    """Structured OBC, one-shot (the FANG paper's Algorithm 2) on heads and neurons."""
+
+    iterative = False
+
+    def attention(self, ctx: LayerContext) -> ObcPruner:
+        return ObcPruner(ctx.layer.self_attn.o_proj.in_features, self.options.damp, ctx.where("o_proj"), ctx.device,
+                         self.iterative)
+
+    def ffn(self, ctx: LayerContext) -> ObcPruner:
+        return ObcPruner(ctx.n_ffn, self.options.damp, ctx.where("down_proj"), ctx.device, self.iterative)

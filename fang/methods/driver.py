@@ -5,38 +5,38 @@ blocks 0..l-1, then the pruned block is rerun so its outputs feed block l+1's st
 block, one pass over the calibration batches collects everything both sublayers need (the inputs
 of o_proj and down_proj, and for FANG the token clusters of the MLP input), as FLAP does.
 
-Methods (`prune_model(method=...)`):
-- "flap": FLAP's global adaptive structure search (AL-AM) on the dense capture, bias compensation;
-- "wanda_sp", "magnitude": structured Wanda / weight magnitude, no compensation;
-- "obc": the paper's one-shot structured OBC (Algorithm 2); "obc_iter": greedy OBC (Algorithm 1);
-- "f_fang", "o_fang": FANG on top of FLAP / OBC (function-aware FFN pruning, `fang.fang_prune`).
-All but FLAP remove the same fraction of each block's parameters: `sparsity` everywhere, a per-block
-list (`PruneOptions.block_sparsity`), or for FANG the allocated `FangInputs.sparsity`. Heads (GQA
-units) are rounded to that fraction and the FFN neurons absorb the rounding
-(`flap.param_matched_structure`). Every method really shrinks the model (`fang.shrink`).
+Methods (`prune_model(method=...)`) are the registered ones (`fang.methods.registry`), each a
+`fang.methods.base.PruningMethod` in its own module: flap, wanda_sp, magnitude, obc, obc_iter,
+f_fang, o_fang, ... The driver knows none of them by name. Keep counts per block come from the
+allocation: FLAP's global AL-AM search on the dense capture (`flap_search`), the method's own plan
+(`PruningMethod.plan`), or one sparsity per block (`sparsity` everywhere, a per-block list
+`PruneOptions.block_sparsity`, or the method's own `block_sparsity()` such as FANG's allocation).
+For per-block sparsities, heads (GQA units) are rounded to that fraction and the FFN neurons absorb
+the rounding (`flap.param_matched_structure`). Every method really shrinks the model (`fang.shrink`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..choices import ALLOCATIONS, COMPENSATIONS, resolve_allocation
+from ..cluster import RELEVANCE_MODES
+from ..errors import require
+from ..layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
+from ..modeling import attention_geometry, count_block_params, decoder_layers
+from ..progress import progress
+from ..shrink import shrink_attention, shrink_mlp
 from . import flap
-from .baselines import ChannelPruner, Selection
-from .cluster import RELEVANCE_MODES, relevance_weights
-from .errors import FangError, require
-from .fang_prune import FangInputs, FangLayerPruner, label_tokens, plan_groups
-from .layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
-from .modeling import attention_geometry, count_block_params, decoder_layers
-from .progress import progress, warn
-from .shrink import shrink_attention, shrink_mlp
-
-from .choices import ALLOCATIONS, COMPENSATIONS, FANG_BASE, METHODS, Variant, parse_variant, resolve_allocation  # noqa: F401
+from .base import LayerContext, PruningMethod, Selection
+from .registry import method_spec
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
 DIAGNOSTIC_SEQUENCES = 8
@@ -253,35 +253,26 @@ class OutputRecorder:
         return out
 
 
-def own_cluster_weight(alpha: torch.Tensor, cluster_counts: torch.Tensor) -> list[float]:
-    """Per functional group g: the share of its token weight that falls on its own cluster's tokens,
-    alpha[g, g] n_g / sum_j alpha[g, j] n_j (1 = only its own contexts, 1/k = no preference)."""
-    a = alpha.detach().double().cpu()
-    n = cluster_counts.detach().double().cpu()
-    mass = a * n[None, :]
-    total = mass.sum(1)
-    own = mass.diagonal()
-    return [float(o / t) if t > 0 else float("nan") for o, t in zip(own, total)]
+def method_class(name: str) -> type[PruningMethod]:
+    """The implementation of a registered method (imported by name: see `fang.methods.registry`)."""
+    spec = method_spec(name)
+    return getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.cls)
 
 
 @torch.no_grad()
 def prune_sequential(
     model: nn.Module,
     start_hidden: torch.Tensor | None,
-    method: str,
+    method: PruningMethod,
     keep_attn: list[int],
     keep_mlp: list[int],
     units: AttentionUnits,
     batch_size: int,
     device: torch.device,
-    options: PruneOptions,
-    fang_inputs: FangInputs | None = None,
 ) -> list[dict]:
     """Prune every block in order with `method`, keeping `keep_attn[l]` attention units and `keep_mlp[l]` neurons."""
     layers = decoder_layers(model)
-    fang = method in FANG_BASE
-    attn_kind = FANG_BASE.get(method, method)
-    uses_data = method != "magnitude"  # magnitude needs no activations, so no forward pass at all
+    uses_data = method.needs_data  # magnitude needs no activations, so no forward pass at all
     runner = BlockRunner(model, device) if uses_data else None
     hidden = start_hidden.float().cpu() if uses_data else None
     n_seq = hidden.shape[0] if uses_data else 0
@@ -289,44 +280,28 @@ def prune_sequential(
     unit_cols = units.unit_columns()
     out_layers = []
     with progress() as bar:
-        task = bar.add_task(f"prune {method}", total=len(layers))
+        task = bar.add_task(f"prune {method.name}", total=len(layers))
         for li, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            n_ffn = mlp.down_proj.in_features
-            attn_pruner = ChannelPruner(attn_kind, attn.o_proj.in_features, options.damp, f"layer {li} o_proj", device)
             entry: dict = {"layer": li}
-            alpha = None
-            if fang:
-                k = fang_inputs.k
-                alpha = relevance_weights(fang_inputs.center_distances[li], float(options.tau), options.reweighting)
-                group_ids = fang_inputs.neuron_groups[li]
-                n_remove = n_ffn - keep_mlp[li]
-                groups = plan_groups(group_ids, k, alpha, n_remove, options.shared_group, options.function_aware)
-                mlp_pruner = FangLayerPruner(
-                    FANG_BASE[method], groups, group_ids, k, options.damp, f"layer {li} down_proj", device,
-                    compensation=options.compensation,
-                )
-                entry.update(ffn_removed_target=n_remove)
-            else:
-                mlp_pruner = ChannelPruner(method, n_ffn, options.damp, f"layer {li} down_proj", device)
+            ctx = LayerContext(li, layer, units, method.options, device, keep_attn[li], keep_mlp[li], entry)
+            attn_pruner = method.attention(ctx)
+            mlp_pruner = method.ffn(ctx)
             recorder = OutputRecorder({"o_proj": attn.o_proj, "down_proj": mlp.down_proj})
             dense_params = sum(p.numel() for p in layer.parameters())
 
             if uses_data:
-                labels: list[torch.Tensor] = []
 
                 def sink(name: str, x: torch.Tensor) -> None:
                     if name == "o":
                         attn_pruner.add_batch(x)
                     elif name == "ffn_in":  # runs before down_proj's hook in the same MLP call
-                        labels.append(label_tokens(x, fang_inputs, li))
-                    elif fang:
-                        mlp_pruner.add_batch(x, labels.pop())
+                        mlp_pruner.add_ffn_input(x)
                     else:
                         mlp_pruner.add_batch(x)
 
                 hooks = {"o": attn.o_proj, "d": mlp.down_proj}
-                if fang:
+                if method.needs_ffn_input:
                     hooks["ffn_in"] = mlp
                 with input_hooks(hooks, sink):
                     for sl in batch_slices(n_seq, batch_size):
@@ -335,10 +310,7 @@ def prune_sequential(
                             runner(layer, hidden[sl])
 
             attn_sel = attn_pruner.select(attn.o_proj.weight, keep_attn[li], unit_cols)
-            if fang:
-                mlp_sel = mlp_pruner.select(mlp.down_proj.weight)
-            else:
-                mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
+            mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
             heads, kv_heads = _apply_attention(attn, units, attn_sel)
             ffn = _apply_mlp(mlp, mlp_sel)
             # shrinking replaced the Linear modules: record the new ones
@@ -354,17 +326,7 @@ def prune_sequential(
             errors = recorder.relative_errors()
             if errors:
                 entry["relative_error"] = {name: round(v, 8) for name, v in errors.items()}
-            if fang and "token_clusters" in mlp_sel.info:
-                counts = torch.tensor(mlp_sel.info["token_clusters"])
-                own = own_cluster_weight(alpha, counts)
-                entry["own_cluster_weight"] = [round(v, 6) for v in own]
-                empty = int((counts == 0).sum())
-                if empty:
-                    entry["empty_clusters"] = empty
-                    warn(f"layer {li}: {empty} of {len(counts)} token clusters received no calibration token")
-                if mlp_sel.info.get("groups_without_tokens"):
-                    warn(f"layer {li}: {', '.join(mlp_sel.info['groups_without_tokens'])} had no weighted token: "
-                         "ranked without reweighting (FLAP: all tokens; OBC: H = I, no compensation)")
+            method.finish_layer(ctx, mlp_sel)
             out_layers.append(entry)
             bar.advance(task)
     return out_layers
@@ -387,17 +349,17 @@ def prune_model(
     device: torch.device | str = "cpu",
     *,
     options: PruneOptions | None = None,
-    fang_inputs: FangInputs | None = None,
+    inputs: Any = None,
 ) -> PruneReport:
     """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
 
     `capture` is the dense capture store (`fang.capture.open_capture`): its token ids start the
-    sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its statistics. f_fang / o_fang also need
-    `fang_inputs` (the cluster, grouping and allocation artifacts); their per-block sparsity
-    replaces `sparsity`, which is then only the reported target.
+    sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its
+    statistics. `inputs` is what the method's `load_inputs` reads from its analysis artifacts
+    (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose per-block
+    sparsity replaces `sparsity`, which is then only the reported target).
     """
-    if method not in METHODS:
-        raise FangError(f"unknown prune.method {method!r}; available: {', '.join(METHODS)}")
+    method_spec(method)  # FangError naming the registered methods if unknown
     options = options or PruneOptions()
     options.validate()
     require(
@@ -408,15 +370,8 @@ def prune_model(
     layers = decoder_layers(model)
     n_layers = len(layers)
     n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
-    if method in FANG_BASE:
-        require(
-            fang_inputs is not None,
-            f"prune.method={method} needs the FANG analysis artifacts (cluster PCA/centroids and centre distances, "
-            "neuron groups, block sparsity): run the cluster, taylor, group and allocate stages and pass them "
-            "as fang_inputs",
-        )
-        require(len(set(n_ffns)) == 1, "FANG needs a dense model: the FFN widths differ between layers")
-        fang_inputs.validate(n_layers, model.config.hidden_size, n_ffns[0])
+    pruning = method_class(method)(method, options, inputs)
+    pruning.check(model)
     device = torch.device(device)
     model.to(device).eval()
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
@@ -424,17 +379,21 @@ def prune_model(
     report.options = {**options.as_dict(), "allocation": allocation}
     units = attention_units(model.config, gqa_scheme)
 
-    if allocation == "flap_search":
+    own_plan = pruning.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
+    if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
+        keep_attn, keep_mlp = own_plan
+    elif allocation == "flap_search":
         keep_attn, keep_mlp = (
             flap_plan_from_capture(model, capture, sparsity, units)
             if sparsity > 0
             else ([units.count] * n_layers, list(n_ffns))
         )
     else:
+        own = pruning.block_sparsity()
         if options.block_sparsity is not None:
             per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
-        elif method in FANG_BASE:
-            per_block = _block_sparsity(fang_inputs.sparsity, n_layers, "FangInputs.sparsity")
+        elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
+            per_block = _block_sparsity(own, n_layers, f"{method}'s block sparsity")
         else:
             per_block = [float(sparsity)] * n_layers
         block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
@@ -447,12 +406,10 @@ def prune_model(
         return report
 
     start_hidden = None
-    if method != "magnitude":
+    if pruning.needs_data:
         # recomputed from the token ids in the model's precision: the store's copy would be fp16
         token_ids = torch.from_numpy(capture["token_ids"][:].astype("int64"))
         start_hidden = embed_tokens(model, token_ids, batch_size, device)
-    report.layers = prune_sequential(
-        model, start_hidden, method, keep_attn, keep_mlp, units, batch_size, device, options, fang_inputs
-    )
+    report.layers = prune_sequential(model, start_hidden, pruning, keep_attn, keep_mlp, units, batch_size, device)
     report.pruned_block_params = count_block_params(model)
     return report

@@ -32,16 +32,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import flap
-from .baselines import Selection
-from .cluster import assign_clusters
-from .errors import FangError, require
-from .obc import HessianAccumulator, inverse_hessian, obc_compensate, obc_prune
+from ..allocate import allocate_sparsity
+from ..atomic import read_json
+from ..cluster import assign_clusters, relevance_weights
+from ..errors import FangError, require
+from ..modeling import decoder_layers
+from ..paths import CalibrationArtifacts
+from ..progress import warn
+from ..store import open_store
+from .base import LayerContext, PruningMethod, Selection, UnitPruner, select_top
+from .flap import bias_compensation, flap_pruner
+from .obc import HessianAccumulator, ObcPruner, inverse_hessian, obc_compensate, obc_prune
+from .stats import InputStats
 
 FIELDS = ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups", "sparsity")
 
@@ -229,15 +237,15 @@ def plan_groups(
 
 
 class ClusterMoments:
-    """Per-token-cluster mean and squared deviations of one Linear input (one `flap.InputStats` each).
+    """Per-token-cluster mean and squared deviations of one Linear input (one `stats.InputStats` each).
 
     Keeping the clusters apart lets any token weighting alpha be applied afterwards, and gives the
-    plain statistics by merging; Chan-style merging avoids raw sums of squares (see flap.InputStats).
+    plain statistics by merging; Chan-style merging avoids raw sums of squares (see stats.InputStats).
     """
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.stats = [flap.InputStats() for _ in range(k)]
+        self.stats = [InputStats() for _ in range(k)]
 
     def add_batch(self, x: Tensor, labels: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
@@ -250,8 +258,8 @@ class ClusterMoments:
     def counts(self) -> Tensor:
         return torch.tensor([s.count for s in self.stats], dtype=torch.float64)
 
-    def total(self) -> flap.InputStats:
-        merged = flap.InputStats()
+    def total(self) -> InputStats:
+        merged = InputStats()
         for s in self.stats:
             merged.merge(s)
         return merged
@@ -369,12 +377,12 @@ class FangLayerPruner:
                 if not bool(torch.isfinite(metric).all()):
                     raise FangError(f"{self.where} {g.name}: FLAP scores are not finite (NaN/Inf activations?)")
                 metric = torch.where(g.removable, metric, torch.full_like(metric, float("inf")))
-                keep_local = flap.select_top(metric, g.columns.numel() - g.n_remove)
+                keep_local = select_top(metric, g.columns.numel() - g.n_remove)
                 gone = torch.ones(g.columns.numel(), dtype=torch.bool)
                 gone[keep_local] = False
                 pruned[g.columns[gone]] = True
             keep = torch.nonzero(~pruned).reshape(-1)
-            bias = flap.bias_compensation(w, mean, keep.to(w.device))  # Eq. 13 with the plain mean
+            bias = bias_compensation(w, mean, keep.to(w.device))  # Eq. 13 with the plain mean
         else:
             new_w = w.to(torch.float64).clone()
             for g, acc in zip(self.hessians.groups, self.hessians.acc):
@@ -409,3 +417,116 @@ class FangLayerPruner:
         if no_tokens:
             info["groups_without_tokens"] = no_tokens
         return Selection(keep, weight=new_w, bias=bias, info=info)
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+
+
+def load_fang_inputs(art: CalibrationArtifacts, sparsity: float) -> FangInputs:
+    """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`."""
+    clusters = open_store(art.cluster, "cluster", "cluster")
+    taylor = open_store(art.taylor, "taylor", "taylor")
+    groups = open_store(art.groups, "groups", "group")
+    alloc = read_json(art.allocate)
+    per_block = allocate_sparsity(alloc["mode"], alloc["scores"], sparsity, n_blocks=len(alloc["functional_complexity"]),
+                                  max_sparsity=alloc["max_sparsity"])
+    return FangInputs(
+        pca_mean=clusters["pca_mean"][:],
+        pca_components=clusters["pca_components"][:],
+        centroids=clusters["centroids"][:],
+        center_distances=taylor["center_distances"][:],
+        neuron_groups=groups["neuron_groups"][:],
+        sparsity=per_block,
+    )
+
+
+def own_cluster_weight(alpha: torch.Tensor, cluster_counts: torch.Tensor) -> list[float]:
+    """Per functional group g: the share of its token weight that falls on its own cluster's tokens,
+    alpha[g, g] n_g / sum_j alpha[g, j] n_j (1 = only its own contexts, 1/k = no preference)."""
+    a = alpha.detach().double().cpu()
+    n = cluster_counts.detach().double().cpu()
+    mass = a * n[None, :]
+    total = mass.sum(1)
+    own = mass.diagonal()
+    return [float(o / t) if t > 0 else float("nan") for o, t in zip(own, total)]
+
+
+class FangFfnPruner:
+    """`FangLayerPruner` on the driver's interface: labels each batch's tokens from the MLP input
+    (`add_ffn_input`, called before the same batch's `add_batch` of down_proj's input)."""
+
+    def __init__(self, inner: FangLayerPruner, inputs: FangInputs, layer: int, alpha: Tensor) -> None:
+        self.inner, self.inputs, self.layer, self.alpha = inner, inputs, layer, alpha
+        self.labels: list[Tensor] = []
+
+    def add_ffn_input(self, x: Tensor) -> None:
+        self.labels.append(label_tokens(x, self.inputs, self.layer))
+
+    def add_batch(self, x: Tensor) -> None:
+        self.inner.add_batch(x, self.labels.pop())
+
+    def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
+        return self.inner.select(weight)  # the groups' removal counts were planned for n_keep
+
+
+class FunctionAware(PruningMethod):
+    """FANG on a base method ("flap": F-FANG, "obc": O-FANG): heads by the base method at the block's
+    sparsity, FFN neurons group-wise with token-reweighted statistics (`FangLayerPruner`)."""
+
+    base: ClassVar[str]
+    needs_ffn_input = True
+
+    def __init__(self, name: str, options, inputs: FangInputs | None = None) -> None:
+        super().__init__(name, options, inputs)
+        self._alpha: dict[int, Tensor] = {}
+
+    @classmethod
+    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml") -> FangInputs:
+        return load_fang_inputs(art, sparsity)
+
+    def check(self, model: nn.Module) -> None:
+        require(
+            self.inputs is not None,
+            f"prune.method={self.name} needs the FANG analysis artifacts (cluster PCA/centroids and centre distances, "
+            "neuron groups, block sparsity): run the cluster, taylor, group and allocate stages and pass them "
+            "as inputs",
+        )
+        n_ffns = [layer.mlp.down_proj.in_features for layer in decoder_layers(model)]
+        require(len(set(n_ffns)) == 1, "FANG needs a dense model: the FFN widths differ between layers")
+        self.inputs.validate(len(n_ffns), model.config.hidden_size, n_ffns[0])
+
+    def block_sparsity(self) -> list[float]:
+        return self.inputs.sparsity
+
+    def attention(self, ctx: LayerContext) -> UnitPruner:
+        n = ctx.layer.self_attn.o_proj.in_features
+        if self.base == "flap":
+            return flap_pruner(n, ctx.where("o_proj"))
+        return ObcPruner(n, self.options.damp, ctx.where("o_proj"), ctx.device)
+
+    def ffn(self, ctx: LayerContext) -> FangFfnPruner:
+        o, li = self.options, ctx.index
+        alpha = relevance_weights(self.inputs.center_distances[li], float(o.tau), o.reweighting)
+        group_ids = self.inputs.neuron_groups[li]
+        n_remove = ctx.n_ffn - ctx.keep_mlp
+        groups = plan_groups(group_ids, self.inputs.k, alpha, n_remove, o.shared_group, o.function_aware)
+        inner = FangLayerPruner(self.base, groups, group_ids, self.inputs.k, o.damp, ctx.where("down_proj"), ctx.device,
+                                compensation=o.compensation)
+        ctx.entry.update(ffn_removed_target=n_remove)
+        self._alpha[li] = alpha  # for finish_layer's diagnostics
+        return FangFfnPruner(inner, self.inputs, li, alpha)
+
+    def finish_layer(self, ctx: LayerContext, ffn: Selection) -> None:
+        if "token_clusters" not in ffn.info:
+            return
+        li, entry = ctx.index, ctx.entry
+        counts = torch.tensor(ffn.info["token_clusters"])
+        own = own_cluster_weight(self._alpha[li], counts)
+        entry["own_cluster_weight"] = [round(v, 6) for v in own]
+        empty = int((counts == 0).sum())
+        if empty:
+            entry["empty_clusters"] = empty
+            warn(f"layer {li}: {empty} of {len(counts)} token clusters received no calibration token")
+        if ffn.info.get("groups_without_tokens"):
+            warn(f"layer {li}: {', '.join(ffn.info['groups_without_tokens'])} had no weighted token: "
+                 "ranked without reweighting (FLAP: all tokens; OBC: H = I, no compensation)")

@@ -1,0 +1,3 @@
+"""Pruning methods: the sequential driver (`driver`), the method interface (`base`), the registry
+(`registry`: one line per method) and one module per method. Nothing is imported here: validating
+params.yaml reads only the registry, and only pruning imports the algorithms."""

@@ -1,0 +1,105 @@
+"""GPrune-LLM (seed 002) as a pruning method, from the modules of stage `gprune_modules` (artifacts/gprune.zarr).
+
+Per block, the allocation shared with the other methods (uniform by default) gives the number of FFN
+neurons to keep; `gprune.layer_keep` splits it over the block's modules (module sparsity shifted by
+each module's standardized rank drift, `gprune.module_gamma`, capped at `gprune.max_sparsity`) and
+keeps the top neurons of each module by its within-module score (activation score, or weight
+magnitude where the reliability switch flipped). Heads and compensation follow the base activation
+metric the modules were built with (`gprune.metric`): Wanda-sp heads and no compensation (the
+default, so `gprune` differs from `wanda_sp` only in how it ranks FFN neurons), or FLAP heads and
+bias compensation. Module sparsity and the switch are computed in the `gprune_modules` stage from
+the dense model; only the keep counts are applied here, on the sequential pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import require
+from ..gprune import layer_keep
+from ..modeling import decoder_layers
+from ..params import load_block
+from ..paths import CalibrationArtifacts
+from ..store import open_store
+from .base import LayerContext, MetricPruner, PruningMethod, Selection
+from .flap import flap_bias, flap_pruner
+from .stats import InputStats
+from .wanda_sp import wanda_sp_pruner
+
+
+@dataclass
+class GPruneInputs:
+    """What `gprune` reads of artifacts/gprune.zarr, and its two prune-time keys of the gprune block."""
+
+    modules: Tensor  # [layers, n_ffn] module id per neuron
+    score: Tensor  # [layers, n_ffn] within-module ranking score
+    module_drift: Tensor  # [layers, n_modules] mean rank drift (NaN for unused module slots)
+    switched: Tensor  # [layers, n_modules] modules ranked by weight magnitude
+    metric: str  # base activation metric: "wanda_sp" or "flap"
+    module_gamma: float = 0.1
+    max_sparsity: float = 0.95
+
+    def validate(self, model: nn.Module) -> None:
+        layers = decoder_layers(model)
+        n_ffns = {layer.mlp.down_proj.in_features for layer in layers}
+        require(len(n_ffns) == 1, "gprune needs a dense model: the FFN widths differ between layers")
+        want = (len(layers), n_ffns.pop())
+        for name in ("modules", "score"):
+            shape = tuple(getattr(self, name).shape)
+            require(shape == want, f"gprune.zarr {name} is {shape}, the model has {want} (layers, FFN neurons): "
+                                   "the modules are of another model; rerun the gprune_modules stage")
+        require(self.metric in ("wanda_sp", "flap"), f"gprune.zarr was built with metric {self.metric!r}")
+
+
+def load_gprune_inputs(art: CalibrationArtifacts, params_path: str = "params.yaml") -> GPruneInputs:
+    g = open_store(art.gprune, "gprune", "gprune_modules")
+    p = load_block("gprune", path=params_path)
+    return GPruneInputs(torch.from_numpy(g["modules"][:]).long(), torch.from_numpy(g["score"][:]).double(),
+                        torch.from_numpy(g["module_drift"][:]).double(), torch.from_numpy(g["switched"][:]),
+                        str(g.attrs["metric"]), p.module_gamma, p.max_sparsity)
+
+
+class ModulePruner:
+    """One block's FFN: per-module keep counts and per-module ranking (`gprune.layer_keep`)."""
+
+    def __init__(self, inputs: GPruneInputs, layer: int, where: str) -> None:
+        self.inputs, self.layer, self.where = inputs, layer, where
+        self.stats = InputStats() if inputs.metric == "flap" else None
+
+    def add_batch(self, x: Tensor) -> None:
+        if self.stats is not None:
+            self.stats.add_batch(x)
+
+    def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
+        g, li = self.inputs, self.layer
+        mask = layer_keep(g.modules[li], g.score[li], g.module_drift[li], n_keep, g.module_gamma, g.max_sparsity)
+        keep = torch.nonzero(mask).reshape(-1)
+        require(len(keep) == n_keep, f"{self.where}: the modules keep {len(keep)} neurons, the plan {n_keep}")
+        bias = None if self.stats is None else flap_bias(weight.detach(), self.stats, keep)
+        m = int(g.modules[li].max()) + 1
+        switched = g.switched[li, :m]
+        info = {"modules": m, "switched_modules": int(switched.sum()),
+                "switched_neurons_kept": int(switched[g.modules[li][keep]].sum())}
+        return Selection(keep, bias=bias, info=info)
+
+
+class GPrune(PruningMethod):
+    @classmethod
+    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml") -> GPruneInputs:
+        return load_gprune_inputs(art, params_path)
+
+    def check(self, model: nn.Module) -> None:
+        require(self.inputs is not None, "prune.method=gprune needs the GPrune modules (artifacts/gprune.zarr): run the "
+                                         "gprune_modules stage and pass them as inputs (`load_gprune_inputs`)")
+        self.inputs.validate(model)
+
+    def attention(self, ctx: LayerContext) -> MetricPruner:
+        n = ctx.layer.self_attn.o_proj.in_features
+        make = flap_pruner if self.inputs.metric == "flap" else wanda_sp_pruner
+        return make(n, ctx.where("o_proj"))
+
+    def ffn(self, ctx: LayerContext) -> ModulePruner:
+        return ModulePruner(self.inputs, ctx.index, ctx.where("down_proj"))
