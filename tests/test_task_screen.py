@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from fang.errors import FangError
-from fang.task_screen import (
+from fang.core.errors import FangError
+from fang.evaluation.task_screen import (
     Candidate,
     ScreenResult,
     affordable,
