@@ -12,9 +12,9 @@ from typing import Optional
 
 import typer
 
-from .errors import FangError
+from .core.errors import FangError
 from .methods.registry import REGISTRY
-from .inspect import app as inspect_app
+from .tools.inspection.cli import app as inspect_app
 
 app = typer.Typer(
     help=__doc__,
@@ -48,7 +48,7 @@ class _Timed:
         import time
         from pathlib import Path
 
-        from .progress import console
+        from .core.progress import console
 
         t0 = time.perf_counter()
         self.module.run(*args)
@@ -57,7 +57,7 @@ class _Timed:
         console.print(f"[dim]{self.name}: {seconds:.1f} s, peak RSS {peak_mib:.0f} MiB[/dim]")
         log = Path("artifacts") / "timings.jsonl"
         if log.parent.is_dir():
-            from .timings import record_timing
+            from .core.timings import record_timing
 
             record_timing(log, {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
                                 "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})

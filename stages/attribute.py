@@ -11,17 +11,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fang import paths
-from fang.atomic import read_json, write_json
-from fang.attribute import (NO_LABEL, Accumulator, Attribution, attribute, match_rows, permutation_null, removal_by_topic,
-                            removed_mask, token_articles, topic_correlation)
-from fang.corpus import article_tokens, read_jsonl
-from fang.errors import require
-from fang.layerwise import batch_slices, input_hooks
-from fang.params import load_block
-from fang.progress import console, progress
-from fang.store import open_store, write_store
-from stages.capture import load_calibration
+from fang.analysis.attribute import (
+    Accumulator,
+    Attribution,
+    NO_LABEL,
+    attribute,
+    match_rows,
+    permutation_null,
+    removal_by_topic,
+    removed_mask,
+    token_articles,
+    topic_correlation,
+)
+from fang.analysis.store import open_store, write_store
+from fang.core import paths
+from fang.core.atomic import read_json, write_json
+from fang.core.errors import require
+from fang.core.params import load_block
+from fang.core.progress import console, progress
+from fang.data.corpus import article_tokens, load_calibration, read_jsonl
+from fang.model.layerwise import batch_slices, input_hooks
 
 KIND = "attribution"
 
@@ -32,7 +41,7 @@ def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, 
     require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
     rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
     wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
-    # tokenized exactly as fang.corpus.sample_calibration does, so the stream can be checked token by token
+    # tokenized exactly as fang.data.corpus.sample_calibration does, so the stream can be checked token by token
     tokens = {a: article_tokens(tokenizer, rows[a]["text"]) for a in wanted if a in rows}
     owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
     topics = sorted({r["topic"] for r in rows.values()})
@@ -81,8 +90,8 @@ def summary(att: Attribution, top: int = 5) -> dict:
 
 
 def run(params_path: str = "params.yaml") -> None:
-    from fang.device import pick_device
-    from fang.modeling import load_dense
+    from fang.core.device import pick_device
+    from fang.model.modeling import load_dense
 
     p = load_block("attribute", path=params_path)
     input_ids = load_calibration(None)
@@ -129,7 +138,7 @@ def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.
     """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
     from safetensors import safe_open
 
-    from fang.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
+    from fang.model.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
 
     layers = read_structure(model_dir)["layers"]
     kept, source = [], "structure.json"

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 
-from fang import paths
-from fang.atomic import atomic_file, read_json, write_json
-from fang.bench import (BENCH_FORMAT, NOT_PIPELINE, capture_footprint, check_targets, estimate_memory, find_models,
-                        machine_info, measure_floor, measure_inference, profile_call, read_timings, render_fragment,
-                        render_markdown, subsample, update_readme)
-from fang.device import pick_device
-from fang.errors import FangError, require
-from fang.modeling import load_dense
-from fang.params import load_block
-from fang.progress import console
+from fang.core import paths
+from fang.core.atomic import atomic_file, read_json, write_json
+from fang.core.device import pick_device
+from fang.core.errors import FangError, require
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.model.modeling import load_dense
+from fang.tools.bench.floor import measure_floor, profile_call, subsample
+from fang.tools.bench.inference import find_models, measure_inference
+from fang.tools.bench.machine import machine_info
+from fang.tools.bench.memory import capture_footprint, estimate_memory
+from fang.tools.bench.render import BENCH_FORMAT, render_fragment, render_markdown, update_readme
+from fang.tools.bench.timings import NOT_PIPELINE, check_targets, read_timings
 
 BENCH = paths.ARTIFACTS / "bench"
 TIMINGS = paths.ARTIFACTS / "timings.jsonl"
@@ -69,7 +72,7 @@ def run(
     measured = {part: result["time"] for part in wanted}
 
     if "pipeline" in wanted:
-        from stages.capture import load_calibration
+        from fang.data.corpus import load_calibration
 
         # the floor runs at the batch sizes the stages it is compared with use
         capture_batch = load_block("capture", path=params_path).batch_size
@@ -144,10 +147,10 @@ def _profile(params_path: str, device, n_seqs: int) -> dict:
 
     import torch
 
-    from fang.capture import capture_features
-    from fang.store import open_store
-    from fang.taylor import taylor_scores
-    from stages.capture import load_calibration
+    from fang.analysis.capture import capture_features
+    from fang.analysis.store import open_store
+    from fang.analysis.taylor import taylor_scores
+    from fang.data.corpus import load_calibration
 
     cap = load_block("capture", path=params_path)
     tay = load_block("taylor", path=params_path)

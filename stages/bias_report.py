@@ -3,17 +3,17 @@
 import json
 from pathlib import Path
 
-from fang import paths
-from fang.atomic import atomic_dir
+from fang.core import paths
+from fang.core.atomic import atomic_dir
 import time
 
-from fang.attribute import CellRemoval, bias_correlations, plot_bias_correlation
-from fang.bias_report import README_END, README_START, BiasRun, analyse, heatmap, readme_fragment, render
-from fang.errors import require
-from fang.params import load_block
-from fang.progress import console
-from fang.readme import publish
-from fang.report import load_json
+from fang.analysis.attribute import CellRemoval, bias_correlations, plot_bias_correlation
+from fang.core.errors import require
+from fang.core.markdown import publish
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.evaluation.bias_report import BiasRun, README_END, README_START, analyse, heatmap, readme_fragment, render
+from fang.evaluation.report import load_json
 
 README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows
 

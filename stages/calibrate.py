@@ -4,11 +4,11 @@ import collections
 
 from safetensors.torch import save_file
 
-from fang import paths
-from fang.atomic import atomic_dir, write_json
-from fang.corpus import filter_topics, read_jsonl, sample_calibration
-from fang.params import load_block
-from fang.progress import console
+from fang.core import paths
+from fang.core.atomic import atomic_dir, write_json
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.corpus import filter_topics, read_jsonl, sample_calibration
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -16,7 +16,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     that topic only ("all": every topic), at the study's `bias.n_samples` x `bias.seq_len`."""
     from transformers import AutoTokenizer
 
-    from fang.errors import FangError
+    from fang.core.errors import FangError
 
     p = load_block("calibrate", path=params_path)
     if source is not None:
@@ -26,7 +26,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     out = paths.calibration_artifacts(source).calib
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
-    from fang.integrity import read_config
+    from fang.core.integrity import read_config
 
     max_pos = read_config(paths.MODEL).get("max_position_embeddings")
     seq_key = "calibrate.seq_len" if source is None else "bias.seq_len"

@@ -6,28 +6,17 @@ cluster centres at down_proj's input come from taylor, which reruns the blocks w
 
 import faiss
 import numpy as np
-import torch
 
-from fang import paths
-from fang.atomic import write_json
-from fang.capture import open_capture, require_array
-from fang.cluster import kmeans, kmeans_backend
-from fang.device import pick_device
-from fang.errors import require
-from fang.memory import check_fits
-from fang.params import load_block
-from fang.progress import console, progress
-from fang.store import write_store
-
-
-def cluster_bytes(n_layers: int, n_tok: int, d: int, n_ffn: int, k: int, pca_dim: int) -> int:
-    """Peak bytes of the stage, roughly: the output arrays plus one layer's working set."""
-    outputs = 4 * n_layers * (d + pca_dim * d + k * pca_dim + n_tok + 2 * k + k * n_ffn + k * k)
-    layer = n_tok * d * 4 + n_tok * pca_dim * (4 + 4 + 8)  # features, projection, KMeans copies
-    layer += 8 * n_tok * (3 + int(np.log(max(k, 2))))  # k-means++ candidate distances
-    layer += 4 * 32768 * k + 256 * 2**20  # faiss's distance blocks, the exact assignment's chunk
-    layer += 8 * k * n_ffn * 3  # centre sums and a row of centre differences
-    return outputs + layer
+from fang.analysis.capture import open_capture, require_array
+from fang.analysis.cluster import cluster_bytes, cluster_layers, kmeans_backend
+from fang.analysis.store import write_store
+from fang.core import paths
+from fang.core.atomic import write_json
+from fang.core.device import pick_device
+from fang.core.errors import require
+from fang.core.memory import check_fits
+from fang.core.params import load_block
+from fang.core.progress import console
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -50,21 +39,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     out = {
         "pca_mean": np.asarray(cap["pca_mean"][:], np.float32),
         "pca_components": np.asarray(cap["pca_components"][:], np.float32),
-        "centroids": np.zeros((n_layers, p.k, p.pca_dim), np.float32),
-        "token_clusters": np.zeros((n_layers, n_tok), np.int32),
-        "cluster_sizes": np.zeros((n_layers, p.k), np.int64),
-        "inertia": np.zeros(n_layers, np.float64),
+        **cluster_layers(proj, n_layers, p.k, p.niter, p.seed, device, backend),
     }
-    with progress() as bar:
-        task = bar.add_task("cluster", total=n_layers)
-        for li in range(n_layers):
-            centroids, assign, inertia = kmeans(torch.from_numpy(proj[li]).to(device), p.k, p.niter, p.seed,
-                                                backend=backend)
-            assign = assign.cpu()
-            out["centroids"][li], out["token_clusters"][li] = centroids.cpu().numpy(), assign.numpy()
-            out["cluster_sizes"][li] = np.bincount(assign.numpy(), minlength=p.k)
-            out["inertia"][li] = inertia
-            bar.advance(task)
     write_store(art.cluster, "cluster", out, {"k": p.k, "pca_dim": p.pca_dim, "seed": p.seed, "n_layers": n_layers})
     sizes = out["cluster_sizes"]
     write_json(art.metrics / "cluster.json", {

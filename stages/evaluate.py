@@ -3,19 +3,20 @@
 import time
 from pathlib import Path
 
-from fang import paths
-from fang.atomic import read_json, write_json
-from fang.corpus import read_jsonl
-from fang.device import pick_device
-from fang.modeling import count_block_params, load_any
-from fang.params import load_block
-from fang.progress import console
+from fang.core import paths
+from fang.core.atomic import read_json, write_json
+from fang.core.device import pick_device
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.corpus import read_jsonl
+from fang.model.modeling import count_block_params
+from fang.model.shrink import load_any
 
 
 def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json"),
         task_limit: int | None = None) -> None:
-    from fang.evaluate import perplexity_by_topic, zero_shot
-    from fang.tasks import verify_task_folder
+    from fang.evaluation.evaluate import perplexity_by_topic, zero_shot
+    from fang.data.task_files import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
     device = pick_device()

@@ -3,12 +3,12 @@
 import collections
 from pathlib import Path
 
-from fang import paths
-from fang.atomic import atomic_dir, write_json
-from fang.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
-from fang.fetch import EMBEDDED_WIKI, embedded_wiki_json
-from fang.params import load_block
-from fang.progress import console
+from fang.core import paths
+from fang.core.atomic import atomic_dir, write_json
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
+from fang.data.fetch import EMBEDDED_WIKI, embedded_wiki_json
 
 
 def corpus_rows(source: str) -> list[dict]:
@@ -17,13 +17,13 @@ def corpus_rows(source: str) -> list[dict]:
         return read_wiki_summaries(embedded_wiki_json())
     if source.endswith(".json") and Path(source).is_file():
         return read_wiki_summaries(source)
-    from fang.evaluate import load_text_rows
+    from fang.evaluation.evaluate import load_text_rows
 
     return load_text_rows(source)
 
 
 def run(params_path: str = "params.yaml") -> None:
-    from fang.tasks import build_task_folder
+    from fang.data.tasks import build_task_folder
 
     p = load_block("data", path=params_path)
     rows = corpus_rows(p.corpus)

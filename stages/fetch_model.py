@@ -1,9 +1,9 @@
 """fetch_model: save `model.name` as a float safetensors checkpoint with its tokenizer."""
 
-from fang import paths
-from fang.fetch import fetch_model
-from fang.params import load_block
-from fang.progress import console
+from fang.core import paths
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.fetch import fetch_model
 
 
 def run(params_path: str = "params.yaml") -> None:

@@ -12,18 +12,18 @@ import time
 import numpy as np
 from torch import Tensor, nn
 
-from fang import paths
-from fang.atomic import read_json, write_json
-from fang.corpus import read_jsonl
-from fang.device import pick_device
-from fang.gprune import SourceMoments, analyze_layer
-from fang.mlp_stream import stream_mlp
-from fang.modeling import load_dense
-from fang.params import GPruneParams, load_block
-from fang.progress import console
-from fang.errors import FangError
-from fang.sources import shard_sources, source_index, token_topics
-from fang.store import write_store
+from fang.analysis.gprune import SourceMoments, analyze_layer
+from fang.analysis.store import write_store
+from fang.core import paths
+from fang.core.atomic import read_json, write_json
+from fang.core.device import pick_device
+from fang.core.errors import FangError
+from fang.core.params import GPruneParams, load_block
+from fang.core.progress import console
+from fang.data.corpus import read_jsonl
+from fang.data.sources import shard_sources, source_index, token_topics
+from fang.model.mlp_stream import stream_mlp
+from fang.model.modeling import load_dense
 
 
 class _GPruneConsumer:
@@ -75,7 +75,7 @@ class _GPruneConsumer:
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from stages.capture import load_calibration
+    from fang.data.corpus import load_calibration
 
     p = load_block("gprune", path=params_path)
     art = paths.calibration_artifacts(source)

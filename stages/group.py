@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from fang import paths
-from fang.atomic import write_json
-from fang.grouping import neuron_groups
-from fang.params import load_block
-from fang.progress import console, progress
-from fang.store import open_store, write_store
+from fang.analysis.grouping import neuron_groups
+from fang.analysis.store import open_store, write_store
+from fang.core import paths
+from fang.core.atomic import write_json
+from fang.core.params import load_block
+from fang.core.progress import console, progress
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:

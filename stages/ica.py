@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fang import paths
-from fang.atomic import write_json
-from fang.device import pick_device
-from fang.ica_fn import canica, neuron_score, prunable_layers, zscore_columns
-from fang.mlp_stream import stream_mlp
-from fang.modeling import load_dense
-from fang.params import IcaParams, load_block
-from fang.progress import console
-from fang.store import write_store
+from fang.analysis.ica import canica, neuron_score, prunable_layers, zscore_columns
+from fang.analysis.store import write_store
+from fang.core import paths
+from fang.core.atomic import write_json
+from fang.core.device import pick_device
+from fang.core.params import IcaParams, load_block
+from fang.core.progress import console
+from fang.model.mlp_stream import stream_mlp
+from fang.model.modeling import load_dense
 
 # |z| thresholds reported in the summary: the number of key neurons each would keep per layer
 REPORT_THRESHOLDS = (2.0, 3.0, 3.6, 5.0)
@@ -54,7 +54,7 @@ class _IcaConsumer:
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
-    from stages.capture import load_calibration
+    from fang.data.corpus import load_calibration
 
     p = load_block("ica", path=params_path)
     ids = load_calibration(source)

@@ -1,13 +1,13 @@
-"""method-inputs: the manifest of what one pruning method reads (see fang.method_inputs)."""
+"""method-inputs: the manifest of what one pruning method reads (see fang.methods.inputs)."""
 
 import dataclasses
 from pathlib import Path
 
-from fang import paths
-from fang.atomic import write_json
-from fang.errors import require
-from fang.method_inputs import method_inputs
-from fang.params import PruneParams, read_params
+from fang.core import paths
+from fang.core.atomic import write_json
+from fang.core.errors import require
+from fang.core.params import PruneParams, read_params
+from fang.methods.inputs import method_inputs
 
 
 def run(params_path: str = "params.yaml", method: str = "flap", out: str = "", source: str | None = None) -> None:

@@ -3,40 +3,25 @@
 import dataclasses
 from pathlib import Path
 
-from fang import paths
-from fang.allocate import allocate_sparsity
-from fang.atomic import read_json, write_json
-from fang.capture import open_capture
-from fang.choices import parse_variant, resolve_allocation
-from fang.device import pick_device
-from fang.errors import FangError
+from fang.analysis.allocate import allocated_sparsity
+from fang.analysis.capture import open_capture
+from fang.core import paths
+from fang.core.atomic import write_json
+from fang.core.choices import parse_variant, resolve_allocation
+from fang.core.device import pick_device
+from fang.core.errors import FangError
+from fang.core.params import load_block
+from fang.core.progress import console
 from fang.methods.driver import PruneOptions, method_class, prune_model
 from fang.methods.registry import method_spec
-from fang.modeling import attention_geometry, decoder_layers, load_dense
-from fang.params import load_block
-from fang.progress import console
-from fang.shrink import save_pruned
+from fang.model.modeling import attention_geometry, decoder_layers, load_dense
+from fang.model.shrink import save_pruned
 
 
 # The analysis artifacts the main pipeline (dvc.yaml) builds and its prune stage lists as deps. A method
 # reading others (ica_fn: ica.zarr, gprune: gprune.zarr, built by the studies' stages) is pruned in a
 # study, whose cells depend on a manifest of everything their method reads (`fang method-inputs`).
 MAIN_JOB_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
-
-
-def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int, source: str | None = None) -> list[float] | None:
-    """Per-block sparsity for `allocation` (already resolved), or None where the method decides
-    (flap_search searches; a method's own allocation such as FANG's "asa" is in its inputs)."""
-    if allocation not in ("uniform", "fc", "taylor"):
-        return None
-    if allocation == "uniform":
-        return [float(sparsity)] * n_blocks
-    alloc = read_json(paths.calibration_artifacts(source).allocate)
-    scores = alloc["functional_complexity"] if allocation == "fc" else alloc.get("taylor_sensitivity")
-    if scores is None:
-        raise FangError(f"prune.allocation=taylor: {paths.calibration_artifacts(source).allocate} has no Taylor "
-                        "block sensitivity; rerun `fang allocate` (dvc repro allocate)")
-    return allocate_sparsity(allocation, scores, sparsity, n_blocks=len(scores), max_sparsity=alloc["max_sparsity"])
 
 
 def run(params_path: str = "params.yaml", method: str | None = None, sparsity: float | None = None,
@@ -67,7 +52,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     allocation = resolve_allocation(method, variant.allocation)
     options = PruneOptions.from_params(p)
     options.allocation, options.compensation = variant.allocation, variant.compensation
-    options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), source)
+    options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), art)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
                          options=options, inputs=inputs)
     save_pruned(model, tokenizer, out_dir)

@@ -2,13 +2,21 @@
 
 import time
 
-from fang import paths
-from fang.atomic import atomic_file, write_json
-from fang.params import SweepParams, load_block
-from fang.progress import console
-from fang.readme import publish
-from fang.report import (README_END, README_START, Run, load_json, paired_comparisons, plot, readme_fragment,
-                         render)
+from fang.core import paths
+from fang.core.atomic import atomic_file, write_json
+from fang.core.markdown import publish
+from fang.core.params import SweepParams, load_block
+from fang.core.progress import console
+from fang.evaluation.report import (
+    README_END,
+    README_START,
+    Run,
+    load_json,
+    paired_comparisons,
+    plot,
+    readme_fragment,
+    render,
+)
 
 README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the README shows
 

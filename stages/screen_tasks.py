@@ -8,15 +8,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from fang import paths
-from fang.atomic import atomic_dir, read_json
-from fang.corpus import read_jsonl
-from fang.device import pick_device
-from fang.modeling import load_dense
-from fang.params import load_block
-from fang.progress import console
-from fang.readme import replace_between_markers
-from fang.task_screen import (
+from fang.core import paths
+from fang.core.atomic import atomic_dir, read_json
+from fang.core.device import pick_device
+from fang.core.markdown import replace_between_markers
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.bigbench import read_bigbench_source
+from fang.data.corpus import read_jsonl
+from fang.data.next_sentence import NEXT_SENTENCE
+from fang.data.tasks import build_task_folder
+from fang.evaluation.task_screen import (
     Candidate,
     ScreenResult,
     affordable,
@@ -26,7 +28,7 @@ from fang.task_screen import (
     markdown,
     score,
 )
-from fang.tasks import NEXT_SENTENCE, build_task_folder, read_bigbench_source
+from fang.model.modeling import load_dense
 
 README_START = "<!-- screen:start -->"
 README_END = "<!-- screen:end -->"
@@ -56,7 +58,7 @@ def longest_request(tokenizer, examples: list[dict]) -> int:
 
 
 def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit: int | None, batch: int) -> dict:
-    from fang.evaluate import zero_shot
+    from fang.evaluation.evaluate import zero_shot
 
     return zero_shot(model, tokenizer, task_dir, list(lm_names.values()), limit, batch)
 

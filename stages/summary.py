@@ -1,11 +1,11 @@
 """summary: dense vs pruned perplexity, accuracy, size and speed on one screen (artifacts/summary.md)."""
 
-from fang import paths
-from fang.atomic import atomic_file, read_json, write_json
-from fang.bench import ModelEntry, checkpoint_bytes, measure_inference
-from fang.device import pick_device
-from fang.progress import console
-from fang.summary import render, summarize
+from fang.core import paths
+from fang.core.atomic import atomic_file, read_json, write_json
+from fang.core.device import pick_device
+from fang.core.progress import console
+from fang.evaluation.summary import render, summarize
+from fang.tools.bench.inference import ModelEntry, checkpoint_bytes, measure_inference
 
 
 def run(prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3) -> None:

@@ -3,16 +3,16 @@ centres at down_proj's input with their distance matrix (Eq. 6), measured in the
 
 import torch
 
-from fang import paths
-from fang.cluster import center_distances
-from fang.device import pick_device
-from fang.errors import require
-from fang.modeling import load_dense
-from fang.params import load_block
-from fang.progress import console
-from fang.store import open_store, write_store
-from fang.taylor import taylor_scores
-from stages.capture import load_calibration
+from fang.analysis.cluster import center_distances
+from fang.analysis.store import open_store, write_store
+from fang.analysis.taylor import taylor_scores
+from fang.core import paths
+from fang.core.device import pick_device
+from fang.core.errors import require
+from fang.core.params import load_block
+from fang.core.progress import console
+from fang.data.corpus import load_calibration
+from fang.model.modeling import load_dense
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:

@@ -52,7 +52,7 @@ def calib() -> torch.Tensor:
 
 def captured(model, calib: torch.Tensor, path, batch_size: int = 4):
     """A float32 capture store of `model` over `calib` under `path`, opened for reading."""
-    from fang.capture import capture_features, open_capture
+    from fang.analysis.capture import capture_features, open_capture
 
     capture_features(model, calib, path / "cap.zarr", batch_size=batch_size, dtype="float32")
     return open_capture(path / "cap.zarr")
@@ -60,7 +60,7 @@ def captured(model, calib: torch.Tensor, path, batch_size: int = 4):
 
 def assert_reloads_identically(model, ids: torch.Tensor, path) -> None:
     """A pruned model's logits are finite and survive save_pruned -> load_pruned bit for bit."""
-    from fang.shrink import load_pruned, save_pruned
+    from fang.model.shrink import load_pruned, save_pruned
     from helpers_tokenizer import tiny_tokenizer
 
     with torch.no_grad():

@@ -3,7 +3,8 @@
     python tests/fix_dvc_deps.py          # rewrite in place, print what changed
     python tests/fix_dvc_deps.py --check  # exit 1 if any stage's code deps differ
 
-A stage's deps that are not project modules (artifacts, data) are kept as they are, in their order;
+A stage's module is the one its `fang <command>` runs (stages/<command>.py). Its deps that are not
+project modules (artifacts, data) are kept as they are, in their order;
 project modules it still imports keep their place, modules it no longer imports are dropped, and
 missing ones are appended in sorted order. The same rule as tests/test_dvc_deps.py (its
 `transitive_imports`), so the test passes after a run.
@@ -41,13 +42,11 @@ def fix(check: bool = False) -> list[str]:
                 continue
             here = (pipeline.parent / str(body.get("wdir", "."))).resolve()
             rel = lambda d: str((here / d).resolve().relative_to(ROOT))  # noqa: E731
-            stage_modules = [d for d in deps if "${" not in str(d) and rel(d).startswith("stages/") and rel(d).endswith(".py")]
-            if not stage_modules:
+            cmd = str(body.get("cmd", "")).split()
+            module = f"stages/{cmd[1].replace('-', '_')}.py" if len(cmd) > 1 and cmd[0] == "fang" else None
+            if module is None or not (ROOT / module).exists():
                 continue
-            needed = set()
-            for m in stage_modules:
-                needed |= transitive_imports(ROOT / rel(m))
-            needed -= NOT_OUTPUT_RELEVANT
+            needed = (transitive_imports(ROOT / module) | {module}) - NOT_OUTPUT_RELEVANT
             kept = [d for d in deps if not (_is_module(rel(d)) if "${" not in str(d) else False) or rel(d) in needed]
             have = {rel(d) for d in kept if "${" not in str(d)}
             added = sorted(needed - have)

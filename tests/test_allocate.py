@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fang.allocate import ComplexityStats, allocate_sparsity, block_sparsity, functional_complexity
-from fang.errors import FangError
+from fang.analysis.allocate import ComplexityStats, allocate_sparsity, block_sparsity, functional_complexity
+from fang.core.errors import FangError
 
 # --------------------------------------------------------------------- functional complexity
 
@@ -35,8 +35,8 @@ def test_fc_streaming_and_shapes():
 
 def test_fc_of_a_capture_store_is_per_block_and_bit_stable(model, calib, tmp_path):
     from conftest import captured
-    from fang.allocate import ComplexityStats
-    from stages.allocate import functional_complexities
+    from fang.analysis.allocate import ComplexityStats
+    from fang.analysis.capture import functional_complexities
 
     cap = captured(model, calib, tmp_path, batch_size=2)  # 3 chunks per layer
     fc = functional_complexities(cap, tmp_path / "cap.zarr")  # accumulated while capturing

@@ -47,7 +47,7 @@ def tree(tmp_path_factory):
 
 
 def test_ica_stage_writes_zscored_maps_and_their_scores(tree, monkeypatch):
-    from fang.ica_fn import neuron_score
+    from fang.analysis.ica import neuron_score
     from stages import ica
 
     root, model = tree
@@ -69,8 +69,8 @@ def test_ica_stage_writes_zscored_maps_and_their_scores(tree, monkeypatch):
 def test_gprune_stage_streams_per_topic_statistics_and_writes_modules(tree, monkeypatch):
     from safetensors.torch import load_file
 
-    from fang.gprune import SourceMoments, source_scores
-    from fang.sources import token_topics
+    from fang.analysis.gprune import SourceMoments, source_scores
+    from fang.data.sources import token_topics
     from stages import gprune_modules
 
     root, model = tree
@@ -110,8 +110,8 @@ def test_gprune_stage_streams_per_topic_statistics_and_writes_modules(tree, monk
 def test_token_topics_catch_a_changed_corpus(tree):
     from safetensors.torch import load_file
 
-    from fang.errors import FangError
-    from fang.sources import source_index, token_topics
+    from fang.core.errors import FangError
+    from fang.data.sources import source_index, token_topics
 
     root, _ = tree
     ids = load_file(root / "artifacts/calib/calib.safetensors")["input_ids"]
@@ -128,7 +128,7 @@ def test_token_topics_catch_a_changed_corpus(tree):
 
 
 def test_gprune_stage_falls_back_to_shards_of_a_one_topic_calibration(tree, monkeypatch, tmp_path):
-    from fang.sources import shard_sources
+    from fang.data.sources import shard_sources
     from stages import gprune_modules
 
     root, _ = tree
@@ -148,8 +148,8 @@ def test_gprune_stage_falls_back_to_shards_of_a_one_topic_calibration(tree, monk
 def test_ica_fn_ranked_and_gprune_prune_from_the_stores_of_the_stages(tree, monkeypatch):
     """The stage path of the two methods: stores written by the stages, pruned with `fang prune --out`, reloaded.
     The main job refuses them: its prune stage does not list the studies' stores as deps."""
-    from fang.errors import FangError
-    from fang.shrink import load_pruned
+    from fang.core.errors import FangError
+    from fang.model.shrink import load_pruned
     from stages import capture, gprune_modules, ica, prune
 
     root, model = tree

@@ -15,11 +15,24 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_model
-from fang.attribute import (NO_LABEL, Accumulator, CellRemoval, attribute, bh_adjust, bias_correlations, bias_markdown,
-                            fisher_interval, match_rows, plot_bias_correlation, removal_by_topic, removed_mask,
-                            token_articles, topic_correlation)
-from fang.errors import FangError
-from fang.shrink import KEPT_ATTR, load_pruned, save_pruned, shrink_mlp
+from fang.analysis.attribute import (
+    Accumulator,
+    CellRemoval,
+    NO_LABEL,
+    attribute,
+    bh_adjust,
+    bias_correlations,
+    bias_markdown,
+    fisher_interval,
+    match_rows,
+    plot_bias_correlation,
+    removal_by_topic,
+    removed_mask,
+    token_articles,
+    topic_correlation,
+)
+from fang.core.errors import FangError
+from fang.model.shrink import KEPT_ATTR, load_pruned, save_pruned, shrink_mlp
 from helpers_tokenizer import tiny_tokenizer
 
 TOPICS = ["Art", "Maths", "Sport"]
@@ -85,7 +98,7 @@ def test_sequences_give_one_top_context_each():
 
 
 def test_shuffled_topics_find_far_fewer_selective_neurons():
-    from fang.attribute import permutation_null
+    from fang.analysis.attribute import permutation_null
 
     h, article, topic_of_article, _ = planted()
     acc = accumulate(h, article, 12)
@@ -302,7 +315,7 @@ def test_stage_writes_consistent_store_and_summary(project):
 
 
 def test_inspect_neurons_views(project, tmp_path):
-    from fang.inspect import app
+    from fang.tools.inspection.cli import app
 
     runner = CliRunner()
     a = str(project / "artifacts")
@@ -322,7 +335,7 @@ def test_inspect_neurons_views(project, tmp_path):
 def test_attribute_removed_writes_exact_fractions_beside_the_evaluation(project, monkeypatch):
     import zarr
 
-    from fang.modeling import load_dense
+    from fang.model.modeling import load_dense
     from stages.attribute import run_removed
 
     monkeypatch.chdir(project)
@@ -347,7 +360,7 @@ def test_attribute_removed_writes_exact_fractions_beside_the_evaluation(project,
     assert out["ppl_log_ratio"]["Maths"] == pytest.approx(math.log(2.0))
     assert set(out["correlation"]) == {"removed", "mass_lost"}
     # inspect names the models that removed a neuron: layer 0 keeps even neurons only
-    from fang.inspect_neurons import removed_by
+    from fang.tools.inspection.neurons import removed_by
 
     assert removed_by(Path("artifacts"), 0, 3, 64) == [("sweep/x-0.3", True)]
     assert removed_by(Path("artifacts"), 0, 4, 64) == [("sweep/x-0.3", False)]
@@ -389,7 +402,7 @@ def test_bias_report_stage_adds_the_attribution_section_for_attributed_models(tm
     ({"bins": 3}, "unknown key(s) in params block 'attribute': bins"),
 ])
 def test_bad_attribute_params_are_named(raw, message):
-    from fang.params import AttributeParams, parse_block
+    from fang.core.params import AttributeParams, parse_block
 
     with pytest.raises(FangError, match=re.escape(message)):
         parse_block("attribute", raw, AttributeParams)

@@ -16,12 +16,12 @@ import yaml
 from safetensors.torch import save_file
 
 from conftest import tiny_model
-from fang import bench
-from fang.atomic import write_json
-from fang.capture import capture_features, open_capture
-from fang.errors import FangError
+from fang.analysis.capture import capture_features, open_capture
+from fang.core.atomic import write_json
+from fang.core.errors import FangError
 from fang.methods.driver import prune_model
-from fang.shrink import save_pruned
+from fang.model.shrink import save_pruned
+from fang.tools.bench import floor as bench_floor, memory, render, timings
 from helpers_tokenizer import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,22 +75,22 @@ def tree(tmp_path_factory) -> Path:
 
 
 def test_read_timings_keeps_the_latest_entry_per_stage_and_args(tree):
-    entries = bench.read_timings(tree / "artifacts" / "timings.jsonl")
+    entries = timings.read_timings(tree / "artifacts" / "timings.jsonl")
     labels = [e["label"] for e in entries]
     assert labels[:4] == ["fetch_model", "fetch_data", "calibrate", "capture"]  # pipeline order
     assert labels.count("capture") == 1 and entries[3]["seconds"] == 0.5  # the later capture run wins
     prunes = [e for e in entries if e["stage"] == "prune" and not e["source"]]
     assert [(e["label"], e["main_prune"]) for e in prunes] == [
         ("prune", True), ("prune flap 0.5 artifacts/sweep/flap-0.5", False)]
-    assert bench.read_timings(tree / "nope.jsonl") == []
+    assert timings.read_timings(tree / "nope.jsonl") == []
     assert {e["label"]: e["source"] for e in entries if e["source"]} == {
         "capture People": "People", "prune flap 0.3 artifacts/bias_sweep/People/flap-0.3 People": "People"}
 
 
 def test_targets_are_ratios_against_the_floor(tree):
-    entries = bench.read_timings(tree / "artifacts" / "timings.jsonl")
+    entries = timings.read_timings(tree / "artifacts" / "timings.jsonl")
     floor = {"forward": {"seconds_full": 1.0}, "forward_backward": {"seconds_full": 2.0}}
-    rows = {r["target"]: r for r in bench.check_targets(entries, floor)}
+    rows = {r["target"]: r for r in timings.check_targets(entries, floor)}
     assert rows["capture ≤ 1.3× forward"]["ratio"] == 0.5 and rows["capture ≤ 1.3× forward"]["status"] == "met"
     assert rows["taylor ≤ 1.3× forward+backward"]["ratio"] == 30.0
     assert rows["taylor ≤ 1.3× forward+backward"]["status"] == "missed"
@@ -103,7 +103,7 @@ def test_targets_are_ratios_against_the_floor(tree):
     assert all(r["missing"] == [] for r in rows.values())
     assert not any("People" in target for target in rows)  # bias-study runs are not the default pipeline
     # no floor, no timings: every target says so, and what it lacks, instead of failing
-    empty = bench.check_targets([], None)
+    empty = timings.check_targets([], None)
     assert {r["status"] for r in empty} == {"no data"}
     assert empty[0]["missing"] == ["capture", "compute floor"] and "cold-run taylor" in empty[-1]["missing"]
 
@@ -111,7 +111,7 @@ def test_targets_are_ratios_against_the_floor(tree):
 def test_floor_scales_per_token():
     model = tiny_model(4, 4, layers=2)
     ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
-    floor = bench.measure_floor(model, ids, forward_batch=2, backward_batch=2, max_tokens=40)
+    floor = bench_floor.measure_floor(model, ids, forward_batch=2, backward_batch=2, max_tokens=40)
     assert floor["sequences_measured"] == 2 and floor["tokens_measured"] == 32 and floor["calib_tokens"] == 80
     for key in ("forward", "forward_backward"):
         f = floor[key]
@@ -125,13 +125,13 @@ def test_floor_scales_per_token():
 
 
 def test_footprint_and_llama2_7b_estimate(tree):
-    fp = bench.capture_footprint(tree / "artifacts" / "capture.zarr")
+    fp = memory.capture_footprint(tree / "artifacts" / "capture.zarr")
     arrays = {a["name"]: a for a in fp["arrays"]}
     assert arrays["block_io"]["scales"] == "token_layer" and arrays["block_io"]["layer_offset"] == 1
     assert arrays["down_in"]["width_dim"] == "intermediate_size" and arrays["down_in_var"]["scales"] == "layer"
     assert fp["bytes_per_token_layer"] == (48 + 48 + 64) * 2  # block_io, ffn_in, down_in in fp16
     assert 0 < fp["compression_ratio"] <= 1.1 and fp["disk_bytes"] > 0
-    est = bench.estimate_memory(fp)
+    est = memory.estimate_memory(fp)
     assert est["check"]["ok"]  # the formula reproduces the measured store
     n_tok = 128 * 2048
     assert est["disk"]["uncompressed_bytes"] == n_tok * (33 * 4096 + 32 * 4096 + 32 * 11008) * 2
@@ -240,7 +240,7 @@ def test_profile_part_names_where_capture_and_taylor_spend_time(tree, monkeypatc
     import numpy as np
 
     import stages.bench
-    from fang.store import write_store
+    from fang.analysis.store import write_store
 
     monkeypatch.chdir(tree)
     labels = np.random.default_rng(0).integers(0, 3, size=(2, 6 * 24)).astype(np.int32)
@@ -261,15 +261,15 @@ def test_update_readme_replaces_only_between_markers(tmp_path):
     readme = tmp_path / "README.md"
     before = "top\n<!-- bench:start -->\nold\nlines\n<!-- bench:end -->\nbottom <!-- other -->\n"
     readme.write_text(before)
-    bench.update_readme(readme, "\n\nnew table\n")
+    render.update_readme(readme, "\n\nnew table\n")
     assert readme.read_text() == "top\n<!-- bench:start -->\nnew table\n<!-- bench:end -->\nbottom <!-- other -->\n"
-    bench.update_readme(readme, "again")  # idempotent layout: markers kept, only the inside changes
+    render.update_readme(readme, "again")  # idempotent layout: markers kept, only the inside changes
     assert readme.read_text() == "top\n<!-- bench:start -->\nagain\n<!-- bench:end -->\nbottom <!-- other -->\n"
     for bad in ("no markers\n", "<!-- bench:end -->\n<!-- bench:start -->\n",
                 "<!-- bench:start -->\n<!-- bench:start -->\n<!-- bench:end -->\n"):
         readme.write_text(bad)
         with pytest.raises(FangError, match="bench"):
-            bench.update_readme(readme, "x")
+            render.update_readme(readme, "x")
         assert readme.read_text() == bad  # untouched on error
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temp file left behind
 
@@ -342,7 +342,7 @@ def test_peak_rss_of_capture_prune_and_taylor_does_not_grow_with_depth(tmp_path)
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
-    fp = bench.capture_footprint(tmp_path / "cap8.zarr")
+    fp = memory.capture_footprint(tmp_path / "cap8.zarr")
     # what holding the extra layers' features in RAM would cost (block_io, ffn_in, down_in per layer)
     extra_features = (8 - 2) * fp["tokens"] * fp["bytes_per_token_layer"]
     one_block = fp["tokens"] * fp["model"]["hidden_size"] * 4

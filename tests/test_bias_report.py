@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fang.bias_report import BiasRun, analyse, heatmap, id_ood, render
+from fang.evaluation.bias_report import BiasRun, analyse, heatmap, id_ood, render
 
 DENSE = {"ppl": 10.0, "ppl_by_topic": {"A": 10.0, "B": 20.0, "C": 5.0}}
 
@@ -77,8 +77,8 @@ def test_render_marks_the_calibration_topic_cell():
 
 
 def test_readme_fragment_replaces_only_the_bias_block(tmp_path):
-    from fang.bias_report import README_END, README_START, readme_fragment
-    from fang.readme import replace_between_markers
+    from fang.evaluation.bias_report import README_END, README_START, readme_fragment
+    from fang.core.markdown import replace_between_markers
 
     result = analyse([BiasRun("B", "o_fang", 0.3, metrics({"A": 14.0, "B": 21.0, "C": 7.0}))], DENSE)
     readme = tmp_path / "README.md"

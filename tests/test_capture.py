@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fang.capture import capture_features, open_capture, to_store_rows
-from fang.errors import FangError
+from fang.analysis.capture import capture_features, open_capture, to_store_rows
+from fang.core.errors import FangError
 
 
 def test_capture_matches_forward_pass(model, input_ids, tmp_path):
@@ -46,7 +46,7 @@ def test_capture_chunks_one_layer_per_chunk(model, input_ids, tmp_path):
 
 
 def test_interrupted_capture_leaves_nothing(model, input_ids, tmp_path, monkeypatch):
-    import fang.capture as cap
+    import fang.analysis.capture as cap
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")

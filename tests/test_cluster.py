@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fang.cluster import (
+from fang.analysis.cluster import (
     CenterStats,
     assign_clusters,
     center_distances,
@@ -11,7 +11,7 @@ from fang.cluster import (
     pca_project,
     relevance_weights,
 )
-from fang.errors import FangError
+from fang.core.errors import FangError
 
 
 def _blobs(n_per=200, k=4, dim=16, sep=20.0, seed=0):

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from fang.cluster import kmeans, kmeans_backend
-from fang.errors import FangError
+from fang.analysis.cluster import kmeans, kmeans_backend
+from fang.core.errors import FangError
 
 
 def _faiss(n_gpus: int | None):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fang.corpus import filter_topics, read_wiki_summaries, sample_calibration, split_rows
-from fang.errors import FangError
+from fang.core.errors import FangError
+from fang.data.corpus import filter_topics, read_wiki_summaries, sample_calibration, split_rows
 
 
 class CharTokenizer:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fang import evaluate as E
-from fang.errors import FangError
-from fang.tasks import build_task_folder
+from fang.core.errors import FangError
+from fang.data.tasks import build_task_folder
+from fang.evaluation import evaluate as E
 from helpers_tokenizer import tiny_tokenizer
 
 TEXTS = [

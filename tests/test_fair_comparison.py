@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
-from fang.cluster import relevance_weights
-from fang.errors import FangError
-from fang.choices import Variant, parse_variant, resolve_allocation
-from fang.methods.function_aware import FangLayerPruner, own_cluster_weight, plan_groups
-from fang.modeling import count_block_params
+from fang.analysis.cluster import relevance_weights
+from fang.core.choices import Variant, parse_variant, resolve_allocation
+from fang.core.errors import FangError
 from fang.methods.driver import AttentionUnits, PruneOptions, attention_units, flap_plan_from_capture, prune_model
+from fang.methods.function_aware import FangLayerPruner, own_cluster_weight, plan_groups
+from fang.model.modeling import count_block_params
 from test_fang_prune import K, _data, make_fang_inputs
 
 

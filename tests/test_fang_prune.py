@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
-from fang.cluster import center_distances, cluster_centers, kmeans, pca_fit, pca_project, relevance_weights
-from fang.errors import FangError
+from fang.analysis.cluster import center_distances, cluster_centers, kmeans, pca_fit, pca_project, relevance_weights
+from fang.core.errors import FangError
+from fang.methods.driver import PruneOptions, prune_model
 from fang.methods.function_aware import (
     ClusterMoments,
     FangInputs,
@@ -19,9 +20,8 @@ from fang.methods.function_aware import (
     plan_groups,
     reweighted_fluctuation,
 )
-from fang.modeling import count_block_params
-from fang.methods.driver import PruneOptions, prune_model
 from fang.methods.obc import inverse_hessian, obc_prune
+from fang.model.modeling import count_block_params
 
 K = 3
 
@@ -224,12 +224,10 @@ def test_group_without_tokens_falls_back():
 # ------------------------------------------------------------------------------------ tiny models
 
 
-
-
 def make_fang_inputs(cap, sparsity, grouping="lap", seed=0, groups=None, k=K, pca_dim=4):
     """FangInputs from a dense capture: PCA + KMeans of ffn_in, centre distances at down_in,
     groups from fang.grouping on random cluster-neuron scores (or given), per-block sparsity."""
-    from fang.grouping import neuron_groups
+    from fang.analysis.grouping import neuron_groups
 
     n_layers = cap.attrs["n_layers"]
     out = {f: [] for f in ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups")}

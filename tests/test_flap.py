@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fang.errors import FangError
+from fang.core.errors import FangError
 from fang.methods.base import select_top
-from fang.methods.stats import InputStats
 from fang.methods.flap import (
     al_am_scores,
     bias_compensation,
     fluctuation_metric,
     group_scores,
     head_scores,
+    param_matched_structure,
     slot_scores,
     standardize,
     structure_search,
-    param_matched_structure,
     uniform_structure,
 )
+from fang.methods.stats import InputStats
 
 
 def _batches(seed: int = 0, offset: float = 1000.0) -> list[torch.Tensor]:

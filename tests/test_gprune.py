@@ -6,11 +6,18 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from fang.errors import FangError
-from fang.gprune import (
-    SourceMoments, analyze_layer, mean_kendall_tau, module_keep_counts, normalized_ranks, rank_drift,
-    reliability_switch, select_neurons, source_scores, ModuleStats,
+from fang.analysis.gprune import (
+    ModuleStats,
+    SourceMoments,
+    analyze_layer,
+    mean_kendall_tau,
+    normalized_ranks,
+    rank_drift,
+    reliability_switch,
+    source_scores,
 )
+from fang.core.errors import FangError
+from fang.methods.gprune import module_keep_counts, select_neurons
 
 N_SRC, D, PER = 4, 16, 20  # sources, hidden size, neurons per planted module
 
@@ -127,7 +134,7 @@ def test_reliability_switch_rules():
 
 
 def test_layer_keep_meets_the_budget_from_store_rows():
-    from fang.gprune import layer_keep
+    from fang.methods.gprune import layer_keep
 
     m, w_gate, w_up, w_down, _ = planted_layer((0.0, 0.5))
     r = analyze(m, w_gate, w_up, w_down)

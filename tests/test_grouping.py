@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fang.errors import FangError
-from fang.grouping import (
+from fang.analysis.grouping import (
     assign_groups_greedy,
     assign_groups_lap,
     assign_groups_random,
@@ -14,6 +13,7 @@ from fang.grouping import (
     neuron_groups,
     shared_group,
 )
+from fang.core.errors import FangError
 
 
 def _rand_scores(k, n, seed, kind="uniform"):

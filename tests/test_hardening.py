@@ -23,7 +23,7 @@ import yaml
 from conftest import captured, tiny_model
 from helpers_tokenizer import tiny_tokenizer
 
-from fang.errors import FangError
+from fang.core.errors import FangError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,8 @@ def _huge_header(f: Path) -> None:
 
 @pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_huge_header, "header too large")])
 def test_damaged_dense_weights_fail_with_the_file_named(tmp_path, damage, words):
-    from fang.fetch import fetch_model
-    from fang.modeling import load_dense
+    from fang.data.fetch import fetch_model
+    from fang.model.modeling import load_dense
 
     src = _dense_dir(tmp_path / "dense")
     damage(src / "model.safetensors")
@@ -64,7 +64,7 @@ def test_damaged_dense_weights_fail_with_the_file_named(tmp_path, damage, words)
 
 @pytest.fixture
 def pruned_dir(tmp_path) -> Path:
-    from fang.shrink import save_pruned, shrink_mlp
+    from fang.model.shrink import save_pruned, shrink_mlp
 
     model = tiny_model(4, 4)
     shrink_mlp(model.model.layers[0].mlp, torch.arange(32))
@@ -73,7 +73,7 @@ def pruned_dir(tmp_path) -> Path:
 
 @pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_huge_header, "header too large")])
 def test_damaged_pruned_weights_fail_with_the_file_named(pruned_dir, damage, words):
-    from fang.shrink import load_pruned
+    from fang.model.shrink import load_pruned
 
     damage(pruned_dir / "model.safetensors")
     with pytest.raises(FangError, match=words):
@@ -81,7 +81,7 @@ def test_damaged_pruned_weights_fail_with_the_file_named(pruned_dir, damage, wor
 
 
 def test_flipped_weight_bytes_fail_the_checksum(pruned_dir):
-    from fang.shrink import load_pruned
+    from fang.model.shrink import load_pruned
 
     structure = json.loads((pruned_dir / "structure.json").read_text())
     assert len(structure["weights_sha256"]) == 64
@@ -98,8 +98,8 @@ def test_non_llama_is_rejected_from_config_before_any_weight_is_read(tmp_path, m
     import transformers
     from transformers import GPT2Config
 
-    from fang.fetch import fetch_model
-    from fang.modeling import load_dense
+    from fang.data.fetch import fetch_model
+    from fang.model.modeling import load_dense
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     (tmp_path / "gpt2" / "model.safetensors").write_bytes(b"not weights at all")
@@ -128,7 +128,7 @@ def capture_store(tmp_path, calib) -> Path:
 
 @pytest.mark.parametrize("array, layer", [("ffn_in", 1), ("block_io", 0), ("down_in", 2)])
 def test_deleted_capture_chunk_is_named_not_read_as_zeros(capture_store, array, layer):
-    from fang.capture import open_capture
+    from fang.analysis.capture import open_capture
 
     _chunk(capture_store, array, layer).unlink()
     with pytest.raises(FangError, match=f"incomplete: array {array}, layer {layer} .*missing"):
@@ -136,7 +136,7 @@ def test_deleted_capture_chunk_is_named_not_read_as_zeros(capture_store, array, 
 
 
 def test_truncated_capture_chunk_is_named(capture_store):
-    from fang.capture import open_capture
+    from fang.analysis.capture import open_capture
 
     _truncate(_chunk(capture_store, "ffn_in", 1))
     with pytest.raises(FangError, match="array ffn_in, layer 1 .*bytes"):
@@ -144,7 +144,7 @@ def test_truncated_capture_chunk_is_named(capture_store):
 
 
 def test_flipped_chunk_bytes_fail_on_read_with_array_and_layer(capture_store):
-    from fang.capture import open_capture
+    from fang.analysis.capture import open_capture
 
     f = _chunk(capture_store, "ffn_in", 1)
     data = bytearray(f.read_bytes())
@@ -158,7 +158,7 @@ def test_flipped_chunk_bytes_fail_on_read_with_array_and_layer(capture_store):
 
 
 def test_deleted_chunk_of_an_analysis_store_is_named(tmp_path):
-    from fang.store import open_store, write_store
+    from fang.analysis.store import open_store, write_store
 
     write_store(tmp_path / "t.zarr", "taylor", {"scores": np.arange(24.0).reshape(3, 2, 4) + 1}, {"k": 2})
     assert open_store(tmp_path / "t.zarr", "taylor", "taylor")["scores"][2, 1, 3] == 24.0
@@ -168,7 +168,7 @@ def test_deleted_chunk_of_an_analysis_store_is_named(tmp_path):
 
 
 def test_unreadable_store_metadata_is_one_line(capture_store):
-    from fang.capture import open_capture
+    from fang.analysis.capture import open_capture
 
     (capture_store / "zarr.json").write_text("{oops")
     with pytest.raises(FangError, match="zarr.json"):
@@ -180,7 +180,7 @@ def test_unreadable_store_metadata_is_one_line(capture_store):
 
 @pytest.mark.parametrize("value", ["gpu", "cuda", "cuda:0", "tpu"])
 def test_bad_fang_device_is_one_line(monkeypatch, value):
-    from fang.device import pick_device
+    from fang.core.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("FANG_DEVICE", value)
@@ -191,7 +191,7 @@ def test_bad_fang_device_is_one_line(monkeypatch, value):
 
 
 def test_null_topics_are_rejected_not_read_as_all():
-    from fang.params import CalibrateParams, parse_block
+    from fang.core.params import CalibrateParams, parse_block
 
     with pytest.raises(FangError, match="calibrate.topics is null"):
         parse_block("calibrate", {"topics": None}, CalibrateParams)
@@ -199,7 +199,7 @@ def test_null_topics_are_rejected_not_read_as_all():
 
 
 def test_unknown_top_level_block_is_rejected(tmp_path):
-    from fang.params import load_block
+    from fang.core.params import load_block
 
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump({"prune": {"sparsity": 0.3}, "prunes": {"sparsity": 0.5}}))
@@ -236,8 +236,8 @@ def test_prune_warns_when_achieved_sparsity_misses_the_target(tmp_path, monkeypa
     _project(tmp_path, prune={"batch_size": 3})
     art = tmp_path / "artifacts"
     _dense_dir(art / "model", layers=2)
-    from fang.capture import capture_features
-    from fang.modeling import load_dense
+    from fang.analysis.capture import capture_features
+    from fang.model.modeling import load_dense
 
     capture_features(load_dense(art / "model")[0], calib, art / "capture.zarr", batch_size=3, dtype="float32")
     monkeypatch.chdir(tmp_path)
@@ -251,7 +251,7 @@ def test_prune_warns_when_achieved_sparsity_misses_the_target(tmp_path, monkeypa
 
 
 def test_center_distances_match_the_definition_without_the_cube():
-    from fang.cluster import center_distances
+    from fang.analysis.cluster import center_distances
 
     c = torch.randn(9, 33, generator=torch.Generator().manual_seed(0)) * 3
     d = center_distances(c)
@@ -276,7 +276,7 @@ def test_center_distances_memory_stays_at_one_row():
 
 
 def test_nearest_centroid_chunks_shrink_with_k(monkeypatch):
-    import fang.cluster as fc
+    import fang.analysis.cluster as fc
 
     x, c = torch.randn(500, 6, generator=torch.Generator().manual_seed(1)), torch.randn(40, 6)
     whole = fc._nearest(x, c)
@@ -289,7 +289,7 @@ def test_cluster_refuses_a_k_that_needs_more_memory_than_available(tmp_path, mon
     import stages.cluster
 
     _project(tmp_path, cluster={"k": 5, "pca_dim": 8})
-    from fang.capture import capture_features
+    from fang.analysis.capture import capture_features
 
     # the slim store fits the PCA while capturing: the store must carry cluster.pca_dim components
     capture_features(tiny_model(4, 4), calib, tmp_path / "artifacts" / "capture.zarr", batch_size=4,
@@ -308,7 +308,7 @@ def test_cluster_refuses_a_k_that_needs_more_memory_than_available(tmp_path, mon
 
 
 def test_stale_temps_of_killed_runs_are_removed_by_the_next_write(tmp_path):
-    from fang.atomic import atomic_dir, atomic_file
+    from fang.core.atomic import atomic_dir, atomic_file
 
     dead = 2**22 + 12345  # above Linux's pid_max: no such process
     stale = [tmp_path / f".out.tmp-{dead}", tmp_path / ".out.tmp-k3j4h2g1", tmp_path / f".log.json.tmp-{dead}"]
@@ -332,7 +332,7 @@ class _Stage:
         self.out, self.how = out, how
 
     def run(self, *args) -> None:
-        from fang.atomic import atomic_dir
+        from fang.core.atomic import atomic_dir
 
         with atomic_dir(self.out) as tmp:
             (tmp / "partial").write_text("x")
@@ -371,7 +371,7 @@ def test_console_is_wide_when_not_a_terminal():
 
 
 def test_timings_keep_the_latest_entry_per_stage_and_arguments(tmp_path):
-    from fang.timings import record_timing
+    from fang.core.timings import record_timing
 
     log = tmp_path / "timings.jsonl"
     log.write_text('{"stage": "prune", "args": [], "seconds": 9}\n{"cut by a kill\n')
@@ -384,7 +384,7 @@ def test_timings_keep_the_latest_entry_per_stage_and_arguments(tmp_path):
 
 
 def _task_folder(tmp_path: Path, prefix: str = "") -> Path:
-    from fang.tasks import build_task_folder
+    from fang.data.tasks import build_task_folder
 
     task = tmp_path / "bb" / "tiny_mc"
     task.mkdir(parents=True)
@@ -396,7 +396,7 @@ def _task_folder(tmp_path: Path, prefix: str = "") -> Path:
 
 
 def test_task_folder_python_is_verified_before_lm_eval_imports_it(tmp_path):
-    from fang.tasks import verify_task_folder
+    from fang.data.task_files import verify_task_folder
 
     tasks = _task_folder(tmp_path)
     verify_task_folder(tasks)  # as written: accepted

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import captured, tiny_model
+from fang.core.errors import FangError
 from fang.methods import obc
-from fang.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
 from test_fang_prune import make_fang_inputs
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fang.errors import FangError
-from fang.ica_fn import (
-    bisect_threshold, canica, faithful_masks, key_neurons, layer_decision, neuron_score, prunable_layers,
-    zscore_columns,
-)
+from fang.analysis.ica import canica, key_neurons, neuron_score, prunable_layers, zscore_columns
+from fang.core.errors import FangError
+from fang.methods.ica_fn import bisect_threshold, faithful_masks, layer_decision
 
 
 def planted(n_tok: int = 600, n_ffn: int = 150, k: int = 4, seed: int = 0):

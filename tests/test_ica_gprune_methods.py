@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
-from fang.choices import parse_variant, resolve_allocation
-from fang.errors import FangError
-from fang.gprune import layer_keep
-from fang.ica_fn import prunable_layers
+from fang.analysis.ica import prunable_layers
+from fang.core.choices import parse_variant, resolve_allocation
+from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
-from fang.methods.gprune import GPruneInputs
+from fang.methods.gprune import GPruneInputs, layer_keep
 from fang.methods.ica_fn import IcaInputs, neurons_to_remove
-from fang.modeling import count_block_params
+from fang.model.modeling import count_block_params
 
 
 def _kept_neurons(dense, pruned, li):

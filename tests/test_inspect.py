@@ -12,10 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_model
-from fang.capture import capture_features
-from fang.errors import FangError
-from fang.inspect import app, cluster_tokens, layer_groups, pick_samples
-from fang.store import write_store
+from fang.analysis.capture import capture_features
+from fang.analysis.store import write_store
+from fang.core.errors import FangError
+from fang.tools.inspection.cli import app
+from fang.tools.inspection.clusters import cluster_tokens, pick_samples
+from fang.tools.inspection.groups import layer_groups
 from helpers_tokenizer import tiny_tokenizer
 
 # 4 calibration sequences of 16 characters = 16 tokens each (the tiny tokenizer is per character)

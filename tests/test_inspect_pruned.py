@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fang.errors import FangError
-from fang.inspect import app
-from fang.inspect_pruned import read_runs
+from fang.core.errors import FangError
+from fang.tools.inspection.cli import app
+from fang.tools.inspection.pruned import read_runs
 
 
 def _report(path, method, kv, ffn, err):

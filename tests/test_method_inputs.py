@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from fang import method_inputs as mi
-from fang.errors import FangError
-from fang.params import PruneParams
-from fang.paths import calibration_artifacts
+from fang.core.errors import FangError
+from fang.core.params import PruneParams
+from fang.core.paths import calibration_artifacts
+from fang.methods import inputs as mi
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fang.errors import FangError
+from fang.core.errors import FangError
 from fang.methods.obc import (
     HessianAccumulator,
     accumulate_hessian,

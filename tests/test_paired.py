@@ -7,17 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from fang.errors import FangError
-from fang.paired import (
+from fang.core.errors import FangError
+from fang.evaluation.paired import (
     BETTER,
+    Comparison,
     NO_DIFFERENCE,
     WORSE,
-    Comparison,
     accuracy_difference,
     perplexity_differences,
     perplexity_ratio,
 )
-from fang.report import Run, compare_runs, comparison_pairs, paired_comparisons
+from fang.evaluation.report import Run, compare_runs, comparison_pairs, paired_comparisons
 
 
 def _task(acc, ids=None):
@@ -116,6 +116,9 @@ def test_comparison_pairs_and_missing_runs():
     assert ("f_fang", "flap") in pairs and ("f_fang", "flap+uniform") in pairs
     assert ("o_fang+layer", "obc+fc") in pairs and ("o_fang", "obc") in pairs
     assert not any(b == "wanda_sp" for _, b in pairs) and len(pairs) == 2 + 2 * 2
+    # the seeds' methods pair with the baseline their registry line names
+    assert comparison_pairs(["wanda_sp", "gprune", "flap+uniform", "ica_fn", "ica_fn_ranked+fc"]) == [
+        ("gprune", "wanda_sp"), ("ica_fn", "flap+uniform"), ("ica_fn_ranked+fc", "flap+uniform")]
     runs = [Run("obc", 0.3, _metrics([0, 1] * 10, [0, 1] * 10, [5.0] * 4)),
             Run("o_fang", 0.3, _metrics([1, 1] * 10, [0, 1] * 10, [5.0] * 4))]
     out = paired_comparisons(runs, ["obc", "o_fang"], [0.3, 0.4])

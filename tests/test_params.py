@@ -2,8 +2,8 @@
 
 import pytest
 
-from fang.errors import FangError
-from fang.params import PruneParams, load_block, parse_block
+from fang.core.errors import FangError
+from fang.core.params import PruneParams, load_block, parse_block
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
@@ -30,7 +30,7 @@ def test_missing_params_file(tmp_path):
 
 
 def test_repo_params_yaml_is_valid():
-    from fang.params import BLOCKS, read_params
+    from fang.core.params import BLOCKS, read_params
 
     raw = read_params("params.yaml")
     for name, cls in BLOCKS.items():

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_config
-from fang.errors import FangError
-from fang.modeling import decoder_layers
-from fang.portable import write_portable_code
-from fang.shrink import load_pruned, save_pruned, shrink_attention, shrink_mlp
+from fang.core.errors import FangError
+from fang.model.modeling import decoder_layers
+from fang.model.portable import write_portable_code
+from fang.model.shrink import load_pruned, save_pruned, shrink_attention, shrink_mlp
 from helpers_tokenizer import tiny_tokenizer
 
 # Run with -I -S: no PYTHONPATH, no cwd, and no .pth processing, so the editable install's import

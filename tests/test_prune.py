@@ -5,14 +5,12 @@ import pytest
 import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
-from fang.methods.magnitude import magnitude_metric, magnitude_pruner
-from fang.methods.wanda_sp import wanda_sp_metric, wanda_sp_pruner
-from fang.errors import FangError
-from fang.methods.stats import InputStats
-from fang.modeling import count_block_params
+from fang.core.errors import FangError
 from fang.methods.driver import AttentionUnits, PruneOptions, prune_model
-
-
+from fang.methods.magnitude import magnitude_metric, magnitude_pruner
+from fang.methods.stats import InputStats
+from fang.methods.wanda_sp import wanda_sp_metric, wanda_sp_pruner
+from fang.model.modeling import count_block_params
 
 
 @pytest.mark.parametrize("heads,scheme", [((4, 4), "kv_group"), ((6, 3), "kv_group"), ((6, 3), "query_slot")])

@@ -1,7 +1,7 @@
 """The sweep report: table layout, missing runs, and the generated README block."""
 
-from fang.readme import replace_between_markers
-from fang.report import README_END, README_START, Run, readme_fragment, render
+from fang.core.markdown import replace_between_markers
+from fang.evaluation.report import README_END, README_START, Run, readme_fragment, render
 
 TASK = {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.6, "acc_norm_stderr": 0.04, "n": 100}
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fang.shared_context import group_by_context, score_continuations, shared_context_lm
-from fang.shrink import decoder_layers, shrink_attention, shrink_mlp
+from fang.evaluation.shared_context import group_by_context, score_continuations, shared_context_lm
+from fang.model.shrink import decoder_layers, shrink_attention, shrink_mlp
 from helpers_tokenizer import tiny_tokenizer
 
 

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_config, tiny_model
-from fang.errors import FangError
-from fang.modeling import attention_geometry, count_block_params, decoder_layers
-from fang.shrink import (
+from fang.core.errors import FangError
+from fang.model.modeling import attention_geometry, count_block_params, decoder_layers
+from fang.model.shrink import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
     block_structure,

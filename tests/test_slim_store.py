@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fang.allocate import ComplexityStats, allocate_sparsity
-from fang.capture import FULL_ARRAYS, capture_features, open_capture, require_array
-from fang.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_project
-from fang.errors import FangError
-from fang.methods.function_aware import FangInputs
-from fang.grouping import neuron_groups
+from fang.analysis.allocate import ComplexityStats, allocate_sparsity
+from fang.analysis.capture import FULL_ARRAYS, capture_features, open_capture, require_array
+from fang.analysis.cluster import CenterStats, center_distances, kmeans, pca_fit, pca_project
+from fang.analysis.grouping import neuron_groups
+from fang.analysis.taylor import taylor_scores
+from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
-from fang.taylor import taylor_scores
+from fang.methods.function_aware import FangInputs
 
 K, PCA = 3, 6
 
@@ -144,7 +144,7 @@ def test_missing_arrays_are_clear_errors(tmp_path):
 
 
 def test_slim_footprint_and_llama2_7b_estimate(tmp_path):
-    from fang import bench
+    from fang.tools.bench import memory as bench
 
     _, _, _, _ = _stores(tmp_path, "float16")
     fp = bench.capture_footprint(tmp_path / "slim.zarr")
@@ -161,7 +161,7 @@ def test_slim_footprint_and_llama2_7b_estimate(tmp_path):
 
 
 def test_capture_keep_defaults_to_nothing_and_rejects_unknown_names():
-    from fang.params import CaptureParams
+    from fang.core.params import CaptureParams
 
     assert CaptureParams().keep == []
     with pytest.raises(FangError, match="capture.keep: unknown arrays \\['hidden'\\]"):

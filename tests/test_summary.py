@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fang.summary import render, summarize
+from fang.evaluation.summary import render, summarize
 
 
 def _metrics(ppl, accs, block):

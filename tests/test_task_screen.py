@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from fang.errors import FangError
-from fang.task_screen import (
+from fang.core.errors import FangError
+from fang.evaluation.task_screen import (
     Candidate,
     ScreenResult,
     affordable,
@@ -92,7 +92,7 @@ def test_score_uses_the_reported_metric_and_markdown_lists_decisions():
 
 
 def test_full_pass_stops_once_the_budget_is_filled():
-    from fang.task_screen import confirm_within_budget
+    from fang.evaluation.task_screen import confirm_within_budget
 
     def cand(name, n, z):
         c = Candidate(name, n, 2, 0.5)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fang import tasks as T
-from fang.errors import FangError
+from fang.core.errors import FangError
+from fang.data import bigbench, next_sentence, tasks
 
 
 def _write(path: Path, obj: dict) -> None:
@@ -77,15 +77,15 @@ def _articles() -> list[dict]:
 
 
 def test_task_names_folder_and_tarball(bb_dir, tmp_path):
-    assert T.bigbench_task_names(str(bb_dir)) == ["mc_a", "mc_b", "sub_d/one"]
+    assert bigbench.bigbench_task_names(str(bb_dir)) == ["mc_a", "mc_b", "sub_d/one"]
     # the parent of benchmark_tasks is accepted too
-    assert T.bigbench_task_names(str(bb_dir.parent)) == ["mc_a", "mc_b", "sub_d/one"]
+    assert bigbench.bigbench_task_names(str(bb_dir.parent)) == ["mc_a", "mc_b", "sub_d/one"]
     tarball = tmp_path / "bigbench-1.0.0.tar.gz"
     with tarfile.open(tarball, "w:gz") as tf:
         tf.add(bb_dir, arcname="bigbench-1.0.0/bigbench/benchmark_tasks")
-    src = T.read_bigbench_source(str(tarball))
+    src = bigbench.read_bigbench_source(str(tarball))
     assert src.kind == "tarball"
-    assert T.bigbench_task_names(src) == ["mc_a", "mc_b", "sub_d/one"]
+    assert bigbench.bigbench_task_names(src) == ["mc_a", "mc_b", "sub_d/one"]
     found, every = src.read(["mc_b", "nope"])
     assert list(found) == ["mc_b"] and found["mc_b"]["name"] == "mc_b"
     assert "gen_c" in every and "nope" not in every
@@ -103,17 +103,17 @@ def test_embedded_source_uses_download_cache(bb_dir, tmp_path, monkeypatch):
         return tarball
 
     monkeypatch.setenv("FANG_CACHE", str(tmp_path / "fc"))
-    monkeypatch.setattr(T, "download_package", fake_download)
-    src = T.read_bigbench_source("embedded:bigbench")
+    monkeypatch.setattr(bigbench, "download_package", fake_download)
+    src = bigbench.read_bigbench_source("embedded:bigbench")
     assert calls == [("bigbench==1.0.0", tmp_path / "fc" / "downloads", True)]
     assert "mc_a" in src.mc_names()
 
 
 def test_bad_sources(tmp_path):
     with pytest.raises(FangError, match="not found"):
-        T.read_bigbench_source(str(tmp_path / "missing"))
+        bigbench.read_bigbench_source(str(tmp_path / "missing"))
     with pytest.raises(FangError, match="no <task>/task.json"):
-        T.read_bigbench_source(str(tmp_path))
+        bigbench.read_bigbench_source(str(tmp_path))
 
 
 def test_build_bigbench_task_files(bb_dir, tmp_path):
@@ -121,7 +121,7 @@ def test_build_bigbench_task_files(bb_dir, tmp_path):
     from lm_eval.utils import apply_template
 
     out = tmp_path / "out"
-    yaml_path = T.build_bigbench_task(bb_dir / "mc_a" / "task.json", out, "mc_a", seed=1)
+    yaml_path = bigbench.build_bigbench_task(bb_dir / "mc_a" / "task.json", out, "mc_a", seed=1)
     assert yaml_path == out / "bb_mc_a.yaml"
     rows = _rows(out / "bb_mc_a.jsonl")
     assert len(rows) == 9
@@ -132,7 +132,7 @@ def test_build_bigbench_task_files(bb_dir, tmp_path):
         assert scores[row["choices"][row["label"]]] == 1 and row["gold"] == [row["label"]]
     # examples are shuffled deterministically (so `limit` takes a random subset)
     assert [r["question"] for r in rows] != [ex["input"].strip() for ex in MC_A["examples"]]
-    T.build_bigbench_task(bb_dir / "mc_a" / "task.json", tmp_path / "again", "mc_a", seed=1)
+    bigbench.build_bigbench_task(bb_dir / "mc_a" / "task.json", tmp_path / "again", "mc_a", seed=1)
     assert _rows(tmp_path / "again" / "bb_mc_a.jsonl") == rows
 
     cfg = load_yaml(yaml_path, resolve_func=True)
@@ -151,7 +151,7 @@ def test_build_bigbench_task_files(bb_dir, tmp_path):
 def test_yaml_dataset_is_relocatable(bb_dir, tmp_path, monkeypatch):
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    T.build_bigbench_task(bb_dir / "mc_b" / "task.json", tmp_path / "a", "mc_b")
+    bigbench.build_bigbench_task(bb_dir / "mc_b" / "task.json", tmp_path / "a", "mc_b")
     moved = tmp_path / "elsewhere" / "tasks"
     shutil.move(str(tmp_path / "a"), moved)
     monkeypatch.chdir(tmp_path)  # neither the folder nor its parent
@@ -165,7 +165,7 @@ def test_prompt_without_choices_and_ties(bb_dir, tmp_path):
     from lm_eval.tasks._yaml_loader import load_yaml
     from lm_eval.utils import apply_template
 
-    path = T.build_bigbench_task(bb_dir / "mc_b" / "task.json", tmp_path, "mc_b")
+    path = bigbench.build_bigbench_task(bb_dir / "mc_b" / "task.json", tmp_path, "mc_b")
     cfg = load_yaml(path, resolve_func=False)
     assert cfg["doc_to_target"] == "gold"  # a tie exists: any best choice counts
     rows = _rows(tmp_path / "bb_mc_b.jsonl")
@@ -176,22 +176,22 @@ def test_prompt_without_choices_and_ties(bb_dir, tmp_path):
 
 def test_generative_and_subtask_folders_rejected(bb_dir, tmp_path):
     with pytest.raises(FangError, match="gen_c.*not multiple choice"):
-        T.build_bigbench_task(bb_dir / "gen_c" / "task.json", tmp_path, "gen_c")
+        bigbench.build_bigbench_task(bb_dir / "gen_c" / "task.json", tmp_path, "gen_c")
     with pytest.raises(FangError, match=r"folder of subtasks.*sub_d/<subtask>.*e.g. sub_d/one"):
-        T.build_task_folder(["sub_d"], str(bb_dir), None, tmp_path / "t")
+        tasks.build_task_folder(["sub_d"], str(bb_dir), None, tmp_path / "t")
     with pytest.raises(FangError, match="not multiple choice"):
-        T.build_task_folder(["gen_c"], str(bb_dir), None, tmp_path / "t")
+        tasks.build_task_folder(["gen_c"], str(bb_dir), None, tmp_path / "t")
     assert not (tmp_path / "t").exists()
 
 
 def test_unknown_task_error_names_it(bb_dir, tmp_path):
     with pytest.raises(FangError, match=r"unknown evaluation task 'mc_aa'.*did you mean mc_a"):
-        T.build_task_folder(["mc_a", "mc_aa"], str(bb_dir), None, tmp_path / "t")
+        tasks.build_task_folder(["mc_a", "mc_aa"], str(bb_dir), None, tmp_path / "t")
 
 
 def test_task_folder_manifest(bb_dir, tmp_path):
     out = tmp_path / "tasks"
-    manifest = T.build_task_folder(["mc_a", "sub_d/one", "boolq", "next_sentence"], str(bb_dir), _articles(), out, 3, 0)
+    manifest = tasks.build_task_folder(["mc_a", "sub_d/one", "boolq", "next_sentence"], str(bb_dir), _articles(), out, 3, 0)
     assert json.loads((out / "tasks.json").read_text()) == manifest
     by_name = {e["name"]: e for e in manifest["tasks"]}
     assert list(by_name) == ["mc_a", "sub_d/one", "boolq", "next_sentence"]
@@ -215,19 +215,19 @@ def test_task_folder_manifest(bb_dir, tmp_path):
 
 def test_next_sentence_construction(tmp_path):
     rows = _articles()
-    names = T.build_next_sentence_task(rows, tmp_path / "a", per_topic=4, seed=0)
+    names = next_sentence.build_next_sentence_task(rows, tmp_path / "a", per_topic=4, seed=0)
     assert names == ["next_sentence", "next_sentence_arts_crafts", "next_sentence_people"]
     group = yaml.safe_load((tmp_path / "a" / "next_sentence.yaml").read_text())
     assert group["group"] == "next_sentence" and group["task"] == names[1:]
     assert [m["metric"] for m in group["aggregate_metric_list"]] == ["acc", "acc_norm"]
-    second = {r["id"]: T.split_sentences(r["text"])[1] for r in rows if r["id"][-1].isdigit()}
+    second = {r["id"]: next_sentence.split_sentences(r["text"])[1] for r in rows if r["id"][-1].isdigit()}
     topic_of = {r["id"]: r["topic"] for r in rows}
     for name in names[1:]:
         examples = _rows(tmp_path / "a" / f"{name}.jsonl")
         assert len(examples) == 4
         for ex in examples:
             assert not ex["id"].endswith("short")
-            assert ex["context"] == T.split_sentences(next(r["text"] for r in rows if r["id"] == ex["id"]))[0]
+            assert ex["context"] == next_sentence.split_sentences(next(r["text"] for r in rows if r["id"] == ex["id"]))[0]
             assert len(ex["choices"]) == 4 and len(set(ex["choices"])) == 4
             assert ex["choices"].count(second[ex["id"]]) == 1
             assert ex["choices"][ex["label"]] == second[ex["id"]] and ex["gold"] == [ex["label"]]
@@ -236,8 +236,8 @@ def test_next_sentence_construction(tmp_path):
             for did, text in zip(ex["distractor_ids"], distractors):
                 assert topic_of[did] == ex["topic"] and second[did] == text
     # deterministic for a seed, whatever the row order; a different seed changes the draw
-    T.build_next_sentence_task(list(reversed(rows)), tmp_path / "b", per_topic=4, seed=0)
-    T.build_next_sentence_task(rows, tmp_path / "c", per_topic=4, seed=1)
+    next_sentence.build_next_sentence_task(list(reversed(rows)), tmp_path / "b", per_topic=4, seed=0)
+    next_sentence.build_next_sentence_task(rows, tmp_path / "c", per_topic=4, seed=1)
     same = _rows(tmp_path / "a" / "next_sentence_people.jsonl") == _rows(tmp_path / "b" / "next_sentence_people.jsonl")
     other = _rows(tmp_path / "a" / "next_sentence_people.jsonl") == _rows(tmp_path / "c" / "next_sentence_people.jsonl")
     assert same and not other
@@ -246,7 +246,7 @@ def test_next_sentence_construction(tmp_path):
 def test_next_sentence_needs_four_articles(tmp_path):
     rows = [r for r in _articles() if r["topic"] == "People"][:3]
     with pytest.raises(FangError, match="next-sentence"):
-        T.build_next_sentence_task(rows, tmp_path, per_topic=4, seed=0)
+        next_sentence.build_next_sentence_task(rows, tmp_path, per_topic=4, seed=0)
 
 
 @pytest.mark.parametrize(
@@ -261,18 +261,18 @@ def test_next_sentence_needs_four_articles(tmp_path):
     ],
 )
 def test_split_sentences(text, expected):
-    assert T.split_sentences(text) == expected
+    assert next_sentence.split_sentences(text) == expected
 
 
 def test_topic_slug():
-    assert T.topic_slug("Society and social sciences") == "society_and_social_sciences"
-    assert T.topic_slug("Arts & Crafts") == "arts_crafts"
+    assert next_sentence.topic_slug("Society and social sciences") == "society_and_social_sciences"
+    assert next_sentence.topic_slug("Arts & Crafts") == "arts_crafts"
 
 
 def test_atomic_folder_replaced(bb_dir, tmp_path):
     out = tmp_path / "tasks"
     out.mkdir()
     (out / "stale.yaml").write_text("task: stale\n")
-    T.build_task_folder(["mc_a"], str(bb_dir), None, out)
+    tasks.build_task_folder(["mc_a"], str(bb_dir), None, out)
     assert not (out / "stale.yaml").exists() and (out / "bb_mc_a.yaml").exists()
     assert os.access(out / "_fang_data.py", os.R_OK)

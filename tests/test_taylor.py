@@ -3,7 +3,7 @@
 import torch
 
 from conftest import tiny_model
-from fang.taylor import taylor_scores
+from fang.analysis.taylor import taylor_scores
 
 
 def direct_scores(model, ids, clusters, k):
@@ -51,12 +51,12 @@ def test_taylor_scores_match_direct_autograd(input_ids):
 
 
 def test_loss_over_the_vocabulary_in_chunks_gives_the_same_scores(input_ids, monkeypatch):
-    import fang.taylor
+    import fang.analysis.taylor as taylor
 
     model = tiny_model(4, 4)
     clusters = torch.randint(0, 2, (2, input_ids.numel()), generator=torch.Generator().manual_seed(4))
     whole = taylor_scores(model, input_ids, clusters, 2, batch_size=4)
-    monkeypatch.setattr(fang.taylor, "LOGIT_BUDGET", 7 * 128)  # 7 tokens' logits at a time: uneven chunks
+    monkeypatch.setattr(taylor, "LOGIT_BUDGET", 7 * 128)  # 7 tokens' logits at a time: uneven chunks
     chunked = taylor_scores(model, input_ids, clusters, 2, batch_size=4)
     for name in ("scores", "block_sensitivity", "down_centers"):
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-7)

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import FangError, require
+from ..core.errors import FangError, require
 from .stats import InputStats
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..paths import CalibrationArtifacts
+    from ..core.paths import CalibrationArtifacts
     from .driver import AttentionUnits, PruneOptions
 
 

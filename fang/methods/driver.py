@@ -12,7 +12,7 @@ allocation: FLAP's global AL-AM search on the dense capture (`flap_search`), the
 (`PruningMethod.plan`), or one sparsity per block (`sparsity` everywhere, a per-block list
 `PruneOptions.block_sparsity`, or the method's own `block_sparsity()` such as FANG's allocation).
 For per-block sparsities, heads (GQA units) are rounded to that fraction and the FFN neurons absorb
-the rounding (`flap.param_matched_structure`). Every method really shrinks the model (`fang.shrink`).
+the rounding (`flap.param_matched_structure`). Every method really shrinks the model (`fang.model.shrink`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..choices import ALLOCATIONS, COMPENSATIONS, resolve_allocation
-from ..cluster import RELEVANCE_MODES
-from ..errors import require
-from ..layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
-from ..modeling import attention_geometry, count_block_params, decoder_layers
-from ..progress import progress
-from ..shrink import shrink_attention, shrink_mlp
+from ..analysis.cluster import RELEVANCE_MODES
+from ..core.choices import ALLOCATIONS, COMPENSATIONS, resolve_allocation
+from ..core.errors import require
+from ..core.progress import progress
+from ..model.layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
+from ..model.modeling import attention_geometry, count_block_params, decoder_layers
+from ..model.shrink import shrink_attention, shrink_mlp
 from . import flap
 from .base import LayerContext, PruningMethod, Selection
 from .registry import method_spec
@@ -109,7 +109,7 @@ class PruneOptions:
 
     @classmethod
     def from_params(cls, p, block_sparsity: Sequence[float] | None = None) -> "PruneOptions":
-        """From a `fang.params.PruneParams`."""
+        """From a `fang.core.params.PruneParams`."""
         return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity,
                    p.allocation, p.compensation)
 
@@ -353,7 +353,7 @@ def prune_model(
 ) -> PruneReport:
     """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
 
-    `capture` is the dense capture store (`fang.capture.open_capture`): its token ids start the
+    `capture` is the dense capture store (`fang.analysis.capture.open_capture`): its token ids start the
     sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its
     statistics. `inputs` is what the method's `load_inputs` reads from its analysis artifacts
     (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose per-block

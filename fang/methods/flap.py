@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import FangError, require
+from ..core.errors import require
 from .base import LayerContext, MetricPruner, PruningMethod
 from .stats import InputStats
 

@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..allocate import allocate_sparsity
-from ..atomic import read_json
-from ..cluster import assign_clusters, relevance_weights
-from ..errors import FangError, require
-from ..modeling import decoder_layers
-from ..paths import CalibrationArtifacts
-from ..progress import warn
-from ..store import open_store
+from ..analysis.allocate import allocate_sparsity
+from ..analysis.cluster import assign_clusters, relevance_weights
+from ..analysis.store import open_store
+from ..core.atomic import read_json
+from ..core.errors import FangError, require
+from ..core.paths import CalibrationArtifacts
+from ..core.progress import warn
+from ..model.modeling import decoder_layers
 from .base import LayerContext, PruningMethod, Selection, UnitPruner, select_top
 from .flap import bias_compensation, flap_pruner
 from .obc import HessianAccumulator, ObcPruner, inverse_hessian, obc_compensate, obc_prune
@@ -455,8 +455,8 @@ class FangFfnPruner:
     """`FangLayerPruner` on the driver's interface: labels each batch's tokens from the MLP input
     (`add_ffn_input`, called before the same batch's `add_batch` of down_proj's input)."""
 
-    def __init__(self, inner: FangLayerPruner, inputs: FangInputs, layer: int, alpha: Tensor) -> None:
-        self.inner, self.inputs, self.layer, self.alpha = inner, inputs, layer, alpha
+    def __init__(self, inner: FangLayerPruner, inputs: FangInputs, layer: int) -> None:
+        self.inner, self.inputs, self.layer = inner, inputs, layer
         self.labels: list[Tensor] = []
 
     def add_ffn_input(self, x: Tensor) -> None:
@@ -514,7 +514,7 @@ class FunctionAware(PruningMethod):
                                 compensation=o.compensation)
         ctx.entry.update(ffn_removed_target=n_remove)
         self._alpha[li] = alpha  # for finish_layer's diagnostics
-        return FangFfnPruner(inner, self.inputs, li, alpha)
+        return FangFfnPruner(inner, self.inputs, li)
 
     def finish_layer(self, ctx: LayerContext, ffn: Selection) -> None:
         if "token_clusters" not in ffn.info:

@@ -1,7 +1,8 @@
-"""GPrune-LLM (seed 002) as a pruning method, from the modules of stage `gprune_modules` (artifacts/gprune.zarr).
+"""GPrune-LLM (seed 002) as a pruning method, from the modules of stage `gprune_modules` (artifacts/gprune.zarr;
+the analysis is `fang.analysis.gprune`).
 
 Per block, the allocation shared with the other methods (uniform by default) gives the number of FFN
-neurons to keep; `gprune.layer_keep` splits it over the block's modules (module sparsity shifted by
+neurons to keep; `layer_keep` splits it over the block's modules (module sparsity shifted by
 each module's standardized rank drift, `gprune.module_gamma`, capped at `gprune.max_sparsity`) and
 keeps the top neurons of each module by its within-module score (activation score, or weight
 magnitude where the reliability switch flipped). Heads and compensation follow the base activation
@@ -18,16 +19,79 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import require
-from ..gprune import layer_keep
-from ..modeling import decoder_layers
-from ..params import load_block
-from ..paths import CalibrationArtifacts
-from ..store import open_store
+from ..analysis.store import open_store
+from ..core.errors import FangError, require
+from ..core.params import load_block
+from ..core.paths import CalibrationArtifacts
+from ..model.modeling import decoder_layers
 from .base import LayerContext, MetricPruner, PruningMethod, Selection
 from .flap import flap_bias, flap_pruner
 from .stats import InputStats
 from .wanda_sp import wanda_sp_pruner
+
+
+def module_keep_counts(size: Tensor, drift: Tensor, n_keep: int, gamma: float = 0.1,
+                       max_sparsity: float = 0.95) -> Tensor:
+    """Neurons each module keeps, summing to exactly `n_keep` -> long [M].
+
+    Ours (the paper learns thresholds by training): sparsity_m = clip(b + gamma x z_m, 0, max_sparsity)
+    with z_m the module's standardized drift, so distribution-sensitive modules give up more and
+    robust ones are not crowded out; b is found by bisection to meet the budget, and the fractional
+    keeps are rounded by largest remainder.
+    """
+    size = size.double()
+    total = int(size.sum())
+    floor = torch.ceil(size * (1 - max_sparsity) - 1e-9).clamp(max=size)
+    require(int(floor.sum()) <= n_keep <= total,
+            f"cannot keep {n_keep} of {total} neurons with every module keeping at least 1 - "
+            f"gprune.max_sparsity={max_sparsity} of itself ({int(floor.sum())} neurons)")
+    d = drift.double()
+    z = (d - d.mean()) / d.std(unbiased=False) if len(d) > 1 and float(d.std(unbiased=False)) > 0 else torch.zeros_like(d)
+
+    def keeps(b: float) -> Tensor:
+        return torch.maximum(size * (1 - (b + gamma * z).clamp(0, max_sparsity)), floor)
+
+    reach = 1.0 + gamma * float(z.abs().max()) if len(z) else 1.0
+    lo, hi = -reach, reach
+    for _ in range(100):  # keeps(b) falls as b rises
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(keeps(mid).sum()) > n_keep else (lo, mid)
+    exact = keeps(hi)
+    counts = torch.minimum(exact.floor(), size)
+    short = n_keep - int(counts.sum())
+    if short > 0:
+        room = (counts < size)
+        order = torch.argsort(torch.where(room, exact - counts, torch.full_like(exact, -1.0)), descending=True)
+        counts[order[:short]] += 1
+    elif short < 0:
+        order = torch.argsort(torch.where(counts > floor, counts - exact, torch.full_like(exact, -1.0)), descending=True)
+        counts[order[:-short]] -= 1
+    if int(counts.sum()) != n_keep:
+        raise FangError(f"module budget rounding missed: {int(counts.sum())} kept instead of {n_keep}")
+    return counts.long()
+
+
+def select_neurons(modules: Tensor, score: Tensor, counts: Tensor) -> Tensor:
+    """Keep mask [n]: in each module, its `counts[m]` highest-scoring neurons (ranking stays inside modules)."""
+    keep = torch.zeros(modules.numel(), dtype=torch.bool)
+    for c in range(len(counts)):
+        idx = (modules == c).nonzero().flatten()
+        if len(idx) and int(counts[c]):
+            keep[idx[score[idx].argsort(descending=True)[: int(counts[c])]]] = True
+    return keep
+
+
+def layer_keep(modules: Tensor, score: Tensor, module_drift: Tensor, n_keep: int, gamma: float = 0.1,
+               max_sparsity: float = 0.95) -> Tensor:
+    """What method `gprune` keeps of one block's FFN given its budget: module counts, then per-module ranking.
+
+    Inputs are one layer's rows of `artifacts/gprune.zarr` (`modules`, `score`, `module_drift`).
+    """
+    modules = torch.as_tensor(modules).long()
+    m = int(modules.max()) + 1
+    size = torch.bincount(modules, minlength=m)
+    counts = module_keep_counts(size, torch.as_tensor(module_drift)[:m], n_keep, gamma, max_sparsity)
+    return select_neurons(modules, torch.as_tensor(score).double(), counts)
 
 
 @dataclass
@@ -63,7 +127,7 @@ def load_gprune_inputs(art: CalibrationArtifacts, params_path: str = "params.yam
 
 
 class ModulePruner:
-    """One block's FFN: per-module keep counts and per-module ranking (`gprune.layer_keep`)."""
+    """One block's FFN: per-module keep counts and per-module ranking (`layer_keep`)."""
 
     def __init__(self, inputs: GPruneInputs, layer: int, where: str) -> None:
         self.inputs, self.layer, self.where = inputs, layer, where

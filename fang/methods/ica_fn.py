@@ -3,13 +3,13 @@
 Two registry names, one per mode of the paper's method:
 
 - `ica_fn` (faithful): keep the union of key neurons, |z| > T in any component for the act or the up
-  column (`ica_fn.key_neurons`), with one T for every prunable block found by bisection so that
-  exactly the target number of FFN neurons goes (`ica_fn.faithful_masks`; the paper hand-tunes T).
+  column (`analysis.ica.key_neurons`), with one T for every prunable block found by bisection so that
+  exactly the target number of FFN neurons goes (`faithful_masks` below; the paper hand-tunes T).
   The target is the sparsity as a fraction of the decoder-block parameters, removed from FFN
   neurons only (3 x hidden parameters each); blocks 0-2 and the last two stay dense; no head is
   pruned; FLAP-style bias compensation of down_proj (`flap.bias_compensation`) with the calibration
   mean its input has in the sequential pass. Its keep counts are its own: no allocation applies.
-- `ica_fn_ranked`: score = max |z| over components and act/up columns (`ica_fn.neuron_score`), the
+- `ica_fn_ranked`: score = max |z| over components and act/up columns (`analysis.ica.neuron_score`), the
   top neurons of each block under the allocation shared with the other methods (uniform by
   default, `+fc`/`+taylor`/`+flap_search`), heads and compensation as FLAP's, so it competes at
   equal parameter counts and differs from `flap+uniform` only in how it ranks FFN neurons.
@@ -26,14 +26,70 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import require
-from ..ica_fn import faithful_masks, prunable_layers
-from ..modeling import count_block_params, decoder_layers
-from ..paths import CalibrationArtifacts
-from ..store import open_store
+from ..analysis.ica import DENSE_HEAD, DENSE_TAIL, key_neurons, neuron_score, prunable_layers
+from ..analysis.store import open_store
+from ..core.errors import FangError, require
+from ..core.paths import CalibrationArtifacts
+from ..model.modeling import count_block_params, decoder_layers
 from .base import KeepAll, LayerContext, MetricPruner, PruningMethod, Selection
 from .flap import flap_bias, flap_pruner
 from .stats import InputStats
+
+
+MODES = ("faithful", "ranked")
+
+
+def bisect_threshold(scores: Tensor, n_keep: int, max_iter: int = 200) -> float:
+    """Threshold T with exactly `n_keep` entries of `scores` (any shape) above it, found by bisection.
+
+    One T for all prunable layers, as the paper's hand-tuned T; bisection replaces the hand tuning.
+    """
+    flat = scores.detach().reshape(-1).double()
+    require(0 <= n_keep <= flat.numel(), f"cannot keep {n_keep} of {flat.numel()} neurons")
+    lo, hi = 0.0, float(flat.max()) + 1.0  # count(lo) >= n_keep >= count(hi) = 0
+    if int((flat > lo).sum()) < n_keep:
+        raise FangError(f"only {int((flat > lo).sum())} neurons have a non-zero ICA score; cannot keep {n_keep}")
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        count = int((flat > mid).sum())
+        if count == n_keep:
+            return mid
+        lo, hi = (mid, hi) if count > n_keep else (lo, mid)
+    raise FangError(f"no ICA threshold keeps exactly {n_keep} neurons: tied scores at the boundary near T={lo:.6g}")
+
+
+def faithful_masks(scores: Tensor, n_remove: int) -> tuple[Tensor, float]:
+    """Keep masks [layers, n] of the faithful mode removing exactly `n_remove` FFN neurons.
+
+    `scores` is `neuron_score` per layer [layers, n]; edge layers stay dense and every pruned
+    layer keeps at least the neurons above T (the key set), found by bisection on one global T.
+    """
+    n_layers, n = scores.shape
+    layers = prunable_layers(n_layers)
+    require(len(layers) > 0, f"ica_fn faithful: a model of {n_layers} blocks has no block outside the dense edges "
+                             f"(first {DENSE_HEAD}, last {DENSE_TAIL})")
+    pool = scores[layers]
+    require(0 <= n_remove < pool.numel(),
+            f"ica_fn faithful: removing {n_remove} neurons needs more than the {pool.numel()} in blocks "
+            f"{layers[0]}..{layers[-1]} (edge blocks stay dense); lower the sparsity or use mode ranked")
+    t = bisect_threshold(pool, pool.numel() - n_remove)
+    keep = torch.ones(n_layers, n, dtype=torch.bool)
+    keep[layers] = pool > t
+    empty = [layers[i] for i in range(len(layers)) if not keep[layers[i]].any()]
+    require(not empty, f"ica_fn faithful: threshold T={t:.3g} empties blocks {empty}; lower the sparsity")
+    return keep, t
+
+
+def layer_decision(mode: str, layer: int, n_layers: int, maps: Tensor, threshold: float | None = None) -> Tensor:
+    """Per-layer output of the method: `faithful` -> keep mask [n] (dense on edge layers),
+    `ranked` -> neuron score [n] for the shared per-block allocation to select from."""
+    require(mode in MODES, f"ica_fn mode {mode!r}: use {' or '.join(MODES)}")
+    if mode == "ranked":
+        return neuron_score(maps)
+    require(threshold is not None, "ica_fn faithful: a threshold is needed (see faithful_masks)")
+    if layer not in prunable_layers(n_layers):
+        return torch.ones(maps.shape[1] // 2, dtype=torch.bool)
+    return key_neurons(maps, threshold)
 
 
 @dataclass

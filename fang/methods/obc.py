@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import FangError, require
+from ..core.errors import FangError, require
 from .base import LayerContext, PruningMethod, Selection, default_units, select_top
 
 # Tokens per chunk when accumulating a Hessian: bounds the float copy of the activations.

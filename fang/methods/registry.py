@@ -1,7 +1,7 @@
 """The registry of pruning methods: one line per method, what params.yaml accepts and what each method reads.
 
 A line is declarative (no torch, no pruning code), so validating params.yaml and writing a study
-cell's manifest (`fang.method_inputs`) never import the algorithms, and a change to one method does
+cell's manifest (`fang.methods.inputs`) never import the algorithms, and a change to one method does
 not look like a change to every stage. The implementation is the class `impl` names in
 `fang/methods/<module>.py`; the driver (`fang.methods.driver.method_class`) imports it by name.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import FangError
+from ..core.errors import FangError
 
-# The analysis artifacts a method can read (fields of `fang.paths.CalibrationArtifacts`).
+# The analysis artifacts a method can read (fields of `fang.core.paths.CalibrationArtifacts`).
 ARTIFACTS = ("cluster", "taylor", "groups", "allocate", "ica", "gprune")
 _FANG_KEYS = ("tau", "shared_group", "function_aware", "reweighting")
 _FANG_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
@@ -30,7 +30,7 @@ class MethodSpec:
     reads: the prune.* keys it reads (besides method, sparsity, allocation, compensation).
     artifacts: the analysis artifacts it reads (ARTIFACTS), besides the model and the capture.
     params: keys of other params.yaml blocks it reads at prune time ("gprune.module_gamma").
-    allocation: what prune.allocation `auto` means for it: one of fang.choices.ALLOCATIONS, or a name of
+    allocation: what prune.allocation `auto` means for it: one of fang.core.choices.ALLOCATIONS, or a name of
       its own ("asa": FANG's allocated block sparsity; "ica_threshold": one global ICA threshold).
     fixed_allocation: it chooses its keep counts itself and accepts no other allocation.
     compensations: the choices of refit prune.compensation offers it (first = default); () = one refit.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import FangError, require
+from ..core.errors import FangError, require
 
 
 class InputStats:

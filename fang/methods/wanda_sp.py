@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import require
+from ..core.errors import require
 from .base import LayerContext, MetricPruner, PruningMethod
 
 

@@ -1,0 +1,415 @@
+"""Neuron semantic attribution (seed 004): what each FFN neuron responds to, and what pruning took away.
+
+For every layer l and FFN neuron j, from the activations h = act(gate) * up entering down_proj:
+- topic selectivity  sel[l, k, j] = mean |h| over topic k's tokens / mean |h| over all tokens,
+  set to NaN for topics with too few tokens or articles to say anything (`min_tokens`,
+  `min_articles`), with a Welch t-test over *article* means (tokens of one article are not
+  independent draws) and Benjamini-Hochberg q-values per layer;
+- "selective" = sel >= `min_selectivity` and q < `fdr`; its label = the most selective such topic;
+- top contexts: the k token positions where |h| is largest.
+A pruned model removed some neurons; per topic we count the fraction of that topic's selective
+neurons it removed and the share of the topic's activation mass (sum of mean |h|) they carried,
+and correlate both with the topic's perplexity increase across topics.
+Arrays are numpy (analysis) or torch (the streaming accumulator); nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import FangError, require
+
+NO_LABEL = -1
+
+
+# ------------------------------------------------------------------------------------------------ token topics
+
+
+def token_articles(input_ids: np.ndarray, window_articles: Sequence[Sequence[str]],
+                   article_tokens: Mapping[str, Sequence[int]]) -> tuple[np.ndarray, list[str]]:
+    """Which article every calibration token came from -> (index [N, L] into `articles`, articles).
+
+    The calibration set is the articles' tokens (each followed by its separator) joined in one
+    order and cut into windows; `window_articles` lists each window's articles in that order. The
+    stream is rebuilt from `article_tokens` and must reproduce `input_ids` exactly, so a stale or
+    differently tokenized calibration set is an error, never a silent mislabelling.
+    """
+    input_ids = np.asarray(input_ids)
+    require(input_ids.ndim == 2, f"calibration ids must be [N, L], got shape {input_ids.shape}")
+    require(len(window_articles) == input_ids.shape[0],
+            f"calib.json lists articles for {len(window_articles)} windows but the set has {input_ids.shape[0]}")
+    articles = list(dict.fromkeys(a for window in window_articles for a in window))
+    missing = [a for a in articles if a not in article_tokens]
+    require(not missing, f"calibration articles {missing[:3]} are not in the corpus split: rerun `fang calibrate`")
+    stream, owner = [], []
+    for i, a in enumerate(articles):
+        stream += list(article_tokens[a])
+        owner += [i] * len(article_tokens[a])
+    need = input_ids.size
+    if len(stream) < need or not np.array_equal(np.asarray(stream[:need]), input_ids.reshape(-1)):
+        raise FangError("the calibration set does not match its recorded articles (corpus or tokenizer changed): "
+                        "rerun `fang calibrate`")
+    return np.asarray(owner[:need], dtype=np.int64).reshape(input_ids.shape), articles
+
+
+# ------------------------------------------------------------------------------------------ streaming accumulator
+
+
+@dataclass
+class Accumulator:
+    """Per layer: sum of |h| per article (float64) and the running top-k |h| per neuron.
+
+    Tokens with article index < 0 are ignored (the window starts the caller chose to skip).
+    """
+
+    n_layers: int
+    n_ffn: int
+    n_articles: int
+    top_k: int
+    sums: torch.Tensor = field(init=False)  # [layers, articles, n_ffn]
+    counts: torch.Tensor = field(init=False)  # [articles] tokens per article (counted once, from layer 0)
+    top_value: torch.Tensor = field(init=False)  # [layers, k, n_ffn] signed h at the top-|h| tokens
+    top_index: torch.Tensor = field(init=False)  # [layers, k, n_ffn] flat token index, -1 = empty slot
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(self.n_layers, self.n_articles, self.n_ffn, dtype=torch.float64)
+        self.counts = torch.zeros(self.n_articles, dtype=torch.int64)
+        self.top_value = torch.zeros(self.n_layers, self.top_k, self.n_ffn)
+        self.top_index = torch.full((self.n_layers, self.top_k, self.n_ffn), -1, dtype=torch.int64)
+
+    def add(self, layer: int, h: torch.Tensor, article: torch.Tensor, flat_index: torch.Tensor) -> None:
+        """h [tokens, n_ffn] or [sequences, L, n_ffn] activations of `layer`; article and flat_index for the
+        same tokens. Given sequences, each contributes at most one top context per neuron (its hardest
+        token), so a neuron's contexts come from different windows instead of one phrase's neighbours."""
+        h = h.detach().float().cpu()
+        if h.dim() == 3:
+            self._top(layer, *hardest_per_sequence(h, article, flat_index))
+        per_token = h.dim() == 2
+        h = h.reshape(-1, self.n_ffn)
+        article, flat_index = article.reshape(-1), flat_index.reshape(-1)
+        keep = article >= 0
+        h, article, flat_index = h[keep], article[keep], flat_index[keep]
+        if h.shape[0] == 0:
+            return
+        self.sums[layer].index_add_(0, article, h.abs().double())
+        if layer == 0:
+            self.counts += torch.bincount(article, minlength=self.n_articles)
+        if per_token:
+            _, rows = h.abs().topk(min(self.top_k, h.shape[0]), dim=0)
+            self._top(layer, h.gather(0, rows), flat_index[rows])
+
+    def _top(self, layer: int, value: torch.Tensor, index: torch.Tensor) -> None:
+        """Merge candidates value/index [c, n_ffn] (index -1 = none) into the running top-k."""
+        cand_value = torch.cat([self.top_value[layer], value])
+        cand_index = torch.cat([self.top_index[layer], index])
+        # empty slots rank below every real token
+        rank = torch.where(cand_index >= 0, cand_value.abs(), torch.full_like(cand_value, -1.0))
+        _, best = rank.topk(self.top_k, dim=0)
+        self.top_value[layer] = cand_value.gather(0, best)
+        self.top_index[layer] = cand_index.gather(0, best)
+
+
+def hardest_per_sequence(h: torch.Tensor, article: torch.Tensor, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence and neuron, the signed h and flat index of its largest-|h| token -> two [sequences, n].
+
+    Skipped tokens (article < 0) never win; a sequence with none left gives index -1.
+    """
+    valid = (article >= 0).unsqueeze(-1)
+    pos = torch.where(valid, h.abs(), torch.full_like(h, -1.0)).argmax(1)  # [B, n]
+    value = h.gather(1, pos.unsqueeze(1)).squeeze(1)
+    index = flat_index.gather(1, pos)
+    any_valid = valid.squeeze(-1).any(1, keepdim=True)
+    return value, torch.where(any_valid, index, torch.full_like(index, -1))
+
+
+# ---------------------------------------------------------------------------------------------- attribution
+
+
+@dataclass
+class Attribution:
+    topics: list[str]
+    topic_tokens: np.ndarray  # [K] tokens per topic
+    topic_articles: np.ndarray  # [K] articles per topic
+    topic_mean_abs: np.ndarray  # [layers, K, n] mean |h| on the topic's tokens
+    mean_abs: np.ndarray  # [layers, n] mean |h| over all tokens
+    selectivity: np.ndarray  # [layers, K, n], NaN for guarded topics
+    q_value: np.ndarray  # [layers, K, n] BH-adjusted p of the article-level Welch test (NaN when untestable)
+    selective: np.ndarray  # bool [layers, K, n]
+    label: np.ndarray  # int [layers, n] most selective topic among those it is selective for, NO_LABEL if none
+    guarded: np.ndarray  # bool [K] topics left out (too few tokens or articles)
+
+
+def welch_p(a_mean: np.ndarray, a_var: np.ndarray, a_n: np.ndarray, b_mean: np.ndarray, b_var: np.ndarray,
+            b_n: np.ndarray) -> np.ndarray:
+    """Two-sided Welch t-test p-values from group means, unbiased variances and sizes (broadcast)."""
+    from scipy.stats import t as student_t
+
+    va, vb = a_var / a_n, b_var / b_n
+    se2 = va + vb
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (a_mean - b_mean) / np.sqrt(se2)
+        dof = se2**2 / (va**2 / (a_n - 1) + vb**2 / (b_n - 1))
+    p = 2 * student_t.sf(np.abs(t), dof)
+    return np.where(np.isfinite(p), p, np.nan)
+
+
+def bh_adjust(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values over all finite entries of `p` (NaN stays NaN)."""
+    flat = p.reshape(-1)
+    ok = np.flatnonzero(np.isfinite(flat))
+    q = np.full(flat.shape, np.nan)
+    if ok.size:
+        order = ok[np.argsort(flat[ok])]
+        ranked = flat[order] * ok.size / np.arange(1, ok.size + 1)
+        q[order] = np.minimum(1.0, np.minimum.accumulate(ranked[::-1])[::-1])
+    return q.reshape(p.shape)
+
+
+def attribute(article_sums: np.ndarray, article_counts: np.ndarray, article_topic: np.ndarray, topics: list[str],
+              min_tokens: int = 256, min_articles: int = 3, min_selectivity: float = 1.5,
+              fdr: float = 0.05) -> Attribution:
+    """Topic selectivity, significance and labels from per-article sums of |h| [layers, A, n]."""
+    article_sums = np.asarray(article_sums, dtype=np.float64)
+    article_counts = np.asarray(article_counts, dtype=np.float64)
+    article_topic = np.asarray(article_topic, dtype=np.int64)
+    n_layers, n_art, n = article_sums.shape
+    n_topics = len(topics)
+    require(article_counts.shape == (n_art,) and article_topic.shape == (n_art,),
+            f"per-article counts/topics must have {n_art} entries")
+    require(bool(((article_topic >= 0) & (article_topic < n_topics)).all()), "article topic index out of range")
+    present = article_counts > 0
+    onehot = np.zeros((n_topics, n_art))
+    onehot[article_topic, np.arange(n_art)] = 1.0
+    onehot[:, ~present] = 0.0
+    topic_tokens = onehot @ article_counts
+    topic_articles = onehot.sum(1)
+    total = article_counts.sum()
+    require(total > 0, "no calibration tokens were attributed")
+    topic_sums = np.einsum("ka,lan->lkn", onehot, article_sums)
+    mean_abs = article_sums.sum(1) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        topic_mean = topic_sums / topic_tokens[None, :, None]
+        selectivity = topic_mean / mean_abs[:, None, :]
+    guarded = (topic_tokens < min_tokens) | (topic_articles < min_articles)
+    selectivity[:, guarded, :] = np.nan
+
+    # article means: the unit of the significance test
+    art_mean = article_sums[:, present, :] / article_counts[present][None, :, None]
+    art_topic = article_topic[present]
+    p = np.full((n_layers, n_topics, n), np.nan)
+    for k in np.flatnonzero(~guarded):
+        inside = art_topic == k
+        if inside.sum() < 2 or (~inside).sum() < 2:
+            continue
+        a, b = art_mean[:, inside, :], art_mean[:, ~inside, :]
+        p[:, k, :] = welch_p(a.mean(1), a.var(1, ddof=1), inside.sum(), b.mean(1), b.var(1, ddof=1), (~inside).sum())
+    q = np.stack([bh_adjust(p[li]) for li in range(n_layers)]) if n_layers else p
+    with np.errstate(invalid="ignore"):
+        selective = (selectivity >= min_selectivity) & (q < fdr)
+    best = np.where(selective, selectivity, -np.inf)
+    label = np.where(selective.any(1), best.argmax(1), NO_LABEL)
+    return Attribution(topics, topic_tokens.astype(np.int64), topic_articles.astype(np.int64),
+                       topic_mean.astype(np.float32), mean_abs.astype(np.float32), selectivity.astype(np.float32),
+                       q.astype(np.float32), selective, label.astype(np.int64), guarded)
+
+
+# ---------------------------------------------------------------------------------------------- removal
+
+
+def removed_mask(kept: Sequence[Sequence[int]], n_ffn: int) -> np.ndarray:
+    """bool [layers, n_ffn]: True for every neuron a pruned model does not keep."""
+    removed = np.ones((len(kept), n_ffn), dtype=bool)
+    for li, keep in enumerate(kept):
+        keep = np.asarray(keep, dtype=np.int64)
+        require(keep.size == 0 or (keep.min() >= 0 and keep.max() < n_ffn),
+                f"layer {li}: kept neuron indices out of range [0, {n_ffn})")
+        removed[li, keep] = False
+    return removed
+
+
+def removal_by_topic(selective: np.ndarray, topic_mean_abs: np.ndarray, removed: np.ndarray) -> dict[str, np.ndarray]:
+    """Per topic: removed fraction of its selective neurons (all layers pooled) and lost activation mass.
+
+    `mass_lost[k]` = mean over layers of (sum of topic k's mean |h| over removed neurons / over all
+    neurons): each layer counts equally, whatever its activation scale. `selective_removed` is NaN
+    for a topic with no selective neuron. `removed_fraction` (all neurons) is the no-preference
+    reference a method that ignored topics would hit on average.
+    """
+    selective = np.asarray(selective, dtype=bool)
+    removed = np.asarray(removed, dtype=bool)
+    require(selective.shape[0] == removed.shape[0] and selective.shape[2] == removed.shape[1],
+            f"attribution has {selective.shape[0]} layers x {selective.shape[2]} neurons, "
+            f"the pruned model {removed.shape[0]} x {removed.shape[1]}")
+    n_sel = selective.sum((0, 2))
+    n_sel_removed = (selective & removed[:, None, :]).sum((0, 2))
+    m = np.asarray(topic_mean_abs, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_layer = (m * removed[:, None, :]).sum(2) / m.sum(2)  # [layers, K]
+        frac = np.where(n_sel > 0, n_sel_removed / n_sel, np.nan)
+    return {"selective": n_sel, "selective_removed": n_sel_removed, "selective_removed_fraction": frac,
+            "mass_lost": per_layer.mean(0), "mass_lost_by_layer": per_layer,
+            "removed_fraction": np.asarray(removed.mean())}
+
+
+# ------------------------------------------------------------------------------------------- correlation
+
+
+def fisher_interval(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z interval of a Pearson r from n independent pairs (NaN below 4 pairs)."""
+    from scipy.stats import norm
+
+    if n < 4 or not np.isfinite(r):
+        return math.nan, math.nan
+    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), norm.ppf(0.5 + level / 2) / math.sqrt(n - 3)
+    return float(np.tanh(z - half)), float(np.tanh(z + half))
+
+
+def _pooled_r(x: np.ndarray, y: np.ndarray) -> float:
+    # centring within each cell keeps differences between models (sparsity, calibration) out of r
+    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    den = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
+    return float((xc * yc).sum() / den) if den > 0 else math.nan
+
+
+def topic_correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Correlation across topics between x and y [cells, topics], centred within each cell.
+
+    One cell (one pruned model) gives the plain Pearson r, with a Fisher interval; several cells
+    (e.g. a method's models across sparsities and calibration sources) share the topics, so the
+    bootstrap resamples topics (columns), the same ones in every cell. Topics with a NaN in any
+    cell are dropped first.
+    """
+    x, y = np.atleast_2d(np.asarray(x, dtype=np.float64)), np.atleast_2d(np.asarray(y, dtype=np.float64))
+    require(x.shape == y.shape, f"correlation needs x and y of one shape, got {x.shape} and {y.shape}")
+    ok = np.isfinite(x).all(0) & np.isfinite(y).all(0)
+    x, y = x[:, ok], y[:, ok]
+    n = int(ok.sum())
+    out = {"r": math.nan, "low": math.nan, "high": math.nan, "fisher_low": math.nan, "fisher_high": math.nan,
+           "topics": n, "cells": int(x.shape[0]), "level": level}
+    if n < 3:
+        return out
+    out["r"] = _pooled_r(x, y)
+    if x.shape[0] == 1:
+        out["fisher_low"], out["fisher_high"] = fisher_interval(out["r"], n, level)
+    rng = np.random.default_rng(seed)
+    boots = np.array([_pooled_r(x[:, idx], y[:, idx]) for idx in rng.integers(0, n, size=(n_boot, n))])
+    boots = boots[np.isfinite(boots)]
+    if boots.size:
+        out["low"], out["high"] = (float(v) for v in np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]))
+    return out
+
+
+def match_rows(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """Dense row index of every row of `pruned` (bit-identical rows), for checkpoints that predate
+    structure.json's `kept_neurons`: gate_proj rows are copied, never updated, by every method."""
+    dense, pruned = np.ascontiguousarray(dense), np.ascontiguousarray(pruned)
+    require(dense.shape[1:] == pruned.shape[1:], f"row width {pruned.shape[1:]} differs from dense {dense.shape[1:]}")
+    where: dict[bytes, int] = {}
+    for i, row in enumerate(dense):
+        where.setdefault(row.tobytes(), i)
+    idx = [where.get(row.tobytes(), -1) for row in pruned]
+    require(-1 not in idx, "pruned gate_proj rows do not match the dense model's: not pruned from this model")
+    require(len(set(idx)) == len(idx), "pruned gate_proj rows match the dense model ambiguously (duplicate rows)")
+    return np.asarray(idx, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------- bias report
+
+
+@dataclass
+class CellRemoval:
+    """One pruned model of the bias study: its per-topic removal and perplexity increase over dense."""
+
+    method: str
+    source: str
+    sparsity: float
+    removed: Mapping[str, float]  # topic -> fraction of its selective neurons removed
+    mass_lost: Mapping[str, float]  # topic -> share of its activation mass removed
+    increase: Mapping[str, float]  # topic -> PPL / PPL_dense - 1
+
+
+def bias_correlations(cells: Sequence[CellRemoval], topics: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per method (its models pooled, centred per model) and per model: correlation across topics
+    between removal (selective fraction; lost mass) and log(PPL / PPL_dense)."""
+    def arrays(group: Sequence[CellRemoval], what: str) -> tuple[np.ndarray, np.ndarray]:
+        x = np.array([[getattr(c, what).get(t, np.nan) for t in topics] for c in group], dtype=np.float64)
+        y = np.array([[math.log1p(c.increase[t]) if c.increase.get(t) is not None else np.nan for t in topics]
+                      for c in group], dtype=np.float64)
+        return x, y
+
+    def both(group: Sequence[CellRemoval]) -> dict:
+        return {what: topic_correlation(*arrays(group, what), n_boot=n_boot, seed=seed)
+                for what in ("removed", "mass_lost")}
+
+    methods = list(dict.fromkeys(c.method for c in cells))
+    return {
+        "topics": list(topics),
+        "methods": [{"method": m, "models": sum(c.method == m for c in cells),
+                     **both([c for c in cells if c.method == m])} for m in methods],
+        "cells": [{"method": c.method, "source": c.source, "sparsity": c.sparsity, **both([c])} for c in cells],
+    }
+
+
+def _interval(c: dict) -> str:
+    if not np.isfinite(c["r"]):
+        return "—"
+    return f"{c['r']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+
+def bias_markdown(section: dict | None) -> list[str]:
+    """Markdown lines of the attribution section of the bias report; [] when no model was attributed."""
+    if not section or not section["methods"]:
+        return []
+    from ..core.markdown import markdown_table
+
+    rows = [[m["method"], str(m["models"]), str(m["removed"]["topics"]), _interval(m["removed"]), _interval(m["mass_lost"])]
+            for m in section["methods"]]
+    cells = [[c["method"], c["source"], f"{c['sparsity']:.0%}", _interval(c["removed"]), _interval(c["mass_lost"])]
+             for c in section["cells"]]
+    return ["### Does losing a topic's neurons predict losing the topic?", "",
+            "Across topics, the correlation between the share of a topic's selective neurons a model removed (or the "
+            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, README \"Neuron "
+            "attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
+            "interval over topics].", "",
+            markdown_table(["method", "models", "topics", "r, selective neurons removed", "r, activation mass lost"], rows),
+            "", markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
+
+
+def plot_bias_correlation(section: dict, cells: Sequence[CellRemoval], path) -> None:
+    """PNG: per method, log PPL ratio against the removed fraction of each topic's selective neurons."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = [m["method"] for m in section["methods"]]
+    fig = Figure(figsize=(3.2 * max(1, len(methods)), 3.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
+    for ax, m in zip(axes, section["methods"]):
+        for c in (c for c in cells if c.method == m["method"]):
+            ts = [t for t in section["topics"] if c.removed.get(t) is not None and c.increase.get(t) is not None]
+            ax.plot([c.removed[t] for t in ts], [math.log1p(c.increase[t]) for t in ts], "o", ms=3,
+                    label=f"{c.source} {c.sparsity:.0%}")
+        ax.set_title(f"{m['method']}: r = {_interval(m['removed'])}", fontsize=8)
+        ax.set_xlabel("selective neurons removed (fraction)", fontsize=8)
+        ax.set_ylabel("log(PPL / PPL_dense)", fontsize=8)
+        ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def permutation_null(article_sums: np.ndarray, article_counts: np.ndarray, article_topic: np.ndarray,
+                     topics: list[str], n_perm: int = 5, seed: int = 0, **thresholds) -> list[int]:
+    """Selective (layer, neuron, topic) pairs found after shuffling the articles' topics, per shuffle.
+
+    The same tokens, activations and thresholds with the topic labels made meaningless: what the
+    selection finds by chance (plus what article-to-article variation alone produces).
+    """
+    rng = np.random.default_rng(seed)
+    return [int(attribute(article_sums, article_counts, rng.permutation(article_topic), topics, **thresholds)
+                .selective.sum()) for _ in range(n_perm)]

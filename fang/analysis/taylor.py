@@ -1,0 +1,142 @@
+"""Cluster-neuron Taylor scores (Eq. 5) and per-block output sensitivity, from one forward+backward pass.
+
+S[l, k, j] = mean over the tokens i of cluster k of |h_ij * dL/dh_ij|, where h is the input of
+down_proj in block l (the neuron activations) and L the summed next-token loss.
+
+Memory is bounded by one block, not the model's depth. Plain autograd over the whole model keeps
+every block's intermediate activations until backward reaches it (attention projections, the
+three FFN products, norms: ~6d + 5 n_ffn floats per token and block, 6 GiB for 30 blocks of the
+135M default at 4 x 512 tokens) plus logits over the whole vocabulary for the whole batch, with
+their softmax and gradient. Here the backward runs block by block instead:
+
+1. a no-grad forward keeps only each block's input (d floats per token and block, on the host);
+2. the final norm, LM head and loss run in chunks of tokens (`LOGIT_BUDGET` logits at a time),
+   each giving its part of dL/dx at the last block's output;
+3. from the last block down, block l is recomputed from its stored input with grad on, and one
+   `autograd.grad` call returns dL/dx_in (the next block's upstream gradient) and dL/dh.
+
+The gradients are exactly those of full backpropagation (the blocks form a chain); the price is
+one more forward of the blocks. The same recomputation gives h with the clusters known, so the
+cluster centres at down_proj's input (FANG's distance matrix D) are accumulated here too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.progress import progress
+from ..model.layerwise import BlockRunner, batch_slices
+from ..model.modeling import decoder_layers
+
+# Logit entries (tokens x vocabulary) computed at once in the loss: 2^24 floats = 64 MiB per copy
+LOGIT_BUDGET = 1 << 24
+
+
+def scatter_cluster_sum(values: torch.Tensor, clusters: torch.Tensor, k: int) -> torch.Tensor:
+    """Sum rows of values [T, n] into k buckets by cluster id [T] -> [k, n] (float64)."""
+    out = torch.zeros(k, values.shape[-1], dtype=torch.float64, device=values.device)
+    out.index_add_(0, clusters.to(values.device), values.double())
+    return out
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    return model.model.norm
+
+
+def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    """dL/dhidden for the last block's output [b, L, d], L the summed next-token cross-entropy of `ids`.
+
+    Chunked over tokens so at most `budget` logits exist at once; the norm is per token, so
+    chunks are independent. The last position predicts nothing: its gradient is zero.
+    """
+    norm, head = _final_norm(model), model.get_output_embeddings()
+    b, seq_len, d = hidden.shape
+    x = hidden[:, :-1].reshape(-1, d)
+    target = ids[:, 1:].reshape(-1).to(hidden.device)
+    rows = max(1, (budget or LOGIT_BUDGET) // head.out_features)
+    grad = torch.zeros_like(hidden)
+    g_flat = torch.empty_like(x)
+    with torch.enable_grad():
+        for start in range(0, x.shape[0], rows):
+            xc = x[start : start + rows].detach().requires_grad_(True)
+            logits = head(norm(xc)).float()
+            loss = nn.functional.cross_entropy(logits, target[start : start + rows], reduction="sum")
+            (g_flat[start : start + rows],) = torch.autograd.grad(loss, xc)
+    grad[:, :-1] = g_flat.view(b, seq_len - 1, d)
+    return grad
+
+
+def taylor_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    token_clusters: torch.Tensor,
+    k: int,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Per-layer cluster-neuron scores [n_layers, k, n_ffn], block sensitivity [n_layers], cluster centres.
+
+    token_clusters [n_layers, N * L] holds each calibration token's cluster id in each layer.
+    Block sensitivity is the first-order loss change from removing a block's update,
+    mean over tokens of |<x_out - x_in, dL/dx_out>|: the `taylor` sparsity-allocation mode.
+    `down_centers` [n_layers, k, n_ffn] is the mean down_proj input of each cluster's tokens (zero
+    for an empty cluster), from the model's own precision rather than the fp16 capture.
+    """
+    device = torch.device(device)
+    model.to(device).eval()
+    layers = decoder_layers(model)
+    n_layers, n_ffn = len(layers), model.config.intermediate_size
+    n_seq, seq_len = input_ids.shape
+    sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
+    h_sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
+    sensitivity = torch.zeros(n_layers, dtype=torch.float64)
+    counts = torch.zeros(n_layers, k, dtype=torch.float64)
+    clusters_all = token_clusters.view(n_layers, n_seq, seq_len).long()
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only activation gradients are needed, not weight gradients
+    runner = BlockRunner(model, device)
+    try:
+        with progress() as bar:
+            task = bar.add_task("taylor (fwd+bwd)", total=n_seq * n_layers)
+            for sl in batch_slices(n_seq, batch_size):
+                ids = input_ids[sl].to(device)
+                clusters = clusters_all[:, sl].reshape(n_layers, -1).to(device)
+                counts += torch.stack([torch.bincount(c, minlength=k) for c in clusters.cpu()]).double()
+                with torch.no_grad():
+                    hidden = runner.embed(ids)
+                    inputs = []  # block inputs on the host: all that is kept across blocks
+                    for layer in layers:
+                        inputs.append(hidden.cpu())
+                        hidden = runner(layer, hidden)
+                grad = loss_grad(model, hidden, ids)
+                del hidden
+                for li in reversed(range(n_layers)):
+                    x_in = inputs.pop().to(device).requires_grad_(True)
+                    caught: list[torch.Tensor] = []  # h with its graph (not detached, unlike input_hooks)
+                    handle = layers[li].mlp.down_proj.register_forward_pre_hook(lambda _m, a: caught.append(a[0]))
+                    try:
+                        with torch.enable_grad():
+                            x_out = runner(layers[li], x_in)
+                    finally:
+                        handle.remove()
+                    h = caught.pop()
+                    sensitivity[li] += ((x_out.detach() - x_in.detach()) * grad).sum(-1).abs().sum().double().cpu()
+                    grad_in, grad_h = torch.autograd.grad(x_out, (x_in, h), grad)
+                    h_flat, c = h.detach().reshape(-1, n_ffn), clusters[li]
+                    sums[li] += scatter_cluster_sum((h_flat * grad_h.reshape(-1, n_ffn)).abs(), c, k).cpu()
+                    h_sums[li] += scatter_cluster_sum(h_flat, c, k).cpu()
+                    grad = grad_in
+                    del x_in, x_out, h, grad_h
+                    bar.advance(task, sl.stop - sl.start)
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    denom = counts.clamp_min(1.0).unsqueeze(-1)
+    return {
+        "scores": (sums / denom).float(),
+        "token_counts": counts.long(),
+        "block_sensitivity": (sensitivity / (n_seq * seq_len)).float(),
+        "down_centers": (h_sums / denom).float(),
+    }

@@ -1,0 +1,385 @@
+"""Evaluation: perplexity on held-out text (overall and per topic) and zero-shot accuracy via lm-eval.
+
+Perplexity follows the WikiText protocol: texts are joined end to end and cut into
+non-overlapping windows; every token after the first of a window is predicted, and the
+perplexity is exp of the mean negative log-likelihood over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import FangError, require
+from ..core.progress import progress
+from ..data.bigbench import BIGBENCH_PREFIX
+from ..data.next_sentence import NEXT_SENTENCE
+
+HUB_TEXT_SOURCES = {
+    # name -> (hub dataset id, config); "hub:wikitext2" is the standard WikiText-2 (raw) benchmark
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# perplexity
+
+
+def make_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Non-overlapping [n, seq_len] windows of the texts joined end to end, in order.
+
+    Texts are separated by the EOS token (or a blank line when the tokenizer has none), as
+    WikiText evaluation joins its lines; the incomplete tail is dropped. Only as many texts as
+    needed for `max_windows` are tokenized (None = all).
+    """
+    require(seq_len > 1, f"perplexity window length must be > 1, got {seq_len}")
+    if tokenizer.eos_token_id is not None:
+        sep = [tokenizer.eos_token_id]
+    else:
+        sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    need = None if max_windows is None else max_windows * seq_len
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if need is not None and len(ids) >= need:
+            break
+        if i:
+            ids += sep
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor, batch_size: int, device, bar=None, bar_task=None) -> list[float]:
+    """Summed NLL in nats of each window's predicted tokens (all but its first) -> one value per window.
+
+    Kept per window so that two models evaluated on the same windows can be compared paired.
+    """
+    require(batch_size > 0, f"batch size must be positive, got {batch_size}")
+    out: list[float] = []
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits
+        # shift: position t predicts token t+1; float32 log-softmax even for half-precision models
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
+        )
+        out += loss.view(batch.shape[0], -1).double().sum(1).tolist()
+        del logits, loss
+        if bar is not None:
+            bar.advance(bar_task, batch.shape[0])
+    return out
+
+
+def _nll(model, windows: torch.Tensor, batch_size: int, device, bar=None, bar_task=None) -> tuple[float, int]:
+    """(summed NLL in nats, number of predicted tokens) over all windows."""
+    per_window = window_nll(model, windows, batch_size, device, bar, bar_task)
+    return sum(per_window), windows.shape[0] * (windows.shape[1] - 1)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int, device: torch.device | str) -> float:
+    """exp(mean token NLL) of `model` over `windows` [n, L] (L-1 predicted tokens per window)."""
+    require(windows.dim() == 2 and windows.shape[0] > 0, "perplexity needs at least one window of tokens")
+    model.eval()
+    with progress() as bar:
+        task = bar.add_task("perplexity", total=windows.shape[0])
+        nll, count = _nll(model, windows, batch_size, device, bar, task)
+    return math.exp(nll / count)
+
+
+def perplexity_by_topic(
+    model,
+    tokenizer,
+    rows: list[dict],
+    seq_len: int,
+    max_windows_per_topic: int,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict:
+    """Perplexity per topic (windows cut within each topic's texts) and overall.
+
+    "overall" is exp of the mean NLL over the union of all topics' predicted tokens (token
+    weighted), not a mean of per-topic perplexities. Topics too short for one window are
+    left out of "by_topic" and listed under "skipped".
+    """
+    by_topic: dict[str, list[str]] = {}
+    for row in rows:
+        by_topic.setdefault(str(row.get("topic") or "all"), []).append(row["text"])
+    windows = {t: make_windows(tokenizer, texts, seq_len, max_windows_per_topic) for t, texts in sorted(by_topic.items())}
+    skipped = sorted(t for t, w in windows.items() if w.shape[0] == 0)
+    windows = {t: w for t, w in windows.items() if w.shape[0] > 0}
+    if not windows:
+        raise FangError(
+            f"no text long enough for one perplexity window of {seq_len} tokens "
+            f"({len(rows)} rows); lower evaluate.ppl_seq_len"
+        )
+    model.eval()
+    per_window: dict[str, list[float]] = {}
+    with progress() as bar:
+        task = bar.add_task("perplexity", total=sum(w.shape[0] for w in windows.values()))
+        for topic, w in windows.items():
+            per_window[topic] = window_nll(model, w, batch_size, device, bar, task)
+    nll = {t: sum(v) for t, v in per_window.items()}
+    tokens = {t: windows[t].shape[0] * (seq_len - 1) for t in per_window}
+    return {
+        "overall": math.exp(sum(nll.values()) / sum(tokens.values())),
+        "by_topic": {t: math.exp(nll[t] / tokens[t]) for t in nll},
+        "tokens": tokens,
+        "skipped": skipped,
+        # every window predicts seq_len - 1 tokens; the same windows for every model (paired comparison)
+        "window_nll": {t: [round(v, 6) for v in vals] for t, vals in per_window.items()},
+        "window_tokens": seq_len - 1,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# text corpora for perplexity
+
+
+def _wikitext_articles(lines: list[str], topic: str) -> list[dict]:
+    """WikiText lines -> one row per article (split at top-level " = Title = " headings)."""
+    rows: list[dict] = []
+    title, buf = None, []
+
+    def flush() -> None:
+        text = "".join(buf).strip()
+        if text:
+            name = title or f"{topic}-{len(rows)}"
+            rows.append({"id": f"{topic}:{len(rows)}", "title": name, "topic": topic, "text": text})
+
+    for line in lines:
+        m = re.fullmatch(r" = ([^=].*?) = \n?", line)
+        if m:
+            flush()
+            title, buf = m.group(1), [line]
+        else:
+            buf.append(line)
+    flush()
+    return rows
+
+
+def _rows_from_dataset(ds, topic: str) -> list[dict]:
+    require("text" in ds.column_names, f"dataset {topic!r} has no 'text' column (columns: {ds.column_names})")
+    rows = []
+    for i, ex in enumerate(ds):
+        text = (ex.get("text") or "").strip()
+        if not text:
+            continue
+        rows.append(
+            {
+                "id": str(ex.get("id", i)),
+                "title": str(ex.get("title", ex.get("id", i))),
+                "topic": str(ex.get("topic") or topic),
+                "text": text,
+            }
+        )
+    return rows
+
+
+def _pick_split(dsd, split: str, source: str):
+    if split in dsd:
+        return dsd[split]
+    if len(dsd) == 1:
+        return next(iter(dsd.values()))
+    raise FangError(f"dataset {source} has no split {split!r}; it has {', '.join(dsd)}")
+
+
+def load_text_rows(source: str, split: str = "test") -> list[dict]:
+    """Rows {id, title, topic, text} from a hub corpus or a local dataset.
+
+    * ``hub:wikitext2``: WikiText-2 raw, `split` (default test), one row per article, topic
+      "wikitext2" (needs the network or a populated HF cache);
+    * a folder written by ``Dataset(Dict).save_to_disk``;
+    * a folder of data files (jsonl/json/csv/parquet/txt) that ``datasets.load_dataset`` reads,
+      or a single .jsonl/.json file. A missing "topic" column becomes the folder/file name.
+    """
+    import datasets
+
+    if source.startswith("hub:"):
+        name = source[4:]
+        if name not in HUB_TEXT_SOURCES:
+            raise FangError(f"unknown hub corpus {source!r}; known: {', '.join('hub:' + k for k in HUB_TEXT_SOURCES)}")
+        path, config = HUB_TEXT_SOURCES[name]
+        try:
+            ds = datasets.load_dataset(path, config, split=split)
+        except Exception as exc:  # noqa: BLE001 - network/cache failures come in many types
+            raise FangError(f"could not load {source} ({path}/{config}, split {split}): {str(exc).splitlines()[0]}") from None
+        return _wikitext_articles(list(ds["text"]), name)
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FangError(f"text corpus not found: {source!r} (give hub:wikitext2, a dataset folder or a .jsonl file)")
+    topic = path.stem if path.is_file() else path.name
+    if path.is_file():
+        require(path.suffix in (".jsonl", ".json"), f"text corpus file {path} must be .jsonl or .json")
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        return _rows_from_dataset(ds, topic)
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        ds = loaded if isinstance(loaded, datasets.Dataset) else _pick_split(loaded, split, source)
+        return _rows_from_dataset(ds, topic)
+    try:
+        dsd = datasets.load_dataset(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise FangError(f"could not read a dataset from folder {path}: {str(exc).splitlines()[0]}") from None
+    return _rows_from_dataset(_pick_split(dsd, split, source), topic)
+
+
+# --------------------------------------------------------------------------------------------
+# zero-shot accuracy
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval(offline: bool) -> Iterator[None]:
+    """Silence lm-eval's INFO/WARNING chatter and, for local tasks, forbid hub access."""
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets", "evaluate")]
+    levels = [lg.level for lg in loggers]
+    env_keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if offline else ()
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    for k in env_keys:
+        os.environ[k] = "1"
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _number(value: Any) -> float | None:
+    # lm-eval reports a missing stderr as the string "N/A"
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
+
+
+def _local_task_names(task_dir: Path) -> set[str]:
+    import yaml
+
+    names = set()
+    for p in task_dir.glob("*.yaml"):
+        with contextlib.suppress(Exception):
+            text = p.read_text()
+            # the !function tag is not plain YAML: drop it to read the names
+            cfg = yaml.safe_load(re.sub(r"!function\s+", "", text)) or {}
+            names.add(cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group"))
+    return names - {None}
+
+
+def per_example(samples: list[dict]) -> dict[str, list]:
+    """lm-eval's logged samples of one task -> {"doc_id": [...], "acc": [...], "acc_norm": [...]} by doc id.
+
+    lm-eval's `limit` takes the first documents in order, so two models see the same doc ids.
+    """
+    rows = sorted(samples, key=lambda s: int(s["doc_id"]))
+    out: dict[str, list] = {"doc_id": [int(s["doc_id"]) for s in rows]}
+    for metric in ("acc", "acc_norm"):
+        if rows and all(metric in s for s in rows):
+            out[metric] = [float(s[metric]) for s in rows]
+    preds = [_argmax_choice(s.get("filtered_resps")) for s in rows]
+    if rows and all(p is not None for p in preds):
+        out["pred"] = preds  # the choice with the highest raw log-likelihood (a constant answer shows here)
+    return out
+
+
+def _argmax_choice(resps) -> int | None:
+    """Index of the highest log-likelihood among a multiple-choice sample's responses, if readable."""
+    try:
+        lls = [float(r[0]) if isinstance(r, (list, tuple)) else float(r) for r in resps]
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(range(len(lls)), key=lls.__getitem__) if lls else None
+
+
+def zero_shot(
+    model,
+    tokenizer,
+    task_dir: str | os.PathLike,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    shared_context: bool = True,
+) -> dict[str, dict]:
+    """Zero-shot lm-eval accuracy of the in-memory model on `tasks` (names from tasks.json).
+
+    `shared_context` scores each question's context once for all its choices (fang.evaluation.shared_context,
+    same log-likelihoods up to float rounding); False uses lm-eval's HFLM scoring unchanged.
+
+    Local tasks come from `task_dir` (a folder written by fang.data.tasks); other names are lm-eval's
+    built-in tasks (their data needs the network). `limit` caps examples per task (0/None = all).
+    Returns {task or group: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, groups included
+    with their subtasks; metrics a task lacks are None.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    task_dir = Path(task_dir)
+    require(len(tasks) > 0, "zero_shot: no task given")
+    local = _local_task_names(task_dir) if task_dir.is_dir() else set()
+    remote = [t for t in tasks if t not in local]
+    # fang's own names never come from lm-eval's built-ins: fail before the slow built-in indexing
+    missing = [t for t in remote if t.startswith((BIGBENCH_PREFIX, NEXT_SENTENCE))]
+    if missing:
+        raise FangError(f"task(s) {missing} not found in {task_dir} (it has {sorted(local) or 'no task'}); rebuild it with fetch_data")
+    if tokenizer.pad_token_id is None:  # lm-eval pads batches
+        tokenizer.pad_token = tokenizer.eos_token
+    with _quiet_lm_eval(offline=not remote):
+        # indexing lm-eval's ~10k built-in YAMLs takes seconds: only when a built-in task is asked for
+        manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=bool(remote))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise FangError(
+                f"unknown lm-eval task(s) {unknown}: not in {task_dir} (has {sorted(local) or 'nothing'})"
+                + (" nor among lm-eval's built-in tasks" if remote else "")
+            )
+        if shared_context:
+            from .shared_context import shared_context_lm
+
+            lm = shared_context_lm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        else:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            limit=limit or None,
+            task_manager=manager,
+            log_samples=True,  # per-example correctness, for paired comparisons between models
+            bootstrap_iters=1000,  # acc/acc_norm stderr are closed form (mean); this only bounds other metrics
+            confirm_run_unsafe_code=False,
+        )
+    require(out is not None, "lm-eval returned no results")
+    results: dict[str, dict] = {}
+    n_samples = out.get("n-samples", {})
+    for name, res in out["results"].items():
+        entry = {
+            "acc": _number(res.get("acc,none")),
+            "acc_stderr": _number(res.get("acc_stderr,none")),
+            "acc_norm": _number(res.get("acc_norm,none")),
+            "acc_norm_stderr": _number(res.get("acc_norm_stderr,none")),
+        }
+        if name in n_samples:
+            entry["n"] = int(n_samples[name]["effective"])
+        results[name] = entry
+    for name, samples in (out.get("samples") or {}).items():
+        if name in results:
+            results[name]["per_example"] = per_example(samples)
+    # groups have no n-samples of their own: the sum over their (leaf) subtasks
+    for group, members in out.get("group_subtasks", {}).items():
+        if group in results and "n" not in results[group]:
+            results[group]["n"] = sum(results.get(m, {}).get("n", 0) for m in members)
+    return results

@@ -1,0 +1,296 @@
+"""Results tables in the layout of the paper's Tables 1 and 10: one row per method x sparsity.
+
+Columns: perplexity, accuracy per task (± standard error), the average over tasks, and per-topic
+perplexity in a second table. Written as Markdown and CSV, plus a PNG of average accuracy and
+perplexity against sparsity per method. A run that is missing is listed as missing, not dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import FangError
+from ..core.markdown import markdown_table
+
+
+@dataclass
+class Run:
+    method: str
+    sparsity: float
+    metrics: dict | None  # evaluate's JSON, None when the run is missing
+    prune: dict | None = None  # prune report (achieved sparsity), when there is one
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.method == "dense" else f"{self.method} {self.sparsity:.0%}"
+
+
+def headline_tasks(metrics: dict) -> list[str]:
+    """Tasks reported as columns: every task except per-topic next-sentence subtasks (the group stands for them)."""
+    return [t for t in metrics["tasks"] if not (t.startswith("next_sentence_"))]
+
+
+def task_accuracy(entry: dict) -> tuple[float | None, float | None]:
+    """The task's accuracy and standard error: acc_norm where lm-eval reports it, else acc."""
+    for key in ("acc_norm", "acc"):
+        if entry.get(key) is not None:
+            return entry[key], entry.get(f"{key}_stderr")
+    return None, None
+
+
+def average(values: list[tuple[float | None, float | None]]) -> tuple[float | None, float | None]:
+    """Mean accuracy over tasks and its standard error (independent tasks: sqrt(sum se^2) / n)."""
+    if not values or any(v is None for v, _ in values):
+        return None, None
+    mean = sum(v for v, _ in values) / len(values)
+    ses = [s for _, s in values]
+    se = math.sqrt(sum(s * s for s in ses)) / len(values) if all(s is not None for s in ses) else None
+    return mean, se
+
+
+def fmt_accuracy(value: float | None, se: float | None = None, scale: float = 100.0, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    text = f"{value * scale:.{digits}f}"
+    return f"{text} ± {se * scale:.{digits}f}" if se is not None else text
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Header, formatted rows, and raw records (for CSV) of the main table."""
+    tasks: list[str] = []
+    for run in runs:
+        if run.metrics:
+            tasks += [t for t in headline_tasks(run.metrics) if t not in tasks]
+    header = ["method", "sparsity", "achieved", "PPL", *tasks, "Avg"]
+    rows, records = [], []
+    for run in runs:
+        if run.metrics is None:
+            rows.append([run.method, f"{run.sparsity:.0%}", "missing: run failed or not run", *[""] * (len(header) - 3)])
+            records.append({"method": run.method, "sparsity": run.sparsity, "status": "missing"})
+            continue
+        accs = [task_accuracy(run.metrics["tasks"][t]) if t in run.metrics["tasks"] else (None, None) for t in tasks]
+        avg = average(accs)
+        achieved = run.prune["achieved_sparsity"] if run.prune else (0.0 if run.method == "dense" else None)
+        rows.append([run.method, f"{run.sparsity:.0%}", fmt_accuracy(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
+                     *[fmt_accuracy(v, s) for v, s in accs], fmt_accuracy(*avg)])
+        rec = {"method": run.method, "sparsity": run.sparsity, "status": "ok", "achieved_sparsity": achieved,
+               "ppl": run.metrics["ppl"], "avg": avg[0], "avg_stderr": avg[1]}
+        for t, (v, s) in zip(tasks, accs):
+            rec[t], rec[f"{t}_stderr"] = v, s
+        rec.update({f"ppl_{topic}": v for topic, v in run.metrics.get("ppl_by_topic", {}).items()})
+        records.append(rec)
+    return header, rows, records
+
+
+def topic_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    topics = sorted({t for r in runs if r.metrics for t in r.metrics.get("ppl_by_topic", {})})
+    header = ["method", "sparsity", *topics]
+    rows = []
+    for r in runs:
+        by = (r.metrics or {}).get("ppl_by_topic", {})
+        rows.append([r.method, f"{r.sparsity:.0%}", *[f"{by[t]:.2f}" if t in by else "—" for t in topics]])
+    return header, rows
+
+
+def render(runs: list[Run], comparisons: list[dict] | None = None) -> tuple[str, str]:
+    """(Markdown, CSV) of the whole report."""
+    header, rows, records = table_rows(runs)
+    t_header, t_rows = topic_table(runs)
+    md = ["## Perplexity and zero-shot accuracy",
+          "",
+          "Accuracy in %, ± standard error from lm-eval: acc_norm where the task reports it, else acc. "
+          "Avg = mean over the task columns (its standard error assumes independent tasks). "
+          "achieved = measured fraction of decoder-block parameters removed.",
+          "",
+          markdown_table(header, rows), ""]
+    if comparisons:
+        p_header, p_rows = paired_table(comparisons)
+        md += ["## FANG against its baselines, paired", "", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
+               "Per task and per topic: `paired.json`.", ""]
+    md += ["## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
+    buf = io.StringIO()
+    keys: list[str] = []
+    for rec in records:
+        keys += [k for k in rec if k not in keys]
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(records)
+    return "\n".join(md), buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ paired comparisons
+
+# tasks built from the calibration corpus itself (in-domain); every other task is out of domain
+IN_DOMAIN_PREFIXES = ("next_sentence",)
+
+
+def is_in_domain(task: str) -> bool:
+    return task.startswith(IN_DOMAIN_PREFIXES)
+
+
+def base_method(name: str) -> str:
+    return name.split("+")[0]
+
+
+def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(method variant, baseline) pairs among the sweep's rows: every row of a method whose registry line
+    names a baseline against every row of that baseline (f_fang* against flap*, o_fang* against obc*,
+    obc_iter excluded: another algorithm)."""
+    from ..methods.registry import REGISTRY
+
+    pairs = []
+    for m in methods:
+        spec = REGISTRY.get(base_method(m))
+        if spec is not None and spec.baseline:
+            pairs += [(m, b) for b in methods if base_method(b) == spec.baseline]
+    return pairs
+
+
+def paired_examples(metrics: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per headline task its per-question scores (a group pools its subtasks) and the metric shown."""
+    tasks = metrics["tasks"]
+    examples, metric_of = {}, {}
+    for task in headline_tasks(metrics):
+        entry = tasks[task]
+        metric = "acc_norm" if entry.get("acc_norm") is not None else "acc"
+        if "per_example" in entry:
+            examples[task] = entry["per_example"]
+        else:  # a group: pool its subtasks, doc ids made unique per subtask
+            subs = sorted(t for t in tasks if t.startswith(f"{task}_") and "per_example" in tasks[t])
+            if not subs:
+                continue
+            pooled: dict[str, list] = {"doc_id": [], metric: []}
+            for i, sub in enumerate(subs):
+                pe = tasks[sub]["per_example"]
+                pooled["doc_id"] += [i * 1_000_000 + d for d in pe["doc_id"]]
+                pooled[metric] += pe[metric]
+            examples[task] = pooled
+        metric_of[task] = metric
+    return examples, metric_of
+
+
+def compare_runs(a: Run, b: Run) -> dict:
+    """B against A, paired: perplexity (overall and per topic), accuracy per task, averages over all,
+    in-domain and out-of-domain tasks. Values are Comparison.as_dict()."""
+    from .paired import accuracy_difference, perplexity_differences
+
+    out: dict = {"a": a.label, "b": b.label}
+    out["perplexity"] = {k: c.as_dict() for k, c in
+                         perplexity_differences(a.metrics.get("ppl_windows"), b.metrics.get("ppl_windows")).items()}
+    ex_a, metric_of = paired_examples(a.metrics)
+    ex_b, _ = paired_examples(b.metrics)
+    common = [t for t in ex_a if t in ex_b]
+    groups = {"all": common, "in_domain": [t for t in common if is_in_domain(t)],
+              "out_of_domain": [t for t in common if not is_in_domain(t)]}
+    out["accuracy"] = {}
+    for group, tasks in groups.items():
+        if not tasks:
+            continue
+        res = accuracy_difference({t: ex_a[t] for t in tasks}, {t: ex_b[t] for t in tasks}, metric_of)
+        if group == "all":
+            out["accuracy"].update({t: res[t].as_dict() for t in tasks})
+        out["accuracy"][f"average_{group}"] = res["average"].as_dict()
+    return out
+
+
+def fmt_comparison(c: dict | None, scale: float = 100.0, unit: str = "") -> str:
+    if c is None:
+        return "—"
+    return (f"{c['estimate'] * scale:+.1f}{unit} [{c['low'] * scale:+.1f}, {c['high'] * scale:+.1f}] "
+            f"**{c['verdict']}**")
+
+
+def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["FANG", "baseline", "sparsity", "PPL change", "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
+    rows = []
+    for c in comparisons:
+        acc = c.get("accuracy", {})
+        rows.append([c["fang"], c["baseline"], f"{c['sparsity']:.0%}",
+                     fmt_comparison(c.get("perplexity", {}).get("overall"), unit="%"),
+                     fmt_comparison(acc.get("average_all")), fmt_comparison(acc.get("average_out_of_domain")),
+                     fmt_comparison(acc.get("average_in_domain"))])
+    return header, rows
+
+
+def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float]) -> list[dict]:
+    """Every (FANG variant, baseline) pair at every sparsity where both runs exist, compared paired."""
+    by_key = {(r.method, r.sparsity): r for r in runs if r.metrics}
+    out = []
+    for fang_m, base_m in comparison_pairs(methods):
+        for sp in sparsities:
+            a, b = by_key.get((base_m, sp)), by_key.get((fang_m, sp))
+            if a is None or b is None:
+                continue
+            try:
+                res = compare_runs(a, b)
+            except FangError as exc:  # an old metrics file without per-question scores
+                res = {"error": str(exc)}
+            out.append({"fang": fang_m, "baseline": base_m, "sparsity": sp, **res})
+    return out
+
+
+PAIRED_NOTE = (
+    "FANG minus baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
+    "in brackets; the word is read from the interval (better / worse / no detectable difference). "
+    "PPL change = PPL_FANG / PPL_baseline - 1 (negative is better); accuracy in points. "
+    "In-domain = tasks built from the calibration corpus (next-sentence); out-of-domain = the rest."
+)
+
+
+README_START = "<!-- report:start -->"
+README_END = "<!-- report:end -->"
+
+
+def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: list[dict] | None = None) -> str:
+    """The README block: the method x sparsity table and the paired verdicts (per-topic perplexity
+    stays in results.md)."""
+    header, rows, _ = table_rows(runs)
+    lines = [f"<!-- generated by `fang report --readme` on {when}; rerun it instead of editing -->", "",
+             "Accuracy in %, ± standard error from lm-eval (acc_norm where the task has it, else acc); Avg = mean "
+             "over the task columns; achieved = measured fraction of decoder-block parameters removed.", "",
+             markdown_table(header, rows)]
+    if comparisons:
+        p_header, p_rows = paired_table(comparisons)
+        lines += ["", PAIRED_NOTE, "", markdown_table(p_header, p_rows)]
+    if image:
+        lines += ["", f"![average accuracy and perplexity against sparsity]({image})"]
+    lines += ["", "Per-topic perplexity: `artifacts/report/results.md` and `results.csv`."]
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, _, records = table_rows(runs)
+    ok = [r for r in records if r["status"] == "ok"]
+    dense = next((r for r in ok if r["method"] == "dense"), None)
+    fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in ok if r["method"] != "dense"):
+        pts = sorted((r["sparsity"], r["avg"], r["avg_stderr"] or 0.0, r["ppl"]) for r in ok if r["method"] == method)
+        if dense:
+            pts = [(0.0, dense["avg"], dense["avg_stderr"] or 0.0, dense["ppl"])] + pts
+        xs = [p[0] * 100 for p in pts]
+        ax_acc.errorbar(xs, [p[1] * 100 for p in pts], yerr=[p[2] * 100 for p in pts], marker="o", capsize=3, label=method)
+        ax_ppl.plot(xs, [p[3] for p in pts], marker="o", label=method)
+    ax_acc.set(xlabel="sparsity (%)", ylabel="average accuracy (%)", title="Average zero-shot accuracy")
+    ax_ppl.set(xlabel="sparsity (%)", ylabel="perplexity", title="Test perplexity", yscale="log")
+    for ax in (ax_acc, ax_ppl):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,175 @@
+"""Screening evaluation tasks for signal: keep only tasks the dense model does clearly above chance.
+
+A task on which the dense model is at chance cannot show what pruning destroyed; one on which it
+always gives the same answer (winowhy on SmolLM2-135M) cannot separate two pruned models either.
+Both only dilute an average. The screen runs the dense model in two passes:
+
+1. probe: the first `probe_examples` questions of every affordable candidate (enough questions to
+   resolve a few points, few enough choices x questions to evaluate on every sweep model);
+2. full: every question of the candidates the probe found above chance, where the decision is made:
+   accuracy at least `min_z` standard errors above chance, and not a constant answer. Candidates
+   go through it by decreasing probe signal until the kept ones fill the dev-set budget.
+
+The dev set is then the kept tasks by strength of signal (z) until the per-model request budget is
+spent. Everything here is pure bookkeeping on numbers; `stages/screen_tasks.py` runs the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from ..core.errors import require
+
+CONSTANT_ANSWER = 0.95  # share of questions answered with the same choice index above which a task is degenerate
+
+
+@dataclass
+class Candidate:
+    """One task through the screen (accuracy = the metric the report shows: acc_norm, else acc)."""
+
+    name: str
+    n_examples: int
+    mean_choices: float
+    chance: float
+    probe: dict | None = None  # {"n", "acc", "stderr", "z"}
+    full: dict | None = None  # {"n", "acc", "stderr", "z", "constant_share"}
+    decision: str = "not screened"  # kept | dropped: <reason> | not screened: <reason>
+    max_tokens: int | None = None  # longest question + choice in tokens (None: not measured)
+    in_dev_set: bool = False
+
+    @property
+    def requests(self) -> int:
+        """Loglikelihood requests of one full evaluation (one per choice per question)."""
+        return int(round(self.n_examples * self.mean_choices))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "requests": self.requests}
+
+
+def z_above_chance(acc: float, stderr: float | None, chance: float) -> float:
+    """Standard errors above chance; a zero standard error (all right or all wrong) counts as +-inf."""
+    if stderr is None or stderr <= 0:
+        return math.inf if acc > chance else -math.inf
+    return (acc - chance) / stderr
+
+
+def constant_share(preds: list[int] | None) -> float | None:
+    """Share of questions answered with the most common choice index (1.0 = always the same answer)."""
+    if not preds:
+        return None
+    return Counter(preds).most_common(1)[0][1] / len(preds)
+
+
+def affordable(candidates: list[Candidate], min_examples: int, max_task_requests: int,
+               exclude: list[str] = (), max_request_tokens: int | None = None) -> list[Candidate]:
+    """Candidates big enough to resolve a few points and cheap enough to evaluate on every model;
+    the others are marked with the reason. A task with a very long question costs its length
+    squared in attention and, at lm-eval's batch size, more memory than a CPU machine has: such
+    a task cannot be in a dev set that every sweep model runs, so `max_request_tokens` leaves it out."""
+    out = []
+    for c in candidates:
+        if c.name in exclude:
+            c.decision = "not screened: excluded in screen.exclude"
+        elif c.n_examples < min_examples:
+            c.decision = f"not screened: {c.n_examples} questions < screen.min_examples={min_examples}"
+        elif c.requests > max_task_requests:
+            c.decision = f"not screened: {c.requests} requests > screen.max_task_requests={max_task_requests}"
+        elif max_request_tokens and c.max_tokens is not None and c.max_tokens > max_request_tokens:
+            c.decision = (f"not screened: a question of {c.max_tokens} tokens > "
+                          f"screen.max_request_tokens={max_request_tokens}")
+        else:
+            out.append(c)
+    return out
+
+
+def score(result: dict, preds: list[int] | None = None) -> dict:
+    """{"n", "acc", "stderr"} of one lm-eval task result (acc_norm where reported), + constant share."""
+    key = "acc_norm" if result.get("acc_norm") is not None else "acc"
+    return {"n": int(result.get("n", 0)), "acc": float(result[key]), "stderr": result.get(f"{key}_stderr"),
+            "metric": key, "constant_share": constant_share(preds)}
+
+
+def decide_probe(c: Candidate, probe: dict, probe_min_z: float) -> bool:
+    c.probe = {**probe, "z": z_above_chance(probe["acc"], probe["stderr"], c.chance)}
+    if c.probe["z"] < probe_min_z:
+        c.decision = f"dropped: probe {c.probe['acc']:.3f} on {probe['n']} questions is < {probe_min_z} se above chance {c.chance:.3f}"
+        return False
+    return True
+
+
+def decide_full(c: Candidate, full: dict, min_z: float) -> bool:
+    c.full = {**full, "z": z_above_chance(full["acc"], full["stderr"], c.chance)}
+    share = full.get("constant_share")
+    if share is not None and share > CONSTANT_ANSWER:
+        c.decision = f"dropped: the same answer on {share:.0%} of questions"
+        return False
+    if c.full["z"] < min_z:
+        c.decision = f"dropped: {c.full['acc']:.3f} is {c.full['z']:.1f} se above chance {c.chance:.3f} (< {min_z})"
+        return False
+    c.decision = "kept"
+    return True
+
+
+def confirm_within_budget(survivors: list[Candidate], evaluate_full, min_z: float, max_total_requests: int) -> None:
+    """The full pass, in order of probe signal, stopping once kept tasks fill the dev-set budget.
+
+    A task that can no longer enter the dev set is not worth every question of the dense model:
+    with 80 candidates, a third pass a 30-question probe, and their full evaluation alone would
+    cost hours on CPU. `evaluate_full(candidate)` returns its `score` on every question."""
+    spent = 0
+    for c in sorted(survivors, key=lambda c: (-c.probe["z"], c.name)):
+        if spent + c.requests > max_total_requests:
+            c.decision = (f"not screened: passed the probe, but tasks with a stronger probe already filled "
+                          f"the dev-set budget ({spent} of {max_total_requests} requests)")
+            continue
+        if decide_full(c, evaluate_full(c), min_z):
+            spent += c.requests
+
+
+def choose_dev_set(candidates: list[Candidate], max_total_requests: int) -> list[str]:
+    """Kept tasks by decreasing z until the per-model request budget is spent (names, in that order)."""
+    require(max_total_requests > 0, f"screen.max_total_requests={max_total_requests} must be positive")
+    kept = sorted((c for c in candidates if c.decision == "kept"), key=lambda c: (-c.full["z"], c.name))
+    chosen, spent = [], 0
+    for c in kept:
+        if spent + c.requests <= max_total_requests:
+            chosen.append(c.name)
+            spent += c.requests
+            c.in_dev_set = True
+        else:
+            c.decision = f"kept, not in the dev set: over the budget of {max_total_requests} requests"
+    return chosen
+
+
+@dataclass
+class ScreenResult:
+    model: str
+    candidates: list[Candidate] = field(default_factory=list)
+    dev_set: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "settings": self.settings, "dev_set": self.dev_set,
+                "dev_set_requests": sum(c.requests for c in self.candidates if c.in_dev_set),
+                "candidates": [c.as_dict() for c in self.candidates]}
+
+
+def markdown(result: dict, screened_only: bool = True) -> str:
+    """Table of the screen: task, questions, chance, dense accuracy (probe and full), decision."""
+    rows = [c for c in result["candidates"] if not (screened_only and c["probe"] is None and c["full"] is None)]
+    rows.sort(key=lambda c: (not c["in_dev_set"], -(c["full"] or c["probe"] or {"z": -1e9})["z"], c["name"]))
+    lines = ["| task | questions | choices | chance | dense probe | dense full (± se) | z | decision |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        probe = f"{c['probe']['acc'] * 100:.1f} (n={c['probe']['n']})" if c["probe"] else "—"
+        full = f"{c['full']['acc'] * 100:.1f} ± {c['full']['stderr'] * 100:.1f}" if c["full"] and c["full"]["stderr"] else "—"
+        z = f"{c['full']['z']:.1f}" if c["full"] else (f"{c['probe']['z']:.1f} (probe)" if c["probe"] else "—")
+        decision = ("**dev set**" if c["in_dev_set"] else c["decision"]).replace("|", "/")
+        lines.append(f"| {c['name']} | {c['n_examples']} | {c['mean_choices']:.1f} | {c['chance'] * 100:.1f} | {probe} | "
+                     f"{full} | {z} | {decision} |")
+    skipped = Counter(c["decision"].split(":")[0] for c in result["candidates"] if c["probe"] is None and c["full"] is None)
+    note = (f"{len(result['candidates'])} BIG-bench multiple-choice tasks considered; "
+            + ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())) + "." if skipped else "")
+    return "\n".join([note, "", *lines]) if note else "\n".join(lines)

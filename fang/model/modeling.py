@@ -1,0 +1,68 @@
+"""Loading causal LMs and reaching into their decoder blocks.
+
+Supported: LLaMA-style decoders (LLaMA 1/2/3, SmolLM2, Qwen2/2.5, Mistral) whose blocks have
+`self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.errors import FangError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
+DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise FangError(f"unsupported model {type(model).__name__}: expected model.model.layers (a LLaMA-style decoder)")
+    return layers
+
+
+def check_supported(config) -> None:
+    """Reject a non-LLaMA-style config (a transformers config or config.json as a dict)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise FangError(
+            f"unsupported model type {model_type!r}: fang prunes LLaMA-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def attention_geometry(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of the dense config."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, head_dim
+
+
+def load_dense(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """Load a dense HF checkpoint directory (as written by `fetch_model`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..core.integrity import check_safetensors_dir, read_config
+
+    path = Path(path)
+    # config.json and the file headers first: a wrong model or a cut file fails before GBs are read
+    check_supported(read_config(path))
+    check_safetensors_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE_BY_NAME[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise FangError(f"could not load the model at {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+    check_supported(model.config)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def count_block_params(model: nn.Module) -> int:
+    """Parameters inside decoder blocks: what structured pruning removes (embeddings and head excluded)."""
+    return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
