@@ -50,11 +50,19 @@ def bigbench_candidates(source) -> tuple[list[Candidate], dict[str, list[dict]]]
     return out, examples_of
 
 
-def longest_request(tokenizer, examples: list[dict]) -> int:
-    """Tokens of the longest question + its longest choice (the prompt template adds a few more)."""
-    q = tokenizer([str(e.get("input", "")) for e in examples], add_special_tokens=False)["input_ids"]
-    a = tokenizer([" " + max(map(str, e["target_scores"]), key=len) for e in examples], add_special_tokens=False)["input_ids"]
-    return max(len(x) + len(y) for x, y in zip(q, a))
+def evaluation_tokens(tokenizer, questions: list[str], choices: list[list[str]]) -> tuple[int, int]:
+    """(tokens one full evaluation runs with shared contexts: every question once + every choice,
+    tokens of the longest question + its longest choice); the prompt template adds a few more."""
+    q = tokenizer([str(x) for x in questions], add_special_tokens=False)["input_ids"]
+    flat = [" " + str(a) for cs in choices for a in cs]
+    lens = [len(t) for t in tokenizer(flat, add_special_tokens=False)["input_ids"]] if flat else []
+    total, longest, at = 0, 0, 0
+    for qq, cs in zip(q, choices):
+        mine = lens[at: at + len(cs)]
+        at += len(cs)
+        total += len(qq) + sum(mine)
+        longest = max(longest, len(qq) + max(mine, default=0))
+    return total, longest
 
 
 def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit: int | None, batch: int) -> dict:
@@ -91,8 +99,11 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     # sizes first (free), then the token length of what is left (tokenizing every BIG-bench task is slow)
     sized = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude)
     for c in sized:
-        c.max_tokens = longest_request(tokenizer, examples_of[c.name])
-    pool = affordable(sized, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens) + [ns]
+        ex = examples_of[c.name]
+        c.tokens, c.max_tokens = evaluation_tokens(tokenizer, [e.get("input", "") for e in ex],
+                                                   [list(e["target_scores"]) for e in ex])
+    pool = affordable(sized, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens,
+                      p.max_task_tokens) + [ns]
     with tempfile.TemporaryDirectory(prefix="fang-screen-") as tmp:
         task_dir = Path(tmp) / "tasks"
         manifest = build_task_folder([c.name for c in pool], source, test_rows, task_dir,
@@ -102,21 +113,24 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
             c.n_examples, c.chance = int(entry["n_examples"]), float(entry["chance_acc"])
             if c.name == NEXT_SENTENCE:
                 c.mean_choices = 4.0
+                rows = [r for f in sorted(task_dir.glob(f"{NEXT_SENTENCE}*.jsonl")) for r in read_jsonl(f)]
+                c.tokens, c.max_tokens = evaluation_tokens(tokenizer, [r["context"] for r in rows],
+                                                           [r["choices"] for r in rows])
             lm_names[c.name] = entry["lm_eval_tasks"][0]
         console.print(f"screen: probing {len(pool)} of {len(candidates) + 1} tasks on {p.probe_examples} questions each")
         probe = _evaluate(model, tokenizer, task_dir, lm_names, p.probe_examples, p.batch_size)
         survivors = [c for c in pool if decide_probe(c, _scored(probe, lm_names[c.name]), p.probe_min_z)]
         console.print(f"screen: {len(survivors)} above chance in the probe; every question of the strongest, "
-                      f"until kept tasks fill {p.max_total_requests} requests")
+                      f"until kept tasks fill {p.max_total_tokens} tokens")
 
         def evaluate_full(c: Candidate) -> dict:
             full = _evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name]}, None, p.batch_size)
             console.print(f"screen: {c.name}: {_scored(full, lm_names[c.name])['acc']:.3f} on every question")
             return _scored(full, lm_names[c.name])
 
-        confirm_within_budget(survivors, evaluate_full, p.min_z, p.max_total_requests)
+        confirm_within_budget(survivors, evaluate_full, p.min_z, p.max_total_tokens)
     result = ScreenResult(str(paths.MODEL), candidates + [ns], settings=vars(p).copy())
-    result.dev_set = choose_dev_set(result.candidates, p.max_total_requests)
+    result.dev_set = choose_dev_set(result.candidates, p.max_total_tokens)
     out = result.as_dict()
     with atomic_dir(paths.SCREEN) as tmp:
         import json
@@ -129,9 +143,12 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
 def readme_note(result: dict) -> str:
     s = result["settings"]
     return (f"Dense model `{result['model']}`. Candidates: BIG-bench multiple-choice tasks with at least "
-            f"{s['min_examples']} questions and at most {s['max_task_requests']} requests (questions × choices), "
-            f"plus next-sentence. Probe on {s['probe_examples']} random questions (kept if ≥ {s['probe_min_z']} "
-            f"standard errors above chance), then every question: kept if ≥ {s['min_z']} standard errors above "
-            f"chance and not the same answer on more than 95% of questions. Dev set = kept tasks by decreasing z "
-            f"within {s['max_total_requests']} requests per evaluated model: "
-            f"**{', '.join(result['dev_set']) or 'none'}** ({result['dev_set_requests']} requests).")
+            f"{s['min_examples']} questions, at most {s['max_task_requests']} requests (questions × choices), "
+            f"no question + choice over {s['max_request_tokens']} tokens and at most {s['max_task_tokens']:,} tokens "
+            f"per evaluation (each question once + every choice), plus next-sentence. Probe on "
+            f"{s['probe_examples']} questions (kept if ≥ {s['probe_min_z']} standard errors above chance), then "
+            f"every question, by decreasing probe signal until the budget is filled: kept if ≥ {s['min_z']} "
+            f"standard errors above chance and not the same answer on more than 95% of questions. Dev set = kept "
+            f"tasks by decreasing z within {s['max_total_tokens']:,} tokens per evaluated model: "
+            f"**{', '.join(result['dev_set']) or 'none'}** ({result.get('dev_set_tokens', 0):,} tokens, "
+            f"{result['dev_set_requests']} requests).")

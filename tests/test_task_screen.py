@@ -69,9 +69,9 @@ def test_dev_set_takes_strongest_tasks_within_budget():
     cands = []
     for name, n, z in (("a", 300, 8.0), ("b", 400, 5.0), ("c", 200, 4.0)):
         c = Candidate(name, n, 4, 0.25)
-        c.decision, c.full = "kept", {"z": z}
+        c.decision, c.full, c.tokens = "kept", {"z": z}, 4 * n
         cands.append(c)
-    chosen = choose_dev_set(cands, max_total_requests=2100)  # a: 1200, b: 1600 (over), c: 800
+    chosen = choose_dev_set(cands, max_total_tokens=2100)  # a: 1200, b: 1600 (over), c: 800
     assert chosen == ["a", "c"] and cands[0].in_dev_set and not cands[1].in_dev_set
     assert "over the budget" in cands[1].decision
     with pytest.raises(FangError):
@@ -83,6 +83,7 @@ def test_score_uses_the_reported_metric_and_markdown_lists_decisions():
     assert s["acc"] == 0.5 and s["stderr"] == 0.03 and s["metric"] == "acc_norm"
     assert s["constant_share"] == pytest.approx(2 / 3)
     c = Candidate("good", 300, 4, 0.25)
+    c.tokens = 1000
     decide_probe(c, {"n": 30, "acc": 0.6, "stderr": 0.09}, 1.0)
     decide_full(c, {"n": 300, "acc": 0.5, "stderr": 0.029, "constant_share": 0.4}, 3.0)
     r = ScreenResult("m", [c, Candidate("tiny", 10, 2, 0.5, decision="not screened: small")])
@@ -97,6 +98,7 @@ def test_full_pass_stops_once_the_budget_is_filled():
     def cand(name, n, z):
         c = Candidate(name, n, 2, 0.5)
         c.probe = {"n": 30, "acc": 0.7, "stderr": 0.08, "z": z}
+        c.tokens = 2 * n
         return c
 
     strong, big, weak_kept, weakest = cand("strong", 1000, 5.0), cand("big", 2000, 4.0), cand("small", 500, 3.0), cand("weakest", 400, 2.0)
@@ -106,9 +108,29 @@ def test_full_pass_stops_once_the_budget_is_filled():
         evaluated.append(c.name)
         return {"n": c.n_examples, "acc": 0.8, "stderr": 0.01, "constant_share": 0.5}
 
-    # budget 3200 requests: strong (2000) is kept, big (4000) no longer fits, small (1000) does; weakest would overflow
-    confirm_within_budget([weakest, big, weak_kept, strong], evaluate_full, min_z=3.0, max_total_requests=3200)
+    # budget 3200 tokens: strong (2000) is kept, big (4000) no longer fits, small (1000) does; weakest would overflow
+    confirm_within_budget([weakest, big, weak_kept, strong], evaluate_full, min_z=3.0, max_total_tokens=3200)
     assert evaluated == ["strong", "small"]
     assert strong.decision == weak_kept.decision == "kept"
     assert "already filled" in big.decision and "already filled" in weakest.decision
     assert sorted(choose_dev_set([strong, big, weak_kept, weakest], 3200)) == ["small", "strong"]
+
+
+def test_token_costs_leave_out_expensive_tasks_and_must_be_measured():
+    cheap, dear = Candidate("cheap", 300, 2, 0.5), Candidate("dear", 300, 2, 0.5)
+    cheap.tokens, dear.tokens = 10_000, 200_000  # same requests, 20x the tokens (long reviews vs short questions)
+    kept = affordable([cheap, dear], min_examples=100, max_task_requests=2000, max_task_tokens=60_000)
+    assert kept == [cheap] and "200000 tokens per evaluation > screen.max_task_tokens=60000" in dear.decision
+    unmeasured = Candidate("u", 300, 2, 0.5)
+    unmeasured.decision, unmeasured.full = "kept", {"z": 5.0}
+    with pytest.raises(FangError, match="not measured"):
+        choose_dev_set([unmeasured], 1000)
+
+
+def test_evaluation_tokens_counts_each_question_once_and_every_choice():
+    from helpers_tokenizer import tiny_tokenizer  # one token per character
+    from stages.screen_tasks import evaluation_tokens
+
+    total, longest = evaluation_tokens(tiny_tokenizer(), ["abcd", "ef"], [["x", "yz"], ["uvw"]])
+    # choices are scored with a leading space: " x" 2, " yz" 3, " uvw" 4
+    assert total == (4 + 2 + 3) + (2 + 4) and longest == 4 + 3

@@ -315,7 +315,8 @@ class ScreenParams:
     probe_examples: int = 30  # first pass: questions per candidate
     probe_min_z: float = 1.0  # first pass keeps candidates this many standard errors above chance
     min_z: float = 3.0  # the decision (all questions): at least this many standard errors above chance
-    max_total_requests: int = 4500  # dev-set budget per evaluated model (~11 min at 7 requests/s on 2 cores)
+    max_task_tokens: int = 60000  # tokens one task's full evaluation may run (every question once + every choice)
+    max_total_tokens: int = 300000  # dev-set budget per evaluated model, in tokens (minutes on 2 cores; README)
     max_request_tokens: int = 1024  # longest question + choice a candidate may have (tokens); longer ones cost minutes each on CPU
     exclude: list[str] = field(default_factory=list)  # tasks never considered
     batch_size: int = 8
@@ -324,9 +325,10 @@ class ScreenParams:
         require(self.min_examples > 0, f"screen.min_examples={self.min_examples} must be positive")
         require(self.max_task_requests > 0, f"screen.max_task_requests={self.max_task_requests} must be positive")
         require(self.probe_examples > 1, f"screen.probe_examples={self.probe_examples} must be > 1")
-        require(self.max_total_requests >= self.max_task_requests,
-                f"screen.max_total_requests={self.max_total_requests} is below one task's cap "
-                f"screen.max_task_requests={self.max_task_requests}")
+        require(self.max_task_tokens > 0, f"screen.max_task_tokens={self.max_task_tokens} must be positive")
+        require(self.max_total_tokens >= self.max_task_tokens,
+                f"screen.max_total_tokens={self.max_total_tokens} is below one task's cap "
+                f"screen.max_task_tokens={self.max_task_tokens}")
         require(self.batch_size > 0, "screen.batch_size must be positive")
         require(self.max_request_tokens > 0, f"screen.max_request_tokens={self.max_request_tokens} must be positive")
 

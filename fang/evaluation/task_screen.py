@@ -37,6 +37,7 @@ class Candidate:
     full: dict | None = None  # {"n", "acc", "stderr", "z", "constant_share"}
     decision: str = "not screened"  # kept | dropped: <reason> | not screened: <reason>
     max_tokens: int | None = None  # longest question + choice in tokens (None: not measured)
+    tokens: int | None = None  # tokens one full evaluation runs: every question once + every choice (shared contexts)
     in_dev_set: bool = False
 
     @property
@@ -63,7 +64,8 @@ def constant_share(preds: list[int] | None) -> float | None:
 
 
 def affordable(candidates: list[Candidate], min_examples: int, max_task_requests: int,
-               exclude: list[str] = (), max_request_tokens: int | None = None) -> list[Candidate]:
+               exclude: list[str] = (), max_request_tokens: int | None = None,
+               max_task_tokens: int | None = None) -> list[Candidate]:
     """Candidates big enough to resolve a few points and cheap enough to evaluate on every model;
     the others are marked with the reason. A task with a very long question costs its length
     squared in attention and, at lm-eval's batch size, more memory than a CPU machine has: such
@@ -79,6 +81,8 @@ def affordable(candidates: list[Candidate], min_examples: int, max_task_requests
         elif max_request_tokens and c.max_tokens is not None and c.max_tokens > max_request_tokens:
             c.decision = (f"not screened: a question of {c.max_tokens} tokens > "
                           f"screen.max_request_tokens={max_request_tokens}")
+        elif max_task_tokens and c.tokens is not None and c.tokens > max_task_tokens:
+            c.decision = f"not screened: {c.tokens} tokens per evaluation > screen.max_task_tokens={max_task_tokens}"
         else:
             out.append(c)
     return out
@@ -112,7 +116,12 @@ def decide_full(c: Candidate, full: dict, min_z: float) -> bool:
     return True
 
 
-def confirm_within_budget(survivors: list[Candidate], evaluate_full, min_z: float, max_total_requests: int) -> None:
+def _cost(c: Candidate) -> int:
+    require(c.tokens is not None, f"task {c.name}: its evaluation cost in tokens was not measured")
+    return c.tokens
+
+
+def confirm_within_budget(survivors: list[Candidate], evaluate_full, min_z: float, max_total_tokens: int) -> None:
     """The full pass, in order of probe signal, stopping once kept tasks fill the dev-set budget.
 
     A task that can no longer enter the dev set is not worth every question of the dense model:
@@ -120,26 +129,28 @@ def confirm_within_budget(survivors: list[Candidate], evaluate_full, min_z: floa
     cost hours on CPU. `evaluate_full(candidate)` returns its `score` on every question."""
     spent = 0
     for c in sorted(survivors, key=lambda c: (-c.probe["z"], c.name)):
-        if spent + c.requests > max_total_requests:
+        if spent + _cost(c) > max_total_tokens:
             c.decision = (f"not screened: passed the probe, but tasks with a stronger probe already filled "
-                          f"the dev-set budget ({spent} of {max_total_requests} requests)")
+                          f"the dev-set budget ({spent} of {max_total_tokens} tokens)")
             continue
         if decide_full(c, evaluate_full(c), min_z):
-            spent += c.requests
+            spent += _cost(c)
 
 
-def choose_dev_set(candidates: list[Candidate], max_total_requests: int) -> list[str]:
-    """Kept tasks by decreasing z until the per-model request budget is spent (names, in that order)."""
-    require(max_total_requests > 0, f"screen.max_total_requests={max_total_requests} must be positive")
+def choose_dev_set(candidates: list[Candidate], max_total_tokens: int) -> list[str]:
+    """Kept tasks by decreasing z until the per-model token budget is spent (names, in that order).
+    Tokens, not requests, are what an evaluation costs: BIG-bench tasks range from 1k to 800k tokens
+    at similar request counts."""
+    require(max_total_tokens > 0, f"screen.max_total_tokens={max_total_tokens} must be positive")
     kept = sorted((c for c in candidates if c.decision == "kept"), key=lambda c: (-c.full["z"], c.name))
     chosen, spent = [], 0
     for c in kept:
-        if spent + c.requests <= max_total_requests:
+        if spent + _cost(c) <= max_total_tokens:
             chosen.append(c.name)
-            spent += c.requests
+            spent += _cost(c)
             c.in_dev_set = True
         else:
-            c.decision = f"kept, not in the dev set: over the budget of {max_total_requests} requests"
+            c.decision = f"kept, not in the dev set: over the budget of {max_total_tokens} tokens"
     return chosen
 
 
@@ -153,6 +164,7 @@ class ScreenResult:
     def as_dict(self) -> dict:
         return {"model": self.model, "settings": self.settings, "dev_set": self.dev_set,
                 "dev_set_requests": sum(c.requests for c in self.candidates if c.in_dev_set),
+                "dev_set_tokens": sum(c.tokens or 0 for c in self.candidates if c.in_dev_set),
                 "candidates": [c.as_dict() for c in self.candidates]}
 
 
@@ -160,14 +172,15 @@ def markdown(result: dict, screened_only: bool = True) -> str:
     """Table of the screen: task, questions, chance, dense accuracy (probe and full), decision."""
     rows = [c for c in result["candidates"] if not (screened_only and c["probe"] is None and c["full"] is None)]
     rows.sort(key=lambda c: (not c["in_dev_set"], -(c["full"] or c["probe"] or {"z": -1e9})["z"], c["name"]))
-    lines = ["| task | questions | choices | chance | dense probe | dense full (± se) | z | decision |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | questions | choices | tokens | chance | dense probe | dense full (± se) | z | decision |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in rows:
         probe = f"{c['probe']['acc'] * 100:.1f} (n={c['probe']['n']})" if c["probe"] else "—"
         full = f"{c['full']['acc'] * 100:.1f} ± {c['full']['stderr'] * 100:.1f}" if c["full"] and c["full"]["stderr"] else "—"
         z = f"{c['full']['z']:.1f}" if c["full"] else (f"{c['probe']['z']:.1f} (probe)" if c["probe"] else "—")
         decision = ("**dev set**" if c["in_dev_set"] else c["decision"]).replace("|", "/")
-        lines.append(f"| {c['name']} | {c['n_examples']} | {c['mean_choices']:.1f} | {c['chance'] * 100:.1f} | {probe} | "
+        tokens = f"{c['tokens']:,}" if c.get("tokens") is not None else "—"
+        lines.append(f"| {c['name']} | {c['n_examples']} | {c['mean_choices']:.1f} | {tokens} | {c['chance'] * 100:.1f} | {probe} | "
                      f"{full} | {z} | {decision} |")
     skipped = Counter(c["decision"].split(":")[0] for c in result["candidates"] if c["probe"] is None and c["full"] is None)
     note = (f"{len(result['candidates'])} BIG-bench multiple-choice tasks considered; "
