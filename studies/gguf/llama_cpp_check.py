@@ -1,0 +1,250 @@
+"""Serve fang checkpoints with llama.cpp: export each as GGUF, check it against transformers, time it.
+
+Needs llama-cpp-python (not a fang dependency: it builds llama.cpp from source), e.g.
+
+    python -m venv /tmp/llenv --system-site-packages && /tmp/llenv/bin/pip install llama-cpp-python
+    /tmp/llenv/bin/python studies/gguf/llama_cpp_check.py --model artifacts/model --model artifacts/pruned
+
+For every model: `fang export --gguf` (kept in --out), then
+- agreement: llama.cpp's logits at every position of a few prompts against transformers' (fang's
+  loader) on the same token ids: max |difference| and top-1 agreement; the tokenizations compared;
+- speed: prompt processing (one batch of --prompt-len tokens) and generation (--new-tokens
+  single-token steps after it) in tokens/s, the models interleaved in --repeats rounds, median
+  reported, with the 1-minute load average read before every measurement.
+Writes report.json and report.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = [
+    "The history of the city begins in the twelfth century, when",
+    "Photosynthesis is the process by which green plants",
+    "In 1969, the Apollo 11 mission landed two astronauts on the Moon. The",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three largest countries by area are Russia, Canada and",
+]
+
+
+QUANT_TYPES = {"q8_0": 7, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+
+
+def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
+    """llama.cpp's own quantizer (what `llama-quantize` runs): a matrix whose rows do not split into its blocks
+    (32 values for q8_0/q4_0) stays F16 -- with pruning that is any FFN width that is not a multiple of 32."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {kind}) failed with {rc}")
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def agreement(model_dir: str, gguf_path: Path, threads: int, greedy_tokens: int) -> dict:
+    import llama_cpp
+    import torch
+
+    from fang.modeling import load_any
+
+    model, tokenizer = load_any(model_dir)
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                          logits_all=True, verbose=False)
+    rows, same_tokens = [], True
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        same_tokens &= llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+        # greedy continuation by transformers, then both score the whole sequence
+        with torch.no_grad():
+            full = model.generate(torch.tensor([ids]), max_new_tokens=greedy_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)[0].tolist()
+        llm.reset()
+        llm.eval(full)
+        got = np.asarray(llm.scores[: len(full)], dtype=np.float64)
+        want = hf_logits(model, full)
+        diff = np.abs(got - want)
+        rows.append({
+            "prompt_tokens": len(ids), "tokens": len(full),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "logit_scale": float(np.abs(want).max()),
+            "top1_agree": float((got.argmax(-1) == want.argmax(-1)).mean()),
+            # the greedy continuation as llama.cpp would pick it, token by token, from the same prefix
+            "greedy_agree": float((got[len(ids) - 1 : -1].argmax(-1) == np.asarray(full[len(ids):])).mean()),
+        })
+    llm.close()
+    return {
+        "tokenization_identical": bool(same_tokens),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+        "mean_abs_diff": float(np.mean([r["mean_abs_diff"] for r in rows])),
+        "top1_agree": float(np.mean([r["top1_agree"] for r in rows])),
+        "greedy_agree": float(np.mean([r["greedy_agree"] for r in rows])),
+        "positions": sum(r["tokens"] for r in rows),
+        "prompts": rows,
+    }
+
+
+def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: int, repeats: int, seed: int) -> dict:
+    import llama_cpp
+
+    llms = {name: llama_cpp.Llama(str(p), n_ctx=prompt_len + new_tokens + 8, n_batch=prompt_len, n_ubatch=prompt_len,
+                                  n_threads=threads, n_threads_batch=threads, verbose=False)
+            for name, p in paths.items()}
+    rng = np.random.default_rng(seed)
+    results = {name: {"pp": [], "tg": [], "load": []} for name in paths}
+
+    def one(name: str, record: bool) -> None:
+        llm = llms[name]
+        vocab = llm.n_vocab()
+        prompt = rng.integers(100, vocab - 100, prompt_len).tolist()  # content does not change the cost
+        steps = rng.integers(100, vocab - 100, new_tokens).tolist()
+        load = loadavg()
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        pp = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for tok in steps:
+            llm.eval([tok])
+        tg = time.perf_counter() - t0
+        if record:
+            results[name]["pp"].append(prompt_len / pp)
+            results[name]["tg"].append(new_tokens / tg)
+            results[name]["load"].append(load)
+
+    for name in paths:  # warm-up: page the weights in, size the buffers
+        one(name, record=False)
+    for r in range(repeats):
+        order = list(paths) if r % 2 == 0 else list(paths)[::-1]
+        for name in order:
+            one(name, record=True)
+    for llm in llms.values():
+        llm.close()
+    return {
+        name: {
+            "pp_tok_s": statistics.median(v["pp"]), "tg_tok_s": statistics.median(v["tg"]),
+            "pp_all": [round(x, 1) for x in v["pp"]], "tg_all": [round(x, 2) for x in v["tg"]],
+            "load_1min": v["load"],
+        }
+        for name, v in results.items()
+    }
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"llama.cpp (llama-cpp-python {report['llama_cpp_version']}), {s['quantize'] or s['dtype']} GGUF, {s['threads']} threads, "
+        f"prompt {s['prompt_len']} tokens, {s['new_tokens']} generated, median of {s['repeats']} interleaved rounds; "
+        f"1-minute load average {report['load_min']:.2f}-{report['load_max']:.2f} during the timings.",
+        "",
+        "| model | GGUF MiB | params | prompt tok/s | gen tok/s | max abs logit diff | top-1 agree | greedy agree | same tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = next(iter(report["models"].values()))
+    for name, m in report["models"].items():
+        t = m["timing"]
+        a = m.get("agreement") or {"max_abs_diff": float("nan"), "top1_agree": float("nan"),
+                                   "greedy_agree": float("nan"), "tokenization_identical": None}
+        rel = "" if m is base else (f" ({t['pp_tok_s'] / base['timing']['pp_tok_s']:.2f}x)",
+                                     f" ({t['tg_tok_s'] / base['timing']['tg_tok_s']:.2f}x)")
+        pp_rel, tg_rel = rel if rel else ("", "")
+        lines.append(
+            f"| {name} | {m['bytes'] / 2**20:.0f} | {m['parameters'] / 1e6:.1f}M | {t['pp_tok_s']:.0f}{pp_rel} | "
+            f"{t['tg_tok_s']:.1f}{tg_rel} | {a['max_abs_diff']:.2e} | {a['top1_agree']:.3f} | {a['greedy_agree']:.3f} | "
+            f"{ {True: 'yes', False: 'no', None: '-'}[a['tokenization_identical']]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="checkpoint directory (the first is the baseline)")
+    parser.add_argument("--out", default="artifacts/gguf")
+    parser.add_argument("--report", default="report", help="name of report.json / report.md in --out")
+    parser.add_argument("--dtype", default="f16", choices=["f16", "f32"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--greedy-tokens", type=int, default=16)
+    parser.add_argument("--quantize", choices=sorted(QUANT_TYPES), help="also quantize the export with llama.cpp "
+                        "and check/time the quantized file instead")
+    parser.add_argument("--skip-agreement", action="store_true")
+    args = parser.parse_args()
+
+    import llama_cpp
+
+    from fang.export_gguf import export_gguf
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models, paths = {}, {}
+    for model_dir in args.model:
+        name = Path(model_dir).resolve().name
+        path = out / f"{name}.{args.dtype}.gguf"
+        t0 = time.perf_counter()
+        info = export_gguf(model_dir, path, dtype=args.dtype)
+        print(f"exported {model_dir} -> {path} in {time.perf_counter() - t0:.1f} s ({info['bytes'] / 2**20:.0f} MiB)", flush=True)
+        if args.quantize:
+            qpath = out / f"{name}.{args.quantize}.gguf"
+            quantize(path, qpath, args.quantize, args.threads)
+            path = qpath
+        paths[name] = path
+        models[name] = {"dir": model_dir, "gguf": str(path), "bytes": path.stat().st_size,
+                        "parameters": info["parameters"], "layers": info["layers"], "tensor_types": tensor_types(path)}
+        print(f"{name}: {path.name}, tensor types {models[name]['tensor_types']}", flush=True)
+        if not args.skip_agreement:
+            models[name]["agreement"] = agreement(model_dir, path, args.threads, args.greedy_tokens)
+            a = models[name]["agreement"]
+            print(f"{name}: max abs logit diff {a['max_abs_diff']:.3e}, top-1 {a['top1_agree']:.3f}, "
+                  f"greedy {a['greedy_agree']:.3f}, same tokens {a['tokenization_identical']}", flush=True)
+    times = timing(paths, args.threads, args.prompt_len, args.new_tokens, args.repeats, seed=0)
+    for name, t in times.items():
+        models[name]["timing"] = t
+        print(f"{name}: pp {t['pp_tok_s']:.1f} tok/s {t['pp_all']}, tg {t['tg_tok_s']:.2f} tok/s {t['tg_all']}, "
+              f"load {t['load_1min']}", flush=True)
+    loads = [x for t in times.values() for x in t["load_1min"]]
+    report = {
+        "llama_cpp_version": llama_cpp.__version__,
+        "settings": {k: getattr(args, k) for k in ("dtype", "quantize", "threads", "prompt_len", "new_tokens", "repeats")},
+        "load_min": min(loads), "load_max": max(loads),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu": os.cpu_count(),
+        "models": models,
+    }
+    (out / f"{args.report}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.report}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
