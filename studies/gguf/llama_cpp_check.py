@@ -72,7 +72,7 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def agreement(model_dir: str, gguf_path: Path, threads: int, greedy_tokens: int) -> dict:
+def agreement(model_dir: str, gguf_path: Path, threads: int, greedy_tokens: int, kv_f32: bool) -> dict:
     import llama_cpp
     import torch
 
@@ -80,7 +80,7 @@ def agreement(model_dir: str, gguf_path: Path, threads: int, greedy_tokens: int)
 
     model, tokenizer = load_any(model_dir)
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                          logits_all=True, verbose=False)
+                          logits_all=True, verbose=False, type_k=0 if kv_f32 else None, type_v=0 if kv_f32 else None)
     rows, same_tokens = [], True
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
@@ -223,7 +223,10 @@ def main() -> None:
                         "parameters": info["parameters"], "layers": info["layers"], "tensor_types": tensor_types(path)}
         print(f"{name}: {path.name}, tensor types {models[name]['tensor_types']}", flush=True)
         if not args.skip_agreement:
-            models[name]["agreement"] = agreement(model_dir, path, args.threads, args.greedy_tokens)
+            # an f32 file is checked with an f32 KV cache (only summation order differs); otherwise llama.cpp's default
+            kv_f32 = args.dtype == "f32" and not args.quantize
+            models[name]["agreement"] = agreement(model_dir, path, args.threads, args.greedy_tokens, kv_f32)
+            models[name]["agreement"]["kv_cache"] = "f32" if kv_f32 else "f16"
             a = models[name]["agreement"]
             print(f"{name}: max abs logit diff {a['max_abs_diff']:.3e}, top-1 {a['top1_agree']:.3f}, "
                   f"greedy {a['greedy_agree']:.3f}, same tokens {a['tokenization_identical']}", flush=True)
