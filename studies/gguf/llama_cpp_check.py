@@ -12,6 +12,12 @@ For every model: `fang export --gguf` (kept in --out), then
   single-token steps after it) in tokens/s, the models interleaved in --repeats rounds, median
   reported, with the 1-minute load average read before every measurement.
 Writes report.json and report.md in --out.
+
+On a CPU that reports AMX (this machine's Xeon does), llama.cpp built with GGML_NATIVE=ON compiles
+its AMX kernels, and every quantized model (Q8_0, Q4_1: the stock SmolLM2 GGUF too, so not the
+export) crashed with a segfault in ggml_backend_amx_mul_mat on the first decode. Building without
+them works: CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" pip install llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -65,6 +71,19 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def busy_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes spent busy, CPU seconds this process spent), both since boot / start.
+
+    Their difference over a measurement is what other processes took from the two cores meanwhile;
+    unlike the load average it does not count this benchmark's own threads.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    own = os.times()
+    return (total - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
 def hf_logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
@@ -114,6 +133,18 @@ def agreement(model_dir: str, gguf_path: Path, threads: int, greedy_tokens: int,
     }
 
 
+def wait_idle(limit_s: float, window_s: float = 15.0, max_cores: float = 0.15) -> float:
+    """Wait (up to limit_s) until other processes use under max_cores over a window; returns their last use."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy0, own0 = busy_seconds()
+        time.sleep(window_s)
+        busy1, own1 = busy_seconds()
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / window_s
+        if others < max_cores or time.monotonic() > deadline:
+            return others
+
+
 def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: int, repeats: int, seed: int) -> dict:
     import llama_cpp
 
@@ -121,7 +152,7 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
                                   n_threads=threads, n_threads_batch=threads, verbose=False)
             for name, p in paths.items()}
     rng = np.random.default_rng(seed)
-    results = {name: {"pp": [], "tg": [], "load": []} for name in paths}
+    results = {name: {"pp": [], "tg": [], "load": [], "others": []} for name in paths}
 
     def one(name: str, record: bool) -> None:
         llm = llms[name]
@@ -129,6 +160,8 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
         prompt = rng.integers(100, vocab - 100, prompt_len).tolist()  # content does not change the cost
         steps = rng.integers(100, vocab - 100, new_tokens).tolist()
         load = loadavg()
+        busy0, own0 = busy_seconds()
+        w0 = time.perf_counter()
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -137,7 +170,10 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
         for tok in steps:
             llm.eval([tok])
         tg = time.perf_counter() - t0
+        busy1, own1 = busy_seconds()
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - w0)  # cores busy elsewhere
         if record:
+            results[name]["others"].append(round(others, 2))
             results[name]["pp"].append(prompt_len / pp)
             results[name]["tg"].append(new_tokens / tg)
             results[name]["load"].append(load)
@@ -154,7 +190,7 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
         name: {
             "pp_tok_s": statistics.median(v["pp"]), "tg_tok_s": statistics.median(v["tg"]),
             "pp_all": [round(x, 1) for x in v["pp"]], "tg_all": [round(x, 2) for x in v["tg"]],
-            "load_1min": v["load"],
+            "load_1min": v["load"], "other_cores": v["others"],
         }
         for name, v in results.items()
     }
@@ -165,7 +201,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"llama.cpp (llama-cpp-python {report['llama_cpp_version']}), {s['quantize'] or s['dtype']} GGUF, {s['threads']} threads, "
         f"prompt {s['prompt_len']} tokens, {s['new_tokens']} generated, median of {s['repeats']} interleaved rounds; "
-        f"1-minute load average {report['load_min']:.2f}-{report['load_max']:.2f} during the timings.",
+        f"1-minute load average {report['load_min']:.2f}-{report['load_max']:.2f} during the timings (this benchmark's "
+        f"threads included); other processes used {report['others_mean']:.2f} cores on average, "
+        f"{report['others_max']:.2f} at most.",
         "",
         "| model | GGUF MiB | params | prompt tok/s | gen tok/s | max abs logit diff | top-1 agree | greedy agree | same tokens |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -199,6 +237,8 @@ def main() -> None:
     parser.add_argument("--quantize", choices=sorted(QUANT_TYPES), help="also quantize the export with llama.cpp "
                         "and check/time the quantized file instead")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before timing, wait up to this long for the other processes to leave the CPU idle")
     args = parser.parse_args()
 
     import llama_cpp
@@ -230,16 +270,19 @@ def main() -> None:
             a = models[name]["agreement"]
             print(f"{name}: max abs logit diff {a['max_abs_diff']:.3e}, top-1 {a['top1_agree']:.3f}, "
                   f"greedy {a['greedy_agree']:.3f}, same tokens {a['tokenization_identical']}", flush=True)
+    if args.wait_idle:
+        print(f"other processes use {wait_idle(args.wait_idle):.2f} cores; timing", flush=True)
     times = timing(paths, args.threads, args.prompt_len, args.new_tokens, args.repeats, seed=0)
     for name, t in times.items():
         models[name]["timing"] = t
         print(f"{name}: pp {t['pp_tok_s']:.1f} tok/s {t['pp_all']}, tg {t['tg_tok_s']:.2f} tok/s {t['tg_all']}, "
-              f"load {t['load_1min']}", flush=True)
+              f"load {t['load_1min']}, other processes' cores {t['other_cores']}", flush=True)
     loads = [x for t in times.values() for x in t["load_1min"]]
+    others = [x for t in times.values() for x in t["other_cores"]]
     report = {
         "llama_cpp_version": llama_cpp.__version__,
         "settings": {k: getattr(args, k) for k in ("dtype", "quantize", "threads", "prompt_len", "new_tokens", "repeats")},
-        "load_min": min(loads), "load_max": max(loads),
+        "load_min": min(loads), "load_max": max(loads), "others_max": max(others), "others_mean": float(np.mean(others)),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cpu": os.cpu_count(),
         "models": models,
