@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -80,8 +81,8 @@ def busy_seconds() -> tuple[float, float]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     total = sum(fields[:8])
-    own = os.times()
-    return (total - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    own = resource.getrusage(resource.RUSAGE_SELF)  # microsecond resolution, all threads
+    return (total - idle) / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -152,7 +153,7 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
                                   n_threads=threads, n_threads_batch=threads, verbose=False)
             for name, p in paths.items()}
     rng = np.random.default_rng(seed)
-    results = {name: {"pp": [], "tg": [], "load": [], "others": []} for name in paths}
+    results = {name: {"pp": [], "tg": [], "load": [], "others": [], "pp_cpu": [], "tg_cpu": []} for name in paths}
 
     def one(name: str, record: bool) -> None:
         llm = llms[name]
@@ -166,6 +167,7 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
         t0 = time.perf_counter()
         llm.eval(prompt)
         pp = time.perf_counter() - t0
+        _, own_pp = busy_seconds()
         t0 = time.perf_counter()
         for tok in steps:
             llm.eval([tok])
@@ -174,6 +176,10 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - w0)  # cores busy elsewhere
         if record:
             results[name]["others"].append(round(others, 2))
+            # this process's CPU time per token: less sensitive than wall time to other processes
+            # (threads that spin while waiting for a descheduled peer still inflate it)
+            results[name]["pp_cpu"].append((own_pp - own0) / prompt_len * 1e3)
+            results[name]["tg_cpu"].append((own1 - own_pp) / new_tokens * 1e3)
             results[name]["pp"].append(prompt_len / pp)
             results[name]["tg"].append(new_tokens / tg)
             results[name]["load"].append(load)
@@ -191,6 +197,7 @@ def timing(paths: dict[str, Path], threads: int, prompt_len: int, new_tokens: in
             "pp_tok_s": statistics.median(v["pp"]), "tg_tok_s": statistics.median(v["tg"]),
             "pp_all": [round(x, 1) for x in v["pp"]], "tg_all": [round(x, 2) for x in v["tg"]],
             "load_1min": v["load"], "other_cores": v["others"],
+            "pp_cpu_ms_per_tok": statistics.median(v["pp_cpu"]), "tg_cpu_ms_per_tok": statistics.median(v["tg_cpu"]),
         }
         for name, v in results.items()
     }
@@ -205,8 +212,9 @@ def markdown(report: dict) -> str:
         f"threads included); other processes used {report['others_mean']:.2f} cores on average, "
         f"{report['others_max']:.2f} at most.",
         "",
-        "| model | GGUF MiB | params | prompt tok/s | gen tok/s | max abs logit diff | top-1 agree | greedy agree | same tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | GGUF MiB | params | prompt tok/s | gen tok/s | prompt CPU ms/tok | gen CPU ms/tok "
+        "| max abs logit diff | top-1 agree | greedy agree | same tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = next(iter(report["models"].values()))
     for name, m in report["models"].items():
@@ -218,7 +226,7 @@ def markdown(report: dict) -> str:
         pp_rel, tg_rel = rel if rel else ("", "")
         lines.append(
             f"| {name} | {m['bytes'] / 2**20:.0f} | {m['parameters'] / 1e6:.1f}M | {t['pp_tok_s']:.0f}{pp_rel} | "
-            f"{t['tg_tok_s']:.1f}{tg_rel} | {a['max_abs_diff']:.2e} | {a['top1_agree']:.3f} | {a['greedy_agree']:.3f} | "
+            f"{t['tg_tok_s']:.1f}{tg_rel} | {t['pp_cpu_ms_per_tok']:.2f} | {t['tg_cpu_ms_per_tok']:.2f} | {a['max_abs_diff']:.2e} | {a['top1_agree']:.3f} | {a['greedy_agree']:.3f} | "
             f"{ {True: 'yes', False: 'no', None: '-'}[a['tokenization_identical']]} |")
     return "\n".join(lines) + "\n"
 
@@ -276,6 +284,7 @@ def main() -> None:
     for name, t in times.items():
         models[name]["timing"] = t
         print(f"{name}: pp {t['pp_tok_s']:.1f} tok/s {t['pp_all']}, tg {t['tg_tok_s']:.2f} tok/s {t['tg_all']}, "
+              f"CPU ms/token pp {t['pp_cpu_ms_per_tok']:.2f} tg {t['tg_cpu_ms_per_tok']:.2f}, "
               f"load {t['load_1min']}, other processes' cores {t['other_cores']}", flush=True)
     loads = [x for t in times.values() for x in t["load_1min"]]
     others = [x for t in times.values() for x in t["other_cores"]]
