@@ -68,6 +68,37 @@ def tensor_types(path: Path) -> dict[str, int]:
     return counts
 
 
+def ffn_aligned_copy(model_dir: str, out_dir: Path, multiple: int) -> str:
+    """A copy of a pruned checkpoint whose every FFN width is rounded DOWN to `multiple` by dropping its last
+    kept neurons: for timing only (its quality is not the method's), to show what aligned widths would run at."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(model_dir), out_dir / f"{Path(model_dir).resolve().name}-ffn{multiple}"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "structure.json"))
+    state = load_file(str(src / "model.safetensors"))
+    structure = json.loads((src / "structure.json").read_text())
+    config = json.loads((dst / "config.json").read_text())
+    for i, layer in enumerate(structure["layers"]):
+        keep = max(multiple, layer["intermediate_size"] // multiple * multiple)
+        prefix = f"model.layers.{i}.mlp."
+        for name in ("gate_proj", "up_proj"):
+            state[f"{prefix}{name}.weight"] = state[f"{prefix}{name}.weight"][:keep].contiguous()
+        state[f"{prefix}down_proj.weight"] = state[f"{prefix}down_proj.weight"][:, :keep].contiguous()
+        layer["intermediate_size"] = keep
+        layer.pop("kept_neurons", None)
+        if isinstance(config.get("pruned_layers"), list):
+            config["pruned_layers"][i]["intermediate_size"] = keep
+    structure.pop("weights_sha256", None)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "structure.json").write_text(json.dumps(structure, indent=2))
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return str(dst)
+
+
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -245,6 +276,9 @@ def main() -> None:
     parser.add_argument("--quantize", choices=sorted(QUANT_TYPES), help="also quantize the export with llama.cpp "
                         "and check/time the quantized file instead")
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--ffn-multiple", type=int, default=0, metavar="N",
+                        help="also time a copy of each pruned model (with structure.json) whose FFN widths are rounded "
+                             "down to a multiple of N (timing only: neurons dropped without regard to quality)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before timing, wait up to this long for the other processes to leave the CPU idle")
     args = parser.parse_args()
@@ -256,7 +290,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, paths = {}, {}
-    for model_dir in args.model:
+    model_dirs = list(args.model)
+    if args.ffn_multiple:
+        model_dirs += [ffn_aligned_copy(d, out, args.ffn_multiple) for d in args.model if (Path(d) / "structure.json").exists()]
+    for model_dir in model_dirs:
         name = Path(model_dir).resolve().name
         path = out / f"{name}.{args.dtype}.gguf"
         t0 = time.perf_counter()
@@ -270,7 +307,7 @@ def main() -> None:
         models[name] = {"dir": model_dir, "gguf": str(path), "bytes": path.stat().st_size,
                         "parameters": info["parameters"], "layers": info["layers"], "tensor_types": tensor_types(path)}
         print(f"{name}: {path.name}, tensor types {models[name]['tensor_types']}", flush=True)
-        if not args.skip_agreement:
+        if not args.skip_agreement and model_dir in args.model:
             # an f32 file is checked with an f32 KV cache (only summation order differs); otherwise llama.cpp's default
             kv_f32 = args.dtype == "f32" and not args.quantize
             models[name]["agreement"] = agreement(model_dir, path, args.threads, args.greedy_tokens, kv_f32)
