@@ -10,7 +10,10 @@ For every model: `fang export --gguf` (kept in --out), then
   loader) on the same token ids: max |difference| and top-1 agreement; the tokenizations compared;
 - speed: prompt processing (one batch of --prompt-len tokens) and generation (--new-tokens
   single-token steps after it) in tokens/s, the models interleaved in --repeats rounds, median
-  reported, with the 1-minute load average read before every measurement.
+  reported, with the 1-minute load average read before every measurement, the CPU other processes
+  took meanwhile and this process's CPU milliseconds per token;
+- with --ffn-multiple 32, also a timing-only copy of each pruned model whose FFN widths are rounded
+  down to a multiple of 32 (llama.cpp's fast GEMM and quant blocks need such widths).
 Writes report.json and report.md in --out.
 
 On a CPU that reports AMX (this machine's Xeon does), llama.cpp built with GGML_NATIVE=ON compiles
