@@ -260,6 +260,27 @@ def attribute_removed(
     module.run_removed(params, model, out, metrics, dense)
 
 
+@app.command()
+def export(
+    gguf: str = typer.Option(..., "--gguf", help="GGUF file to write (e.g. pruned.gguf)"),
+    model: str = typer.Option("artifacts/pruned", "--model", help="checkpoint directory, pruned or dense (LLaMA family)"),
+    dtype: str = typer.Option("f16", help="matrix precision: f16 or f32 (norms and biases are always f32)"),
+    tokenizer_pre: Optional[str] = typer.Option(
+        None, help="llama.cpp's pre-tokenizer name (tokenizer.ggml.pre); default: read from tokenizer.json "
+                   "(gpt-2, smollm or llama-bpe)"),
+) -> None:
+    """Write a checkpoint as GGUF for llama.cpp, with the `deci` architecture (per-layer head and FFN sizes)."""
+    from .model.export_gguf import export_gguf
+    from .core.progress import console
+
+    info = export_gguf(model, gguf, dtype=dtype, tokenizer_pre=tokenizer_pre)
+    heads = sum(s["n_heads"] for s in info["layers"])
+    ffn = sum(s["intermediate_size"] for s in info["layers"])
+    console.print(f"wrote {info['out']}: {info['architecture']}, {info['dtype']}, {len(info['layers'])} blocks, "
+                  f"{heads} query heads, {ffn} FFN neurons, {info['parameters']:,} parameters, "
+                  f"{info['bytes'] / 2**20:.1f} MiB, tokenizer pre '{info['tokenizer_pre']}'")
+
+
 app.add_typer(inspect_app, name="inspect")
 
 

@@ -284,7 +284,7 @@ _PROBE = textwrap.dedent("""
     import json, os, resource, sys
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from fang.capture import capture_features, open_capture
+    from fang.analysis.capture import capture_features, open_capture
     from fang.methods.driver import prune_model
     torch.set_num_threads(1)
     tmp = sys.argv[1]
@@ -303,7 +303,7 @@ _PROBE = textwrap.dedent("""
         elif mode == "prune":
             prune_model(model, open_capture(store), "flap", 0.3, batch_size=16)
         else:
-            from fang.taylor import taylor_scores
+            from fang.analysis.taylor import taylor_scores
             clusters = torch.randint(0, 4, (layers, ids.numel()), generator=torch.Generator().manual_seed(1))
             taylor_scores(model, ids, clusters, 4, batch_size=16)
         return {"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "weight_bytes": weight_bytes}

@@ -263,7 +263,7 @@ def test_center_distances_memory_stays_at_one_row():
     # k=256 centres of n=4096: the [k, k, n] float64 cube would be 2 GiB
     code = textwrap.dedent("""
         import resource, torch
-        from fang.cluster import center_distances
+        from fang.analysis.cluster import center_distances
         c = torch.randn(256, 4096)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         center_distances(c)
@@ -364,7 +364,7 @@ def test_interrupt_exits_130_says_interrupted_and_leaves_no_temp(tmp_path, monke
 
 def test_console_is_wide_when_not_a_terminal():
     path = "artifacts/bias_sweep/Mathematics/o_fang-0.4/" + "deep/" * 30 + "model.safetensors"
-    code = f"from fang.progress import console; console.print('saved to {path}')"
+    code = f"from fang.core.progress import console; console.print('saved to {path}')"
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert out.stderr.strip() == f"saved to {path}"
