@@ -106,8 +106,7 @@ def prune(
 ) -> None:
     """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model.
 
-    Methods that read analysis artifacts (fang/methods/registry.py: f_fang / o_fang the cluster, groups and
-    allocate ones) read those of the main calibration, or of `--source`.
+    A method reads the analysis artifacts its registry line names, of the main calibration or of `--source`.
     """
     _stage("prune").run(params, method, sparsity, out, source)
 
