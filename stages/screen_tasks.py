@@ -124,9 +124,10 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
                       f"until kept tasks fill {p.max_total_tokens} tokens")
 
         def evaluate_full(c: Candidate) -> dict:
-            full = _evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name]}, None, p.batch_size)
-            console.print(f"screen: {c.name}: {_scored(full, lm_names[c.name])['acc']:.3f} on every question")
-            return _scored(full, lm_names[c.name])
+            scored = _scored(_evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name]}, None, p.batch_size),
+                             lm_names[c.name])
+            console.print(f"screen: {c.name}: {scored['acc']:.3f} on every question")
+            return scored
 
         confirm_within_budget(survivors, evaluate_full, p.min_z, p.max_total_tokens)
     result = ScreenResult(str(paths.MODEL), candidates + [ns], settings=vars(p).copy())

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
                 target.mkdir(parents=True, exist_ok=True)
                 torch.save({"state": model.state_dict(), "report": report}, target / f"{name}.pt")
             elif action == "compare":
-                ref = torch.load(target / f"{name}.pt")
+                ref = torch.load(target / f"{name}.pt", weights_only=True)
                 state = model.state_dict()
                 assert list(state) == list(ref["state"]), f"{name}: tensor names differ"
                 diff = [k for k in state if not torch.equal(state[k], ref["state"][k])]

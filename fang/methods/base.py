@@ -136,6 +136,15 @@ def default_units(n_channels: int, units: Tensor | None) -> Tensor:
     return torch.arange(n_channels).reshape(-1, 1) if units is None else units.cpu()
 
 
+def checked_units(weight: Tensor, n_channels: int, n_keep: int, units: Tensor | None, where: str) -> Tensor:
+    """The units of a `UnitPruner.select` call, after checking the weight matches the streamed
+    statistics and that `n_keep` is a possible count."""
+    require(weight.shape[1] == n_channels, f"{where}: weight has {weight.shape[1]} inputs, the statistics {n_channels}")
+    units = default_units(n_channels, units)
+    require(0 < n_keep <= units.shape[0], f"{where}: cannot keep {n_keep} of {units.shape[0]} units")
+    return units
+
+
 # metric(weight [out, C], streamed input statistics or None) -> per-channel score [C]
 ChannelMetric = Callable[[Tensor, "InputStats | None"], Tensor]
 # compensation(weight [out, C], streamed input statistics, kept column ids) -> extra output bias [out]
@@ -161,13 +170,8 @@ class MetricPruner:
             self.stats.add_batch(x)
 
     def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
-        require(
-            weight.shape[1] == self.n_channels,
-            f"{self.where}: weight has {weight.shape[1]} inputs, the statistics {self.n_channels}",
-        )
-        units = default_units(self.n_channels, units)
+        units = checked_units(weight, self.n_channels, n_keep, units, self.where)
         n_units = units.shape[0]
-        require(0 < n_keep <= n_units, f"{self.where}: cannot keep {n_keep} of {n_units} units")
         w = weight.detach()
         scores = unit_scores(self.metric(w, self.stats), units)
         if not bool(torch.isfinite(scores).all()):

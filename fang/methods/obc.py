@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import FangError, require
-from .base import LayerContext, PruningMethod, Selection, default_units, select_top
+from .base import LayerContext, PruningMethod, Selection, checked_units, select_top
 
 # Tokens per chunk when accumulating a Hessian: bounds the float copy of the activations.
 _HESSIAN_CHUNK = 4096
@@ -325,13 +325,8 @@ class ObcPruner:
         self.hessian.add_batch(x)
 
     def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
-        require(
-            weight.shape[1] == self.n_channels,
-            f"{self.where}: weight has {weight.shape[1]} inputs, the statistics {self.n_channels}",
-        )
-        units = default_units(self.n_channels, units)
+        units = checked_units(weight, self.n_channels, n_keep, units, self.where)
         n_units = units.shape[0]
-        require(0 < n_keep <= n_units, f"{self.where}: cannot keep {n_keep} of {n_units} units")
         if n_keep == n_units:  # nothing to remove: no Hessian to invert
             return Selection(torch.arange(n_units))
         hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
