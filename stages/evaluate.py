@@ -22,7 +22,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     device = pick_device()
     manifest = read_json(paths.TASKS / "tasks.json")
     verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
-    model, tokenizer = load_any(model_dir, device)
+    model, tokenizer = load_any(model_dir, device, p.dtype)
     t0 = time.perf_counter()
     ppl = perplexity_by_topic(
         model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device
@@ -40,6 +40,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
         "ppl_windows": {"nll": ppl["window_nll"], "tokens_per_window": ppl["window_tokens"]},
         "tasks": acc,
         "task_limit": limit,
+        "dtype": p.dtype,
         "seconds": {"perplexity": round(t1 - t0, 1), "zero_shot": round(t2 - t1, 1)},
     }
     write_json(Path(out), metrics)

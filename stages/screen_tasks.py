@@ -90,9 +90,10 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         return
     p = load_block("screen", path=params_path)
     data = load_block("data", path=params_path)
+    precision = load_block("evaluate", path=params_path).dtype  # decide in the precision the dev set is scored in
     source = read_bigbench_source(data.bigbench)
     device = pick_device()
-    model, tokenizer = load_dense(paths.MODEL, device)
+    model, tokenizer = load_dense(paths.MODEL, device, precision)
     candidates, examples_of = bigbench_candidates(source)
     test_rows = read_jsonl(paths.DATA / "test.jsonl")
     ns = Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)  # sizes filled from the built task below
@@ -130,7 +131,7 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
             return scored
 
         confirm_within_budget(survivors, evaluate_full, p.min_z, p.max_total_tokens)
-    result = ScreenResult(str(paths.MODEL), candidates + [ns], settings=vars(p).copy())
+    result = ScreenResult(str(paths.MODEL), candidates + [ns], settings={**vars(p), "dtype": precision})
     result.dev_set = choose_dev_set(result.candidates, p.max_total_tokens)
     out = result.as_dict()
     with atomic_dir(paths.SCREEN) as tmp:
@@ -143,7 +144,8 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
 
 def readme_note(result: dict) -> str:
     s = result["settings"]
-    return (f"Dense model `{result['model']}`. Candidates: BIG-bench multiple-choice tasks with at least "
+    precision = f" scored in {s['dtype']}" if s.get("dtype") else ""
+    return (f"Dense model `{result['model']}`{precision}. Candidates: BIG-bench multiple-choice tasks with at least "
             f"{s['min_examples']} questions, at most {s['max_task_requests']} requests (questions × choices), "
             f"no question + choice over {s['max_request_tokens']} tokens and at most {s['max_task_tokens']:,} tokens "
             f"per evaluation (each question once + every choice), plus next-sentence. Probe on "

@@ -36,3 +36,11 @@ def test_repo_params_yaml_is_valid():
     for name, cls in BLOCKS.items():
         if name in raw:
             parse_block(name, raw[name], cls)
+
+
+def test_evaluation_dtype_is_checked():
+    from fang.core.params import EvaluateParams
+
+    assert parse_block("evaluate", {"dtype": "float32"}, EvaluateParams).dtype == "float32"
+    with pytest.raises(FangError, match="evaluate.dtype='int8' is not one of"):
+        parse_block("evaluate", {"dtype": "int8"}, EvaluateParams)

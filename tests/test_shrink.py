@@ -17,6 +17,7 @@ from fang.model.shrink import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
     block_structure,
+    load_any,
     load_pruned,
     model_structure,
     save_pruned,
@@ -326,3 +327,16 @@ def test_interrupted_save_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         save_pruned(model, BrokenTokenizer(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_any_casts_pruned_models_to_the_evaluation_dtype(model, input_ids, tmp_path):
+    # evaluate.dtype: a pruned checkpoint is stored in float32 and evaluated in bfloat16 by default
+    _prune(model, "kv_group", compensate=True)
+    out = save_pruned(model, None, tmp_path / "pruned")
+    loaded, _ = load_any(out, "cpu", "bfloat16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    close = _logits(model, input_ids)
+    got = _logits(loaded, input_ids).float()
+    # bfloat16 keeps 8 mantissa bits: same logits to a few percent of their spread, not bit-identical
+    assert not torch.equal(got, close)
+    assert (got - close).abs().max() < 0.1 * close.std()

@@ -122,6 +122,7 @@ class EvaluateParams:
     task_limit: int = 100  # examples per lm-eval task (None-like 0 = all)
     batch_size: int = 8
     shared_context: bool = True  # score a question's context once for all its choices (fang.evaluation.shared_context); false = lm-eval's HFLM as is
+    dtype: str = "bfloat16"  # weights/activations while evaluating (log-softmax stays float32); README "Evaluation precision"
 
     def validate(self) -> None:
         require(self.ppl_seq_len > 1, "evaluate.ppl_seq_len must be > 1")
@@ -129,6 +130,7 @@ class EvaluateParams:
         require(self.task_limit >= 0, "evaluate.task_limit must be >= 0 (0 = all examples)")
         require(self.batch_size > 0, "evaluate.batch_size must be positive")
         require(isinstance(self.shared_context, bool), "evaluate.shared_context must be true or false")
+        require(self.dtype in DTYPES, f"evaluate.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
-from .modeling import check_supported, count_block_params, decoder_layers, load_dense
+from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense
 from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
@@ -382,9 +382,9 @@ def load_pruned(path: str | os.PathLike):
     return model, tokenizer
 
 
-def load_any(path: str | os.PathLike, device: torch.device | str = "cpu"):
-    """Load either a dense checkpoint or a pruned one (detected by its structure file)."""
+def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """Load either a dense checkpoint or a pruned one (detected by its structure file), cast to `dtype`."""
     if (Path(path) / STRUCTURE_FILE).exists():
         model, tokenizer = load_pruned(path)
-        return model.to(device).eval(), tokenizer
-    return load_dense(path, device)
+        return model.to(device=device, dtype=DTYPE_BY_NAME[dtype]).eval(), tokenizer
+    return load_dense(path, device, dtype)
