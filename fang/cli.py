@@ -130,9 +130,24 @@ def evaluate(
     task_limit: Optional[int] = typer.Option(
         None, min=0, help="examples per task (0 = all); default evaluate.task_limit. The studies pass "
         "sweep.task_limit / bias.task_limit so the quick main job and the comparisons can differ"),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32 | bfloat16 | float16; default evaluate.dtype. For `fang compare-precision`"),
 ) -> None:
     """Perplexity on the test split (overall and per topic) and zero-shot accuracy (lm-eval) of one model."""
-    _stage("evaluate").run(params, model, out, task_limit)
+    _stage("evaluate").run(params, model, out, task_limit, dtype)
+
+
+@app.command("compare-precision")
+def compare_precision(
+    reference: str = typer.Argument(..., help="metrics JSON of `fang evaluate --dtype float32` on a model"),
+    candidate: str = typer.Argument(..., help="metrics JSON of the same model in another dtype (evaluate.dtype)"),
+    out: str = typer.Option("artifacts/precision/comparison.json", help="comparison JSON to write (+ .md beside it)"),
+    readme: Optional[str] = typer.Option(
+        None, help="also publish the Markdown between <!-- precision:start --> and <!-- precision:end --> of this README"),
+) -> None:
+    """Does evaluating in bfloat16 change a result? Answers changed, perplexity ratio and the paired accuracy
+    difference (95% interval) between two evaluations of one model. No model is run."""
+    _stage("compare_precision").run(reference, candidate, out, readme)
 
 
 @app.command("screen-tasks")

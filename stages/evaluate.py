@@ -1,6 +1,7 @@
 """evaluate: perplexity on the test split (overall and per topic) and zero-shot accuracy via lm-eval."""
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fang.core import paths
@@ -14,11 +15,14 @@ from fang.model.shrink import load_any
 
 
 def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out: str = str(paths.METRICS / "dense.json"),
-        task_limit: int | None = None) -> None:
+        task_limit: int | None = None, dtype: str | None = None) -> None:
     from fang.evaluation.evaluate import perplexity_by_topic, zero_shot
     from fang.data.task_files import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
+    if dtype is not None:  # `fang evaluate --dtype`: one evaluation in another precision
+        p = replace(p, dtype=dtype)
+        p.validate()
     device = pick_device()
     manifest = read_json(paths.TASKS / "tasks.json")
     verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
