@@ -139,15 +139,15 @@ def evaluate(
 
 @app.command("compare-precision")
 def compare_precision(
-    reference: str = typer.Argument(..., help="metrics JSON of `fang evaluate --dtype float32` on a model"),
-    candidate: str = typer.Argument(..., help="metrics JSON of the same model in another dtype (evaluate.dtype)"),
+    files: list[str] = typer.Argument(..., help="pairs of metrics JSONs: `fang evaluate --dtype float32` of a model, "
+                                      "then the same model in the other dtype (evaluate.dtype); several pairs = one row each"),
     out: str = typer.Option("artifacts/precision/comparison.json", help="comparison JSON to write (+ .md beside it)"),
     readme: Optional[str] = typer.Option(
         None, help="also publish the Markdown between <!-- precision:start --> and <!-- precision:end --> of this README"),
 ) -> None:
     """Does evaluating in bfloat16 change a result? Answers changed, perplexity ratio and the paired accuracy
     difference (95% interval) between two evaluations of one model. No model is run."""
-    _stage("compare_precision").run(reference, candidate, out, readme)
+    _stage("compare_precision").run(files, out, readme)
 
 
 @app.command("screen-tasks")

@@ -34,7 +34,7 @@ def test_counts_changed_answers_and_reads_no_difference_when_one_answer_moves():
     avg = result["paired"]["accuracy"]["average_all"]
     assert avg["estimate"] == pytest.approx(-0.01)
     assert avg["verdict"] == "no detectable difference"
-    text = markdown(result)
+    text = markdown([result])
     assert "99/100" in text and "bfloat16 − float32" in text
     json.dumps(result)  # written as JSON by the stage
 
@@ -44,3 +44,24 @@ def test_refuses_two_different_models():
     b = _metrics("bfloat16", [0, 1], [0, 1], [1.0], model="other")
     with pytest.raises(FangError, match="one model evaluated twice"):
         precision_agreement(a, b)
+
+
+def test_stage_writes_one_row_per_pair_and_refuses_an_odd_file_count(tmp_path):
+    from stages.compare_precision import run
+
+    answers = [0, 1] * 10
+    files = []
+    for model in ("dense", "pruned"):
+        for dtype in ("float32", "bfloat16"):
+            path = tmp_path / f"{model}.{dtype}.json"
+            path.write_text(json.dumps(_metrics(dtype, answers, answers, [100.0, 120.0], model=model)))
+            files.append(str(path))
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- precision:start -->\nold\n<!-- precision:end -->\ny\n")
+    run(files, str(tmp_path / "out" / "comparison.json"), str(readme))
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [c["model"] for c in written["comparisons"]] == ["dense", "pruned"]
+    text = readme.read_text()
+    assert "`dense`" in text and "`pruned`" in text and "old" not in text and "20/20 (100.00%)" in text
+    with pytest.raises(FangError, match="pairs of metrics files"):
+        run(files[:3], str(tmp_path / "x.json"))

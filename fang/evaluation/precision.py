@@ -62,19 +62,24 @@ def precision_agreement(reference: dict, candidate: dict) -> dict:
     }
 
 
-def markdown(result: dict) -> str:
-    a, b = result["reference_dtype"], result["candidate_dtype"]
-    sa, sb = result["seconds"][a] or {}, result["seconds"][b] or {}
-    same = result["same_answers"]
-    acc = result["paired"]["accuracy"]
-    ppl = result["paired"]["perplexity"]["overall"]
-    rows = [
-        ["perplexity", f"{result['ppl'][a]:.3f}", f"{result['ppl'][b]:.3f}", fmt_comparison(ppl, unit="%")],
-        ["average accuracy (points)", "", "", fmt_comparison(acc.get("average_all"))],
-        ["same answer", "", "", f"{same['alike']}/{same['questions']} ({same['alike'] / max(same['questions'], 1):.2%})"],
-        ["largest window NLL change", "", "", f"{result['window_nll_max_rel_diff']:.1e} (relative)"],
-        ["seconds: perplexity / zero-shot", f"{sa.get('perplexity', '?')} / {sa.get('zero_shot', '?')}",
-         f"{sb.get('perplexity', '?')} / {sb.get('zero_shot', '?')}", ""],
-    ]
-    return (f"`{result['model']}`, {b} against {a} (paired, 95% interval):\n\n"
-            + markdown_table(["", a, b, f"{b} − {a}"], rows))
+def markdown(results: list[dict]) -> str:
+    """One row per model: perplexity in both dtypes, the paired changes, answers alike, seconds."""
+    require(results, "compare-precision: nothing to show")
+    a, b = results[0]["reference_dtype"], results[0]["candidate_dtype"]
+    rows = []
+    for r in results:
+        sa, sb = r["seconds"][r["reference_dtype"]] or {}, r["seconds"][r["candidate_dtype"]] or {}
+        same = r["same_answers"]
+        rows.append([
+            f"`{r['model']}`",
+            f"{r['ppl'][r['reference_dtype']]:.3f} / {r['ppl'][r['candidate_dtype']]:.3f}",
+            fmt_comparison(r["paired"]["perplexity"]["overall"], unit="%"),
+            f"{r['window_nll_max_rel_diff']:.1e}",
+            fmt_comparison(r["paired"]["accuracy"].get("average_all")),
+            f"{same['alike']}/{same['questions']} ({same['alike'] / max(same['questions'], 1):.2%})",
+            f"{sa.get('perplexity', '?')} + {sa.get('zero_shot', '?')} / {sb.get('perplexity', '?')} + {sb.get('zero_shot', '?')}",
+        ])
+    header = ["model", f"PPL {a} / {b}", "PPL change", "largest window NLL change (relative)",
+              "Avg acc change (points)", "same answer", f"seconds {a} / {b} (perplexity + zero-shot)"]
+    return (f"{b} against {a} on the same questions and windows; changes are {b} − {a} with a 95% paired-bootstrap "
+            f"interval.\n\n" + markdown_table(header, rows))
