@@ -190,3 +190,47 @@ def test_offload_is_validated(checkpoint):
         parse_block("model", {"offload": "ram"}, ModelParams)
     assert parse_block("model", {}, ModelParams).offload == "none"  # off unless asked for
     assert OFFLOADS == ("none", *MODES)  # the loader handles exactly the names params.yaml accepts
+
+
+def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
+    """End to end through the stages: model.offload=disk in params.yaml gives the capture store and the
+    saved pruned checkpoint of the default run, file for file."""
+    import json
+
+    import yaml
+
+    from stages import calibrate, capture, prune
+
+    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(tmp_path / "artifacts/model")
+    tiny_tokenizer().save_pretrained(tmp_path / "artifacts/model")
+    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
+            for i in range(30)]
+    (tmp_path / "artifacts/data").mkdir(parents=True)
+    (tmp_path / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    streamed = []  # (stage, whether its model streamed its blocks)
+
+    def spy(stage):
+        def load(*args, **kw):
+            model, tok = load_dense_offloaded(*args, **kw)
+            streamed.append((stage, resident_blocks(model) == []))
+            return model, tok
+        return load
+
+    monkeypatch.setattr(capture, "load_dense_offloaded", spy("capture"))
+    monkeypatch.setattr(prune, "load_dense_offloaded", spy("prune"))
+    files = {}
+    for mode in ("none", "disk"):
+        params = {"model": {"offload": mode}, "calibrate": {"n_samples": 4, "seq_len": 16},
+                  "capture": {"batch_size": 3, "dtype": "float32"}, "cluster": {"pca_dim": 4}, "prune": {"batch_size": 3}}
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        calibrate.run("params.yaml")
+        capture.run("params.yaml")
+        prune.run("params.yaml", method="obc", sparsity=0.3, out=f"artifacts/pruned-{mode}")
+        root = Path("artifacts")
+        wanted = [*root.joinpath("capture.zarr").rglob("*"), *root.joinpath(f"pruned-{mode}").rglob("*")]
+        files[mode] = {str(p.relative_to(root)).replace(f"pruned-{mode}", "pruned"): p.read_bytes()
+                       for p in wanted if p.is_file()}
+    assert files["disk"].keys() == files["none"].keys() and any("model.safetensors" in k for k in files["none"])
+    assert files["disk"] == files["none"]
+    assert streamed == [("capture", False), ("prune", False), ("capture", True), ("prune", True)]
