@@ -75,11 +75,25 @@ def test_streamed_loading_gives_the_same_weights(checkpoint):
         assert all(torch.equal(want[k], have[k]) and want[k].dtype == have[k].dtype for k in want), mode
 
 
+def test_disk_mode_reads_a_sharded_checkpoint(tmp_path):
+    """A big checkpoint comes in shards (model-0000x-of-0000n.safetensors): each block is read from its own."""
+    model = tiny_model(6, 3, layers=N_LAYERS)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    streamed = gather_blocks(load_dense_offloaded(tmp_path, offload="disk")[0])
+    for (name, want), (_, have) in zip(model.state_dict().items(), streamed.state_dict().items()):
+        assert torch.equal(want, have), name
+
+
 def test_disk_mode_converts_to_the_model_dtype_like_from_pretrained(checkpoint):
     dense, _ = load_dense(checkpoint, dtype="float16")
     model = gather_blocks(load_dense_offloaded(checkpoint, dtype="float16", offload="disk")[0])
     for (name, want), (_, have) in zip(dense.state_dict().items(), model.state_dict().items()):
         assert want.dtype == have.dtype == torch.float16 and torch.equal(want, have), name
+    # the rotary inv_freq is computed in __init__, not loaded: it must come out the same too
+    for (name, want), (_, have) in zip(dense.named_buffers(), model.named_buffers()):
+        assert want.dtype == have.dtype and torch.equal(want, have), name
 
 
 def test_capture_is_identical_with_streaming(checkpoint, tmp_path):
