@@ -193,6 +193,12 @@ def test_a_block_run_off_the_device_is_a_clear_error(checkpoint):
         runner(decoder_layers(model)[0], hidden)
     with runner.on_device(0) as layer:
         assert runner(layer, hidden).shape == hidden.shape
+        with runner.on_device(0):  # nested for the same block: still there after the inner one
+            pass
+        assert resident_blocks(model) == [0]
+        with pytest.raises(FangError, match="one block at a time"), runner.on_device(1):
+            pass
+    assert resident_blocks(model) == []
     with pytest.raises(FangError, match="streams its blocks to cpu"):
         place_model(model, torch.device("meta"))
 

@@ -62,12 +62,10 @@ class BlockStream:
         return self.disk.read(index, self.device, self.dtype)
 
     def fetch(self, index: int) -> nn.Module:
-        """Block `index` with its weights on the device; any other block on the device leaves it first
-        (without keeping changes: call `release(keep=True)` yourself for a block you modified)."""
-        if self.current == index:
-            return self.layers[index]
-        if self.current is not None:
-            self.release(self.current)
+        """Block `index` with its weights on the device."""
+        # refused rather than evicting the other block: that one may hold changes not yet kept
+        require(self.current is None, f"block {self.current} is still on the device: streaming holds one block "
+                                      f"at a time, so block {index} cannot join it")
         layer = self.layers[index]
         # assign=True makes the loaded tensors the parameters (no second copy); requires_grad stays the module's
         layer.load_state_dict(self._state(index), strict=True, assign=True)
@@ -95,9 +93,10 @@ def block_on_device(model: nn.Module, index: int, keep: bool = False) -> Iterato
 
     Without streaming it is just the block. With streaming the block is fetched before and released
     after; `keep=True` is for a body that modifies the block (prune), whose result must survive.
+    Nested for the same block, the inner one does nothing (the outer one's `keep` decides).
     """
     stream = block_stream(model)
-    if stream is None:
+    if stream is None or stream.current == index:
         yield decoder_layers(model)[index]
         return
     layer = stream.fetch(index)
