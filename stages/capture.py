@@ -7,16 +7,17 @@ from fang.core.memory import check_fits
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.data.corpus import load_calibration
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("capture", path=params_path)
+    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
     pca_dim = load_block("cluster", path=params_path).pca_dim  # the PCA is fitted while capturing
     out = paths.calibration_artifacts(source).capture
     device = pick_device()
     input_ids = load_calibration(source)
-    model, _ = load_dense(paths.MODEL, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, offload=offload)
     n_tok, cfg = input_ids.numel(), model.config
     needed = capture_ram_bytes(n_tok, input_ids.shape[1], p.batch_size, cfg.hidden_size, cfg.intermediate_size)
     samples = "calibrate.n_samples" if source is None else "bias.n_samples"

@@ -14,7 +14,8 @@ from fang.core.params import load_block
 from fang.core.progress import console
 from fang.methods.driver import PruneOptions, method_class, prune_model
 from fang.methods.registry import method_spec
-from fang.model.modeling import attention_geometry, decoder_layers, load_dense
+from fang.model.modeling import attention_geometry, decoder_layers
+from fang.model.offload import gather_blocks, load_dense_offloaded
 from fang.model.shrink import save_pruned
 
 
@@ -30,6 +31,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
     `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
+    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
     variant = parse_variant(method or p.method, p.allocation, p.compensation)
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
@@ -48,13 +50,14 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     capture = open_capture(art.capture)
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
-    model, tokenizer = load_dense(paths.MODEL, device)
+    model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload)
     allocation = resolve_allocation(method, variant.allocation)
     options = PruneOptions.from_params(p)
     options.allocation, options.compensation = variant.allocation, variant.compensation
     options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), art)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
                          options=options, inputs=inputs)
+    gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())
     console.print(

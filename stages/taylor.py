@@ -12,11 +12,12 @@ from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.data.corpus import load_calibration
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("taylor", path=params_path)
+    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
     art = paths.calibration_artifacts(source)
     clusters = open_store(art.cluster, "cluster", "cluster")
     input_ids = load_calibration(source)
@@ -24,7 +25,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     require(token_clusters.shape[1] == input_ids.numel(),
             f"{art.cluster} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
     device = pick_device()
-    model, _ = load_dense(paths.MODEL, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, offload=offload)
     k = clusters.attrs["k"]
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights

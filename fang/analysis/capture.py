@@ -36,6 +36,7 @@ from ..core.errors import FangError, require
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices, input_hooks
 from ..model.modeling import attention_geometry, decoder_layers
+from ..model.offload import place_model
 from .allocate import ComplexityStats
 from .cluster import pca_fit, pca_project
 from .store import compressors, open_checked, seal
@@ -128,7 +129,7 @@ def capture_features(
     reads; `keep` names the full per-token arrays to store as well (see the module docstring).
     """
     device = torch.device(device)
-    model.to(device).eval()
+    place_model(model, device)
     layers = decoder_layers(model)
     cfg = model.config
     n_layers, d, n_ffn = len(layers), cfg.hidden_size, cfg.intermediate_size
@@ -222,7 +223,8 @@ def capture_features(
                     complexity = ComplexityStats()
                     feats: dict[str, torch.Tensor] = {}
                     hooks = {"ffn_in": layer.mlp, "down_in": layer.mlp.down_proj, "o_proj_in": layer.self_attn.o_proj}
-                    with input_hooks(hooks, lambda name, x: feats.__setitem__(name, x)):
+                    # one block's weights on the device at a time when the model streams them (model.offload)
+                    with runner.on_device(li), input_hooks(hooks, lambda name, x: feats.__setitem__(name, x)):
                         for sl in batch_slices(n_seq, batch_size):
                             out = runner(layer, hidden[sl])
                             drain()

@@ -28,6 +28,7 @@ from torch import nn
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
+from ..model.offload import place_model
 
 # Logit entries (tokens x vocabulary) computed at once in the loss: 2^24 floats = 64 MiB per copy
 LOGIT_BUDGET = 1 << 24
@@ -84,7 +85,7 @@ def taylor_scores(
     for an empty cluster), from the model's own precision rather than the fp16 capture.
     """
     device = torch.device(device)
-    model.to(device).eval()
+    place_model(model, device)
     layers = decoder_layers(model)
     n_layers, n_ffn = len(layers), model.config.intermediate_size
     n_seq, seq_len = input_ids.shape
@@ -107,23 +108,27 @@ def taylor_scores(
                 with torch.no_grad():
                     hidden = runner.embed(ids)
                     inputs = []  # block inputs on the host: all that is kept across blocks
-                    for layer in layers:
+                    for li, layer in enumerate(layers):
                         inputs.append(hidden.cpu())
-                        hidden = runner(layer, hidden)
+                        # with model.offload every block visits the device twice per batch: here and below
+                        with runner.on_device(li):
+                            hidden = runner(layer, hidden)
                 grad = loss_grad(model, hidden, ids)
                 del hidden
                 for li in reversed(range(n_layers)):
                     x_in = inputs.pop().to(device).requires_grad_(True)
                     caught: list[torch.Tensor] = []  # h with its graph (not detached, unlike input_hooks)
                     handle = layers[li].mlp.down_proj.register_forward_pre_hook(lambda _m, a: caught.append(a[0]))
-                    try:
-                        with torch.enable_grad():
-                            x_out = runner(layers[li], x_in)
-                    finally:
-                        handle.remove()
-                    h = caught.pop()
-                    sensitivity[li] += ((x_out.detach() - x_in.detach()) * grad).sum(-1).abs().sum().double().cpu()
-                    grad_in, grad_h = torch.autograd.grad(x_out, (x_in, h), grad)
+                    # the backward reads the block's weights too: they stay on the device until it is done
+                    with runner.on_device(li):
+                        try:
+                            with torch.enable_grad():
+                                x_out = runner(layers[li], x_in)
+                        finally:
+                            handle.remove()
+                        h = caught.pop()
+                        sensitivity[li] += ((x_out.detach() - x_in.detach()) * grad).sum(-1).abs().sum().double().cpu()
+                        grad_in, grad_h = torch.autograd.grad(x_out, (x_in, h), grad)
                     h_flat, c = h.detach().reshape(-1, n_ffn), clusters[li]
                     sums[li] += scatter_cluster_sum((h_flat * grad_h.reshape(-1, n_ffn)).abs(), c, k).cpu()
                     h_sums[li] += scatter_cluster_sum(h_flat, c, k).cpu()

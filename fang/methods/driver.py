@@ -33,6 +33,7 @@ from ..core.errors import require
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
 from ..model.modeling import attention_geometry, count_block_params, decoder_layers
+from ..model.offload import block_on_device, place_model
 from ..model.shrink import shrink_attention, shrink_mlp
 from . import flap
 from .base import LayerContext, PruningMethod, Selection
@@ -187,11 +188,12 @@ def flap_plan_from_capture(
     layers = decoder_layers(model)
     columns = units.unit_columns()
     attn_scores, mlp_scores = [], []
-    for li, layer in enumerate(layers):
+    for li in range(len(layers)):
         o_var = torch.from_numpy(capture["o_proj_in_var"][li])
         d_var = torch.from_numpy(capture["down_in_var"][li])
-        w_o = layer.self_attn.o_proj.weight.detach().double().cpu()
-        w_d = layer.mlp.down_proj.weight.detach().double().cpu()
+        with block_on_device(model, li) as layer:  # a streamed model's blocks are read one at a time
+            w_o = layer.self_attn.o_proj.weight.detach().double().cpu()
+            w_d = layer.mlp.down_proj.weight.detach().double().cpu()
         attn, mlp = flap.al_am_scores(
             flap.fluctuation_metric(w_o, o_var), flap.fluctuation_metric(w_d, d_var), columns
         )
@@ -282,51 +284,53 @@ def prune_sequential(
     with progress() as bar:
         task = bar.add_task(f"prune {method.name}", total=len(layers))
         for li, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            entry: dict = {"layer": li}
-            ctx = LayerContext(li, layer, units, method.options, device, keep_attn[li], keep_mlp[li], entry)
-            attn_pruner = method.attention(ctx)
-            mlp_pruner = method.ffn(ctx)
-            recorder = OutputRecorder({"o_proj": attn.o_proj, "down_proj": mlp.down_proj})
-            dense_params = sum(p.numel() for p in layer.parameters())
+            # keep=True: a streamed block leaves the device pruned, and its pruned weights wait on the host
+            with block_on_device(model, li, keep=True):
+                attn, mlp = layer.self_attn, layer.mlp
+                entry: dict = {"layer": li}
+                ctx = LayerContext(li, layer, units, method.options, device, keep_attn[li], keep_mlp[li], entry)
+                attn_pruner = method.attention(ctx)
+                mlp_pruner = method.ffn(ctx)
+                recorder = OutputRecorder({"o_proj": attn.o_proj, "down_proj": mlp.down_proj})
+                dense_params = sum(p.numel() for p in layer.parameters())
 
-            if uses_data:
+                if uses_data:
 
-                def sink(name: str, x: torch.Tensor) -> None:
-                    if name == "o":
-                        attn_pruner.add_batch(x)
-                    elif name == "ffn_in":  # runs before down_proj's hook in the same MLP call
-                        mlp_pruner.add_ffn_input(x)
-                    else:
-                        mlp_pruner.add_batch(x)
+                    def sink(name: str, x: torch.Tensor) -> None:
+                        if name == "o":
+                            attn_pruner.add_batch(x)
+                        elif name == "ffn_in":  # runs before down_proj's hook in the same MLP call
+                            mlp_pruner.add_ffn_input(x)
+                        else:
+                            mlp_pruner.add_batch(x)
 
-                hooks = {"o": attn.o_proj, "d": mlp.down_proj}
-                if method.needs_ffn_input:
-                    hooks["ffn_in"] = mlp
-                with input_hooks(hooks, sink):
+                    hooks = {"o": attn.o_proj, "d": mlp.down_proj}
+                    if method.needs_ffn_input:
+                        hooks["ffn_in"] = mlp
+                    with input_hooks(hooks, sink):
+                        for sl in batch_slices(n_seq, batch_size):
+                            diag = sl.start < n_diag
+                            with recorder.record(recorder.dense) if diag else contextlib.nullcontext():
+                                runner(layer, hidden[sl])
+
+                attn_sel = attn_pruner.select(attn.o_proj.weight, keep_attn[li], unit_cols)
+                mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
+                heads, kv_heads = _apply_attention(attn, units, attn_sel)
+                ffn = _apply_mlp(mlp, mlp_sel)
+                # shrinking replaced the Linear modules: record the new ones
+                recorder.modules = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+                if uses_data:
                     for sl in batch_slices(n_seq, batch_size):
                         diag = sl.start < n_diag
-                        with recorder.record(recorder.dense) if diag else contextlib.nullcontext():
-                            runner(layer, hidden[sl])
-
-            attn_sel = attn_pruner.select(attn.o_proj.weight, keep_attn[li], unit_cols)
-            mlp_sel = mlp_pruner.select(mlp.down_proj.weight, keep_mlp[li])
-            heads, kv_heads = _apply_attention(attn, units, attn_sel)
-            ffn = _apply_mlp(mlp, mlp_sel)
-            # shrinking replaced the Linear modules: record the new ones
-            recorder.modules = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
-            if uses_data:
-                for sl in batch_slices(n_seq, batch_size):
-                    diag = sl.start < n_diag
-                    with recorder.record(recorder.pruned) if diag else contextlib.nullcontext():
-                        hidden[sl] = runner(layer, hidden[sl]).float().cpu()
-            # achieved fraction of this block's parameters removed (FLAP's added biases count as kept)
-            entry["sparsity"] = round(1.0 - sum(p.numel() for p in layer.parameters()) / dense_params, 6)
-            entry.update(heads=heads, kv_heads=kv_heads, ffn=ffn, **mlp_sel.info)
-            errors = recorder.relative_errors()
-            if errors:
-                entry["relative_error"] = {name: round(v, 8) for name, v in errors.items()}
-            method.finish_layer(ctx, mlp_sel)
+                        with recorder.record(recorder.pruned) if diag else contextlib.nullcontext():
+                            hidden[sl] = runner(layer, hidden[sl]).float().cpu()
+                # achieved fraction of this block's parameters removed (FLAP's added biases count as kept)
+                entry["sparsity"] = round(1.0 - sum(p.numel() for p in layer.parameters()) / dense_params, 6)
+                entry.update(heads=heads, kv_heads=kv_heads, ffn=ffn, **mlp_sel.info)
+                errors = recorder.relative_errors()
+                if errors:
+                    entry["relative_error"] = {name: round(v, 8) for name, v in errors.items()}
+                method.finish_layer(ctx, mlp_sel)
             out_layers.append(entry)
             bar.advance(task)
     return out_layers
@@ -373,7 +377,7 @@ def prune_model(
     pruning = method_class(method)(method, options, inputs)
     pruning.check(model)
     device = torch.device(device)
-    model.to(device).eval()
+    place_model(model, device)
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
     allocation = resolve_allocation(method, options.allocation)
     report.options = {**options.as_dict(), "allocation": allocation}

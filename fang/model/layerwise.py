@@ -2,6 +2,8 @@
 
 Only one block's activations for the whole calibration set live in memory at a time: block l's
 outputs become block l+1's inputs. Both `capture` and every pruning method use this driver.
+When the model streams its blocks (model.offload, `fang.model.offload`), a caller runs block l
+inside `runner.on_device(l)`, which brings its weights to the device and drops them after.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from .modeling import decoder_layers
+from .offload import block_on_device, require_resident
 
 
 class _Stop(Exception):
@@ -67,7 +70,13 @@ class BlockRunner:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return first_block_inputs(self.model, input_ids.to(self.device))[0]
 
+    def on_device(self, index: int, keep: bool = False) -> contextlib.AbstractContextManager[nn.Module]:
+        """Block `index` with its weights on the device for the `with` body (a no-op without streaming);
+        `keep=True` when the body modifies the block, so the change survives its leaving the device."""
+        return block_on_device(self.model, index, keep)
+
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        require_resident(self.model, layer)
         hidden = hidden.to(self.device)
         out = layer(hidden, **self.kwargs_for(hidden.shape[0], hidden.shape[1]))
         return out[0] if isinstance(out, tuple) else out

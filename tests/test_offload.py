@@ -1,0 +1,256 @@
+"""Block weight streaming (model.offload, fang.model.offload): the same bits as without it, and at most
+one block's weights materialized at any moment.
+
+A streamed block that is not running holds meta tensors, so on this CPU-only machine "on the device"
+is checked as "not meta" (`resident_blocks`); on a GPU the one materialized block is the one on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from helpers_tokenizer import tiny_tokenizer
+from method_cases import CASES, SPARSITY, calibration
+
+from fang.analysis.capture import capture_features, open_capture
+from fang.analysis.taylor import taylor_scores
+from fang.core.errors import FangError
+from fang.core.params import OFFLOADS, ModelParams, parse_block
+from fang.methods.driver import PruneOptions, prune_model
+from fang.model.layerwise import BlockRunner
+from fang.model.mlp_stream import stream_mlp
+from fang.model.modeling import decoder_layers, load_dense
+from fang.model.offload import gather_blocks, load_dense_offloaded, place_model, resident_blocks
+from fang.model.shrink import save_pruned
+
+MODES = ("host", "disk")
+N_LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A dense 3-block GQA checkpoint (6 query / 3 KV heads) as fetch_model writes it."""
+    path = tmp_path_factory.mktemp("offload") / "model"
+    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+class ResidencyProbe:
+    """Records, at the end of every block's forward, which blocks hold real tensors: must be that block alone.
+
+    A forward hook, not a pre-hook: embedding a batch stops at block 0's pre-hook without running it
+    (`first_block_inputs`), and needs no block weights."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+        self.handles = [layer.register_forward_hook(lambda _m, _a, _o, i=i: self.seen.append((i, resident_blocks(model))))
+                        for i, layer in enumerate(decoder_layers(model))]
+
+    def check(self, runs_per_block: int) -> None:
+        for h in self.handles:
+            h.remove()
+        assert self.seen, "no block ran"
+        assert all(resident == [i] for i, resident in self.seen), self.seen
+        assert sorted({i for i, _ in self.seen}) == list(range(N_LAYERS))
+        assert len(self.seen) == runs_per_block * N_LAYERS
+        assert resident_blocks(self.model) == []  # every block left the device after its turn
+
+
+def test_streamed_loading_gives_the_same_weights(checkpoint):
+    dense, _ = load_dense(checkpoint)
+    for mode in MODES:
+        model, _ = load_dense_offloaded(checkpoint, offload=mode)
+        assert resident_blocks(model) == []  # nothing of the blocks is loaded up front
+        assert model.model.embed_tokens.weight.device.type == "cpu"  # the non-block parts are on the device
+        gather_blocks(model)
+        assert resident_blocks(model) == list(range(N_LAYERS))
+        want = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+        have = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        assert want.keys() == have.keys()
+        assert all(torch.equal(want[k], have[k]) and want[k].dtype == have[k].dtype for k in want), mode
+
+
+def test_disk_mode_reads_a_sharded_checkpoint(tmp_path):
+    """A big checkpoint comes in shards (model-0000x-of-0000n.safetensors): each block is read from its own."""
+    model = tiny_model(6, 3, layers=N_LAYERS)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    streamed = gather_blocks(load_dense_offloaded(tmp_path, offload="disk")[0])
+    for (name, want), (_, have) in zip(model.state_dict().items(), streamed.state_dict().items()):
+        assert torch.equal(want, have), name
+
+
+def test_disk_mode_converts_to_the_model_dtype_like_from_pretrained(checkpoint):
+    dense, _ = load_dense(checkpoint, dtype="float16")
+    model = gather_blocks(load_dense_offloaded(checkpoint, dtype="float16", offload="disk")[0])
+    for (name, want), (_, have) in zip(dense.state_dict().items(), model.state_dict().items()):
+        assert want.dtype == have.dtype == torch.float16 and torch.equal(want, have), name
+    # the rotary inv_freq is computed in __init__, not loaded: it must come out the same too
+    for (name, want), (_, have) in zip(dense.named_buffers(), model.named_buffers()):
+        assert want.dtype == have.dtype and torch.equal(want, have), name
+
+
+def test_capture_is_identical_with_streaming(checkpoint, tmp_path):
+    calib = calibration()
+    stores = {}
+    for mode in ("none", *MODES):
+        model, _ = load_dense_offloaded(checkpoint, offload=mode)
+        probe = ResidencyProbe(model) if mode != "none" else None
+        capture_features(model, calib, tmp_path / f"{mode}.zarr", batch_size=4, dtype="float32",
+                         pca_dim=4, keep=["block_io", "down_in"])
+        if probe:
+            probe.check(runs_per_block=2)  # 6 sequences in batches of 4
+        stores[mode] = open_capture(tmp_path / f"{mode}.zarr")
+    names = sorted(stores["none"].array_keys())
+    assert {"block_io", "down_in", "ffn_proj", "fc", "pca_components"} <= set(names)
+    for mode in MODES:
+        assert sorted(stores[mode].array_keys()) == names
+        for name in names:
+            assert np.array_equal(stores[mode][name][:], stores["none"][name][:]), (mode, name)
+
+
+def test_taylor_is_identical_with_streaming(checkpoint):
+    calib, k = calibration(), 3
+    clusters = torch.randint(0, k, (N_LAYERS, calib.numel()), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for mode in ("none", *MODES):
+        model, _ = load_dense_offloaded(checkpoint, offload=mode)
+        probe = ResidencyProbe(model) if mode != "none" else None
+        results[mode] = taylor_scores(model, calib, clusters, k, batch_size=4)
+        if probe:
+            probe.check(runs_per_block=2 * 2)  # 2 batches, each block forward once and recomputed for backward once
+        assert all(p.requires_grad for p in model.parameters())  # restored after the pass
+    for mode in MODES:
+        for name, want in results["none"].items():
+            assert torch.equal(results[mode][name], want), (mode, name)
+
+
+class _Sums:
+    def __init__(self):
+        self.sums = {}
+
+    def add(self, layer, rows, act, up):
+        self.sums[layer] = self.sums.get(layer, 0) + act.double().sum() + up.double().square().sum()
+
+    def end_layer(self, layer, mlp):
+        self.sums[(layer, "w")] = mlp.down_proj.weight.double().sum()  # the block is still on the device here
+
+
+def test_stream_mlp_is_identical_with_streaming(checkpoint):
+    out = {}
+    for mode in ("none", *MODES):
+        model, _ = load_dense_offloaded(checkpoint, offload=mode)
+        consumer = _Sums()
+        stream_mlp(model, calibration(), consumer, batch_size=4)
+        out[mode] = consumer.sums
+    assert out["host"] == out["none"] == out["disk"]
+
+
+PRUNE_CASES = [c for c in CASES if c[0] in ("flap", "magnitude", "obc", "o_fang")]
+
+
+@pytest.mark.parametrize("case", PRUNE_CASES, ids=[c[0] for c in PRUNE_CASES])
+def test_prune_saves_the_same_checkpoint_with_streaming(case, checkpoint, tmp_path):
+    """flap reads every block's weights for its global search; magnitude runs no forward pass; obc and
+    o_fang compensate the kept weights: the saved pruned checkpoints are the same files, byte for byte."""
+    name, method, scheme, opts, fang_sparsity = case
+    dense, _ = load_dense(checkpoint)
+    capture_features(dense, calibration(), tmp_path / "cap.zarr", batch_size=3, dtype="float32")
+    cap = open_capture(tmp_path / "cap.zarr")
+    kw = {}
+    if fang_sparsity is not None:
+        from test_fang_prune import make_fang_inputs
+
+        kw["inputs"] = make_fang_inputs(cap, fang_sparsity)
+    reports = {}
+    for mode in ("none", *MODES):
+        model, tokenizer = load_dense_offloaded(checkpoint, offload=mode)
+        probe = ResidencyProbe(model) if mode != "none" else None
+        report = prune_model(model, cap, method, SPARSITY, scheme, batch_size=4, options=PruneOptions(**opts), **kw)
+        if probe and method != "magnitude":
+            probe.check(runs_per_block=2 * 2)  # 2 batches, before and after pruning the block
+        reports[mode] = report.as_dict()
+        save_pruned(gather_blocks(model), tokenizer, tmp_path / mode)
+    for mode in MODES:
+        assert reports[mode] == reports["none"], mode
+        files = sorted(p.relative_to(tmp_path / "none") for p in (tmp_path / "none").rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
+        for f in files:
+            assert (tmp_path / mode / f).read_bytes() == (tmp_path / "none" / f).read_bytes(), (mode, f)
+
+
+def test_a_block_run_off_the_device_is_a_clear_error(checkpoint):
+    model, _ = load_dense_offloaded(checkpoint, offload="host")
+    runner = BlockRunner(model, torch.device("cpu"))
+    hidden = runner.embed(calibration()[:2])
+    with pytest.raises(FangError, match="block_on_device"):
+        runner(decoder_layers(model)[0], hidden)
+    with runner.on_device(0) as layer:
+        assert runner(layer, hidden).shape == hidden.shape
+        with runner.on_device(0):  # nested for the same block: still there after the inner one
+            pass
+        assert resident_blocks(model) == [0]
+        with pytest.raises(FangError, match="one block at a time"), runner.on_device(1):
+            pass
+    assert resident_blocks(model) == []
+    with pytest.raises(FangError, match="streams its blocks to cpu"):
+        place_model(model, torch.device("meta"))
+
+
+def test_offload_is_validated(checkpoint):
+    with pytest.raises(FangError, match="model.offload='gpu'"):
+        load_dense_offloaded(checkpoint, offload="gpu")
+    with pytest.raises(FangError, match="model.offload='ram'"):
+        parse_block("model", {"offload": "ram"}, ModelParams)
+    assert parse_block("model", {}, ModelParams).offload == "none"  # off unless asked for
+    assert OFFLOADS == ("none", *MODES)  # the loader handles exactly the names params.yaml accepts
+
+
+def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
+    """End to end through the stages: model.offload=disk in params.yaml gives the capture store and the
+    saved pruned checkpoint of the default run, file for file."""
+    import json
+
+    import yaml
+
+    from stages import calibrate, capture, prune
+
+    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(tmp_path / "artifacts/model")
+    tiny_tokenizer().save_pretrained(tmp_path / "artifacts/model")
+    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
+            for i in range(30)]
+    (tmp_path / "artifacts/data").mkdir(parents=True)
+    (tmp_path / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    streamed = []  # (stage, whether its model streamed its blocks)
+
+    def spy(stage):
+        def load(*args, **kw):
+            model, tok = load_dense_offloaded(*args, **kw)
+            streamed.append((stage, resident_blocks(model) == []))
+            return model, tok
+        return load
+
+    monkeypatch.setattr(capture, "load_dense_offloaded", spy("capture"))
+    monkeypatch.setattr(prune, "load_dense_offloaded", spy("prune"))
+    files = {}
+    for mode in ("none", "disk"):
+        params = {"model": {"offload": mode}, "calibrate": {"n_samples": 4, "seq_len": 16},
+                  "capture": {"batch_size": 3, "dtype": "float32"}, "cluster": {"pca_dim": 4}, "prune": {"batch_size": 3}}
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        calibrate.run("params.yaml")
+        capture.run("params.yaml")
+        prune.run("params.yaml", method="obc", sparsity=0.3, out=f"artifacts/pruned-{mode}")
+        root = Path("artifacts")
+        wanted = [*root.joinpath("capture.zarr").rglob("*"), *root.joinpath(f"pruned-{mode}").rglob("*")]
+        files[mode] = {str(p.relative_to(root)).replace(f"pruned-{mode}", "pruned"): p.read_bytes()
+                       for p in wanted if p.is_file()}
+    assert files["disk"].keys() == files["none"].keys() and any("model.safetensors" in k for k in files["none"])
+    assert files["disk"] == files["none"]
+    assert streamed == [("capture", False), ("prune", False), ("capture", True), ("prune", True)]
