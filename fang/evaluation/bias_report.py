@@ -285,7 +285,7 @@ def summary_table(result: dict) -> str:
 
 def comparison_table(result: dict) -> str:
     """FANG against its baseline, paired by calibration source and evaluation data (`compare_sources`)."""
-    header = ["FANG", "baseline", "sparsity", "sources", "OOD PPL vs baseline", "ID PPL vs baseline",
+    header = ["method", "baseline", "sparsity", "sources", "OOD PPL vs baseline", "ID PPL vs baseline",
               "OOD/ID gap vs baseline", "all-topics PPL vs baseline", "Avg acc difference (points)"]
     rows = []
     for c in result["comparisons"]:
@@ -334,10 +334,10 @@ def topics_table(result: dict) -> str:
 SUMMARY_TITLE = "Per method: single-topic calibration against all-topic calibration"
 SUMMARY_NOTE = ("Mean over the single-topic sources, ± standard deviation across them; accuracy ± the mean of the "
                 "per-source standard errors (the sources share the questions, so their errors do not average out).")
-COMPARISON_TITLE = "FANG against its baseline, paired by calibration source"
-COMPARISON_NOTE = ("FANG against the baseline calibrated on the same source, on the same test windows and questions: "
-                   "PPL_FANG / PPL_baseline - 1 (geometric mean over the single-topic sources) on the OOD topics, on "
-                   "the calibration topic (ID), and their quotient (OOD/ID gap: negative = FANG loses less off-topic "
+COMPARISON_TITLE = "Each method against its baseline, paired by calibration source"
+COMPARISON_NOTE = ("A method (FANG variants, ica_fn, gprune) against its baseline calibrated on the same source, on the same test windows and questions: "
+                   "PPL_method / PPL_baseline - 1 (geometric mean over the single-topic sources) on the OOD topics, on "
+                   "the calibration topic (ID), and their quotient (OOD/ID gap: negative = the method loses less off-topic "
                    "relative to on-topic); accuracy = mean over sources of the average-accuracy difference, in points. "
                    "95% paired-bootstrap intervals over test windows and questions (conditional on these calibration "
                    "sets); the word is read from the interval.")

@@ -206,11 +206,11 @@ def fmt_comparison(c: dict | None, scale: float = 100.0, unit: str = "") -> str:
 
 
 def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["FANG", "baseline", "sparsity", "PPL change", "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
+    header = ["method", "baseline", "sparsity", "PPL change", "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
     rows = []
     for c in comparisons:
         acc = c.get("accuracy", {})
-        rows.append([c["fang"], c["baseline"], f"{c['sparsity']:.0%}",
+        rows.append([c["method"], c["baseline"], f"{c['sparsity']:.0%}",
                      fmt_comparison(c.get("perplexity", {}).get("overall"), unit="%"),
                      fmt_comparison(acc.get("average_all")), fmt_comparison(acc.get("average_out_of_domain")),
                      fmt_comparison(acc.get("average_in_domain"))])
@@ -218,26 +218,27 @@ def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float]) -> list[dict]:
-    """Every (FANG variant, baseline) pair at every sparsity where both runs exist, compared paired."""
+    """Every (method, its registry baseline) pair at every sparsity where both runs exist, compared paired:
+    the FANG variants against FLAP/OBC, ica_fn against FLAP, gprune against Wanda-sp."""
     by_key = {(r.method, r.sparsity): r for r in runs if r.metrics}
     out = []
-    for fang_m, base_m in comparison_pairs(methods):
+    for method_m, base_m in comparison_pairs(methods):
         for sp in sparsities:
-            a, b = by_key.get((base_m, sp)), by_key.get((fang_m, sp))
+            a, b = by_key.get((base_m, sp)), by_key.get((method_m, sp))
             if a is None or b is None:
                 continue
             try:
                 res = compare_runs(a, b)
             except FangError as exc:  # an old metrics file without per-question scores
                 res = {"error": str(exc)}
-            out.append({"fang": fang_m, "baseline": base_m, "sparsity": sp, **res})
+            out.append({"method": method_m, "baseline": base_m, "sparsity": sp, **res})
     return out
 
 
 PAIRED_NOTE = (
-    "FANG minus baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
+    "Each method minus its baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
     "in brackets; the word is read from the interval (better / worse / no detectable difference). "
-    "PPL change = PPL_FANG / PPL_baseline - 1 (negative is better); accuracy in points. "
+    "PPL change = PPL_method / PPL_baseline - 1 (negative is better); accuracy in points. "
     "In-domain = tasks built from the calibration corpus (next-sentence); out-of-domain = the rest."
 )
 
