@@ -44,3 +44,29 @@ def test_evaluation_dtype_is_checked():
     assert parse_block("evaluate", {"dtype": "float32"}, EvaluateParams).dtype == "float32"
     with pytest.raises(FangError, match="evaluate.dtype='int8' is not one of"):
         parse_block("evaluate", {"dtype": "int8"}, EvaluateParams)
+
+
+def test_every_param_a_dvc_stage_lists_is_in_params_yaml():
+    # DVC refuses to commit or run a stage whose params key is missing from params.yaml; the
+    # dataclass defaults would hide that from every other test
+    from pathlib import Path
+
+    import yaml
+
+    from fang.core.params import read_params
+
+    root = Path(__file__).resolve().parents[1]
+    raw = read_params(root / "params.yaml")
+    missing = []
+    for dvc_file in [root / "dvc.yaml", *sorted((root / "studies").glob("*/dvc.yaml"))]:
+        for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
+            for key in stage.get("do", stage).get("params", []):
+                if isinstance(key, dict):  # {other_file: [keys]}
+                    continue
+                node = raw
+                for part in str(key).split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        missing.append(f"{dvc_file.relative_to(root)}:{name}: {key}")
+                        break
+                    node = node[part]
+    assert not missing, missing
