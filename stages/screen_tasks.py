@@ -22,6 +22,8 @@ from fang.evaluation.task_screen import (
     Candidate,
     ScreenResult,
     affordable,
+    answer_texts,
+    majority_rate,
     choose_dev_set,
     confirm_within_budget,
     decide_probe,
@@ -71,12 +73,22 @@ def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit:
     return zero_shot(model, tokenizer, task_dir, list(lm_names.values()), limit, batch)
 
 
-def _scored(results: dict, lm_name: str) -> dict:
-    entry = results[lm_name]
-    preds = (entry.get("per_example") or {}).get("pred")
-    if preds is None:  # a group (next_sentence): pool its subtasks' answers
-        preds = [p for k, v in results.items() if k.startswith(f"{lm_name}_") for p in v.get("per_example", {}).get("pred", [])]
-    return score(entry, preds or None)
+def _leaf_tasks(results: dict, lm_name: str) -> list[str]:
+    """The task itself, or a group's (next_sentence) subtasks."""
+    if (results.get(lm_name, {}).get("per_example") or {}).get("pred") is not None:
+        return [lm_name]
+    return sorted(k for k in results if k.startswith(f"{lm_name}_"))
+
+
+def _scored(results: dict, lm_name: str, rows_of: dict[str, list[dict]]) -> dict:
+    """The task's score, with the constant-answer share over the answer texts given (the choices
+    of a BIG-bench question are shuffled, so indices would hide "always false")."""
+    texts = []
+    for leaf in _leaf_tasks(results, lm_name):
+        pe = results[leaf].get("per_example") or {}
+        if pe.get("pred") is not None:
+            texts += answer_texts(rows_of[leaf], pe["doc_id"], pe["pred"])
+    return score(results[lm_name], texts or None)
 
 
 def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
@@ -118,15 +130,19 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
                 c.tokens, c.max_tokens = evaluation_tokens(tokenizer, [r["context"] for r in rows],
                                                            [r["choices"] for r in rows])
             lm_names[c.name] = entry["lm_eval_tasks"][0]
+        rows_of = {f.stem: read_jsonl(f) for f in task_dir.glob("*.jsonl")}  # lm-eval task name -> its rows
+        for c in pool:  # the floor a constant answer reaches, from every question of the task
+            c.majority = majority_rate([r for leaf in rows_of if leaf == lm_names[c.name]
+                                        or leaf.startswith(f"{lm_names[c.name]}_") for r in rows_of[leaf]])
         console.print(f"screen: probing {len(pool)} of {len(candidates) + 1} tasks on {p.probe_examples} questions each")
         probe = _evaluate(model, tokenizer, task_dir, lm_names, p.probe_examples, p.batch_size)
-        survivors = [c for c in pool if decide_probe(c, _scored(probe, lm_names[c.name]), p.probe_min_z)]
+        survivors = [c for c in pool if decide_probe(c, _scored(probe, lm_names[c.name], rows_of), p.probe_min_z)]
         console.print(f"screen: {len(survivors)} above chance in the probe; every question of the strongest, "
                       f"until kept tasks fill {p.max_total_tokens} tokens")
 
         def evaluate_full(c: Candidate) -> dict:
             scored = _scored(_evaluate(model, tokenizer, task_dir, {c.name: lm_names[c.name]}, None, p.batch_size),
-                             lm_names[c.name])
+                             lm_names[c.name], rows_of)
             console.print(f"screen: {c.name}: {scored['acc']:.3f} on every question")
             return scored
 
@@ -151,7 +167,7 @@ def readme_note(result: dict) -> str:
             f"per evaluation (each question once + every choice), plus next-sentence. Probe on "
             f"{s['probe_examples']} questions (kept if ≥ {s['probe_min_z']} standard errors above chance), then "
             f"every question, by decreasing probe signal until the budget is filled: kept if ≥ {s['min_z']} "
-            f"standard errors above chance and not the same answer on more than 95% of questions. Dev set = kept "
+            f"standard errors above the better of chance and the majority answer (always giving the most common correct answer text) and not the same answer text on more than 95% of questions. Dev set = kept "
             f"tasks by decreasing z within {s['max_total_tokens']:,} tokens per evaluated model: "
             f"**{', '.join(result['dev_set']) or 'none'}** ({result.get('dev_set_tokens', 0):,} tokens, "
             f"{result['dev_set_requests']} requests).")

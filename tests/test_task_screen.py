@@ -134,3 +134,68 @@ def test_evaluation_tokens_counts_each_question_once_and_every_choice():
     total, longest = evaluation_tokens(tiny_tokenizer(), ["abcd", "ef"], [["x", "yz"], ["uvw"]])
     # choices are scored with a leading space: " x" 2, " yz" 3, " uvw" 4
     assert total == (4 + 2 + 3) + (2 + 4) and longest == 4 + 3
+
+
+def _shuffled_true_false(n: int, share_false: float, seed: int = 0) -> list[dict]:
+    """BIG-bench style rows: the two choices in a random order per question, gold by index."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        truth = "false" if i < share_false * n else "true"
+        choices = ["true", "false"] if rng.random() < 0.5 else ["false", "true"]
+        rows.append({"choices": choices, "gold": [choices.index(truth)]})
+    return rows
+
+
+def test_always_false_on_shuffled_choices_is_a_constant_answer_and_no_better_than_the_majority():
+    # fact_checker on SmolLM2-135M: "false" on all 142 questions, balanced choice indices, 71% right
+    from fang.evaluation.task_screen import answer_texts, majority_rate
+
+    rows = _shuffled_true_false(200, 0.7)
+    preds = [r["choices"].index("false") for r in rows]  # the model always says "false"
+    assert 0.3 < constant_share(preds) < 0.7  # the index view sees nothing wrong
+    texts = answer_texts(rows, list(range(200)), preds)
+    assert constant_share(texts) == 1.0
+    acc = sum(p in r["gold"] for p, r in zip(preds, rows)) / 200
+    assert acc == pytest.approx(0.7) and majority_rate(rows) == pytest.approx(0.7)
+
+    c = Candidate("fact_checker", 200, 2, 0.5, majority=majority_rate(rows))
+    stderr = math.sqrt(acc * (1 - acc) / 199)
+    assert not decide_full(c, {"n": 200, "acc": acc, "stderr": stderr, "constant_share": constant_share(texts)}, 3.0)
+    assert "same answer on 100%" in c.decision
+    # the same accuracy with varied answers is still no better than always saying "false"
+    c = Candidate("fact_checker", 200, 2, 0.5, majority=majority_rate(rows))
+    assert not decide_full(c, {"n": 200, "acc": acc, "stderr": stderr, "constant_share": 0.6}, 3.0)
+    assert "above the majority answer 0.700" in c.decision
+    # and beating the majority by 3 standard errors keeps it
+    c = Candidate("fact_checker", 200, 2, 0.5, majority=majority_rate(rows))
+    assert decide_full(c, {"n": 200, "acc": 0.82, "stderr": 0.027, "constant_share": 0.6}, 3.0)
+
+
+def test_majority_counts_every_correct_text_and_the_floor_is_never_below_chance():
+    from fang.evaluation.task_screen import majority_rate
+
+    rows = [{"choices": ["a", "b", "c"], "gold": [2]}, {"choices": ["b", "c", "a"], "gold": [1]},
+            {"choices": ["c", "a", "b"], "gold": [0, 2]}]  # c right in all three ("c" and "b" in the last)
+    assert majority_rate(rows) == 1.0
+    assert Candidate("x", 3, 3, 1 / 3, majority=1.0).floor == 1.0
+    assert Candidate("x", 3, 3, 0.25, majority=0.1).floor == 0.25
+    assert Candidate("x", 3, 3, 0.25).floor == 0.25
+
+
+def test_stage_scores_constant_share_on_answer_texts_for_tasks_and_groups():
+    from stages.screen_tasks import _scored
+
+    rows = _shuffled_true_false(40, 0.5, seed=1)
+    preds = [r["choices"].index("false") for r in rows]
+    results = {"bb_fc": {"acc": 0.5, "acc_stderr": 0.08, "acc_norm": None, "n": 40,
+                         "per_example": {"doc_id": list(range(40)), "pred": preds}}}
+    assert _scored(results, "bb_fc", {"bb_fc": rows})["constant_share"] == 1.0
+    # a group (next_sentence) pools its subtasks' answers, each read against its own rows
+    group = {"ns": {"acc": 0.5, "acc_stderr": 0.08, "acc_norm": None, "n": 40},
+             "ns_a": {"per_example": {"doc_id": list(range(20)), "pred": preds[:20]}},
+             "ns_b": {"per_example": {"doc_id": list(range(20)), "pred": preds[20:]}}}
+    scored = _scored(group, "ns", {"ns_a": rows[:20], "ns_b": rows[20:]})
+    assert scored["constant_share"] == 1.0 and scored["acc"] == 0.5

@@ -7,8 +7,14 @@ Both only dilute an average. The screen runs the dense model in two passes:
 1. probe: the first `probe_examples` questions of every affordable candidate (enough questions to
    resolve a few points, few enough choices x questions to evaluate on every sweep model);
 2. full: every question of the candidates the probe found above chance, where the decision is made:
-   accuracy at least `min_z` standard errors above chance, and not a constant answer. Candidates
+   accuracy at least `min_z` standard errors above the floor, and not a constant answer. Candidates
    go through it by decreasing probe signal until the kept ones fill the dev-set budget.
+
+The floor is the better of chance and the majority answer: always giving the most common correct
+answer text. BIG-bench shuffles the choices of each question, so a model that always says "false"
+answers with balanced choice indices and, on a task whose answers are 71% "false", scores 71% with
+a z of 5 against 50% chance (fact_checker on SmolLM2-135M). Both the floor and the constant-answer
+test therefore work on answer texts, never on choice indices.
 
 The dev set is then the kept tasks by strength of signal (z) until the per-model request budget is
 spent. Everything here is pure bookkeeping on numbers; `stages/screen_tasks.py` runs the model.
@@ -33,12 +39,18 @@ class Candidate:
     n_examples: int
     mean_choices: float
     chance: float
+    majority: float | None = None  # accuracy of always giving the most common correct answer text
     probe: dict | None = None  # {"n", "acc", "stderr", "z"}
     full: dict | None = None  # {"n", "acc", "stderr", "z", "constant_share"}
     decision: str = "not screened"  # kept | dropped: <reason> | not screened: <reason>
     max_tokens: int | None = None  # longest question + choice in tokens (None: not measured)
     tokens: int | None = None  # tokens one full evaluation runs: every question once + every choice (shared contexts)
     in_dev_set: bool = False
+
+    @property
+    def floor(self) -> float:
+        """What a model that ignores the question reaches: chance, or the majority answer if higher."""
+        return max(self.chance, self.majority or 0.0)
 
     @property
     def requests(self) -> int:
@@ -56,8 +68,21 @@ def z_above_chance(acc: float, stderr: float | None, chance: float) -> float:
     return (acc - chance) / stderr
 
 
-def constant_share(preds: list[int] | None) -> float | None:
-    """Share of questions answered with the most common choice index (1.0 = always the same answer)."""
+def answer_texts(rows: list[dict], doc_ids: list[int], preds: list[int]) -> list[str]:
+    """The text of the choice each question was answered with (`rows[doc_id]["choices"][pred]`)."""
+    return [str(rows[d]["choices"][p]) for d, p in zip(doc_ids, preds)]
+
+
+def majority_rate(rows: list[dict]) -> float:
+    """Accuracy of always answering the answer text that is correct most often (rows: {"choices", "gold"})."""
+    require(rows, "majority_rate: no question")
+    correct = Counter(text for r in rows for text in {str(r["choices"][g]) for g in r["gold"]})
+    return max(correct.values()) / len(rows)
+
+
+def constant_share(preds: list | None) -> float | None:
+    """Share of questions given the most common answer (1.0 = always the same answer). Pass answer
+    texts (`answer_texts`): choice indices hide a constant answer when the choices are shuffled."""
     if not preds:
         return None
     return Counter(preds).most_common(1)[0][1] / len(preds)
@@ -96,24 +121,29 @@ def score(result: dict, preds: list[int] | None = None) -> dict:
 
 
 def decide_probe(c: Candidate, probe: dict, probe_min_z: float) -> bool:
-    c.probe = {**probe, "z": z_above_chance(probe["acc"], probe["stderr"], c.chance)}
+    c.probe = {**probe, "z": z_above_chance(probe["acc"], probe["stderr"], c.floor)}
     if c.probe["z"] < probe_min_z:
-        c.decision = f"dropped: probe {c.probe['acc']:.3f} on {probe['n']} questions is < {probe_min_z} se above chance {c.chance:.3f}"
+        c.decision = (f"dropped: probe {c.probe['acc']:.3f} on {probe['n']} questions is < {probe_min_z} se above "
+                      f"{_floor_name(c)} {c.floor:.3f}")
         return False
     return True
 
 
 def decide_full(c: Candidate, full: dict, min_z: float) -> bool:
-    c.full = {**full, "z": z_above_chance(full["acc"], full["stderr"], c.chance)}
+    c.full = {**full, "z": z_above_chance(full["acc"], full["stderr"], c.floor)}
     share = full.get("constant_share")
     if share is not None and share > CONSTANT_ANSWER:
         c.decision = f"dropped: the same answer on {share:.0%} of questions"
         return False
     if c.full["z"] < min_z:
-        c.decision = f"dropped: {c.full['acc']:.3f} is {c.full['z']:.1f} se above chance {c.chance:.3f} (< {min_z})"
+        c.decision = f"dropped: {c.full['acc']:.3f} is {c.full['z']:.1f} se above {_floor_name(c)} {c.floor:.3f} (< {min_z})"
         return False
     c.decision = "kept"
     return True
+
+
+def _floor_name(c: Candidate) -> str:
+    return "the majority answer" if (c.majority or 0.0) > c.chance else "chance"
 
 
 def _cost(c: Candidate) -> int:
@@ -169,18 +199,19 @@ class ScreenResult:
 
 
 def markdown(result: dict, screened_only: bool = True) -> str:
-    """Table of the screen: task, questions, chance, dense accuracy (probe and full), decision."""
+    """Table of the screen: task, questions, chance, majority answer, dense accuracy (probe and full), decision."""
     rows = [c for c in result["candidates"] if not (screened_only and c["probe"] is None and c["full"] is None)]
     rows.sort(key=lambda c: (not c["in_dev_set"], -(c["full"] or c["probe"] or {"z": -1e9})["z"], c["name"]))
-    lines = ["| task | questions | choices | tokens | chance | dense probe | dense full (± se) | z | decision |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | questions | choices | tokens | chance | majority answer | dense probe | dense full (± se) | z | decision |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in rows:
         probe = f"{c['probe']['acc'] * 100:.1f} (n={c['probe']['n']})" if c["probe"] else "—"
         full = f"{c['full']['acc'] * 100:.1f} ± {c['full']['stderr'] * 100:.1f}" if c["full"] and c["full"]["stderr"] else "—"
         z = f"{c['full']['z']:.1f}" if c["full"] else (f"{c['probe']['z']:.1f} (probe)" if c["probe"] else "—")
         decision = ("**dev set**" if c["in_dev_set"] else c["decision"]).replace("|", "/")
         tokens = f"{c['tokens']:,}" if c.get("tokens") is not None else "—"
-        lines.append(f"| {c['name']} | {c['n_examples']} | {c['mean_choices']:.1f} | {tokens} | {c['chance'] * 100:.1f} | {probe} | "
+        majority = f"{c['majority'] * 100:.1f}" if c.get("majority") is not None else "—"
+        lines.append(f"| {c['name']} | {c['n_examples']} | {c['mean_choices']:.1f} | {tokens} | {c['chance'] * 100:.1f} | {majority} | {probe} | "
                      f"{full} | {z} | {decision} |")
     skipped = Counter(c["decision"].split(":")[0] for c in result["candidates"] if c["probe"] is None and c["full"] is None)
     note = (f"{len(result['candidates'])} BIG-bench multiple-choice tasks considered; "
