@@ -22,7 +22,8 @@ from fang.evaluation.task_screen import (
     Candidate,
     ScreenResult,
     affordable,
-    answer_texts,
+    given_answers,
+    leaf_tasks,
     majority_rate,
     choose_dev_set,
     confirm_within_budget,
@@ -73,21 +74,10 @@ def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit:
     return zero_shot(model, tokenizer, task_dir, list(lm_names.values()), limit, batch)
 
 
-def _leaf_tasks(results: dict, lm_name: str) -> list[str]:
-    """The task itself, or a group's (next_sentence) subtasks."""
-    if (results.get(lm_name, {}).get("per_example") or {}).get("pred") is not None:
-        return [lm_name]
-    return sorted(k for k in results if k.startswith(f"{lm_name}_"))
-
-
 def _scored(results: dict, lm_name: str, rows_of: dict[str, list[dict]]) -> dict:
     """The task's score, with the constant-answer share over the answer texts given (the choices
     of a BIG-bench question are shuffled, so indices would hide "always false")."""
-    texts = []
-    for leaf in _leaf_tasks(results, lm_name):
-        pe = results[leaf].get("per_example") or {}
-        if pe.get("pred") is not None:
-            texts += answer_texts(rows_of[leaf], pe["doc_id"], pe["pred"])
+    texts = given_answers(results, lm_name, rows_of)
     return score(results[lm_name], texts or None)
 
 
@@ -132,8 +122,7 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
             lm_names[c.name] = entry["lm_eval_tasks"][0]
         rows_of = {f.stem: read_jsonl(f) for f in task_dir.glob("*.jsonl")}  # lm-eval task name -> its rows
         for c in pool:  # the floor a constant answer reaches, from every question of the task
-            c.majority = majority_rate([r for leaf in rows_of if leaf == lm_names[c.name]
-                                        or leaf.startswith(f"{lm_names[c.name]}_") for r in rows_of[leaf]])
+            c.majority = majority_rate([r for leaf in leaf_tasks(rows_of, lm_names[c.name]) for r in rows_of[leaf]])
         console.print(f"screen: probing {len(pool)} of {len(candidates) + 1} tasks on {p.probe_examples} questions each")
         probe = _evaluate(model, tokenizer, task_dir, lm_names, p.probe_examples, p.batch_size)
         survivors = [c for c in pool if decide_probe(c, _scored(probe, lm_names[c.name], rows_of), p.probe_min_z)]

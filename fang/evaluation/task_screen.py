@@ -73,6 +73,20 @@ def answer_texts(rows: list[dict], doc_ids: list[int], preds: list[int]) -> list
     return [str(rows[d]["choices"][p]) for d, p in zip(doc_ids, preds)]
 
 
+def leaf_tasks(leaves, task: str) -> list[str]:
+    """`task` itself if it is among the leaf tasks `leaves`, else its group's subtasks (`task_*`, next_sentence)."""
+    return [task] if task in leaves else sorted(k for k in leaves if k.startswith(f"{task}_"))
+
+
+def given_answers(results: dict, task: str, rows_of: dict[str, list[dict]]) -> list[str]:
+    """The answer texts a model gave on `task` (a group pools its subtasks), from evaluate's per-question
+    predictions and each leaf task's rows."""
+    scored = {k for k, v in results.items() if (v.get("per_example") or {}).get("pred") is not None}
+    return [text for leaf in leaf_tasks(scored, task)
+            for text in answer_texts(rows_of[leaf], results[leaf]["per_example"]["doc_id"],
+                                     results[leaf]["per_example"]["pred"])]
+
+
 def majority_rate(rows: list[dict]) -> float:
     """Accuracy of always answering the answer text that is correct most often (rows: {"choices", "gold"})."""
     require(rows, "majority_rate: no question")

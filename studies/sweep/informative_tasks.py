@@ -24,14 +24,11 @@ from fang.core.markdown import markdown_table  # noqa: E402
 from fang.core.params import SweepParams, load_block  # noqa: E402
 from fang.data.corpus import read_jsonl  # noqa: E402
 from fang.evaluation.report import Run, compare_runs, fmt_comparison, comparison_pairs  # noqa: E402
-from fang.evaluation.task_screen import CONSTANT_ANSWER, answer_texts, constant_share, majority_rate, z_above_chance  # noqa: E402
+from fang.evaluation.task_screen import (  # noqa: E402
+    CONSTANT_ANSWER, constant_share, given_answers, leaf_tasks, majority_rate, z_above_chance)
 
 SWEEP, TASKS, OUT = ROOT / "artifacts/sweep", ROOT / "artifacts/data/tasks", ROOT / "artifacts/report"
 MIN_Z = 3.0  # screen.min_z
-
-
-def leaves(tasks: dict, name: str) -> list[str]:
-    return [name] if "per_example" in tasks[name] else sorted(k for k in tasks if k.startswith(f"{name}_"))
 
 
 def judge(dense: dict, rows_of: dict[str, list[dict]]) -> dict[str, dict]:
@@ -41,10 +38,8 @@ def judge(dense: dict, rows_of: dict[str, list[dict]]) -> dict[str, dict]:
     for name, entry in tasks.items():
         if name.startswith("next_sentence_"):
             continue
-        parts = leaves(tasks, name)
-        rows = [r for p in parts for r in rows_of[p]]
-        texts = [t for p in parts for t in answer_texts(rows_of[p], tasks[p]["per_example"]["doc_id"],
-                                                          tasks[p]["per_example"]["pred"])]
+        rows = [r for leaf in leaf_tasks(rows_of, name) for r in rows_of[leaf]]
+        texts = given_answers(tasks, name, rows_of)
         key = "acc_norm" if entry.get("acc_norm") is not None else "acc"
         chance = sum(len(r["gold"]) / len(r["choices"]) for r in rows) / len(rows)
         majority = majority_rate(rows)
