@@ -22,3 +22,29 @@ def test_table_reports_acc_norm_with_stderr_and_keeps_missing_runs(tmp_path):
     replace_between_markers(readme, readme_fragment(runs, "2026-01-01T00:00:00", "docs/x.png"), README_START, README_END)
     text = readme.read_text()
     assert "old" not in text and "| obc | 30% |" in text and text.endswith(f"{README_END}\nbottom\n")
+
+
+def test_averages_and_paired_verdicts_leave_out_tasks_without_signal_on_dense():
+    from fang.evaluation.report import compare_runs, kept_tasks, table_rows
+    from fang.evaluation.task_screen import Candidate
+
+    def run(name, good, flat):  # per-question scores on an informative task and an uninformative one
+        ex = lambda xs: {"doc_id": list(range(len(xs))), "acc": xs}
+        tasks = {"good": {"acc": sum(good) / 4, "acc_stderr": 0.1, "acc_norm": None, "per_example": ex(good)},
+                 "flat": {"acc": sum(flat) / 4, "acc_stderr": 0.1, "acc_norm": None, "per_example": ex(flat)}}
+        windows = {"nll": {"People": [2.0, 2.5, 3.0]}, "tokens_per_window": 10}
+        return Run(name, 0.3, {"ppl": 10.0, "tasks": tasks, "ppl_windows": windows})
+
+    a, b = run("obc", [1, 1, 1, 1], [0, 0, 0, 0]), run("o_fang", [1, 1, 1, 1], [1, 1, 1, 1])
+    judged = {"good": Candidate("good", 4, 2, 0.5), "flat": Candidate("flat", 4, 2, 0.5)}
+    judged["good"].decision, judged["flat"].decision = "kept", "dropped: the same answer on 100% of questions"
+    averaged = kept_tasks(judged)
+    header, rows, records = table_rows([a, b], averaged)
+    assert header[-3:] == ["good", "flat †", "Avg"]
+    assert records[1]["avg"] == 1.0  # the +100 points on "flat" are shown, not averaged
+    res = compare_runs(a, b, averaged)
+    assert res["accuracy"]["flat"]["estimate"] == 1.0  # per task: still compared
+    assert res["accuracy"]["average_all"]["estimate"] == 0.0
+    assert compare_runs(a, b)["accuracy"]["average_all"]["estimate"] == 0.5  # without a judgement: every task
+    md, _ = render([a, b], judged=judged)
+    assert "left out of every average (†): flat (the same answer on 100% of questions)" in md

@@ -199,3 +199,25 @@ def test_stage_scores_constant_share_on_answer_texts_for_tasks_and_groups():
              "ns_b": {"per_example": {"doc_id": list(range(20)), "pred": preds[20:]}}}
     scored = _scored(group, "ns", {"ns_a": rows[:20], "ns_b": rows[20:]})
     assert scored["constant_share"] == 1.0 and scored["acc"] == 0.5
+
+
+def test_judge_tasks_redecides_an_evaluation_with_the_screen_rule():
+    # a sweep's dense row holds every question: the screen's decision is made again on it, so a task
+    # chosen by an older rule (fact_checker: "always false") is recognised without a new model run
+    from fang.evaluation.task_screen import judge_tasks
+
+    rows = _shuffled_true_false(200, 0.7)
+    always_false = [r["choices"].index("false") for r in rows]
+    right = [r["gold"][0] if i % 10 else 1 - r["gold"][0] for i, r in enumerate(rows)]  # 90% right, varied
+    entry = lambda preds: {"acc": sum(p in r["gold"] for p, r in zip(preds, rows)) / 200, "acc_stderr": 0.03,
+                           "acc_norm": None, "n": 200, "per_example": {"doc_id": list(range(200)), "pred": preds}}
+    tasks = {"bb_fc": entry(always_false), "bb_good": entry(right),
+             "ns": {"acc": 0.9, "acc_stderr": 0.03, "acc_norm": None, "n": 200}, "ns_a": entry(right)}
+    judged = judge_tasks(tasks, {"bb_fc": rows, "bb_good": rows, "ns_a": rows}, 3.0)
+    assert set(judged) == {"bb_fc", "bb_good", "ns", "ns_a"}  # ns_a is a leaf here, not a next_sentence_ subtask
+    assert judged["bb_fc"].decision == "dropped: the same answer on 100% of questions"
+    assert judged["bb_fc"].floor == pytest.approx(0.7) and judged["bb_fc"].chance == pytest.approx(0.5)
+    assert judged["bb_good"].decision == "kept" and judged["bb_good"].full["z"] == pytest.approx((0.9 - 0.7) / 0.03)
+    assert judged["ns"].decision == "kept"  # a group is judged on its subtasks' rows and answers
+    with pytest.raises(FangError, match="no rows"):
+        judge_tasks({"bb_missing": entry(right)}, {}, 3.0)

@@ -60,13 +60,15 @@ def fmt_accuracy(value: float | None, se: float | None = None, scale: float = 10
     return f"{text} ± {se * scale:.{digits}f}" if se is not None else text
 
 
-def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]:
-    """Header, formatted rows, and raw records (for CSV) of the main table."""
+def table_rows(runs: list[Run], averaged: list[str] | None = None) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Header, formatted rows, and raw records (for CSV) of the main table. Avg is over `averaged`
+    (None: every task); a task left out of it is marked † in the header."""
     tasks: list[str] = []
     for run in runs:
         if run.metrics:
             tasks += [t for t in headline_tasks(run.metrics) if t not in tasks]
-    header = ["method", "sparsity", "achieved", "PPL", *tasks, "Avg"]
+    in_avg = [t for t in tasks if averaged is None or t in averaged]
+    header = ["method", "sparsity", "achieved", "PPL", *[t if t in in_avg else f"{t} †" for t in tasks], "Avg"]
     rows, records = [], []
     for run in runs:
         if run.metrics is None:
@@ -74,7 +76,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict]]
             records.append({"method": run.method, "sparsity": run.sparsity, "status": "missing"})
             continue
         accs = [task_accuracy(run.metrics["tasks"][t]) if t in run.metrics["tasks"] else (None, None) for t in tasks]
-        avg = average(accs)
+        avg = average([a for t, a in zip(tasks, accs) if t in in_avg])
         achieved = run.prune["achieved_sparsity"] if run.prune else (0.0 if run.method == "dense" else None)
         rows.append([run.method, f"{run.sparsity:.0%}", fmt_accuracy(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
                      *[fmt_accuracy(v, s) for v, s in accs], fmt_accuracy(*avg)])
@@ -97,15 +99,24 @@ def topic_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def render(runs: list[Run], comparisons: list[dict] | None = None) -> tuple[str, str]:
-    """(Markdown, CSV) of the whole report."""
-    header, rows, records = table_rows(runs)
+def averaged_note(judged: dict | None) -> str:
+    """Which tasks the averages leave out and why (the screen's rule on the dense row)."""
+    if not judged:
+        return "Avg = mean over the task columns (its standard error assumes independent tasks)."
+    out = [f"{t} ({c.decision.removeprefix('dropped: ')})" for t, c in judged.items() if c.decision != "kept"]
+    return ("Avg = mean over the tasks on which the dense row carries signal, by the screen's rule (README "
+            "\"Evaluation tasks\"); its standard error assumes independent tasks. "
+            + (f"Shown but left out of every average (†): {'; '.join(out)}." if out else "No task is left out."))
+
+
+def render(runs: list[Run], comparisons: list[dict] | None = None, judged: dict | None = None) -> tuple[str, str]:
+    """(Markdown, CSV) of the whole report; `judged` = task_screen.judge_tasks on the dense row."""
+    header, rows, records = table_rows(runs, kept_tasks(judged))
     t_header, t_rows = topic_table(runs)
     md = ["## Perplexity and zero-shot accuracy",
           "",
           "Accuracy in %, ± standard error from lm-eval: acc_norm where the task reports it, else acc. "
-          "Avg = mean over the task columns (its standard error assumes independent tasks). "
-          "achieved = measured fraction of decoder-block parameters removed.",
+          + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.",
           "",
           markdown_table(header, rows), ""]
     if comparisons:
@@ -174,9 +185,13 @@ def paired_examples(metrics: dict) -> tuple[dict[str, dict], dict[str, str]]:
     return examples, metric_of
 
 
-def compare_runs(a: Run, b: Run) -> dict:
+def kept_tasks(judged: dict | None) -> list[str] | None:
+    return None if judged is None else [t for t, c in judged.items() if c.decision == "kept"]
+
+
+def compare_runs(a: Run, b: Run, averaged: list[str] | None = None) -> dict:
     """B against A, paired: perplexity (overall and per topic), accuracy per task, averages over all,
-    in-domain and out-of-domain tasks. Values are Comparison.as_dict()."""
+    in-domain and out-of-domain tasks (of `averaged`, None: every task). Values are Comparison.as_dict()."""
     from .paired import accuracy_difference, perplexity_differences
 
     out: dict = {"a": a.label, "b": b.label}
@@ -185,14 +200,18 @@ def compare_runs(a: Run, b: Run) -> dict:
     ex_a, metric_of = paired_examples(a.metrics)
     ex_b, _ = paired_examples(b.metrics)
     common = [t for t in ex_a if t in ex_b]
+    out["accuracy"] = {}
+    if averaged is not None:  # per task for every common task, averages over the informative ones
+        per_task = accuracy_difference({t: ex_a[t] for t in common}, {t: ex_b[t] for t in common}, metric_of)
+        out["accuracy"].update({t: per_task[t].as_dict() for t in common})
+        common = [t for t in common if t in averaged]
     groups = {"all": common, "in_domain": [t for t in common if is_in_domain(t)],
               "out_of_domain": [t for t in common if not is_in_domain(t)]}
-    out["accuracy"] = {}
     for group, tasks in groups.items():
         if not tasks:
             continue
         res = accuracy_difference({t: ex_a[t] for t in tasks}, {t: ex_b[t] for t in tasks}, metric_of)
-        if group == "all":
+        if group == "all" and averaged is None:
             out["accuracy"].update({t: res[t].as_dict() for t in tasks})
         out["accuracy"][f"average_{group}"] = res["average"].as_dict()
     return out
@@ -217,7 +236,8 @@ def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float]) -> list[dict]:
+def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float],
+                       averaged: list[str] | None = None) -> list[dict]:
     """Every (method, its registry baseline) pair at every sparsity where both runs exist, compared paired:
     the FANG variants against FLAP/OBC, ica_fn against FLAP, gprune against Wanda-sp."""
     by_key = {(r.method, r.sparsity): r for r in runs if r.metrics}
@@ -228,7 +248,7 @@ def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[flo
             if a is None or b is None:
                 continue
             try:
-                res = compare_runs(a, b)
+                res = compare_runs(a, b, averaged)
             except FangError as exc:  # an old metrics file without per-question scores
                 res = {"error": str(exc)}
             out.append({"method": method_m, "baseline": base_m, "sparsity": sp, **res})
@@ -239,7 +259,8 @@ PAIRED_NOTE = (
     "Each method minus its baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
     "in brackets; the word is read from the interval (better / worse / no detectable difference). "
     "PPL change = PPL_method / PPL_baseline - 1 (negative is better); accuracy in points. "
-    "In-domain = tasks built from the calibration corpus (next-sentence); out-of-domain = the rest."
+    "Averages are over the tasks in the table's Avg. In-domain = tasks built from the calibration corpus "
+    "(next-sentence); out-of-domain = the rest."
 )
 
 
@@ -247,13 +268,14 @@ README_START = "<!-- report:start -->"
 README_END = "<!-- report:end -->"
 
 
-def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: list[dict] | None = None) -> str:
+def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: list[dict] | None = None,
+                    judged: dict | None = None) -> str:
     """The README block: the method x sparsity table and the paired verdicts (per-topic perplexity
     stays in results.md)."""
-    header, rows, _ = table_rows(runs)
+    header, rows, _ = table_rows(runs, kept_tasks(judged))
     lines = [f"<!-- generated by `fang report --readme` on {when}; rerun it instead of editing -->", "",
-             "Accuracy in %, ± standard error from lm-eval (acc_norm where the task has it, else acc); Avg = mean "
-             "over the task columns; achieved = measured fraction of decoder-block parameters removed.", "",
+             "Accuracy in %, ± standard error from lm-eval (acc_norm where the task has it, else acc). "
+             + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.", "",
              markdown_table(header, rows)]
     if comparisons:
         p_header, p_rows = paired_table(comparisons)
@@ -264,13 +286,13 @@ def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: 
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], path: Path) -> None:
+def plot(runs: list[Run], path: Path, averaged: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _, _, records = table_rows(runs)
+    _, _, records = table_rows(runs, averaged)
     ok = [r for r in records if r["status"] == "ok"]
     dense = next((r for r in ok if r["method"] == "dense"), None)
     fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))

@@ -156,6 +156,29 @@ def decide_full(c: Candidate, full: dict, min_z: float) -> bool:
     return True
 
 
+def judge_tasks(tasks: dict, rows_of: dict[str, list[dict]], min_z: float) -> dict[str, Candidate]:
+    """The screen's full-pass decision, made again on an evaluation that already holds every question
+    (the dense row of a sweep): per headline task, a Candidate whose `decision` is "kept" when the
+    model is `min_z` standard errors above the better of chance and the majority answer and does not
+    give one answer text to more than 95% of questions.
+
+    `tasks` is evaluate's "tasks" block (per-question predictions included), `rows_of` the task
+    folder's rows per lm-eval task. A report averages only the kept tasks: the others cannot show
+    what pruning destroyed, whatever the screen that chose them decided with an older rule."""
+    out = {}
+    for name, entry in tasks.items():
+        if name.startswith("next_sentence_"):  # the group stands for its per-topic subtasks
+            continue
+        rows = [r for leaf in leaf_tasks(rows_of, name) for r in rows_of[leaf]]
+        require(rows, f"task {name}: no rows in the task folder (rebuild it: dvc repro fetch_data)")
+        chance = sum(len(r["gold"]) / len(r["choices"]) for r in rows) / len(rows)
+        c = Candidate(name, len(rows), sum(len(r["choices"]) for r in rows) / len(rows), chance, majority_rate(rows))
+        texts = given_answers(tasks, name, rows_of)
+        decide_full(c, score(entry, texts or None), min_z)
+        out[name] = c
+    return out
+
+
 def _floor_name(c: Candidate) -> str:
     return "the majority answer" if (c.majority or 0.0) > c.chance else "chance"
 
