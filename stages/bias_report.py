@@ -7,7 +7,7 @@ from fang.core import paths
 from fang.core.atomic import atomic_dir
 import time
 
-from fang.analysis.attribute import CellRemoval, bias_correlations, plot_bias_correlation
+from fang.analysis.attribute import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
 from fang.core.errors import require
 from fang.core.markdown import publish
 from fang.core.params import load_block
@@ -20,16 +20,10 @@ README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the REA
 
 def attributed_cells(result: dict) -> list[CellRemoval]:
     """The study's models that `fang attribute-removed` has scored (<cell>.attribution.json beside the evaluation)."""
-    cells = []
-    for r in result["records"]:
-        f = paths.BIAS_SWEEP / r["source"] / f"{r['method']}-{r['sparsity']}.attribution.json"
-        if r["status"] != "ok" or not f.exists():
-            continue
-        topics = json.loads(f.read_text())["topics"]
-        cells.append(CellRemoval(r["method"], r["source"], r["sparsity"],
-                                 {t: v["selective_removed_fraction"] for t, v in topics.items()},
-                                 {t: v["mass_lost"] for t, v in topics.items()}, r["increase_by_topic"]))
-    return cells
+    cells = [read_cell_removal(paths.BIAS_SWEEP / r["source"] / f"{r['method']}-{r['sparsity']}.attribution.json",
+                               r["method"], r["source"], r["sparsity"], r["increase_by_topic"])
+             for r in result["records"] if r["status"] == "ok"]
+    return [c for c in cells if c is not None]
 
 
 def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
@@ -48,7 +42,7 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     cells = attributed_cells(result)
     if cells:
         a = load_block("attribute", path=params_path)
-        result["attribution"] = bias_correlations(cells, result["topics"], a.n_boot, a.seed)
+        result["attribution"] = removal_correlations(cells, result["topics"], a.n_boot, a.seed)
     md, table_csv = render(result, dense)
     with atomic_dir(paths.BIAS_REPORT) as tmp:
         (tmp / "bias.md").write_text(md)
@@ -56,7 +50,7 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         (tmp / "bias.json").write_text(json.dumps(result, indent=1))
         heatmap(result, tmp / "bias_heatmap.png")
         if cells:
-            plot_bias_correlation(result["attribution"], cells, tmp / "attribution_correlation.png")
+            plot_removal_correlation(result["attribution"], cells, tmp / "attribution_correlation.png")
     if readme:
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
         publish(readme, paths.BIAS_REPORT / "bias_heatmap.png", README_IMAGE,

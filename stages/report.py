@@ -2,6 +2,7 @@
 
 import time
 
+from fang.analysis.attribute import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
 from fang.core import paths
 from fang.core.atomic import atomic_file, write_json
 from fang.core.markdown import publish
@@ -33,6 +34,27 @@ def informative(dense: dict | None, min_z: float) -> dict | None:
     return judge_tasks(dense["tasks"], rows_of, min_z)
 
 
+def attribution_section(runs: list[Run], params_path: str):
+    """Per method (its sparsities pooled) the correlation across topics between the share of a topic's
+    selective neurons removed and its perplexity increase, from the cells `fang attribute-removed` scored."""
+    dense = runs[0].metrics
+    if dense is None:
+        return None, []
+    cells = []
+    for r in runs[1:]:
+        if r.metrics is None:
+            continue
+        increase = {t: r.metrics["ppl_by_topic"][t] / v - 1 for t, v in dense["ppl_by_topic"].items()
+                    if t in r.metrics.get("ppl_by_topic", {})}
+        cell = read_cell_removal(paths.SWEEP / f"{r.method}-{r.sparsity}.attribution.json", r.method, "all",
+                                 r.sparsity, increase)
+        cells += [cell] if cell else []
+    if not cells:
+        return None, []
+    a = load_block("attribute", path=params_path)
+    return removal_correlations(cells, sorted(dense["ppl_by_topic"]), a.n_boot, a.seed), cells
+
+
 def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     p = load_block("sweep", SweepParams, path=params_path)
     # dense evaluated on the sweep's examples (stage sweep_dense), not the main job's quick subset
@@ -49,6 +71,11 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     write_json(paths.REPORT / "paired.json", {"pairs": comparisons, "averaged_tasks": averaged,
                                               "tasks": {t: c.as_dict() for t, c in (judged or {}).items()}})
     md, table_csv = render(runs, comparisons, judged)
+    section, cells = attribution_section(runs, params_path)
+    if section:
+        md += "\n" + "\n".join(removal_markdown(section))
+        write_json(paths.REPORT / "attribution.json", section)
+        plot_removal_correlation(section, cells, paths.REPORT / "attribution_correlation.png")
     with atomic_file(paths.REPORT / "results.md") as fh:
         fh.write(md)
     with atomic_file(paths.REPORT / "results.csv") as fh:

@@ -44,6 +44,9 @@ def fix(check: bool = False) -> list[str]:
             rel = lambda d: str((here / d).resolve().relative_to(ROOT))  # noqa: E731
             cmd = str(body.get("cmd", "")).split()
             module = f"stages/{cmd[1].replace('-', '_')}.py" if len(cmd) > 1 and cmd[0] == "fang" else None
+            if module is not None and not (ROOT / module).exists():  # a second command of a stage module
+                listed = [rel(d) for d in deps if "${" not in str(d) and rel(d).startswith("stages/") and rel(d).endswith(".py")]
+                module = listed[0] if listed else None
             if module is None or not (ROOT / module).exists():
                 continue
             needed = (transitive_imports(ROOT / module) | {module}) - NOT_OUTPUT_RELEVANT

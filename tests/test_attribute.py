@@ -21,11 +21,11 @@ from fang.analysis.attribute import (
     NO_LABEL,
     attribute,
     bh_adjust,
-    bias_correlations,
-    bias_markdown,
+    removal_correlations,
+    removal_markdown,
     fisher_interval,
     match_rows,
-    plot_bias_correlation,
+    plot_removal_correlation,
     removal_by_topic,
     removed_mask,
     token_articles,
@@ -252,13 +252,13 @@ def test_bias_section_markdown_and_figure(tmp_path):
     frac = dict(zip(topics, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
     cells = [CellRemoval("obc", src, 0.3, frac, frac, {t: 0.5 * v for t, v in frac.items()}) for src in ("all", "People")]
     cells.append(CellRemoval("flap", "all", 0.3, frac, frac, {t: 1.0 - v for t, v in frac.items()}))
-    section = bias_correlations(cells, topics, n_boot=200)
+    section = removal_correlations(cells, topics, n_boot=200)
     by = {m["method"]: m for m in section["methods"]}
     assert by["obc"]["models"] == 2 and by["obc"]["removed"]["r"] > 0.99 and by["flap"]["removed"]["r"] < -0.99
-    md = "\n".join(bias_markdown(section))
+    md = "\n".join(removal_markdown(section))
     assert "| obc | 2 | 6 | +1.00" in md and "| flap | all | 30% |" in md
-    assert bias_markdown(None) == []
-    plot_bias_correlation(section, cells, tmp_path / "c.png")
+    assert removal_markdown(None) == []
+    plot_removal_correlation(section, cells, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

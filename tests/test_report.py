@@ -1,5 +1,7 @@
 """The sweep report: table layout, missing runs, and the generated README block."""
 
+import pytest
+
 from fang.core.markdown import replace_between_markers
 from fang.evaluation.report import README_END, README_START, Run, readme_fragment, render
 
@@ -48,3 +50,31 @@ def test_averages_and_paired_verdicts_leave_out_tasks_without_signal_on_dense():
     assert compare_runs(a, b)["accuracy"]["average_all"]["estimate"] == 0.5  # without a judgement: every task
     md, _ = render([a, b], judged=judged)
     assert "left out of every average (†): flat (the same answer on 100% of questions)" in md
+
+
+def test_report_correlates_removed_selective_neurons_with_topic_perplexity(tmp_path, monkeypatch):
+    # planted: the topic whose selective neurons a cell removed most is the one whose perplexity rose most
+    import json
+    import math
+
+    import stages.report as stage
+    from fang.core import paths
+
+    monkeypatch.setattr(paths, "SWEEP", tmp_path)
+    (tmp_path.parent / "params.yaml").write_text("attribute:\n  n_boot: 200\n  seed: 0\n")
+    topics = ["A", "B", "C", "D"]
+    dense = {"ppl": 10.0, "ppl_by_topic": {t: 10.0 for t in topics}, "tasks": {}}
+    runs = [Run("dense", 0.0, dense)]
+    for sp, scale in ((0.2, 1.0), (0.3, 2.0)):
+        removed = {"A": 0.1, "B": 0.2, "C": 0.3, "D": 0.4}
+        ppl = {t: 10.0 * math.exp(scale * removed[t]) for t in topics}
+        runs.append(Run("obc", sp, {"ppl": 12.0, "ppl_by_topic": ppl, "tasks": {}}))
+        (tmp_path / f"obc-{sp}.attribution.json").write_text(json.dumps(
+            {"topics": {t: {"selective_removed_fraction": removed[t], "mass_lost": removed[t] / 2} for t in topics}}))
+    runs.append(Run("flap", 0.3, {"ppl": 12.0, "ppl_by_topic": dense["ppl_by_topic"], "tasks": {}}))  # not attributed
+    section, cells = stage.attribution_section(runs, str(tmp_path.parent / "params.yaml"))
+    assert [c.sparsity for c in cells] == [0.2, 0.3]
+    assert cells[1].increase["D"] == pytest.approx(math.exp(0.8) - 1)
+    (obc,) = section["methods"]
+    assert obc["method"] == "obc" and obc["models"] == 2 and obc["removed"]["r"] == pytest.approx(3 / math.sqrt(10))  # pooled, centred per cell: y = x and y = 2x
+    assert stage.attribution_section([Run("dense", 0.0, None)], "unused") == (None, [])

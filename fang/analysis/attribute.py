@@ -334,7 +334,20 @@ class CellRemoval:
     increase: Mapping[str, float]  # topic -> PPL / PPL_dense - 1
 
 
-def bias_correlations(cells: Sequence[CellRemoval], topics: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:
+def read_cell_removal(path, method: str, source: str, sparsity: float,
+                      increase: Mapping[str, float]) -> CellRemoval | None:
+    """The CellRemoval of one pruned model from its `fang attribute-removed` JSON (None when it has none)."""
+    from ..core.atomic import read_json
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return None
+    topics = read_json(path)["topics"]
+    return CellRemoval(method, source, sparsity, {t: v["selective_removed_fraction"] for t, v in topics.items()},
+                       {t: v["mass_lost"] for t, v in topics.items()}, increase)
+
+
+def removal_correlations(cells: Sequence[CellRemoval], topics: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:
     """Per method (its models pooled, centred per model) and per model: correlation across topics
     between removal (selective fraction; lost mass) and log(PPL / PPL_dense)."""
     def arrays(group: Sequence[CellRemoval], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -362,7 +375,7 @@ def _interval(c: dict) -> str:
     return f"{c['r']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
 
 
-def bias_markdown(section: dict | None) -> list[str]:
+def removal_markdown(section: dict | None) -> list[str]:
     """Markdown lines of the attribution section of the bias report; [] when no model was attributed."""
     if not section or not section["methods"]:
         return []
@@ -381,7 +394,7 @@ def bias_markdown(section: dict | None) -> list[str]:
             "", markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
 
 
-def plot_bias_correlation(section: dict, cells: Sequence[CellRemoval], path) -> None:
+def plot_removal_correlation(section: dict, cells: Sequence[CellRemoval], path) -> None:
     """PNG: per method, log PPL ratio against the removed fraction of each topic's selective neurons."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -352,7 +352,7 @@ def render(result: dict, dense: dict) -> tuple[str, str]:
           "### Every run", "", runs_table(result), "",
           "### Perplexity increase by evaluation topic", "", "The calibration topic's own cell is in bold.", "",
           topics_table(result), ""]
-    md += attribute.bias_markdown(result.get("attribution"))  # set by stages/bias_report.py when models were attributed
+    md += attribute.removal_markdown(result.get("attribution"))  # set by stages/bias_report.py when models were attributed
     buf = io.StringIO()
     fields = ["method", "source", "sparsity", "status", "achieved_sparsity", "ppl", "id_increase", "ood_increase",
               "ood_id_ratio", "avg_acc", "avg_acc_stderr", *[f"increase_{t}" for t in topics]]
