@@ -128,7 +128,7 @@ def evaluate(
     model: str = typer.Option("artifacts/model", help="model directory (dense or pruned)"),
     out: str = typer.Option("artifacts/metrics/dense.json", help="metrics JSON to write"),
     task_limit: Optional[int] = typer.Option(
-        None, min=0, help="examples per task (0 = all); default evaluate.task_limit. The studies pass "
+        None, min=-1, help="examples per task (0 = all, -1 = no task: perplexity only); default evaluate.task_limit. The studies pass "
         "sweep.task_limit / bias.task_limit so the quick main job and the comparisons can differ"),
     dtype: Optional[str] = typer.Option(
         None, help="float32 | bfloat16 | float16; default evaluate.dtype. For `fang compare-precision`"),

@@ -7,7 +7,7 @@ from pathlib import Path
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.device import pick_device
-from fang.core.params import load_block
+from fang.core.params import PERPLEXITY_ONLY, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.model.modeling import count_block_params
@@ -34,7 +34,8 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     t1 = time.perf_counter()
     tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
     limit = p.task_limit if task_limit is None else task_limit
-    acc = zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size, p.shared_context)
+    acc = ({} if limit == PERPLEXITY_ONLY  # perplexity only: the bias study's default (README "Calibration bias")
+           else zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size, p.shared_context))
     t2 = time.perf_counter()
     metrics = {
         "model": model_dir,

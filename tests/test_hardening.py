@@ -451,3 +451,26 @@ def test_capture_refuses_a_calibration_set_larger_than_memory(tmp_path, monkeypa
     with pytest.raises(FangError, match=r"calibrate.n_samples=6 needs about .* lower calibrate.n_samples"):
         stages.capture.run()
     assert not (tmp_path / "artifacts" / "capture.zarr").exists()
+
+
+def test_evaluate_with_task_limit_minus_one_runs_perplexity_only(tmp_path, monkeypatch):
+    # the bias study's default: 72 cells x a full dev set would take a day on 2 cores
+    import stages.evaluate
+    import fang.evaluation.evaluate as ev
+
+    _project(tmp_path, evaluate={"dtype": "float32", "ppl_seq_len": 16})
+    _task_folder(tmp_path / "artifacts" / "data")
+    _dense_dir(tmp_path / "artifacts" / "model")
+    rows = [{"id": f"a{i}", "title": f"a{i}", "topic": t, "text": "one two three four five six seven " * 8}
+            for i, t in enumerate(["People", "People", "Geography"])]
+    (tmp_path / "artifacts" / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(ev, "zero_shot", lambda *a, **k: pytest.fail("no lm-eval task may run with task_limit -1"))
+    monkeypatch.chdir(tmp_path)
+    stages.evaluate.run(model_dir="artifacts/model", out="m.json", task_limit=-1)
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["tasks"] == {} and metrics["task_limit"] == -1
+    assert set(metrics["ppl_by_topic"]) == {"People", "Geography"} and metrics["ppl"] > 1
+    with pytest.raises(FangError, match="bias.task_limit must be >= -1"):
+        from fang.core.params import BiasParams
+
+        BiasParams(task_limit=-2).validate()

@@ -119,11 +119,14 @@ class PruneParams:
                 f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}")
 
 
+PERPLEXITY_ONLY = -1  # a task_limit that runs no lm-eval task: perplexity by topic only
+
+
 @dataclass
 class EvaluateParams:
     ppl_seq_len: int = 512  # window length for perplexity
     ppl_max_windows_per_topic: int = 4  # cap per topic so 12 topics stay cheap on CPU
-    task_limit: int = 100  # examples per lm-eval task (None-like 0 = all)
+    task_limit: int = 100  # examples per lm-eval task; 0 = all, -1 = none (perplexity only)
     batch_size: int = 8
     shared_context: bool = True  # score a question's context once for all its choices (fang.evaluation.shared_context); false = lm-eval's HFLM as is
     dtype: str = "bfloat16"  # weights/activations while evaluating (log-softmax stays float32); README "Evaluation precision"
@@ -131,7 +134,7 @@ class EvaluateParams:
     def validate(self) -> None:
         require(self.ppl_seq_len > 1, "evaluate.ppl_seq_len must be > 1")
         require(self.ppl_max_windows_per_topic > 0, "evaluate.ppl_max_windows_per_topic must be positive")
-        require(self.task_limit >= 0, "evaluate.task_limit must be >= 0 (0 = all examples)")
+        require(self.task_limit >= PERPLEXITY_ONLY, "evaluate.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
         require(self.batch_size > 0, "evaluate.batch_size must be positive")
         require(isinstance(self.shared_context, bool), "evaluate.shared_context must be true or false")
         require(self.dtype in DTYPES, f"evaluate.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
@@ -181,10 +184,11 @@ class AllocateParams:
 class SweepParams:
     methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])  # pruned in the sweep
     sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])
-    task_limit: int = 0  # examples per task in the sweep's evaluations; 0 = all (the main job keeps evaluate.task_limit)
+    task_limit: int = 0  # examples per task in the sweep's evaluations; 0 = all, -1 = perplexity only (the main job keeps evaluate.task_limit)
 
     def validate(self) -> None:
-        require(isinstance(self.task_limit, int) and self.task_limit >= 0, "sweep.task_limit must be >= 0 (0 = all examples)")
+        require(isinstance(self.task_limit, int) and self.task_limit >= PERPLEXITY_ONLY,
+                "sweep.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
         for m in self.methods:
             try:
                 parse_variant(m)
@@ -206,10 +210,11 @@ class BiasParams:
     seq_len: int = 512  # tokens per calibration sequence
     methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])
-    task_limit: int = 0  # examples per task in the study's evaluations; 0 = all
+    task_limit: int = 0  # examples per task in the study's evaluations; 0 = all, -1 = perplexity only
 
     def validate(self) -> None:
-        require(isinstance(self.task_limit, int) and self.task_limit >= 0, "bias.task_limit must be >= 0 (0 = all examples)")
+        require(isinstance(self.task_limit, int) and self.task_limit >= PERPLEXITY_ONLY,
+                "bias.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
         require(not dup, f"bias.sources lists {dup} more than once")
