@@ -66,3 +66,19 @@ def load_dense(path: str | os.PathLike, device: torch.device | str = "cpu", dtyp
 def count_block_params(model: nn.Module) -> int:
     """Parameters inside decoder blocks: what structured pruning removes (embeddings and head excluded)."""
     return sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters reachable under several names (e.g. lm_head tied to embeddings).
+
+    Decided from object identity, not from the config, so what is saved or streamed matches the model
+    in memory.
+    """
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied

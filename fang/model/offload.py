@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors_dir, read_config
-from .modeling import DTYPE_BY_NAME, check_supported, decoder_layers, load_dense
+from .modeling import DTYPE_BY_NAME, check_supported, decoder_layers, load_dense, tied_names
 
 # where BlockStream is kept on the model: an attribute, so every pass that receives the model
 # (capture, taylor, prune, stream_mlp) finds it without a new argument through every call chain
@@ -258,19 +258,6 @@ def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "
     return model, tokenizer
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} of parameters reachable under two names (lm_head tied to the embeddings).
-    As `fang.model.shrink._tied_names`, not imported from there so that capture does not depend on shrink."""
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return tied
-
-
 def _load_outside_blocks(path: Path, device: torch.device | str, dtype: str) -> nn.Module:
     """The dense model of checkpoint `path` with only its non-block weights loaded (on `device`), its
     blocks streamed from the safetensors files."""
@@ -288,7 +275,7 @@ def _load_outside_blocks(path: Path, device: torch.device | str, dtype: str) -> 
     layers = decoder_layers(model)
     names = [list(layer.state_dict()) for layer in layers]
     disk = SafetensorsBlocks(path, prefix, names)
-    tied = _aliases(model)
+    tied = tied_names(model)
     wanted = [k for k in model.state_dict() if not k.startswith(prefix + ".") and k not in tied]
     missing = [k for k in wanted if k not in disk.file_of]
     require(not missing, f"{path}: the checkpoint has no tensors {missing[:3]} (embeddings / norm / head)")

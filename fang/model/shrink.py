@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
-from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense
+from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, tied_names
 from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
@@ -244,21 +244,6 @@ def apply_structure(layer: nn.Module, spec: dict, index: int) -> None:
 # save / load
 
 
-def _tied_names(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} for parameters reachable under several names (e.g. lm_head tied to embeddings).
-
-    Decided from object identity, not from the config, so what is saved matches the model in memory.
-    """
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return tied
-
-
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write a pruned model as safetensors + dense config + tokenizer + structure.json, atomically.
 
@@ -270,7 +255,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tied = _tied_names(model)
+    tied = tied_names(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     require(
         all(t.device.type != "meta" for t in state.values()),
