@@ -11,6 +11,7 @@ from fang.core.params import PERPLEXITY_ONLY, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.model.modeling import count_block_params
+from fang.model.offload import streamed_forward
 from fang.model.shrink import load_any
 
 
@@ -26,17 +27,19 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     device = pick_device()
     manifest = read_json(paths.TASKS / "tasks.json")
     verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
-    model, tokenizer = load_any(model_dir, device, p.dtype)
-    t0 = time.perf_counter()
-    ppl = perplexity_by_topic(
-        model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device
-    )
-    t1 = time.perf_counter()
-    tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
+    offload = load_block("model", path=params_path).offload  # 70B-class models: one block on the device at a time
+    model, tokenizer = load_any(model_dir, device, p.dtype, offload)
     limit = p.task_limit if task_limit is None else task_limit
-    acc = ({} if limit == PERPLEXITY_ONLY  # perplexity only: the bias study's default (README "Calibration bias")
-           else zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size, p.shared_context))
-    t2 = time.perf_counter()
+    tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
+    with streamed_forward(model):
+        t0 = time.perf_counter()
+        ppl = perplexity_by_topic(
+            model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device
+        )
+        t1 = time.perf_counter()
+        acc = ({} if limit == PERPLEXITY_ONLY  # perplexity only: the bias study's default (README "Calibration bias")
+               else zero_shot(model, tokenizer, paths.TASKS, tasks, limit or None, p.batch_size, p.shared_context))
+        t2 = time.perf_counter()
     metrics = {
         "model": model_dir,
         "block_params": count_block_params(model),

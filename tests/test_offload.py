@@ -254,3 +254,57 @@ def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
     assert files["disk"].keys() == files["none"].keys() and any("model.safetensors" in k for k in files["none"])
     assert files["disk"] == files["none"]
     assert streamed == [("capture", False), ("prune", False), ("capture", True), ("prune", True)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_evaluation_forwards_are_identical_with_streaming(checkpoint, tmp_path, mode):
+    """`fang evaluate` with model.offload: a plain forward (perplexity) and the shared-context
+    scoring (lm-eval, with its KV cache) run inside `streamed_forward` with one block at a time, and
+    give the same numbers; a pruned checkpoint streams from host RAM in both modes."""
+    from fang.evaluation.shared_context import score_continuations
+    from fang.model.offload import streamed_forward
+    from fang.model.shrink import load_any
+
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    contexts, conts = [[1, 2, 3], [4, 5]], [[[6], [7, 8]], [[9, 10, 11]]]
+
+    def forwards(model):
+        probe = ResidencyProbe(model)  # registered first: it sees the block before streaming releases it
+        with streamed_forward(model):
+            logits = model(ids).logits
+            scores = score_continuations(model, contexts, conts)
+        # one plain forward; the contexts once and one batch of the longer continuations
+        probe.check(runs_per_block=3)
+        assert resident_blocks(model) == []
+        return logits, scores
+
+    ref, _ = load_dense(checkpoint)
+    want = (ref(ids).logits, score_continuations(ref, contexts, conts))
+    got = forwards(load_any(checkpoint, "cpu", "float32", mode)[0])
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+    # a pruned checkpoint (magnitude: no calibration needed)
+    dense, tok = load_dense(checkpoint)
+    capture_features(dense, calibration(), tmp_path / "cap.zarr", batch_size=3, dtype="float32")
+    prune_model(dense, open_capture(tmp_path / "cap.zarr"), "magnitude", SPARSITY, "kv_group", batch_size=4)
+    save_pruned(dense, tok, tmp_path / "pruned")
+    ref, _ = load_any(tmp_path / "pruned", "cpu", "float32")
+    want = (ref(ids).logits, score_continuations(ref, contexts, conts))
+    got = forwards(load_any(tmp_path / "pruned", "cpu", "float32", mode)[0])
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_streamed_forward_leaves_no_block_behind_after_an_error(checkpoint):
+    from fang.model.offload import streamed_forward
+
+    model, _ = load_dense_offloaded(checkpoint, offload="host")
+    boom = decoder_layers(model)[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), streamed_forward(model):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    boom.remove()
+    assert resident_blocks(model) == []
+    with streamed_forward(model):  # and the model still runs
+        model(torch.zeros(1, 4, dtype=torch.long))
+    model2, _ = load_dense(checkpoint)
+    with streamed_forward(model2):  # a model that is not streamed: nothing changes
+        assert resident_blocks(model2) == list(range(N_LAYERS))

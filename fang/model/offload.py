@@ -106,6 +106,44 @@ def block_on_device(model: nn.Module, index: int, keep: bool = False) -> Iterato
         stream.release(index, keep=keep)
 
 
+@contextlib.contextmanager
+def streamed_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the `with`, any forward of a streamed model fetches each decoder block when it starts
+    and releases it when it ends: an unmodified Hugging Face forward (perplexity, lm-eval, generate)
+    then runs with one block on the device. A block already on the device (an outer
+    `block_on_device`) is left to its owner. Nothing happens for a model that is not streamed."""
+    stream = block_stream(model)
+    if stream is None:
+        yield model
+        return
+    fetched: set[int] = set()
+
+    def before(index: int):
+        def hook(module, args):
+            if stream.current != index:
+                stream.fetch(index)
+                fetched.add(index)
+        return hook
+
+    def after(index: int):
+        def hook(module, args, output):
+            if index in fetched:
+                fetched.discard(index)
+                stream.release(index)
+        return hook
+
+    handles = []
+    for i, layer in enumerate(stream.layers):
+        handles += [layer.register_forward_pre_hook(before(i)), layer.register_forward_hook(after(i))]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for i in sorted(fetched):  # a forward that raised half-way leaves its block behind
+            stream.release(i)
+
+
 def require_resident(model: nn.Module, layer: nn.Module) -> None:
     """A clear error, instead of a meta-tensor failure deep in torch, for a block run without its weights."""
     stream = block_stream(model)

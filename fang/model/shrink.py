@@ -32,6 +32,7 @@ from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
 from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, tied_names
+from .offload import load_dense_offloaded, stream_from_host
 from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
@@ -367,9 +368,17 @@ def load_pruned(path: str | os.PathLike):
     return model, tokenizer
 
 
-def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32"):
-    """Load either a dense checkpoint or a pruned one (detected by its structure file), cast to `dtype`."""
+def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32",
+             offload: str = "none"):
+    """Load either a dense checkpoint or a pruned one (detected by its structure file), cast to `dtype`.
+
+    `offload` (model.offload) streams the decoder blocks (fang.model.offload; run forwards inside
+    `streamed_forward`): a dense checkpoint from host RAM or from its safetensors files; a pruned
+    one from host RAM for both "host" and "disk" (its single file holds blocks of their own shapes,
+    which the disk reader does not map yet)."""
     if (Path(path) / STRUCTURE_FILE).exists():
         model, tokenizer = load_pruned(path)
+        if offload != "none":
+            return stream_from_host(model.to(dtype=DTYPE_BY_NAME[dtype]), device), tokenizer
         return model.to(device=device, dtype=DTYPE_BY_NAME[dtype]).eval(), tokenizer
-    return load_dense(path, device, dtype)
+    return load_dense_offloaded(path, device, dtype, offload)
