@@ -258,7 +258,7 @@ def cases() -> list[Case]:
         c("max_sparsity", ["allocate"], ["allocate.max_sparsity"], params_edit("allocate", max_sparsity=1.5),
           ["artifacts/allocate.json"]),
         c("group_method", ["group"], ["group.method"], params_edit("group", method="greedy"), ["artifacts/groups.zarr"]),
-        c("task_limit_negative", EVAL, ["evaluate.task_limit"], params_edit("evaluate", task_limit=-1), EVAL_OUT),
+        c("task_limit_negative", EVAL, ["evaluate.task_limit"], params_edit("evaluate", task_limit=-2), EVAL_OUT),  # -1 = perplexity only
         c("data_task_unknown", ["fetch-data"], ["no_such_task"], params_edit("data", tasks=["no_such_task"]), ["artifacts/data"]),
         # devices
         c("device_gpu", ["cluster"], ["FANG_DEVICE", "gpu"], None, CLUSTER_OUT, env={"FANG_DEVICE": "gpu"}),

@@ -78,3 +78,24 @@ def test_report_correlates_removed_selective_neurons_with_topic_perplexity(tmp_p
     (obc,) = section["methods"]
     assert obc["method"] == "obc" and obc["models"] == 2 and obc["removed"]["r"] == pytest.approx(3 / math.sqrt(10))  # pooled, centred per cell: y = x and y = 2x
     assert stage.attribution_section([Run("dense", 0.0, None)], "unused") == (None, [])
+
+
+def test_verdict_lines_state_each_pair_from_its_intervals():
+    from fang.evaluation.report import verdict_lines
+
+    def cmp(est, lo, hi, higher_is_better=True):
+        word = "no detectable difference"
+        if lo > 0 or hi < 0:
+            word = "better" if (lo > 0) == higher_is_better else "worse"
+        return {"estimate": est, "low": lo, "high": hi, "verdict": word}
+
+    comps = [{"method": "o_fang", "baseline": "obc", "sparsity": 0.4,
+              "perplexity": {"overall": cmp(-0.05, -0.08, -0.02, False)},
+              "accuracy": {"average_all": cmp(0.01, -0.01, 0.03), "average_in_domain": cmp(0.031, 0.01, 0.05)}},
+             {"method": "o_fang", "baseline": "obc", "sparsity": 0.3,
+              "perplexity": {"overall": cmp(0.112, 0.095, 0.13, False)},
+              "accuracy": {"average_all": cmp(0.002, -0.017, 0.022), "average_in_domain": cmp(0.0, -0.02, 0.02)}},
+             {"method": "gprune", "baseline": "wanda_sp", "sparsity": 0.3, "error": "old metrics"}]
+    assert verdict_lines(comps) == [
+        "- **o_fang vs obc**: 30%: PPL **worse** (+11.2%), accuracy no detectable difference (+0.2 points); "
+        "40%: PPL **better** (-5.0%), accuracy no detectable difference (+1.0 points), in-domain **better** (+3.1 points)."]

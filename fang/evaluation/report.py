@@ -122,7 +122,8 @@ def render(runs: list[Run], comparisons: list[dict] | None = None, judged: dict 
     if comparisons:
         p_header, p_rows = paired_table(comparisons)
         md += ["## FANG against its baselines, paired", "", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
-               "Per task and per topic: `paired.json`.", ""]
+               "In words (method vs its baseline; the in-domain word only where it differs from no detectable "
+               "difference):", "", *verdict_lines(comparisons), "", "Per task and per topic: `paired.json`.", ""]
     md += ["## Perplexity by topic (test split)", "", markdown_table(t_header, t_rows), ""]
     buf = io.StringIO()
     keys: list[str] = []
@@ -236,6 +237,29 @@ def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _word(c: dict | None, scale: float, unit: str) -> str:
+    if c is None:
+        return "—"
+    word = "no detectable difference" if c["verdict"] == "no detectable difference" else f"**{c['verdict']}**"
+    return f"{word} ({c['estimate'] * scale:+.1f}{unit})"
+
+
+def verdict_lines(comparisons: list[dict]) -> list[str]:
+    """One line per (method, baseline) pair: the perplexity and average-accuracy word at each sparsity,
+    read from the paired intervals (the outcome a README states, generated rather than typed)."""
+    lines = []
+    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in comparisons if "error" not in c):
+        cells = [c for c in comparisons if (c["method"], c["baseline"]) == pair and "error" not in c]
+        parts = [f"{c['sparsity']:.0%}: PPL {_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
+                 f"accuracy {_word(c.get('accuracy', {}).get('average_all'), 100, ' points')}"
+                 + (f", in-domain {_word(c['accuracy']['average_in_domain'], 100, ' points')}"
+                    if c.get("accuracy", {}).get("average_in_domain", {}).get("verdict", "no detectable difference")
+                    != "no detectable difference" else "")
+                 for c in sorted(cells, key=lambda c: c["sparsity"])]
+        lines.append(f"- **{pair[0]} vs {pair[1]}**: " + "; ".join(parts) + ".")
+    return lines
+
+
 def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float],
                        averaged: list[str] | None = None) -> list[dict]:
     """Every (method, its registry baseline) pair at every sparsity where both runs exist, compared paired:
@@ -279,7 +303,9 @@ def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: 
              markdown_table(header, rows)]
     if comparisons:
         p_header, p_rows = paired_table(comparisons)
-        lines += ["", PAIRED_NOTE, "", markdown_table(p_header, p_rows)]
+        lines += ["", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
+                  "In words (method vs its baseline; the in-domain word only where it differs from no detectable "
+                  "difference):", "", *verdict_lines(comparisons)]
     if image:
         lines += ["", f"![average accuracy and perplexity against sparsity]({image})"]
     lines += ["", "Per-topic perplexity: `artifacts/report/results.md` and `results.csv`."]
