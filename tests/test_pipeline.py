@@ -63,8 +63,10 @@ SWEEP_METHODS = ("flap", "f_fang", "ica_fn_ranked", "gprune")
 SWEEP_CELLS = {f"sweep_{stage}@{m}-0.3" for stage in ("prune", "evaluate") for m in SWEEP_METHODS}
 SWEEP_INPUTS = {f"sweep_inputs@{m}" for m in SWEEP_METHODS}
 SWEEP_ANALYSIS = {"ica", "gprune_modules"}  # the ICA maps and GPrune modules (seeds 003, 002) live with the sweep
-SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"sweep_dense", "report"} | SWEEP_ANALYSIS
-FANG_CELLS = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3"}
+SWEEP_ATTRIBUTED = {f"sweep_attribute@{m}-0.3" for m in SWEEP_METHODS}  # which topics' neurons each cell removed
+# the attribution (a dense pass over the main calibration) lives with the sweep, whose report reads it
+SWEEP = SWEEP_CELLS | SWEEP_INPUTS | {"sweep_dense", "report", "attribute"} | SWEEP_ANALYSIS | SWEEP_ATTRIBUTED
+FANG_CELLS = {"sweep_prune@f_fang-0.3", "sweep_evaluate@f_fang-0.3", "sweep_attribute@f_fang-0.3"}
 ANALYSIS = {"cluster", "taylor", "group", "allocate"}
 BIAS_SOURCES = ("all", "Mathematics")
 BIAS_ANALYSIS = {f"bias_{stage}@{src}" for stage in ANALYSIS for src in BIAS_SOURCES}
@@ -74,8 +76,7 @@ BIAS_CELLS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate"
 BIAS_GPRUNE_CELLS = {f"bias_{stage}@{src}-gprune-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
 BIAS_RUNS = BIAS_INPUTS | BIAS_CELLS | {"bias_report"}
 BIAS = ({f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
-        | BIAS_SEED_ANALYSIS | BIAS_GPRUNE_CELLS
-        | {"attribute"})  # the attribution (main calibration) lives in the bias study, whose report reads it
+        | BIAS_SEED_ANALYSIS | BIAS_GPRUNE_CELLS)
 MAIN = {"fetch_model", "fetch_data", "calibrate", "capture", "prune", "evaluate@dense", "evaluate@pruned", "summary"} | ANALYSIS
 
 
@@ -145,7 +146,7 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     # the bias study's own keys rerun only the study
     edit_params(project, "bias", n_samples=4)
     assert repro(project) == set() and repro(project, SWEEP_FILE) == set()
-    assert repro(project, BIAS_FILE) == BIAS - {"attribute"}  # the attribution reads the main calibration
+    assert repro(project, BIAS_FILE) == BIAS
 
     # new clusters rerun the analysis and what reads it: FANG cells, not flap's, ICA's or GPrune's
     edit_params(project, "cluster", k=2)
@@ -156,12 +157,13 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     # new ICA maps rerun only the ICA cells; GPrune's prune-time keys only GPrune's cells, not its modules
     edit_params(project, "ica", n_components=3)
     assert repro(project) == set()
-    ica_cells = {"sweep_prune@ica_fn_ranked-0.3", "sweep_evaluate@ica_fn_ranked-0.3", "report"}
+    ica_cells = {"sweep_prune@ica_fn_ranked-0.3", "sweep_evaluate@ica_fn_ranked-0.3", "sweep_attribute@ica_fn_ranked-0.3",
+                 "report"}
     assert_ran(repro(project, SWEEP_FILE), {"ica", "sweep_prune@ica_fn_ranked-0.3"} | SWEEP_INPUTS,
                {"ica"} | SWEEP_INPUTS | ica_cells)
     assert repro(project, BIAS_FILE) == {f"bias_ica@{src}" for src in BIAS_SOURCES} | BIAS_INPUTS
     edit_params(project, "gprune", module_gamma=0.5)
-    gprune_sweep = {"sweep_prune@gprune-0.3", "sweep_evaluate@gprune-0.3", "report"}
+    gprune_sweep = {"sweep_prune@gprune-0.3", "sweep_evaluate@gprune-0.3", "sweep_attribute@gprune-0.3", "report"}
     assert_ran(repro(project, SWEEP_FILE), SWEEP_INPUTS | {"sweep_prune@gprune-0.3"}, SWEEP_INPUTS | gprune_sweep)
     gprune_prunes = {f"bias_prune@{src}-gprune-0.3" for src in BIAS_SOURCES}
     assert_ran(repro(project, BIAS_FILE), BIAS_INPUTS | gprune_prunes, BIAS_INPUTS | BIAS_GPRUNE_CELLS | {"bias_report"})
