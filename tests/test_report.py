@@ -99,3 +99,12 @@ def test_verdict_lines_state_each_pair_from_its_intervals():
     assert verdict_lines(comps) == [
         "- **o_fang vs obc**: 30%: PPL **worse** (+11.2%), accuracy no detectable difference (+0.2 points); "
         "40%: PPL **better** (-5.0%), accuracy no detectable difference (+1.0 points), in-domain **better** (+3.1 points)."]
+
+
+def test_plot_draws_perplexity_when_no_task_carries_signal(tmp_path):
+    # a tiny or random model: every task fails the screen's rule on dense, so there is no average
+    from fang.evaluation.report import plot
+
+    runs = [Run("dense", 0.0, metrics(10.0)), Run("obc", 0.3, metrics(20.0)), Run("obc", 0.4, None)]
+    plot(runs, tmp_path / "curves.png", averaged=[])
+    assert (tmp_path / "curves.png").stat().st_size > 1000

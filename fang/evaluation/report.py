@@ -323,12 +323,15 @@ def plot(runs: list[Run], path: Path, averaged: list[str] | None = None) -> None
     dense = next((r for r in ok if r["method"] == "dense"), None)
     fig, (ax_acc, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r["method"] for r in ok if r["method"] != "dense"):
-        pts = sorted((r["sparsity"], r["avg"], r["avg_stderr"] or 0.0, r["ppl"]) for r in ok if r["method"] == method)
+        pts = sorted(((r["sparsity"], r["avg"], r["avg_stderr"] or 0.0, r["ppl"]) for r in ok if r["method"] == method),
+                     key=lambda p: p[0])
         if dense:
             pts = [(0.0, dense["avg"], dense["avg_stderr"] or 0.0, dense["ppl"])] + pts
-        xs = [p[0] * 100 for p in pts]
-        ax_acc.errorbar(xs, [p[1] * 100 for p in pts], yerr=[p[2] * 100 for p in pts], marker="o", capsize=3, label=method)
-        ax_ppl.plot(xs, [p[3] for p in pts], marker="o", label=method)
+        acc = [p for p in pts if p[1] is not None]  # no average when no task carries signal on dense
+        if acc:
+            ax_acc.errorbar([p[0] * 100 for p in acc], [p[1] * 100 for p in acc], yerr=[p[2] * 100 for p in acc],
+                            marker="o", capsize=3, label=method)
+        ax_ppl.plot([p[0] * 100 for p in pts], [p[3] for p in pts], marker="o", label=method)
     ax_acc.set(xlabel="sparsity (%)", ylabel="average accuracy (%)", title="Average zero-shot accuracy")
     ax_ppl.set(xlabel="sparsity (%)", ylabel="perplexity", title="Test perplexity", yscale="log")
     for ax in (ax_acc, ax_ppl):
