@@ -11,7 +11,7 @@ from fang.analysis.ica import prunable_layers
 from fang.core.choices import parse_variant, resolve_allocation
 from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
-from fang.methods.gprune import GPruneInputs, layer_keep
+from fang.methods.gprune import GPruneInputs, layer_keep, module_keep_counts
 from fang.methods.ica_fn import IcaInputs, neurons_to_remove
 from fang.model.modeling import count_block_params
 
@@ -111,13 +111,36 @@ def test_gprune_keeps_module_budgets_and_reloads(metric, calib, tmp_path):
     ref = prune_model(base_model, cap, base, 0.3, batch_size=4, options=PruneOptions(allocation="uniform"))
     for li, (entry, e_ref) in enumerate(zip(report.layers, ref.layers)):
         assert (entry["heads"], entry["ffn"]) == (e_ref["heads"], e_ref["ffn"])  # heads and counts of the base metric
-        mask = layer_keep(inputs.modules[li], inputs.score[li], inputs.module_drift[li], entry["ffn"], 0.2, 0.9)
-        assert _kept_neurons(dense, model, li) == torch.nonzero(mask).reshape(-1).tolist()
+        kept = torch.tensor(_kept_neurons(dense, model, li))
+        mods = inputs.modules[li]
+        size = torch.bincount(mods, minlength=5).double()
+        counts = module_keep_counts(size, inputs.module_drift[li][:5], entry["ffn"], 0.2, 0.9)
+        assert torch.bincount(mods[kept], minlength=5).tolist() == counts.long().tolist()  # module budgets
+        # the switched module (1) ranks by the stage's weight-magnitude score; the others by the running metric
+        in_1 = torch.nonzero(mods == 1).reshape(-1)
+        top = in_1[inputs.score[li][in_1].argsort(descending=True)[: int(counts[1])]]
+        assert sorted(kept[mods[kept] == 1].tolist()) == sorted(top.tolist())
         assert entry["modules"] == 5 and entry["switched_modules"] == 1
         layer = model.model.layers[li]
         assert (layer.mlp.down_proj.bias is not None) == (metric == "flap")
         assert (layer.self_attn.o_proj.bias is not None) == (metric == "flap")
     assert_reloads_identically(model, calib, tmp_path)
+
+
+@pytest.mark.parametrize("metric", ["wanda_sp", "flap"])
+def test_gprune_with_one_module_and_no_switch_is_its_baseline(metric, calib, tmp_path):
+    # everything gprune adds (modules, switch, module sparsity) switched off: the same neurons, heads and
+    # weights as the baseline, which ranks by the same running statistic of the sequential pass
+    model, base_model = tiny_model(6, 3, layers=2), tiny_model(6, 3, layers=2)
+    cap = captured(model, calib, tmp_path, batch_size=3)
+    n = model.model.layers[0].mlp.down_proj.in_features
+    inputs = GPruneInputs(torch.zeros(2, n, dtype=torch.long), torch.rand(2, n, dtype=torch.float64),
+                          torch.full((2, 8), float("nan"), dtype=torch.float64).index_fill_(1, torch.tensor([0]), 0.1),
+                          torch.zeros(2, 8, dtype=torch.bool), metric, module_gamma=0.0, max_sparsity=0.9)
+    prune_model(model, cap, "gprune", 0.3, batch_size=4, inputs=inputs)
+    prune_model(base_model, cap, metric, 0.3, batch_size=4, options=PruneOptions(allocation="uniform"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), base_model.state_dict().items()):
+        assert a.shape == b.shape and torch.equal(a, b), name
 
 
 def test_gprune_needs_its_modules(calib, tmp_path):

@@ -1,0 +1,55 @@
+"""Which part of GPrune-LLM costs its perplexity: the reliability switch (weight-magnitude ranking in
+flagged modules) or the module-wise sparsity? Prunes gprune three ways from the same gprune.zarr and
+writes each model's perplexity evaluation (no lm-eval task) to artifacts/diagnostics/gprune_<variant>.json.
+
+    python studies/diagnostics/gprune_ablation.py 0.3 [variant ...]   # variants: no_switch, no_module_sparsity, neither
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import fang.methods.gprune as gp  # noqa: E402
+from fang.analysis.store import open_store  # noqa: E402
+
+VARIANTS = ("no_switch", "no_module_sparsity", "neither")
+ORIGINAL = gp.load_gprune_inputs  # captured once: each variant patches the module attribute again
+
+
+def variant_loader(variant: str):
+    def load(art, params_path="params.yaml"):
+        inputs = ORIGINAL(art, params_path)
+        if variant in ("no_switch", "neither"):  # rank every module by its activation score
+            g = open_store(art.gprune, "gprune", "gprune_modules")
+            inputs = dataclasses.replace(inputs, score=torch.from_numpy(np.asarray(g["activation_score"][:])).double(),
+                                         switched=torch.zeros_like(inputs.switched))
+        if variant in ("no_module_sparsity", "neither"):  # every module of a block at the block's sparsity
+            inputs = dataclasses.replace(inputs, module_gamma=0.0)
+        return inputs
+
+    return load
+
+
+def main() -> None:
+    import stages.evaluate
+    import stages.prune
+
+    sparsity = float(sys.argv[1])
+    for variant in sys.argv[2:] or VARIANTS:
+        assert variant in VARIANTS, variant
+        gp.load_gprune_inputs = variant_loader(variant)
+        out = ROOT / "artifacts/diagnostics" / f"gprune_{variant}-{sparsity}"
+        stages.prune.run(method="gprune", sparsity=sparsity, out=str(out))
+        stages.evaluate.run(model_dir=str(out), out=f"{out}.metrics.json", task_limit=-1)
+
+
+if __name__ == "__main__":
+    main()
