@@ -84,6 +84,7 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     if readme:
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
         publish(readme, paths.REPORT / "sparsity_curves.png", README_IMAGE,
-                lambda image: readme_fragment(runs, when, image, comparisons, judged), README_START, README_END)
+                lambda image: readme_fragment(runs, when, image, comparisons, judged)
+                + ("\n\n" + "\n".join(removal_markdown(section)).rstrip() if section else ""), README_START, README_END)
     missing = [r.label for r in runs if r.metrics is None]
     console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))
