@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..core.atomic import read_json
 from ..core.errors import FangError, require
 
 NO_LABEL = -1
@@ -337,9 +339,6 @@ class CellRemoval:
 def read_cell_removal(path, method: str, source: str, sparsity: float,
                       increase: Mapping[str, float]) -> CellRemoval | None:
     """The CellRemoval of one pruned model from its `fang attribute-removed` JSON (None when it has none)."""
-    from ..core.atomic import read_json
-    from pathlib import Path
-
     if not Path(path).exists():
         return None
     topics = read_json(path)["topics"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..core.errors import FangError
 from ..core.markdown import markdown_table
+from .paired import NO_DIFFERENCE
 
 
 @dataclass
@@ -240,7 +241,7 @@ def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
 def _word(c: dict | None, scale: float, unit: str) -> str:
     if c is None:
         return "—"
-    word = "no detectable difference" if c["verdict"] == "no detectable difference" else f"**{c['verdict']}**"
+    word = NO_DIFFERENCE if c["verdict"] == NO_DIFFERENCE else f"**{c['verdict']}**"
     return f"{word} ({c['estimate'] * scale:+.1f}{unit})"
 
 
@@ -248,13 +249,14 @@ def verdict_lines(comparisons: list[dict]) -> list[str]:
     """One line per (method, baseline) pair: the perplexity and average-accuracy word at each sparsity,
     read from the paired intervals (the outcome a README states, generated rather than typed)."""
     lines = []
-    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in comparisons if "error" not in c):
-        cells = [c for c in comparisons if (c["method"], c["baseline"]) == pair and "error" not in c]
+    ok = [c for c in comparisons if "error" not in c]
+    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in ok):
+        cells = [c for c in ok if (c["method"], c["baseline"]) == pair]
         parts = [f"{c['sparsity']:.0%}: PPL {_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
                  f"accuracy {_word(c.get('accuracy', {}).get('average_all'), 100, ' points')}"
                  + (f", in-domain {_word(c['accuracy']['average_in_domain'], 100, ' points')}"
-                    if c.get("accuracy", {}).get("average_in_domain", {}).get("verdict", "no detectable difference")
-                    != "no detectable difference" else "")
+                    if c.get("accuracy", {}).get("average_in_domain", {}).get("verdict", NO_DIFFERENCE) != NO_DIFFERENCE
+                    else "")
                  for c in sorted(cells, key=lambda c: c["sparsity"])]
         lines.append(f"- **{pair[0]} vs {pair[1]}**: " + "; ".join(parts) + ".")
     return lines

@@ -1,6 +1,10 @@
 """Which part of GPrune-LLM costs its perplexity: the reliability switch (weight-magnitude ranking in
-flagged modules) or the module-wise sparsity? Prunes gprune three ways from the same gprune.zarr and
-writes each model's perplexity evaluation (no lm-eval task) to artifacts/diagnostics/gprune_<variant>.json.
+flagged modules) or the module-wise sparsity? Prunes gprune with either or both switched off, from the
+same gprune.zarr, and evaluates perplexity only (no lm-eval task) into
+artifacts/diagnostics/gprune_<variant>-<sparsity>.metrics.json.
+
+The README's numbers were measured when robust modules still ranked by the dense model's static
+scores; since then they rank by the baseline's metric on the sequential pass, so "neither" is wanda_sp.
 
     python studies/diagnostics/gprune_ablation.py 0.3 [variant ...]   # variants: no_switch, no_module_sparsity, neither
 """
@@ -11,14 +15,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import fang.methods.gprune as gp  # noqa: E402
-from fang.analysis.store import open_store  # noqa: E402
 
 VARIANTS = ("no_switch", "no_module_sparsity", "neither")
 ORIGINAL = gp.load_gprune_inputs  # captured once: each variant patches the module attribute again
@@ -27,10 +29,8 @@ ORIGINAL = gp.load_gprune_inputs  # captured once: each variant patches the modu
 def variant_loader(variant: str):
     def load(art, params_path="params.yaml"):
         inputs = ORIGINAL(art, params_path)
-        if variant in ("no_switch", "neither"):  # rank every module by its activation score
-            g = open_store(art.gprune, "gprune", "gprune_modules")
-            inputs = dataclasses.replace(inputs, score=torch.from_numpy(np.asarray(g["activation_score"][:])).double(),
-                                         switched=torch.zeros_like(inputs.switched))
+        if variant in ("no_switch", "neither"):  # every module ranks by the activation metric
+            inputs = dataclasses.replace(inputs, switched=torch.zeros_like(inputs.switched))
         if variant in ("no_module_sparsity", "neither"):  # every module of a block at the block's sparsity
             inputs = dataclasses.replace(inputs, module_gamma=0.0)
         return inputs
