@@ -42,6 +42,7 @@ class _GPruneConsumer:
             "module_size": np.zeros((n_layers, m), np.int32),
             "module_drift": np.full((n_layers, m), np.nan, np.float32),
             "module_tau": np.full((n_layers, m), np.nan, np.float32),
+            "module_tau_z": np.full((n_layers, m), np.nan, np.float32),
             "module_activation": np.full((n_layers, m), np.nan, np.float32),
             "switched": np.zeros((n_layers, m), bool),
         }
@@ -53,7 +54,7 @@ class _GPruneConsumer:
     def end_layer(self, layer: int, mlp: nn.Module) -> None:
         p, o = self.p, self.out
         r = analyze_layer(p.metric, self.moments, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                          p.n_modules, p.drift_weight, p.refine_iter, p.drift_threshold, p.weak_ratio, p.switch,
+                          p.n_modules, p.drift_weight, p.refine_iter, p.min_tau_z, p.weak_ratio, p.switch,
                           p.seed + layer)
         self.moments = SourceMoments(self.n_sources, self.n_ffn)
         m = len(r.stats.size)
@@ -62,6 +63,7 @@ class _GPruneConsumer:
         o["magnitude_score"][layer], o["modules"][layer], o["score"][layer] = r.magnitude.numpy(), r.modules.numpy(), r.score.numpy()
         o["module_size"][layer, :m], o["module_drift"][layer, :m] = r.stats.size.numpy(), r.stats.drift.numpy()
         o["module_tau"][layer, :m], o["module_activation"][layer, :m] = r.stats.tau.numpy(), r.stats.act.numpy()
+        o["module_tau_z"][layer, :m] = r.stats.tau_z.numpy()
         o["switched"][layer, :m] = r.switched.numpy()
         self.layers.append({
             "layer": layer, "modules": m, "switched": int(r.switched.sum()),
@@ -69,6 +71,7 @@ class _GPruneConsumer:
             "mean_neuron_drift": round(float(r.drift.mean()), 4),
             "module_drift": [round(float(x), 4) for x in r.stats.drift],
             "module_tau": [round(float(x), 3) for x in r.stats.tau],
+            "min_module_tau_z": round(float(r.stats.tau_z.min()), 2),
         })
 
 

@@ -35,7 +35,7 @@ def tree(tmp_path_factory):
     params = {"calibrate": {"n_samples": 6, "seq_len": 40},
               "capture": {"batch_size": 4, "dtype": "float32"}, "cluster": {"pca_dim": 8},
               "ica": {"n_components": 4, "n_restarts": 2, "batch_size": 4},
-              "gprune": {"min_source_tokens": 16, "n_modules": 3, "batch_size": 4, "drift_threshold": 0.05}}
+              "gprune": {"min_source_tokens": 16, "n_modules": 3, "batch_size": 4, "min_tau_z": 3.0}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     cwd = os.getcwd()
     os.chdir(root)

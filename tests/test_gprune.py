@@ -12,6 +12,7 @@ from fang.analysis.gprune import (
     analyze_layer,
     mean_kendall_tau,
     normalized_ranks,
+    null_tau_se,
     rank_drift,
     reliability_switch,
     source_scores,
@@ -44,7 +45,7 @@ def planted_layer(unstable_rms: tuple[float, float], seed: int = 0):
 
 def analyze(m, w_gate, w_up, w_down, rule="sensitive_and_weak"):
     return analyze_layer("wanda_sp", m, w_gate, w_up, w_down, n_modules=3, drift_weight=1.0, refine_iter=10,
-                         drift_threshold=0.03, weak_ratio=1.0, rule=rule)
+                         min_tau_z=3.0, weak_ratio=1.0, rule=rule)
 
 
 def test_modules_follow_parameter_similarity_and_the_unstable_weak_module_switches_to_magnitude():
@@ -56,7 +57,8 @@ def test_modules_follow_parameter_similarity_and_the_unstable_weak_module_switch
     assert len(set(r.modules.tolist())) == 3
     unstable = int(r.modules[2 * PER])
     assert r.drift[: 2 * PER].max() == 0  # same ranking under every source
-    assert r.stats.drift[unstable] > 0.03 and r.stats.act[unstable] < 1.0
+    assert r.stats.tau_z[unstable] < 3.0 and r.stats.act[unstable] < 1.0
+    assert (r.stats.tau_z[[c for c in range(3) if c != unstable]] > 3.0).all()
     assert r.switched.tolist() == [c == unstable for c in range(3)]
     # the switched module is ranked by weight magnitude, the others by their activation score
     assert torch.equal(r.score[2 * PER :], r.magnitude[2 * PER :])
@@ -127,10 +129,12 @@ def test_select_neurons_ranks_inside_each_module():
 
 
 def test_reliability_switch_rules():
+    # modules 0 and 1: sources disagree (tau_z 0.5); module 2: they agree (tau_z 8)
     stats = ModuleStats(torch.tensor([5, 5, 5]), torch.tensor([0.3, 0.3, 0.01], dtype=torch.float64),
-                        torch.zeros(3), torch.tensor([0.5, 2.0, 0.5], dtype=torch.float64))
-    assert reliability_switch(stats, 0.1, 1.0, "sensitive_and_weak").tolist() == [True, False, False]
-    assert reliability_switch(stats, 0.1, 1.0, "sensitive_or_weak").tolist() == [True, True, True]
+                        torch.zeros(3), torch.tensor([0.5, 0.5, 8.0], dtype=torch.float64),
+                        torch.tensor([0.5, 2.0, 0.5], dtype=torch.float64))
+    assert reliability_switch(stats, 3.0, 1.0, "sensitive_and_weak").tolist() == [True, False, False]
+    assert reliability_switch(stats, 3.0, 1.0, "sensitive_or_weak").tolist() == [True, True, True]
 
 
 def test_layer_keep_meets_the_budget_from_store_rows():
@@ -148,3 +152,14 @@ def test_layer_keep_meets_the_budget_from_store_rows():
     idx = (r.modules == c).nonzero().flatten()
     kept, dropped = r.score[idx][keep[idx]], r.score[idx][~keep[idx]]
     assert kept.min() >= dropped.max()
+
+
+def test_null_tau_standard_error_matches_independent_random_rankings():
+    # sources that rank a module's neurons independently: the mean tau's spread is what the formula says
+    g = torch.Generator().manual_seed(0)
+    size, n_src, trials = 12, 5, 3000
+    taus = torch.tensor([mean_kendall_tau(torch.rand(n_src, size, generator=g)) for _ in range(trials)])
+    se = float(null_tau_se(torch.tensor([size]), n_src)[0])
+    assert abs(float(taus.mean())) < 3 * se / trials ** 0.5
+    assert abs(float(taus.std()) / se - 1) < 0.06  # ~2.6% sampling error of a std over 3000 trials
+    assert null_tau_se(torch.tensor([1]), n_src)[0] == float("inf")  # one neuron: nothing to rank

@@ -7,9 +7,10 @@ and in the README):
 - neurons are partitioned per layer into modules by data-free parameter similarity and rank-drift
   behaviour (the paper refines with a differentiable objective; ours: k-means on parameters, then
   k-means on parameters + rank-drift profile started from it);
-- per module, the mean rank drift is the sensitivity indicator and cross-source Kendall tau is
-  reported; a sensitive module with low activation scores is ranked by an activation-independent
-  metric instead (weight magnitude);
+- per module, mean rank drift and cross-source Kendall tau; a distribution-sensitive module
+  (Fig. 1: high drift, near-zero cross-dataset correlation; ours: its mean tau is not
+  significantly above 0) with low activation scores is ranked by an activation-independent metric
+  instead (weight magnitude);
 - ranking is local to a module, and module-wise sparsity is learned under the budget (the paper
   trains thresholds; ours: a closed form in the module's drift, shifted by bisection to the budget:
   `fang.methods.gprune`, which prunes from what this module computes).
@@ -128,11 +129,26 @@ def mean_kendall_tau(scores: Tensor) -> float:
     return float(tau[torch.triu_indices(s, s, 1).unbind()].mean())
 
 
+def null_tau_se(size: Tensor, n_sources: int) -> Tensor:
+    """Standard error of a module's mean cross-source Kendall tau if the sources ranked its neurons
+    independently, [M] -> [M] (inf where fewer than 2 neurons or sources: nothing to test).
+
+    One pair's tau-a has variance 2(2m + 5) / (9 m (m - 1)) under independence (Kendall, 1938); the
+    taus of different source pairs are then uncorrelated (E[sign(a_i - a_j)] = 0 for each source), so
+    the mean over the P = S(S - 1)/2 pairs has 1/P of it.
+    """
+    m = size.double()
+    pairs = n_sources * (n_sources - 1) / 2
+    var = 2 * (2 * m + 5) / (9 * m * (m - 1)).clamp_min(1e-300) / max(pairs, 1)
+    return torch.where((m >= 2) & (pairs >= 1), var.sqrt(), torch.full_like(m, float("inf")))
+
+
 @dataclass
 class ModuleStats:
     size: Tensor  # [M] neurons per module
-    drift: Tensor  # [M] mean rank drift (the sensitivity indicator)
+    drift: Tensor  # [M] mean rank drift
     tau: Tensor  # [M] mean cross-source Kendall tau of the activation scores
+    tau_z: Tensor  # [M] tau over its standard error under independent sources: the sensitivity test
     act: Tensor  # [M] mean activation score (layer mean 1)
 
 
@@ -141,19 +157,24 @@ def module_stats(modules: Tensor, scores: Tensor, drift: Tensor, act: Tensor) ->
     size = torch.bincount(modules, minlength=m)
     mean = lambda v: torch.zeros(m, dtype=torch.float64).index_add_(0, modules, v.double()) / size.clamp_min(1)  # noqa: E731
     tau = torch.tensor([mean_kendall_tau(scores[:, modules == c]) for c in range(m)], dtype=torch.float64)
-    return ModuleStats(size, mean(drift), tau, mean(act))
+    se = null_tau_se(size, scores.shape[0])
+    tau_z = torch.where(se.isinf(), torch.full_like(tau, float("inf")), tau / se)  # nothing to test: not sensitive
+    return ModuleStats(size, mean(drift), tau, tau_z, mean(act))
 
 
-def reliability_switch(stats: ModuleStats, drift_threshold: float, weak_ratio: float,
+def reliability_switch(stats: ModuleStats, min_tau_z: float, weak_ratio: float,
                        rule: str = "sensitive_and_weak") -> Tensor:
     """Modules whose activation ranking is unreliable -> bool [M] (rank them by weight magnitude).
 
-    Sensitive = mean rank drift above `drift_threshold`; weak = mean activation score below
-    `weak_ratio` x the layer mean. Fig. 2 of the paper switches sensitive modules with low scores
+    Sensitive = the sources do not agree on the module's ranking beyond chance: mean Kendall tau
+    under `min_tau_z` standard errors above 0 (Fig. 1's "near-zero cross-dataset correlation"; ours:
+    the paper names the rank drift as indicator but no threshold, and a test against independence
+    carries to any model and source count where a fixed drift cut does not). Weak = mean activation
+    score below `weak_ratio` x the layer mean. Fig. 2 switches sensitive modules with low scores
     (`sensitive_and_weak`); `sensitive_or_weak` is the looser reading of the abstract.
     """
     require(rule in SWITCH_RULES, f"gprune.switch={rule!r}: use {' or '.join(SWITCH_RULES)}")
-    sensitive = stats.drift > drift_threshold
+    sensitive = stats.tau_z < min_tau_z
     weak = stats.act < weak_ratio
     return sensitive & weak if rule == "sensitive_and_weak" else sensitive | weak
 
@@ -177,7 +198,7 @@ class LayerModules:
 
 
 def analyze_layer(metric: str, moments: SourceMoments, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-                  n_modules: int, drift_weight: float, refine_iter: int, drift_threshold: float, weak_ratio: float,
+                  n_modules: int, drift_weight: float, refine_iter: int, min_tau_z: float, weak_ratio: float,
                   rule: str, seed: int = 0) -> LayerModules:
     """Everything GPrune decides about one layer's FFN from its per-source moments and weights."""
     scores = source_scores(metric, moments, w_down)
@@ -186,7 +207,7 @@ def analyze_layer(metric: str, moments: SourceMoments, w_gate: Tensor, w_up: Ten
     act = activation_score(scores)
     modules = find_modules(param_features(w_gate, w_up, w_down), ranks, n_modules, drift_weight, refine_iter, seed)
     stats = module_stats(modules, scores, drift, act)
-    switched = reliability_switch(stats, drift_threshold, weak_ratio, rule)
+    switched = reliability_switch(stats, min_tau_z, weak_ratio, rule)
     mag = magnitude_score(w_down)
     return LayerModules(scores, ranks, drift, act, mag, modules, stats, switched,
                         within_module_score(act, mag, modules, switched))

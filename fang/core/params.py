@@ -292,7 +292,7 @@ class GPruneParams:
     n_modules: int = 16  # modules per layer (k-means on normalized gate/up rows + down column)
     drift_weight: float = 1.0  # weight of the rank-drift profile when refining modules (0 = parameters only)
     refine_iter: int = 20  # k-means iterations of the refinement
-    drift_threshold: float = 0.12  # module mean rank drift above this = distribution-sensitive (random ranks: ~0.29)
+    min_tau_z: float = 3.0  # distribution-sensitive = module's mean cross-source Kendall tau under this many null SEs above 0
     weak_ratio: float = 1.0  # module mean activation score below this x the layer mean = weak
     switch: str = "sensitive_and_weak"  # when to rank a module by weight magnitude: sensitive_and_weak | sensitive_or_weak
     module_gamma: float = 0.1  # module sparsity = base + gamma x (standardized module drift), base fit to the budget
@@ -306,7 +306,7 @@ class GPruneParams:
         require(self.n_modules >= 1, f"gprune.n_modules={self.n_modules} must be at least 1")
         require(self.min_source_tokens > 0, "gprune.min_source_tokens must be positive")
         require(self.drift_weight >= 0 and self.refine_iter >= 0, "gprune.drift_weight and refine_iter must be >= 0")
-        require(self.drift_threshold >= 0 and self.weak_ratio >= 0, "gprune.drift_threshold and weak_ratio must be >= 0")
+        require(self.min_tau_z >= 0 and self.weak_ratio >= 0, "gprune.min_tau_z and weak_ratio must be >= 0")
         require(self.switch in ("sensitive_and_weak", "sensitive_or_weak"),
                 f"gprune.switch={self.switch!r}: use sensitive_and_weak or sensitive_or_weak")
         require(self.module_gamma >= 0, f"gprune.module_gamma={self.module_gamma} must be >= 0")
