@@ -72,8 +72,9 @@ BIAS_SOURCES = ("all", "Mathematics")
 BIAS_ANALYSIS = {f"bias_{stage}@{src}" for stage in ANALYSIS for src in BIAS_SOURCES}
 BIAS_SEED_ANALYSIS = {f"bias_{stage}@{src}" for stage in SWEEP_ANALYSIS for src in BIAS_SOURCES}  # per source too
 BIAS_INPUTS = {f"bias_inputs@{src}-{m}" for src in BIAS_SOURCES for m in ("f_fang", "gprune")}
-BIAS_CELLS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
-BIAS_GPRUNE_CELLS = {f"bias_{stage}@{src}-gprune-0.3" for stage in ("prune", "evaluate") for src in BIAS_SOURCES}
+CELL_STAGES = ("prune", "evaluate", "attribute")  # attribute: which topics' neurons the cell removed
+BIAS_CELLS = {f"bias_{stage}@{src}-f_fang-0.3" for stage in CELL_STAGES for src in BIAS_SOURCES}
+BIAS_GPRUNE_CELLS = {f"bias_{stage}@{src}-gprune-0.3" for stage in CELL_STAGES for src in BIAS_SOURCES}
 BIAS_RUNS = BIAS_INPUTS | BIAS_CELLS | {"bias_report"}
 BIAS = ({f"bias_{stage}@{src}" for stage in ("calibrate", "capture") for src in BIAS_SOURCES} | BIAS_ANALYSIS | BIAS_RUNS
         | BIAS_SEED_ANALYSIS | BIAS_GPRUNE_CELLS)
@@ -113,6 +114,9 @@ def test_repro_runs_the_main_job_then_the_studies_then_only_what_changed(project
     assert "| f_fang | Mathematics | 30% |" in bias_md and "missing" not in bias_md
     assert "| gprune | Mathematics | 30% |" in bias_md  # GPrune's sources there are shards of one topic
     assert (project / "artifacts/bias_report/bias_heatmap.png").stat().st_size > 1000
+    # every cell was attributed (bias_attribute), so the report correlates removed neurons with lost topics
+    assert "Does losing a topic's neurons predict losing the topic?" in bias_md
+    assert (project / "artifacts/bias_report/attribution_correlation.png").stat().st_size > 1000
 
     assert repro_all(project) == set() and stale(project) == set()  # nothing changed, nothing reruns
 
