@@ -147,3 +147,23 @@ def test_old_metrics_without_per_window_scores_are_reported_not_crashed():
     assert "per-window" in c["error"]
     md, _ = render(analyse(runs, DENSE), DENSE)
     assert "per-window" in md
+
+
+def test_bias_verdict_lines_read_the_words_from_the_intervals():
+    from fang.evaluation.bias_report import bias_verdict_lines
+
+    def ci(est, lo, hi, word):
+        return {"estimate": est, "low": lo, "high": hi, "verdict": word}
+
+    comparisons = [
+        {"method": "f_fang", "baseline": "flap", "sparsity": 0.4, "sources": ["A", "all"],
+         "ood_ppl_vs_baseline": ci(-0.2, -0.3, -0.1, "better"),
+         "ood_id_gap_vs_baseline": ci(0.01, -0.02, 0.04, "no detectable difference"),
+         "all_topics_ppl_vs_baseline": ci(0.05, 0.02, 0.08, "worse")},
+        {"method": "f_fang", "baseline": "flap", "sparsity": 0.3, "sources": ["A"],
+         "ood_ppl_vs_baseline": ci(0.1, 0.05, 0.15, "worse")},
+        {"method": "gprune", "baseline": "wanda_sp", "sparsity": 0.3, "error": "no windows"},
+    ]
+    lines = bias_verdict_lines(comparisons)
+    assert lines == ["- **f_fang vs flap**: 30%: OOD PPL **worse** (+10.0%); 40%: OOD PPL **better** (-20.0%), "
+                     "OOD/ID gap no detectable difference (+1.0%), all-topics PPL **worse** (+5.0%)."]

@@ -374,8 +374,9 @@ def _interval(c: dict) -> str:
     return f"{c['r']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
 
 
-def removal_markdown(section: dict | None) -> list[str]:
-    """Markdown lines of the attribution section of the bias report; [] when no model was attributed."""
+def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
+    """Markdown lines of the attribution section of a report; [] when no model was attributed.
+    `per_cell=False` keeps the per-method table only (for a README block)."""
     if not section or not section["methods"]:
         return []
     from ..core.markdown import markdown_table
@@ -390,7 +391,8 @@ def removal_markdown(section: dict | None) -> list[str]:
             "attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
             "interval over topics].", "",
             markdown_table(["method", "models", "topics", "r, selective neurons removed", "r, activation mass lost"], rows),
-            "", markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
+            "", *([markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
+                  if per_cell else [])]
 
 
 def plot_removal_correlation(section: dict, cells: Sequence[CellRemoval], path) -> None:

@@ -238,7 +238,8 @@ def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _word(c: dict | None, scale: float, unit: str) -> str:
+def verdict_word(c: dict | None, scale: float, unit: str) -> str:
+    """The interval's word (better / worse / no detectable difference) and its estimate, for prose."""
     if c is None:
         return "—"
     word = NO_DIFFERENCE if c["verdict"] == NO_DIFFERENCE else f"**{c['verdict']}**"
@@ -252,9 +253,9 @@ def verdict_lines(comparisons: list[dict]) -> list[str]:
     ok = [c for c in comparisons if "error" not in c]
     for pair in dict.fromkeys((c["method"], c["baseline"]) for c in ok):
         cells = [c for c in ok if (c["method"], c["baseline"]) == pair]
-        parts = [f"{c['sparsity']:.0%}: PPL {_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
-                 f"accuracy {_word(c.get('accuracy', {}).get('average_all'), 100, ' points')}"
-                 + (f", in-domain {_word(c['accuracy']['average_in_domain'], 100, ' points')}"
+        parts = [f"{c['sparsity']:.0%}: PPL {verdict_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
+                 f"accuracy {verdict_word(c.get('accuracy', {}).get('average_all'), 100, ' points')}"
+                 + (f", in-domain {verdict_word(c['accuracy']['average_in_domain'], 100, ' points')}"
                     if c.get("accuracy", {}).get("average_in_domain", {}).get("verdict", NO_DIFFERENCE) != NO_DIFFERENCE
                     else "")
                  for c in sorted(cells, key=lambda c: c["sparsity"])]
