@@ -3,8 +3,12 @@ flagged modules) or the module-wise sparsity? Prunes gprune with either or both 
 same gprune.zarr, and evaluates perplexity only (no lm-eval task) into
 artifacts/diagnostics/gprune_<variant>-<sparsity>.metrics.json.
 
-The README's numbers were measured when robust modules still ranked by the dense model's static
-scores; since then they rank by the baseline's metric on the sequential pass, so "neither" is wanda_sp.
+Measured on the default model at 30% (README "State of this table"): before the switch became a
+test against independent rankings (gprune.min_tau_z), with robust modules ranked by the dense model's
+static scores, default 7,746 / no_switch 913 / neither 1,001; now no module switches there, so
+no_switch is the default (700.2) and neither is no_module_sparsity (750.2). With every module at the
+block's sparsity, the only difference from wanda_sp (343.8) is that neurons compete inside their
+module, not across the layer.
 
     python studies/diagnostics/gprune_ablation.py 0.3 [variant ...]   # variants: no_switch, no_module_sparsity, neither
 """
