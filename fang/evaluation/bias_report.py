@@ -34,6 +34,7 @@ from .report import (
     fmt_comparison,
     headline_tasks,
     paired_examples,
+    pair_verdict_lines,
     task_accuracy,
     verdict_word,
 )
@@ -368,22 +369,19 @@ README_START = "<!-- bias:start -->"
 README_END = "<!-- bias:end -->"
 
 
+def _bias_cell_words(c: dict) -> str:
+    words = [f"{label} {verdict_word(c.get(key), 100, '%')}" for label, key in
+             (("OOD PPL", "ood_ppl_vs_baseline"), ("OOD/ID gap", "ood_id_gap_vs_baseline"),
+              ("all-topics PPL", "all_topics_ppl_vs_baseline")) if c.get(key)]
+    if c.get("avg_acc_diff"):
+        words.append(f"accuracy {verdict_word(c['avg_acc_diff'], 100, ' points')}")
+    return ", ".join(words)
+
+
 def bias_verdict_lines(comparisons: list[dict]) -> list[str]:
     """One line per (method, baseline) pair: at each sparsity, the words for off-topic (OOD) perplexity,
     the OOD/ID gap and the all-topics calibration, read from the paired intervals."""
-    lines = []
-    ok = [c for c in comparisons if "error" not in c]
-    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in ok):
-        parts = []
-        for c in sorted((c for c in ok if (c["method"], c["baseline"]) == pair), key=lambda c: c["sparsity"]):
-            words = [f"{label} {verdict_word(c.get(key), 100, '%')}" for label, key in
-                     (("OOD PPL", "ood_ppl_vs_baseline"), ("OOD/ID gap", "ood_id_gap_vs_baseline"),
-                      ("all-topics PPL", "all_topics_ppl_vs_baseline")) if c.get(key)]
-            if c.get("avg_acc_diff"):
-                words.append(f"accuracy {verdict_word(c['avg_acc_diff'], 100, ' points')}")
-            parts.append(f"{c['sparsity']:.0%}: " + ", ".join(words))
-        lines.append(f"- **{pair[0]} vs {pair[1]}**: " + "; ".join(parts) + ".")
-    return lines
+    return pair_verdict_lines(comparisons, _bias_cell_words)
 
 
 def readme_fragment(result: dict, dense: dict, when: str, image: str | None) -> str:

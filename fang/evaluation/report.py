@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..core.errors import FangError
 from ..core.markdown import markdown_table
@@ -246,21 +247,30 @@ def verdict_word(c: dict | None, scale: float, unit: str) -> str:
     return f"{word} ({c['estimate'] * scale:+.1f}{unit})"
 
 
+def pair_verdict_lines(comparisons: list[dict], describe: Callable[[dict], str]) -> list[str]:
+    """One line per (method, baseline) pair, its sparsities in order, each cell worded by `describe`;
+    comparisons that errored are left out."""
+    ok = [c for c in comparisons if "error" not in c]
+    lines = []
+    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in ok):
+        cells = sorted((c for c in ok if (c["method"], c["baseline"]) == pair), key=lambda c: c["sparsity"])
+        lines.append(f"- **{pair[0]} vs {pair[1]}**: " + "; ".join(f"{c['sparsity']:.0%}: {describe(c)}" for c in cells) + ".")
+    return lines
+
+
+def _sweep_cell_words(c: dict) -> str:
+    acc = c.get("accuracy", {})
+    words = (f"PPL {verdict_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
+             f"accuracy {verdict_word(acc.get('average_all'), 100, ' points')}")
+    if acc.get("average_in_domain", {}).get("verdict", NO_DIFFERENCE) != NO_DIFFERENCE:
+        words += f", in-domain {verdict_word(acc['average_in_domain'], 100, ' points')}"
+    return words
+
+
 def verdict_lines(comparisons: list[dict]) -> list[str]:
     """One line per (method, baseline) pair: the perplexity and average-accuracy word at each sparsity,
     read from the paired intervals (the outcome a README states, generated rather than typed)."""
-    lines = []
-    ok = [c for c in comparisons if "error" not in c]
-    for pair in dict.fromkeys((c["method"], c["baseline"]) for c in ok):
-        cells = [c for c in ok if (c["method"], c["baseline"]) == pair]
-        parts = [f"{c['sparsity']:.0%}: PPL {verdict_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
-                 f"accuracy {verdict_word(c.get('accuracy', {}).get('average_all'), 100, ' points')}"
-                 + (f", in-domain {verdict_word(c['accuracy']['average_in_domain'], 100, ' points')}"
-                    if c.get("accuracy", {}).get("average_in_domain", {}).get("verdict", NO_DIFFERENCE) != NO_DIFFERENCE
-                    else "")
-                 for c in sorted(cells, key=lambda c: c["sparsity"])]
-        lines.append(f"- **{pair[0]} vs {pair[1]}**: " + "; ".join(parts) + ".")
-    return lines
+    return pair_verdict_lines(comparisons, _sweep_cell_words)
 
 
 def paired_comparisons(runs: list[Run], methods: list[str], sparsities: list[float],

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..analysis.gprune import within_module_score
 from ..analysis.store import open_store
 from ..core.errors import FangError, require
 from ..core.params import load_block
@@ -126,14 +127,6 @@ def load_gprune_inputs(art: CalibrationArtifacts, params_path: str = "params.yam
                         str(g.attrs["metric"]), p.module_gamma, p.max_sparsity)
 
 
-def within_module_score(stage_score: Tensor, modules: Tensor, switched: Tensor, running: Tensor) -> Tensor:
-    """The score each module ranks its neurons by: the weight magnitude of the stage (`stage_score`)
-    in modules whose reliability switch flipped, else the base activation metric on the running
-    (already pruned) inputs of the sequential pass, the statistic the baseline method ranks by."""
-    flipped = switched[modules]
-    return torch.where(flipped, stage_score.double(), running.double().to(stage_score.device))
-
-
 class ModulePruner:
     """One block's FFN: per-module keep counts and per-module ranking (`layer_keep`).
 
@@ -156,7 +149,10 @@ class ModulePruner:
         switched = g.switched[li, :m]
         running = (wanda_sp_metric(weight, self.stats.sum_sq) if g.metric == "wanda_sp"
                    else flap_metric(weight, self.stats))
-        score = within_module_score(g.score[li], g.modules[li], switched.bool(), running)
+        # switched modules keep the stage's score (weight magnitude there); the others rank by the base
+        # metric on the running (already pruned) inputs, the statistic the baseline method ranks by
+        stage_score = g.score[li]
+        score = within_module_score(running.to(stage_score.device), stage_score, g.modules[li], switched.bool())
         mask = layer_keep(g.modules[li], score, g.module_drift[li], n_keep, g.module_gamma, g.max_sparsity)
         keep = torch.nonzero(mask).reshape(-1)
         require(len(keep) == n_keep, f"{self.where}: the modules keep {len(keep)} neurons, the plan {n_keep}")
