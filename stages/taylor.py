@@ -27,7 +27,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     device = pick_device()
     model, _ = load_dense_offloaded(paths.MODEL, device, offload=offload)
     k = clusters.attrs["k"]
-    res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device)
+    res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights
     res["center_distances"] = torch.stack([center_distances(c) for c in res["down_centers"]])
     write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})

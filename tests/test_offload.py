@@ -131,6 +131,14 @@ def test_taylor_is_identical_with_streaming(checkpoint):
             assert torch.equal(results[mode][name], want), (mode, name)
 
 
+def test_taylor_graph_blocks_with_streaming_is_an_error(checkpoint):
+    # kept graphs hold their blocks' weights on the device: the memory streaming exists to avoid
+    model, _ = load_dense_offloaded(checkpoint, offload="host")
+    calib = calibration()
+    with pytest.raises(FangError, match="graph_blocks.*model.offload"):
+        taylor_scores(model, calib, torch.zeros(N_LAYERS, calib.numel(), dtype=torch.long), 2, graph_blocks=1)
+
+
 class _Sums:
     def __init__(self):
         self.sums = {}

@@ -168,3 +168,39 @@ def test_kept_activations_do_not_grow_with_depth():
     assert full[8] > 2.5 * full[2]  # the meter sees activations pile up with depth
     assert ours[8] <= 1.05 * ours[2], ours  # one block at a time
     assert ours[8] < full[8] / 3
+
+
+def test_blocks_that_keep_their_graph_give_the_recomputed_scores(input_ids):
+    """graph_blocks trades memory for the recompute; the gradients are the same ones."""
+    k = 3
+    clusters = torch.randint(0, k, (4, input_ids.numel()), generator=torch.Generator().manual_seed(1))
+    base = taylor_scores(tiny_model(6, 3, layers=4), input_ids, clusters, k, batch_size=3)
+    for graph_blocks in (1, 4, 9):  # some blocks, all of them, more than there are
+        res = taylor_scores(tiny_model(6, 3, layers=4), input_ids, clusters, k, batch_size=3, graph_blocks=graph_blocks)
+        for name in base:
+            torch.testing.assert_close(res[name], base[name], rtol=1e-5, atol=1e-7, msg=f"{name}, graph_blocks={graph_blocks}")
+
+
+def test_kept_graphs_cost_a_fixed_number_of_blocks():
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+
+    def taylor(graph_blocks):
+        def run(model):
+            n = len(model.model.layers)
+            taylor_scores(model, ids, torch.zeros(n, ids.numel(), dtype=torch.long), 2, batch_size=8,
+                          graph_blocks=graph_blocks)
+        return run
+
+    recompute = _peak_saved(8, taylor(0))
+    two = {n: _peak_saved(n, taylor(2)) for n in (4, 8)}
+    assert two[8] <= 1.05 * two[4], two  # two blocks' graphs, whatever the depth
+    assert two[8] > 1.5 * recompute  # and they are kept: more than the one block of the recompute
+
+
+def test_negative_graph_blocks_is_an_error(input_ids):
+    import pytest
+
+    from fang.core.errors import FangError
+
+    with pytest.raises(FangError, match="graph_blocks"):
+        taylor_scores(tiny_model(6, 3), input_ids, torch.zeros(2, input_ids.numel(), dtype=torch.long), 2, graph_blocks=-1)

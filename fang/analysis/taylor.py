@@ -16,7 +16,9 @@ their softmax and gradient. Here the backward runs block by block instead:
    `autograd.grad` call returns dL/dx_in (the next block's upstream gradient) and dL/dh.
 
 The gradients are exactly those of full backpropagation (the blocks form a chain); the price is
-one more forward of the blocks. The same recomputation gives h with the clusters known, so the
+one more forward of the blocks. `graph_blocks` buys part of it back with memory: the last
+`graph_blocks` blocks keep their graph from the first forward and are not recomputed, so memory
+grows by that many blocks' activations (a constant, not the model's depth). The same recomputation gives h with the clusters known, so the
 cluster centres at down_proj's input (FANG's distance matrix D) are accumulated here too.
 """
 
@@ -28,7 +30,8 @@ from torch import nn
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
-from ..model.offload import place_model
+from ..core.errors import require
+from ..model.offload import block_stream, place_model
 
 # Logit entries (tokens x vocabulary) computed at once in the loss: 2^24 floats = 64 MiB per copy
 LOGIT_BUDGET = 1 << 24
@@ -68,6 +71,19 @@ def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget:
     return grad
 
 
+def _block_with_graph(runner: BlockRunner, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(x_in, x_out, h) of one block run with grad on from input x; h is down_proj's input, graph attached."""
+    x_in = x.to(runner.device).detach().requires_grad_(True)
+    caught: list[torch.Tensor] = []  # h with its graph (not detached, unlike input_hooks)
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: caught.append(a[0]))
+    try:
+        with torch.enable_grad():
+            x_out = runner(layer, x_in)
+    finally:
+        handle.remove()
+    return x_in, x_out, caught.pop()
+
+
 def taylor_scores(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -75,6 +91,7 @@ def taylor_scores(
     k: int,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
+    graph_blocks: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Per-layer cluster-neuron scores [n_layers, k, n_ffn], block sensitivity [n_layers], cluster centres.
 
@@ -88,6 +105,11 @@ def taylor_scores(
     place_model(model, device)
     layers = decoder_layers(model)
     n_layers, n_ffn = len(layers), model.config.intermediate_size
+    require(graph_blocks >= 0, f"taylor.graph_blocks={graph_blocks} must be 0 or more")
+    require(graph_blocks == 0 or block_stream(model) is None,
+            "taylor.graph_blocks > 0 keeps those blocks' weights on the device with their graphs, which "
+            "model.offload exists to avoid: set one of them to 0 / none")
+    first_graph = n_layers - min(graph_blocks, n_layers)  # blocks from here on keep their first-pass graph
     n_seq, seq_len = input_ids.shape
     sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
     h_sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
@@ -108,25 +130,24 @@ def taylor_scores(
                 with torch.no_grad():
                     hidden = runner.embed(ids)
                     inputs = []  # block inputs on the host: all that is kept across blocks
-                    for li, layer in enumerate(layers):
+                    for li, layer in enumerate(layers[:first_graph]):
                         inputs.append(hidden.cpu())
                         # with model.offload every block visits the device twice per batch: here and below
                         with runner.on_device(li):
                             hidden = runner(layer, hidden)
+                graphs = {}  # block -> (x_in, x_out, h) with the graph of the first pass
+                for li in range(first_graph, n_layers):
+                    graphs[li] = _block_with_graph(runner, layers[li], hidden)
+                    hidden = graphs[li][1].detach()
                 grad = loss_grad(model, hidden, ids)
                 del hidden
                 for li in reversed(range(n_layers)):
-                    x_in = inputs.pop().to(device).requires_grad_(True)
-                    caught: list[torch.Tensor] = []  # h with its graph (not detached, unlike input_hooks)
-                    handle = layers[li].mlp.down_proj.register_forward_pre_hook(lambda _m, a: caught.append(a[0]))
                     # the backward reads the block's weights too: they stay on the device until it is done
                     with runner.on_device(li):
-                        try:
-                            with torch.enable_grad():
-                                x_out = runner(layers[li], x_in)
-                        finally:
-                            handle.remove()
-                        h = caught.pop()
+                        if li in graphs:
+                            x_in, x_out, h = graphs.pop(li)
+                        else:
+                            x_in, x_out, h = _block_with_graph(runner, layers[li], inputs.pop())
                         sensitivity[li] += ((x_out.detach() - x_in.detach()) * grad).sum(-1).abs().sum().double().cpu()
                         grad_in, grad_h = torch.autograd.grad(x_out, (x_in, h), grad)
                     h_flat, c = h.detach().reshape(-1, n_ffn), clusters[li]

@@ -156,9 +156,11 @@ class ClusterParams:
 @dataclass
 class TaylorParams:
     batch_size: int = 4  # sequences per forward+backward
+    graph_blocks: int = 0  # last blocks whose autograd graph is kept from the forward instead of recomputed: speed for memory
 
     def validate(self) -> None:
         require(self.batch_size > 0, "taylor.batch_size must be positive")
+        require(self.graph_blocks >= 0, f"taylor.graph_blocks={self.graph_blocks} must be 0 or more")
 
 
 @dataclass
