@@ -59,8 +59,14 @@ class _Timed:
         if log.parent.is_dir():
             from .core.timings import record_timing
 
+            import os
+
+            import torch
+
+            # the load average and thread count say whether the wall time shared the cores with other work
             record_timing(log, {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
-                                "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "load_avg": [round(x, 2) for x in os.getloadavg()], "threads": torch.get_num_threads()})
 
 
 def _stage(name: str) -> _Timed:

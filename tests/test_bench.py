@@ -74,6 +74,23 @@ def tree(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------------------------- timings, targets
 
 
+def test_targets_carry_peak_rss_and_load_and_skip_scratch_prunes(tmp_path):
+    log = tmp_path / "timings.jsonl"
+    loaded = json.dumps({"stage": "taylor", "args": [], "seconds": 3.0, "peak_rss_mib": 1500,
+                         "time": "2026-01-01T00:00:00", "load_avg": [3.5, 3.1, 2.0], "threads": 2}) + "\n"
+    log.write_text(timing("capture", 1.0, rss=700) + loaded
+                   + timing("prune", 0.5, "obc", 0.3, "/tmp/check") + timing("prune", 0.7, "obc", 0.3, "artifacts/sweep/obc-0.3"))
+    entries = timings.read_timings(log)
+    assert [e["label"] for e in entries if e["stage"] == "prune"] == ["prune obc 0.3 artifacts/sweep/obc-0.3"]
+    floor = {"forward": {"seconds_full": 1.0}, "forward_backward": {"seconds_full": 2.0}}
+    rows = {r["target"]: r for r in timings.check_targets(entries, floor)}
+    taylor = rows["taylor ≤ 1.3× forward+backward"]
+    assert (taylor["peak_rss_mib"], taylor["load5"]) == (1500, 3.1)
+    assert (rows["capture ≤ 1.3× forward"]["peak_rss_mib"], rows["capture ≤ 1.3× forward"]["load5"]) == (700, None)
+    table = "\n".join(render._targets_table(list(rows.values())))
+    assert "| 1,500 | 3.1 |" in table and "| 700 | — |" in table
+
+
 def test_read_timings_keeps_the_latest_entry_per_stage_and_args(tree):
     entries = timings.read_timings(tree / "artifacts" / "timings.jsonl")
     labels = [e["label"] for e in entries]

@@ -40,8 +40,15 @@ def _targets_table(targets: list[dict]) -> list[str]:
         return f"{t['status']} (missing: {', '.join(missing)})" if t["status"] == "no data" and missing else t["status"]
 
     rows = [[t["target"], _num(t["seconds"], ".1f"), f"{_num(t['reference_seconds'], '.1f')} ({t['reference'].split(' (')[0]})",
-             _num(t["ratio"], ".2f"), f"≤ {t['limit']:g}", status(t)] for t in targets]
-    return _table(["target", "stage s", "reference s", "ratio", "limit", "status"], rows)
+             _num(t["ratio"], ".2f"), f"≤ {t['limit']:g}", status(t),
+             "—" if t.get("peak_rss_mib") is None else f"{t['peak_rss_mib']:,}", _num(t.get("load5"), ".1f")]
+            for t in targets]
+    return _table(["target", "stage s", "reference s", "ratio", "limit", "status", "peak RSS MiB", "load"], rows)
+
+
+TARGETS_LEGEND = ("peak RSS: the largest of the target's stages; load: the machine's 5-minute load average when "
+                  "the stage ended (— for runs logged before it was recorded); a load above the core count means "
+                  "the wall time shared the cores and its ratio is inflated.")
 
 
 def _inference_rows(inf: dict) -> tuple[list[str], list[list[str]]]:
@@ -119,7 +126,7 @@ def render_markdown(result: dict) -> str:
                     *_table(["stage", "seconds", "× forward", "peak RSS MiB", "when"], rows), ""]
         else:
             out += ["No stage timings found (artifacts/timings.jsonl).", ""]
-        out += ["Targets:", "", *_targets_table(pipe["targets"]), ""]
+        out += ["Targets:", "", *_targets_table(pipe["targets"]), "", TARGETS_LEGEND, ""]
     mem = result.get("memory")
     if mem is not None:
         fp = mem["footprint"]
@@ -161,7 +168,7 @@ def render_fragment(result: dict) -> str:
                     f"{floor['calib_tokens']:,} calibration tokens):", ""]
         else:
             out += [f"**Pipeline cost**{_kept(result, 'pipeline')}:", ""]
-        out += [*_targets_table(pipe["targets"]), ""]
+        out += [*_targets_table(pipe["targets"]), "", TARGETS_LEGEND, ""]
     mem = result.get("memory")
     if mem is not None:
         est = mem["estimate"]

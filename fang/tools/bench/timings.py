@@ -31,6 +31,18 @@ def _clean_args(args: Iterable[Any]) -> list[str]:
     return [str(a) for a in args if str(a) != "None"]
 
 
+def _writes_outside_project(entry: dict) -> bool:
+    """A prune run whose --out is an absolute path (a scratch check such as /tmp/x), not a pipeline output."""
+    raw = [str(a) for a in entry.get("args", [])]
+    return entry["stage"] == "prune" and len(raw) >= 3 and raw[2] != "None" and os.path.isabs(raw[2])
+
+
+def _load5(entry: dict) -> float | None:
+    """The 5-minute load average logged when the stage ended (entries before it was logged: None)."""
+    load = entry.get("load_avg")
+    return float(load[1]) if isinstance(load, list) and len(load) == 3 else None
+
+
 def _is_main_prune(entry: dict) -> bool:
     """`fang prune` writing artifacts/pruned (no --out), as opposed to a sweep run."""
     raw = [str(a) for a in entry.get("args", [])]
@@ -66,6 +78,8 @@ def read_timings(path: str | os.PathLike) -> list[dict]:
                 continue
             if not isinstance(entry, dict) or "stage" not in entry or "seconds" not in entry:
                 continue
+            if _writes_outside_project(entry):
+                continue
             args = _clean_args(entry.get("args", []))
             key = (entry["stage"], tuple(args))
             latest.pop(key, None)  # re-insert so dict order stays chronological
@@ -76,6 +90,8 @@ def read_timings(path: str | os.PathLike) -> list[dict]:
                 "seconds": float(entry["seconds"]),
                 "peak_rss_mib": entry.get("peak_rss_mib"),
                 "time": entry.get("time"),
+                "load5": _load5(entry),
+                "threads": entry.get("threads"),
                 "main_prune": _is_main_prune(entry),
                 "source": _source(entry),
             }
@@ -115,7 +131,12 @@ def check_targets(timings: list[dict], floor: dict | None) -> list[dict]:
             missing.append("compute floor")
         seconds = sum(e["seconds"] for e in have) if len(have) == len(stages) else None
         ratio = seconds / denom if (seconds is not None and denom) else None
+        rss = [e["peak_rss_mib"] for e in have if e.get("peak_rss_mib") is not None]
+        loads = [e["load5"] for e in have if e.get("load5") is not None]
         rows.append({"target": name, "stages": [e["label"] for e in have], "seconds": seconds,
+                     "peak_rss_mib": max(rss) if rss else None,
+                     # the busiest machine any of its stages ran on: a wall time next to other work is inflated
+                     "load5": max(loads) if len(loads) == len(have) and loads else None,
                      "reference": denom_name, "reference_seconds": denom,
                      "ratio": None if ratio is None else round(ratio, 4), "limit": limit,
                      "status": _status(ratio, limit), "missing": missing})
