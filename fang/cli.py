@@ -57,11 +57,11 @@ class _Timed:
         console.print(f"[dim]{self.name}: {seconds:.1f} s, peak RSS {peak_mib:.0f} MiB[/dim]")
         log = Path("artifacts") / "timings.jsonl"
         if log.parent.is_dir():
-            from .core.timings import record_timing
-
             import os
 
             import torch
+
+            from .core.timings import record_timing
 
             # the load average and thread count say whether the wall time shared the cores with other work
             record_timing(log, {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),

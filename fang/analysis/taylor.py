@@ -18,8 +18,9 @@ their softmax and gradient. Here the backward runs block by block instead:
 The gradients are exactly those of full backpropagation (the blocks form a chain); the price is
 one more forward of the blocks. `graph_blocks` buys part of it back with memory: the last
 `graph_blocks` blocks keep their graph from the first forward and are not recomputed, so memory
-grows by that many blocks' activations (a constant, not the model's depth). The same recomputation gives h with the clusters known, so the
-cluster centres at down_proj's input (FANG's distance matrix D) are accumulated here too.
+grows by that many blocks' activations (a constant, not the model's depth). The same
+recomputation gives h with the clusters known, so the cluster centres at down_proj's input
+(FANG's distance matrix D) are accumulated here too.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.errors import require
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
-from ..core.errors import require
 from ..model.offload import block_stream, place_model
 
 # Logit entries (tokens x vocabulary) computed at once in the loss: 2^24 floats = 64 MiB per copy

@@ -31,10 +31,17 @@ def _clean_args(args: Iterable[Any]) -> list[str]:
     return [str(a) for a in args if str(a) != "None"]
 
 
+def _prune_out(entry: dict) -> str | None:
+    """The --out a logged `fang prune` ran with (its third argument); None when unset or not a prune."""
+    raw = [str(a) for a in entry.get("args", [])]
+    out = raw[2] if entry["stage"] == "prune" and len(raw) >= 3 else "None"
+    return None if out == "None" else out
+
+
 def _writes_outside_project(entry: dict) -> bool:
     """A prune run whose --out is an absolute path (a scratch check such as /tmp/x), not a pipeline output."""
-    raw = [str(a) for a in entry.get("args", [])]
-    return entry["stage"] == "prune" and len(raw) >= 3 and raw[2] != "None" and os.path.isabs(raw[2])
+    out = _prune_out(entry)
+    return out is not None and os.path.isabs(out)
 
 
 def _load5(entry: dict) -> float | None:
@@ -45,9 +52,7 @@ def _load5(entry: dict) -> float | None:
 
 def _is_main_prune(entry: dict) -> bool:
     """`fang prune` writing artifacts/pruned (no --out), as opposed to a sweep run."""
-    raw = [str(a) for a in entry.get("args", [])]
-    out = raw[2] if len(raw) >= 3 else "None"
-    return entry["stage"] == "prune" and out in ("None", "artifacts/pruned")
+    return entry["stage"] == "prune" and _prune_out(entry) in (None, "artifacts/pruned")
 
 
 # stages that take --source (the calibration-bias study) and where it sits in their logged arguments
