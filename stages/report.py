@@ -9,6 +9,7 @@ from fang.core.markdown import publish
 from fang.core.params import ScreenParams, SweepParams, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
+from fang.data.paper_tasks import scorable_rows
 from fang.evaluation.task_screen import judge_tasks
 from fang.evaluation.report import (
     README_END,
@@ -30,7 +31,7 @@ def informative(dense: dict | None, min_z: float) -> dict | None:
     the tasks it keeps. None (every task averaged) without a dense row or the task folder."""
     if dense is None or not paths.TASKS.is_dir():
         return None
-    rows_of = {f.stem: read_jsonl(f) for f in paths.TASKS.glob("*.jsonl")}
+    rows_of = {f.stem: scorable_rows(f.stem, read_jsonl(f)) for f in paths.TASKS.glob("*.jsonl")}
     return judge_tasks(dense["tasks"], rows_of, min_z)
 
 

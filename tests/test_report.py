@@ -49,7 +49,7 @@ def test_averages_and_paired_verdicts_leave_out_tasks_without_signal_on_dense():
     assert res["accuracy"]["average_all"]["estimate"] == 0.0
     assert compare_runs(a, b)["accuracy"]["average_all"]["estimate"] == 0.5  # without a judgement: every task
     md, _ = render([a, b], judged=judged)
-    assert "left out of every average (†): flat (the same answer on 100% of questions)" in md
+    assert "left out of Avg (†): flat (the same answer on 100% of questions)" in md
 
 
 def test_report_correlates_removed_selective_neurons_with_topic_perplexity(tmp_path, monkeypatch):
@@ -108,3 +108,32 @@ def test_plot_draws_perplexity_when_no_task_carries_signal(tmp_path):
     runs = [Run("dense", 0.0, metrics(10.0)), Run("obc", 0.3, metrics(20.0)), Run("obc", 0.4, None)]
     plot(runs, tmp_path / "curves.png", averaged=[])
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_seven_task_average_retention_and_the_papers_rows():
+    from fang.data.paper_tasks import PAPER_TASKS
+    from fang.evaluation.report import compare_runs, paired_table, table_rows
+
+    def run(name, sparsity, right):  # `right` questions of 4 correct on every paper task, all on next_sentence
+        ex = {"doc_id": [0, 1, 2, 3], "acc": [1.0] * right + [0.0] * (4 - right)}
+        tasks = {t: {"acc": right / 4, "acc_stderr": 0.1, "acc_norm": None, "per_example": ex} for t in PAPER_TASKS}
+        tasks["next_sentence"] = {"acc": 1.0, "acc_stderr": 0.0, "acc_norm": None,
+                                  "per_example": {"doc_id": [0, 1], "acc": [1.0, 1.0]}}
+        windows = {"nll": {"People": [2.0, 2.5, 3.0]}, "tokens_per_window": 10}
+        return Run(name, sparsity, {"ppl": 10.0, "tasks": tasks, "ppl_windows": windows})
+
+    dense, pruned = run("dense", 0.0, 4), run("obc", 0.3, 3)
+    header, rows, records = table_rows([dense, pruned])
+    assert header[-3:] == ["Avg7", "retention", "Avg"]
+    assert records[1]["avg7"] == 0.75 and records[1]["retention"] == 0.75  # next_sentence is not in Avg7
+    assert records[1]["avg"] == pytest.approx((7 * 0.75 + 1.0) / 8)
+    assert rows[1][-2] == "75.0%"
+    c = compare_runs(dense, pruned)
+    assert c["accuracy"]["average_avg7"]["estimate"] == pytest.approx(-0.25)
+    p_header, _ = paired_table([{"method": "obc", "baseline": "x", "sparsity": 0.3, **c}])
+    assert "Avg7 (points)" in p_header
+    md, _ = render([dense, pruned])
+    assert "the seed paper's LLaMA-2-7B rows" in md and "| O-FANG | 59.83 | 89.7% | 54.96 | 82.4% |" in md
+    # without all seven tasks there is no Avg7 (a partial average would not sit beside the paper's)
+    partial = Run("dense", 0.0, {"ppl": 1.0, "tasks": {"boolq": {"acc": 1.0, "acc_stderr": 0.0}}})
+    assert "Avg7" not in table_rows([partial])[0]

@@ -17,7 +17,10 @@ from typing import Callable
 
 from ..core.errors import FangError
 from ..core.markdown import markdown_table
+from ..data.paper_tasks import PAPER_TASKS
 from .paired import NO_DIFFERENCE
+
+PAPER_AVG = "Avg7"  # the seed paper's headline: mean over its seven commonsense tasks
 
 
 @dataclass
@@ -33,8 +36,32 @@ class Run:
 
 
 def headline_tasks(metrics: dict) -> list[str]:
-    """Tasks reported as columns: every task except per-topic next-sentence subtasks (the group stands for them)."""
-    return [t for t in metrics["tasks"] if not (t.startswith("next_sentence_"))]
+    """Tasks reported as columns: every task except the subtasks of a group (per-topic next-sentence,
+    MMLU's subjects): the group stands for them."""
+    return [t for t in metrics["tasks"] if not t.startswith(("next_sentence_", "mmlu_"))]
+
+
+def paper_tasks_in(tasks: list[str]) -> list[str]:
+    """The seed paper's seven tasks, when all of them are among `tasks` (else none: no partial Avg7)."""
+    return list(PAPER_TASKS) if all(t in tasks for t in PAPER_TASKS) else []
+
+
+# The seed paper's Table 1 (LLaMA-2-7B, its dense average 66.69 over the seven tasks), as a reference for
+# retention = method average / dense average; typed from the paper (seed 001), not measured here.
+PAPER_TABLE1 = {"dense": 66.69, ("O-FANG", 0.3): 59.83, ("O-FANG", 0.4): 54.96, ("OBC", 0.3): 57.88,
+                ("OBC", 0.4): 52.47, ("FLAP", 0.3): 50.91, ("FLAP", 0.4): 48.70, ("SoBP", 0.3): 59.15,
+                ("SoBP", 0.4): 56.06}
+
+
+def paper_reference_table() -> str:
+    """The paper's LLaMA-2-7B rows with their retention, to set beside ours."""
+    dense = PAPER_TABLE1["dense"]
+    methods = list(dict.fromkeys(m for m, _ in (k for k in PAPER_TABLE1 if k != "dense")))
+    rows = [["dense (LLaMA-2-7B)", f"{dense:.2f}", "100.0%", "", ""]]
+    for m in methods:
+        a, b = PAPER_TABLE1[(m, 0.3)], PAPER_TABLE1[(m, 0.4)]
+        rows.append([m, f"{a:.2f}", f"{a / dense:.1%}", f"{b:.2f}", f"{b / dense:.1%}"])
+    return markdown_table(["the paper's Table 1", "Avg7 30%", "retention 30%", "Avg7 40%", "retention 40%"], rows)
 
 
 def task_accuracy(entry: dict) -> tuple[float | None, float | None]:
@@ -70,7 +97,11 @@ def table_rows(runs: list[Run], averaged: list[str] | None = None) -> tuple[list
         if run.metrics:
             tasks += [t for t in headline_tasks(run.metrics) if t not in tasks]
     in_avg = [t for t in tasks if averaged is None or t in averaged]
-    header = ["method", "sparsity", "achieved", "PPL", *[t if t in in_avg else f"{t} †" for t in tasks], "Avg"]
+    seven = paper_tasks_in(tasks)
+    header = ["method", "sparsity", "achieved", "PPL", *[t if t in in_avg else f"{t} †" for t in tasks]]
+    header += [PAPER_AVG, "retention"] if seven else []
+    header += ["Avg"]
+    dense_avg7 = None
     rows, records = [], []
     for run in runs:
         if run.metrics is None:
@@ -80,10 +111,18 @@ def table_rows(runs: list[Run], averaged: list[str] | None = None) -> tuple[list
         accs = [task_accuracy(run.metrics["tasks"][t]) if t in run.metrics["tasks"] else (None, None) for t in tasks]
         avg = average([a for t, a in zip(tasks, accs) if t in in_avg])
         achieved = run.prune["achieved_sparsity"] if run.prune else (0.0 if run.method == "dense" else None)
-        rows.append([run.method, f"{run.sparsity:.0%}", fmt_accuracy(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
-                     *[fmt_accuracy(v, s) for v, s in accs], fmt_accuracy(*avg)])
+        row = [run.method, f"{run.sparsity:.0%}", fmt_accuracy(achieved, digits=1), f"{run.metrics['ppl']:.2f}",
+               *[fmt_accuracy(v, s) for v, s in accs]]
         rec = {"method": run.method, "sparsity": run.sparsity, "status": "ok", "achieved_sparsity": achieved,
                "ppl": run.metrics["ppl"], "avg": avg[0], "avg_stderr": avg[1]}
+        if seven:
+            avg7 = average([a for t, a in zip(tasks, accs) if t in seven])
+            if run.method == "dense":
+                dense_avg7 = avg7[0]
+            retention = avg7[0] / dense_avg7 if avg7[0] is not None and dense_avg7 else None
+            row += [fmt_accuracy(*avg7), f"{retention:.1%}" if retention is not None else "—"]
+            rec.update(avg7=avg7[0], avg7_stderr=avg7[1], retention=retention)
+        rows.append(row + [fmt_accuracy(*avg)])
         for t, (v, s) in zip(tasks, accs):
             rec[t], rec[f"{t}_stderr"] = v, s
         rec.update({f"ppl_{topic}": v for topic, v in run.metrics.get("ppl_by_topic", {}).items()})
@@ -101,14 +140,18 @@ def topic_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+AVG7_NOTE = (f"{PAPER_AVG} = mean over the seed paper's seven tasks (BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e, "
+             "ARC-c, OpenBookQA), the headline every pruning paper reports; retention = its ratio to the dense row's. ")
+
+
 def averaged_note(judged: dict | None) -> str:
-    """Which tasks the averages leave out and why (the screen's rule on the dense row)."""
+    """Which tasks the informative average leaves out and why (the screen's rule on the dense row)."""
     if not judged:
         return "Avg = mean over the task columns (its standard error assumes independent tasks)."
     out = [f"{t} ({c.decision.removeprefix('dropped: ')})" for t, c in judged.items() if c.decision != "kept"]
-    return ("Avg = mean over the tasks on which the dense row carries signal, by the screen's rule (README "
-            "\"Evaluation tasks\"); its standard error assumes independent tasks. "
-            + (f"Shown but left out of every average (†): {'; '.join(out)}." if out else "No task is left out."))
+    return ("Avg = mean over the tasks on which the dense row carries signal, by the screen's rule (docs "
+            "\"Evaluation tasks\"); standard errors assume independent tasks. "
+            + (f"Shown but left out of Avg (†): {'; '.join(out)}." if out else "No task is left out."))
 
 
 def render(runs: list[Run], comparisons: list[dict] | None = None, judged: dict | None = None) -> tuple[str, str]:
@@ -118,9 +161,12 @@ def render(runs: list[Run], comparisons: list[dict] | None = None, judged: dict 
     md = ["## Perplexity and zero-shot accuracy",
           "",
           "Accuracy in %, ± standard error from lm-eval: acc_norm where the task reports it, else acc. "
-          + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.",
+          + AVG7_NOTE + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.",
           "",
           markdown_table(header, rows), ""]
+    if PAPER_AVG in header:
+        md += ["For reference, the seed paper's LLaMA-2-7B rows (its Table 1, typed from the paper):", "",
+               paper_reference_table(), ""]
     if comparisons:
         p_header, p_rows = paired_table(comparisons)
         md += ["## FANG against its baselines, paired", "", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
@@ -203,7 +249,11 @@ def compare_runs(a: Run, b: Run, averaged: list[str] | None = None) -> dict:
     ex_a, metric_of = paired_examples(a.metrics)
     ex_b, _ = paired_examples(b.metrics)
     common = [t for t in ex_a if t in ex_b]
+    seven = paper_tasks_in(common)
     out["accuracy"] = {}
+    if seven:  # the paper's headline average, whatever the screen says of each task on the dense model
+        res = accuracy_difference({t: ex_a[t] for t in seven}, {t: ex_b[t] for t in seven}, metric_of)
+        out["accuracy"][f"average_{PAPER_AVG.lower()}"] = res["average"].as_dict()
     if averaged is not None:  # per task for every common task, averages over the informative ones
         per_task = accuracy_difference({t: ex_a[t] for t in common}, {t: ex_b[t] for t in common}, metric_of)
         out["accuracy"].update({t: per_task[t].as_dict() for t in common})
@@ -228,12 +278,15 @@ def fmt_comparison(c: dict | None, scale: float = 100.0, unit: str = "") -> str:
 
 
 def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "baseline", "sparsity", "PPL change", "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
+    seven = any(f"average_{PAPER_AVG.lower()}" in c.get("accuracy", {}) for c in comparisons)
+    header = ["method", "baseline", "sparsity", "PPL change", *([f"{PAPER_AVG} (points)"] if seven else []),
+              "Avg acc (points)", "out-of-domain avg", "in-domain avg"]
     rows = []
     for c in comparisons:
         acc = c.get("accuracy", {})
         rows.append([c["method"], c["baseline"], f"{c['sparsity']:.0%}",
                      fmt_comparison(c.get("perplexity", {}).get("overall"), unit="%"),
+                     *([fmt_comparison(acc.get(f"average_{PAPER_AVG.lower()}"))] if seven else []),
                      fmt_comparison(acc.get("average_all")), fmt_comparison(acc.get("average_out_of_domain")),
                      fmt_comparison(acc.get("average_in_domain"))])
     return header, rows
@@ -260,8 +313,11 @@ def pair_verdict_lines(comparisons: list[dict], describe: Callable[[dict], str])
 
 def _sweep_cell_words(c: dict) -> str:
     acc = c.get("accuracy", {})
-    words = (f"PPL {verdict_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
-             f"accuracy {verdict_word(acc.get('average_all'), 100, ' points')}")
+    words = f"PPL {verdict_word(c.get('perplexity', {}).get('overall'), 100, '%')}, "
+    seven = acc.get(f"average_{PAPER_AVG.lower()}")
+    if seven is not None:
+        words += f"{PAPER_AVG} {verdict_word(seven, 100, ' points')}, informative "
+    words += f"accuracy {verdict_word(acc.get('average_all'), 100, ' points')}"
     if acc.get("average_in_domain", {}).get("verdict", NO_DIFFERENCE) != NO_DIFFERENCE:
         words += f", in-domain {verdict_word(acc['average_in_domain'], 100, ' points')}"
     return words
@@ -296,7 +352,7 @@ PAIRED_NOTE = (
     "Each method minus its baseline on the same questions and perplexity windows, 95% paired-bootstrap interval "
     "in brackets; the word is read from the interval (better / worse / no detectable difference). "
     "PPL change = PPL_method / PPL_baseline - 1 (negative is better); accuracy in points. "
-    "Averages are over the tasks in the table's Avg. In-domain = tasks built from the calibration corpus "
+    f"{PAPER_AVG} = the seven paper tasks; the other averages are over the tasks in the table's Avg. In-domain = tasks built from the calibration corpus "
     "(next-sentence); out-of-domain = the rest."
 )
 
@@ -312,8 +368,11 @@ def readme_fragment(runs: list[Run], when: str, image: str | None, comparisons: 
     header, rows, _ = table_rows(runs, kept_tasks(judged))
     lines = [f"<!-- generated by `fang report --readme` on {when}; rerun it instead of editing -->", "",
              "Accuracy in %, ± standard error from lm-eval (acc_norm where the task has it, else acc). "
-             + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.", "",
-             markdown_table(header, rows)]
+             + AVG7_NOTE + averaged_note(judged) + " achieved = measured fraction of decoder-block parameters removed.",
+             "", markdown_table(header, rows)]
+    if PAPER_AVG in header:
+        lines += ["", "For reference, the seed paper's LLaMA-2-7B rows (its Table 1, typed from the paper):", "",
+                  paper_reference_table()]
     if comparisons:
         p_header, p_rows = paired_table(comparisons)
         lines += ["", PAIRED_NOTE, "", markdown_table(p_header, p_rows), "",
