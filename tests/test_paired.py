@@ -123,3 +123,28 @@ def test_comparison_pairs_and_missing_runs():
             Run("o_fang", 0.3, _metrics([1, 1] * 10, [0, 1] * 10, [5.0] * 4))]
     out = paired_comparisons(runs, ["obc", "o_fang"], [0.3, 0.4])
     assert len(out) == 1 and out[0]["sparsity"] == 0.3  # 40% has no runs: not compared
+
+
+def test_sizes_by_power_match_the_bootstrap_they_plan_for():
+    import numpy as np
+
+    from fang.evaluation.paired import (accuracy_difference, average_halfwidth, difference_variance,
+                                        limit_for_halfwidth)
+
+    rng = np.random.default_rng(3)
+    per_a, per_b, var = {}, {}, {}
+    for t, n in (("x", 800), ("y", 300)):
+        a = (rng.random(n) < 0.6).astype(float)
+        flip = rng.random(n) < 0.2  # the models disagree on a fifth of the questions
+        b = np.where(flip, 1 - a, a)
+        per_a[t] = {"doc_id": list(range(n)), "acc": a.tolist()}
+        per_b[t] = {"doc_id": list(range(n)), "acc": b.tolist()}
+        var[t] = difference_variance(per_a[t], per_b[t], "acc", t)
+        assert var[t] == pytest.approx(0.2, abs=0.05)
+    res = accuracy_difference(per_a, per_b, {"x": "acc", "y": "acc"})["average"]
+    planned = average_halfwidth(var, {"x": 800, "y": 300})
+    assert (res.high - res.low) / 2 == pytest.approx(planned, rel=0.1)  # the normal plan is the bootstrap's width
+    limit = limit_for_halfwidth(var, {"x": 800, "y": 300}, planned * 1.2)
+    assert limit < 800 and average_halfwidth(var, {"x": min(limit, 800), "y": min(limit, 300)}) <= planned * 1.2
+    assert average_halfwidth(var, {"x": min(limit - 1, 800), "y": min(limit - 1, 300)}) > planned * 1.2
+    assert limit_for_halfwidth(var, {"x": 800, "y": 300}, planned / 2) is None  # unreachable with these questions

@@ -151,3 +151,40 @@ def bootstrap(
     for i in range(n_boot):
         samples[i] = stat({k: rng.integers(0, n, n) for k, n in sizes.items()})
     return Comparison(estimate, *_interval(samples), int(sum(sizes.values())), higher_is_better)
+
+
+# ---------------------------------------------------------------------------- sizes by power
+
+
+def difference_variance(a: Mapping, b: Mapping, metric: str, task: str = "") -> float:
+    """Variance of the per-question difference B - A (in fractions²) on the questions both answered:
+    for 0/1 scores, about the share of questions the two models disagree on."""
+    xa, xb = _aligned(a, b, metric, task)
+    return float(np.var(xb - xa, ddof=1)) if xa.size > 1 else 0.0
+
+
+def average_halfwidth(variance: Mapping[str, float], n: Mapping[str, int]) -> float:
+    """Half-width of the 95% interval of the mean over tasks of per-task mean differences, with `n[task]`
+    questions each (normal approximation of the paired bootstrap `accuracy_difference` runs)."""
+    require(variance and all(n.get(t, 0) > 0 for t in variance), "average_halfwidth: every task needs questions")
+    return 1.96 * math.sqrt(sum(v / n[t] for t, v in variance.items())) / len(variance)
+
+
+def limit_for_halfwidth(variance: Mapping[str, float], available: Mapping[str, int], target: float) -> int | None:
+    """The smallest per-task limit L (lm-eval's `limit`: the first L questions of every task, all of a
+    smaller task) whose interval half-width on the average is <= `target`; None if even every question
+    of every task does not reach it."""
+    def width(limit: int) -> float:
+        return average_halfwidth(variance, {t: min(limit, available[t]) for t in variance})
+
+    top = max(available[t] for t in variance)
+    if width(top) > target:
+        return None
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if width(mid) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
