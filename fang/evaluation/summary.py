@@ -7,21 +7,27 @@ checkpoints) except speed, which `summarize` is handed (measured by the stage wi
 
 from __future__ import annotations
 
-from .report import average, headline_tasks, task_accuracy
+from .report import average, headline_tasks, paper_tasks_in, task_accuracy
+
+AVG7_ROW = "accuracy (paper's 7-task avg)"
+AVG_ROW = "accuracy (avg of tasks)"
 
 
-def _avg_accuracy(metrics: dict) -> tuple[float | None, float | None]:
-    return average([task_accuracy(metrics["tasks"][t]) for t in headline_tasks(metrics)])
+def _avg_accuracy(metrics: dict, tasks: list[str] | None = None) -> tuple[float | None, float | None]:
+    return average([task_accuracy(metrics["tasks"][t]) for t in (tasks or headline_tasks(metrics))])
 
 
 def summarize(dense: dict, pruned: dict, prune: dict, sizes: dict, speed: dict | None) -> dict:
     """Dense/pruned pairs of every headline number. `sizes`: {"dense"|"pruned": {"block_params", "total_params",
     "checkpoint_bytes"}}; `speed`: {"dense"|"pruned": {"prefill_tok_s", "decode_tok_s"}} or None."""
+    seven = paper_tasks_in(headline_tasks(dense))
+    avg_row, avg_tasks = (AVG7_ROW, seven) if seven else (AVG_ROW, None)
+    accuracy = {avg_row: (_avg_accuracy(dense, avg_tasks), _avg_accuracy(pruned, avg_tasks))}
+    accuracy.update({f"  {t}": (task_accuracy(dense["tasks"][t]), task_accuracy(pruned["tasks"].get(t, {})))
+                     for t in headline_tasks(dense)})
     rows = {
         "perplexity": (dense["ppl"], pruned["ppl"]),
-        "accuracy (avg of tasks)": (_avg_accuracy(dense)[0], _avg_accuracy(pruned)[0]),
-        **{f"  {t}": (task_accuracy(dense["tasks"][t])[0], task_accuracy(pruned["tasks"].get(t, {}))[0])
-           for t in headline_tasks(dense)},
+        **{name: (d[0], p[0]) for name, (d, p) in accuracy.items()},
         "block parameters": (sizes["dense"]["block_params"], sizes["pruned"]["block_params"]),
         "all parameters": (sizes["dense"]["total_params"], sizes["pruned"]["total_params"]),
         "checkpoint MiB": (sizes["dense"]["checkpoint_bytes"] / 2**20, sizes["pruned"]["checkpoint_bytes"] / 2**20),
@@ -34,15 +40,17 @@ def summarize(dense: dict, pruned: dict, prune: dict, sizes: dict, speed: dict |
         "target_sparsity": prune.get("target_sparsity"),
         "achieved_sparsity": prune.get("achieved_sparsity"),
         "rows": {name: {"dense": d, "pruned": p} for name, (d, p) in rows.items()},
+        # lm-eval's standard errors of the accuracy rows (an average's assumes independent tasks)
+        "stderr": {name: {"dense": d[1], "pruned": p[1]} for name, (d, p) in accuracy.items()},
         "speed_setup": speed.get("setup") if speed else None,
     }
 
 
-def _fmt(name: str, x) -> str:
+def _fmt(name: str, x, se: float | None = None) -> str:
     if x is None:
         return "—"
     if "accuracy" in name or name.startswith("  "):
-        return f"{100 * x:.1f}%"
+        return f"{100 * x:.1f}%" + (f" ± {100 * se:.1f}" if se is not None else "")
     if "parameters" in name:
         return f"{x / 1e6:.1f}M"
     return f"{x:,.1f}" if isinstance(x, float) else f"{x:,}"
@@ -61,8 +69,10 @@ def render(summary: dict) -> str:
     head = (f"**{summary['method']}** at target sparsity {summary['target_sparsity']:.0%} "
             f"(achieved {summary['achieved_sparsity']:.1%} of decoder-block parameters removed)")
     lines = [head, "", "| | dense | pruned | change |", "|---|---:|---:|---:|"]
+    stderr = summary.get("stderr", {})
     for name, v in summary["rows"].items():
-        lines.append(f"| {name} | {_fmt(name, v['dense'])} | {_fmt(name, v['pruned'])} | "
+        se = stderr.get(name, {})
+        lines.append(f"| {name} | {_fmt(name, v['dense'], se.get('dense'))} | {_fmt(name, v['pruned'], se.get('pruned'))} | "
                      f"{_ratio(name, v['dense'], v['pruned'])} |")
     if summary.get("speed_setup"):
         s = summary["speed_setup"]
