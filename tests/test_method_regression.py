@@ -15,7 +15,10 @@ FIXTURE = Path(__file__).parent / "data" / "method_fingerprints.json"
 
 
 def _close(a, b, path: str) -> list[str]:
-    """Paths where a and b differ: exactly for ints, strings and structure; floats to 1e-6 relative."""
+    """Paths where a and b differ: exactly for ints, strings and structure (which units are kept); floats to
+    1e-4 relative. float32 OBC solves and FLAP's bias sums come out up to 3.4e-5 apart (relative) on another
+    CPU or BLAS with the same code (measured 2026-12-06: 7 of 12 cases, every kept unit identical), while a
+    change of algorithm moves them by far more than that."""
     if isinstance(a, dict) and isinstance(b, dict):
         if list(a) != list(b):
             return [f"{path}: keys {list(a)} != {list(b)}"]
@@ -25,7 +28,7 @@ def _close(a, b, path: str) -> list[str]:
             return [f"{path}: length {len(a)} != {len(b)}"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
     if isinstance(a, float) and isinstance(b, float):
-        ok = (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+        ok = (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9)
         return [] if ok else [f"{path}: {a!r} != {b!r}"]
     return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} != {b!r}"]
 
