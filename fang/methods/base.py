@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.paths import CalibrationArtifacts
-    from .driver import AttentionUnits, PruneOptions
+    from .units import AttentionUnits, PruneOptions
 
 
 @dataclass
