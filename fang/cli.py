@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from .core.errors import FangError
-from .methods.registry import REGISTRY
+from .core.registry import REGISTRY
 from .tools.inspection.cli import app as inspect_app
 
 app = typer.Typer(

@@ -11,9 +11,9 @@ from fang.core.device import pick_device
 from fang.core.errors import FangError
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
 from fang.methods.plan import prune_options
-from fang.methods.registry import method_spec
 from fang.methods.units import attention_units
 from fang.model.modeling import decoder_layers
 from fang.model.offload import gather_blocks, load_dense_offloaded

@@ -81,7 +81,7 @@ class LayerContext:
 
 
 class PruningMethod:
-    """Base class of a registered method (`fang.methods.registry`): override what differs.
+    """Base class of a registered method (`fang.core.registry`): override what differs.
 
     `inputs` is what `load_inputs` read (the method's analysis artifacts), or None.
     """

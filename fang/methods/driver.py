@@ -5,7 +5,7 @@ blocks 0..l-1, then the pruned block is rerun so its outputs feed block l+1's st
 block, one pass over the calibration batches collects everything both sublayers need (the inputs
 of o_proj and down_proj, and for FANG the token clusters of the MLP input), as FLAP does.
 
-Methods (`prune_model(method=...)`) are the registered ones (`fang.methods.registry`), each a
+Methods (`prune_model(method=...)`) are the registered ones (`fang.core.registry`), each a
 `fang.methods.base.PruningMethod` in its own module: flap, wanda_sp, magnitude, obc, obc_iter,
 f_fang, o_fang, ... The driver knows none of them by name. What every block keeps is planned
 before any block is touched (`fang.methods.plan.plan_pruning`: the allocation, FLAP's structure search
@@ -25,13 +25,13 @@ from torch import nn
 
 from ..core.errors import require
 from ..core.progress import progress
+from ..core.registry import method_spec
 from ..model.layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
 from ..model.modeling import count_block_params, decoder_layers
 from ..model.offload import block_on_device, place_model
 from ..model.shrink import shrink_attention, shrink_mlp
 from .base import LayerContext, PruningMethod, Selection
 from .plan import plan_pruning
-from .registry import method_spec
 from .units import AttentionUnits, PruneOptions
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
@@ -120,7 +120,7 @@ class OutputRecorder:
 
 
 def method_class(name: str) -> type[PruningMethod]:
-    """The implementation of a registered method (imported by name: see `fang.methods.registry`)."""
+    """The implementation of a registered method (imported by name: see `fang.core.registry`)."""
     spec = method_spec(name)
     return getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.cls)
 
