@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from fang.analysis.attribute import (
-    Accumulator,
     Attribution,
     NO_LABEL,
     attribute,
@@ -20,17 +19,17 @@ from fang.analysis.attribute import (
     permutation_null,
     removal_by_topic,
     removed_mask,
+    stream_activations,
     token_articles,
-    topic_correlation,
 )
 from fang.analysis.store import open_store, write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
 from fang.core.params import load_block
-from fang.core.progress import console, progress
+from fang.core.progress import console
 from fang.data.corpus import article_tokens, load_calibration, read_jsonl
-from fang.model.layerwise import batch_slices, input_hooks
+from fang.evaluation.removal import topic_correlation
 
 KIND = "attribution"
 
@@ -46,30 +45,6 @@ def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, 
     owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
     topics = sorted({r["topic"] for r in rows.values()})
     return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
-
-
-@torch.no_grad()
-def stream(model, input_ids: torch.Tensor, owner: np.ndarray, n_articles: int, batch_size: int, top_k: int,
-           device) -> Accumulator:
-    layers = model.model.layers
-    cfg = model.config
-    acc = Accumulator(len(layers), cfg.intermediate_size, n_articles, top_k)
-    n, seq_len = input_ids.shape
-    owner_t = torch.as_tensor(owner)
-    flat = torch.arange(n * seq_len).view(n, seq_len)
-    current: dict[str, slice] = {}
-
-    def sink(name: str, x: torch.Tensor) -> None:
-        sl = current["batch"]
-        acc.add(int(name), x, owner_t[sl], flat[sl])
-
-    with input_hooks({str(i): layer.mlp.down_proj for i, layer in enumerate(layers)}, sink), progress() as bar:
-        task = bar.add_task("attribute", total=n)
-        for sl in batch_slices(n, batch_size):
-            current["batch"] = sl
-            model.model(input_ids=input_ids[sl].to(device), use_cache=False)  # no LM head: only the blocks matter
-            bar.advance(task, sl.stop - sl.start)
-    return acc
 
 
 def summary(att: Attribution, top: int = 5) -> dict:
@@ -99,7 +74,7 @@ def run(params_path: str = "params.yaml") -> None:
     model, tokenizer = load_dense(paths.MODEL, device)
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
-    acc = stream(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)
+    acc = stream_activations(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)
     att = attribute(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics, p.min_tokens, p.min_articles,
                     p.min_selectivity, p.fdr)
     token_topic = np.where(owner >= 0, article_topic[np.maximum(owner, 0)], -1)

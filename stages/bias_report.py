@@ -7,7 +7,7 @@ from fang.core import paths
 from fang.core.atomic import atomic_dir
 import time
 
-from fang.analysis.attribute import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
+from fang.evaluation.removal import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
 from fang.core.errors import require
 from fang.core.markdown import publish
 from fang.core.params import load_block

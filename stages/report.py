@@ -2,7 +2,7 @@
 
 import time
 
-from fang.analysis.attribute import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
+from fang.evaluation.removal import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
 from fang.core import paths
 from fang.core.atomic import atomic_file, write_json
 from fang.core.markdown import publish
