@@ -13,9 +13,7 @@ from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
-from fang.methods.plan import prune_options
-from fang.methods.units import attention_units
-from fang.model.modeling import decoder_layers
+from fang.methods.units import PruneOptions, attention_units
 from fang.model.offload import gather_blocks, load_dense_offloaded
 from fang.model.shrink import save_pruned
 
@@ -52,9 +50,8 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
     model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload)
-    options = prune_options(p, variant, sparsity, len(decoder_layers(model)), art)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=options, inputs=inputs)
+                         options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
     gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())

@@ -211,6 +211,7 @@ def prune_model(
     *,
     options: PruneOptions | None = None,
     inputs: Any = None,
+    art=None,
 ) -> PruneReport:
     """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
 
@@ -218,7 +219,9 @@ def prune_model(
     sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its
     statistics. `inputs` is what the method's `load_inputs` reads from its analysis artifacts
     (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose per-block
-    sparsity replaces `sparsity`, which is then only the reported target).
+    sparsity replaces `sparsity`, which is then only the reported target). `art`, the calibration set's
+    artifacts (`fang.core.paths.CalibrationArtifacts`), gives the fc and taylor allocations' per-block
+    sparsity when `options.block_sparsity` does not.
     """
     method_spec(method)  # FangError naming the registered methods if unknown
     options = options or PruneOptions()
@@ -233,8 +236,9 @@ def prune_model(
     device = torch.device(device)
     place_model(model, device)
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
-    plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options)
-    report.options = {**options.as_dict(), "allocation": plan.allocation}
+    plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options, art)
+    report.options = {**options.as_dict(), "allocation": plan.allocation,
+                      "block_sparsity": None if plan.block_sparsity is None else [float(s) for s in plan.block_sparsity]}
     if plan.removes_nothing:
         report.pruned_block_params = report.dense_block_params
         return report

@@ -7,7 +7,7 @@ The keep counts come from the allocation (`prune.allocation`, `auto` = the metho
   statistics (`flap.al_am_scores`);
 - the method's own plan (`PruningMethod.plan`, e.g. ica_fn's one global threshold);
 - one sparsity per block: `sparsity` everywhere, the per-block list of `uniform`/`fc`/`taylor`
-  (`prune_options`, from the calibration set's allocate.json), or the method's own
+  (given, or read from the calibration set's allocate.json), or the method's own
   (`PruningMethod.block_sparsity`, FANG's allocation). Heads (GQA units) are rounded to that fraction
   and the FFN neurons absorb the rounding (`param_matched_structure`).
 """
@@ -199,22 +199,12 @@ def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
     return values
 
 
-def prune_options(p, variant, sparsity: float, n_layers: int, art) -> PruneOptions:
-    """The `PruneOptions` of a `fang.core.params.PruneParams` block for one `Variant` (its allocation and
-    compensation), with the per-block sparsity its allocation reads from the calibration set `art`
-    (`paths.CalibrationArtifacts`: allocate.json for fc and taylor)."""
-    options = PruneOptions.from_params(p)
-    options.allocation, options.compensation = variant.allocation, variant.compensation
-    allocation = resolve_allocation(variant.method, variant.allocation)
-    options.block_sparsity = allocated_sparsity(allocation, sparsity, n_layers, art)
-    return options
-
-
 @dataclass
 class Plan:
     """What every block keeps, before any is pruned."""
 
     allocation: str  # the concrete allocation (`auto` resolved: flap_search, asa, uniform, ...)
+    block_sparsity: list[float] | None  # the allocation's per-block sparsity (None: searched, or the method's own)
     units: AttentionUnits
     keep_attn: list[int]  # attention units kept per block
     keep_mlp: list[int]  # FFN neurons kept per block
@@ -226,14 +216,21 @@ class Plan:
 
 
 def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: float, gqa_scheme: str,
-                 options: PruneOptions) -> Plan:
+                 options: PruneOptions, art=None) -> Plan:
     """Resolve the allocation, the attention units (`gqa_scheme`) and every block's keep counts of pruning
-    `model` with `method` to `sparsity` (see the module's docstring for the sources of the counts)."""
+    `model` with `method` to `sparsity` (see the module's docstring for the sources of the counts).
+
+    The per-block sparsity of uniform, fc and taylor is `options.block_sparsity` when given, else read
+    from the calibration set `art` (`paths.CalibrationArtifacts`: its allocate.json), else `sparsity`.
+    """
     layers = decoder_layers(model)
     n_layers = len(layers)
     n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
     allocation = resolve_allocation(method.name, options.allocation)
     units = attention_units(model.config, gqa_scheme)
+    block_sparsity = options.block_sparsity
+    if block_sparsity is None and art is not None:
+        block_sparsity = allocated_sparsity(allocation, sparsity, n_layers, art)
 
     own_plan = method.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
     if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
@@ -246,8 +243,8 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
         )
     else:
         own = method.block_sparsity()
-        if options.block_sparsity is not None:
-            per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
+        if block_sparsity is not None:
+            per_block = _block_sparsity(block_sparsity, n_layers, "PruneOptions.block_sparsity")
         elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
             per_block = _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
         else:
@@ -256,4 +253,4 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
         keep_attn, keep_mlp = param_matched_structure(
             [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params
         )
-    return Plan(allocation, units, keep_attn, keep_mlp, n_ffns)
+    return Plan(allocation, block_sparsity, units, keep_attn, keep_mlp, n_ffns)

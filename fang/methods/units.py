@@ -121,10 +121,12 @@ class PruneOptions:
     compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7) or from the whole layer's kept columns
 
     @classmethod
-    def from_params(cls, p, block_sparsity: Sequence[float] | None = None) -> "PruneOptions":
-        """From a `fang.core.params.PruneParams`."""
-        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity,
-                   p.allocation, p.compensation)
+    def from_params(cls, p, variant=None) -> "PruneOptions":
+        """From a `fang.core.params.PruneParams`; a `fang.core.choices.Variant` sets the allocation and
+        compensation (its parts not named already hold the block's)."""
+        allocation, compensation = (p.allocation, p.compensation) if variant is None else (
+            variant.allocation, variant.compensation)
+        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, None, allocation, compensation)
 
     def validate(self) -> None:
         number = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
