@@ -11,19 +11,24 @@ A pruned model removed some neurons; per topic we count the fraction of that top
 neurons it removed and the share of the topic's activation mass (sum of mean |h|) they carried,
 and correlate both with the topic's perplexity increase across topics.
 Arrays are numpy (analysis) or torch (the streaming accumulator, filled by one forward pass in
-`stream_activations`).
+`stream_activations`); `calibration_topics` and `kept_neurons` read the calibration set's articles and a
+pruned checkpoint's kept neurons.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from ..core import paths
+from ..core.atomic import read_json
 from ..core.errors import FangError, require
 from ..core.progress import progress
+from ..data.corpus import article_tokens, read_jsonl
 from ..model.layerwise import batch_slices, input_hooks
 
 NO_LABEL = -1
@@ -60,6 +65,19 @@ def token_articles(input_ids: np.ndarray, window_articles: Sequence[Sequence[str
 
 
 # ------------------------------------------------------------------------------------------ streaming accumulator
+
+
+def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(article index [N, L], topic index per article, article ids, topics) of the main calibration set."""
+    meta = read_json(paths.CALIB / "calib.json")
+    require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
+    rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
+    wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
+    # tokenized exactly as fang.data.corpus.sample_calibration does, so the stream can be checked token by token
+    tokens = {a: article_tokens(tokenizer, rows[a]["text"]) for a in wanted if a in rows}
+    owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
+    topics = sorted({r["topic"] for r in rows.values()})
+    return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
 
 
 @dataclass
@@ -251,6 +269,25 @@ def attribute(article_sums: np.ndarray, article_counts: np.ndarray, article_topi
 # ---------------------------------------------------------------------------------------------- removal
 
 
+def attribution_summary(att: Attribution, top: int = 5) -> dict:
+    """attribution.json's summary: per topic its tokens, articles, selective and labelled neurons and its
+    `top` most selective (layer, neuron) pairs; labelled neurons per layer."""
+    topics = []
+    for k, t in enumerate(att.topics):
+        sel = np.where(att.selective[:, k, :], att.selectivity[:, k, :], -np.inf)
+        best = np.argsort(-sel, axis=None)[:top]
+        topics.append({
+            "topic": t, "tokens": int(att.topic_tokens[k]), "articles": int(att.topic_articles[k]),
+            "guarded": bool(att.guarded[k]), "selective_neurons": int(att.selective[:, k, :].sum()),
+            "labelled_neurons": int((att.label == k).sum()),
+            "most_selective": [{"layer": int(li), "neuron": int(j), "selectivity": round(float(att.selectivity[li, k, j]), 3)}
+                               for li, j in zip(*np.unravel_index(best, sel.shape)) if np.isfinite(sel[li, j])],
+        })
+    return {"topics": topics,
+            "labelled_neurons_by_layer": [int(v) for v in (att.label != NO_LABEL).sum(1)],
+            "neurons_per_layer": int(att.label.shape[1])}
+
+
 def removed_mask(kept: Sequence[Sequence[int]], n_ffn: int) -> np.ndarray:
     """bool [layers, n_ffn]: True for every neuron a pruned model does not keep."""
     removed = np.ones((len(kept), n_ffn), dtype=bool)
@@ -298,6 +335,30 @@ def match_rows(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
     require(-1 not in idx, "pruned gate_proj rows do not match the dense model's: not pruned from this model")
     require(len(set(idx)) == len(idx), "pruned gate_proj rows match the dense model ambiguously (duplicate rows)")
     return np.asarray(idx, dtype=np.int64)
+
+
+def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.ndarray], str]:
+    """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
+    from safetensors import safe_open
+
+    from fang.model.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
+
+    layers = read_structure(model_dir)["layers"]
+    kept, source = [], "structure.json"
+    for li, spec in enumerate(layers):
+        if KEPT_ATTR in spec:
+            require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
+                    f"{model_dir}/structure.json: layer {li} lists {len(spec[KEPT_ATTR])} kept neurons but has "
+                    f"intermediate_size {spec['intermediate_size']}")
+            kept.append(np.asarray(spec[KEPT_ATTR], dtype=np.int64))
+        elif int(spec["intermediate_size"]) == n_ffn:
+            kept.append(np.arange(n_ffn))
+        else:
+            name = f"model.layers.{li}.mlp.gate_proj.weight"
+            with safe_open(str(model_dir / WEIGHTS_FILE), "np") as fp, safe_open(str(dense_dir / WEIGHTS_FILE), "np") as fd:
+                kept.append(match_rows(fd.get_tensor(name), fp.get_tensor(name)))
+            source = "gate_proj rows matched to the dense model"
+    return kept, source
 
 
 def permutation_null(article_sums: np.ndarray, article_counts: np.ndarray, article_topic: np.ndarray,
