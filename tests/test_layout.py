@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from test_dvc_deps import ROOT, _imports
+from test_dvc_deps import ROOT, _imports, _module_file
 
 # Bottom to top: a module may import its own part and the parts below it, never one above.
 LAYERS = ("core", "model", "data", "analysis", "methods", "evaluation", "tools")
@@ -38,6 +38,46 @@ def test_no_import_runs_upward():
             if LAYERS.index(target) > LAYERS.index(part):
                 upward.append(f"{path.relative_to(ROOT)} ({part}) imports {rel} ({target})")
     assert not upward, "imports running upward:\n" + "\n".join(upward)
+
+
+def _all_imports(path: Path) -> set[Path]:
+    """Project modules `path` names in any import, those only for type checkers included."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {f for f in map(_module_file, names) if f is not None and f != path}
+    return found
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    """Not even for type checking: a circle means neither module can be read, or moved, without the other."""
+    graph = {path: {d for d in _all_imports(path) if _part(d) is not None}
+             for path in sorted((ROOT / "fang").rglob("*.py")) if _part(path) is not None}
+    done, on_path, circles = set(), [], []
+
+    def visit(node: Path) -> None:
+        if node in on_path:
+            circles.append(" -> ".join(str(p.relative_to(ROOT)) for p in on_path[on_path.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        on_path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            visit(dep)
+        on_path.pop()
+        done.add(node)
+
+    for node in graph:
+        visit(node)
+    assert not circles, "modules importing each other in a circle:\n" + "\n".join(circles)
 
 
 def test_the_registry_stays_declarative():
