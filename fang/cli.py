@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from .core.errors import FangError
-from .methods.registry import REGISTRY
+from .core.registry import REGISTRY
 from .tools.inspection.cli import app as inspect_app
 
 app = typer.Typer(
@@ -148,16 +148,34 @@ def plan_sizes(
         write_json(Path(out), plan)
 
 
-@app.command()
-def calibrate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Sample N x L calibration tokens (seeded) from one split, optionally from chosen topics only."""
-    _stage("calibrate").run(params, source)
+# The stages that read their params block and the artifacts of one calibration set (the main one, or a
+# bias-study `--source`): one command each, in pipeline order.
+SOURCE_STAGES = {
+    "calibrate": "Sample N x L calibration tokens (seeded) from one split, optionally from chosen topics only.",
+    "capture": "One dense forward pass over the calibration set, streamed block by block into artifacts/capture.zarr.",
+    "cluster": "Per layer: PCA of the FFN-input tokens to `cluster.pca_dim`, KMeans into `cluster.k` context clusters.",
+    "taylor": "One forward+backward pass: cluster-neuron Taylor scores |h * dL/dh| per layer (Eq. 5).",
+    "group": "Per layer: the shared neuron group and k equal functional groups (exact assignment or random).",
+    "allocate": "Per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons.",
+    "ica":
+        "Per layer: CanICA of the FFN's act and up activations (functional networks, seed 003) -> artifacts/ica.zarr.",
+    "gprune-modules":
+        "Per layer: per-source neuron scores, rank drift, modules and their reliability (GPrune-LLM) -> artifacts/gprune.zarr.",
+}
 
 
-@app.command()
-def capture(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """One dense forward pass over the calibration set, streamed block by block into artifacts/capture.zarr."""
-    _stage("capture").run(params, source)
+def _source_stage(command: str, doc: str) -> None:
+    name = command.replace("-", "_")
+
+    def run(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
+        _stage(name).run(params, source)
+
+    run.__name__, run.__doc__ = name, doc
+    app.command(command)(run)
+
+
+for _command, _doc in SOURCE_STAGES.items():
+    _source_stage(_command, _doc)
 
 
 @app.command()
@@ -240,42 +258,6 @@ def summary(
 ) -> None:
     """Dense vs pruned perplexity, accuracy, size and speed on one screen (artifacts/summary.md, metrics/summary.json)."""
     _stage("summary").run(prompt_len, new_tokens, repeats)
-
-
-@app.command()
-def cluster(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Per layer: PCA of the FFN-input tokens to `cluster.pca_dim`, KMeans into `cluster.k` context clusters."""
-    _stage("cluster").run(params, source)
-
-
-@app.command()
-def taylor(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """One forward+backward pass: cluster-neuron Taylor scores |h * dL/dh| per layer (Eq. 5)."""
-    _stage("taylor").run(params, source)
-
-
-@app.command()
-def group(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Per layer: the shared neuron group and k equal functional groups (exact assignment or random)."""
-    _stage("group").run(params, source)
-
-
-@app.command()
-def allocate(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Per-block functional complexity (Eq. 8) and per-block sparsity for heads and FFN neurons."""
-    _stage("allocate").run(params, source)
-
-
-@app.command()
-def ica(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Per layer: CanICA of the FFN's act and up activations (functional networks, seed 003) -> artifacts/ica.zarr."""
-    _stage("ica").run(params, source)
-
-
-@app.command("gprune-modules")
-def gprune_modules(params: str = ParamsOpt, source: Optional[str] = SourceOpt) -> None:
-    """Per layer: per-source neuron scores, rank drift, modules and their reliability (GPrune-LLM) -> artifacts/gprune.zarr."""
-    _stage("gprune_modules").run(params, source)
 
 
 @app.command()

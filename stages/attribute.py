@@ -9,84 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fang.analysis.attribute import (
-    Accumulator,
-    Attribution,
-    NO_LABEL,
     attribute,
-    match_rows,
+    attribution_summary,
+    calibration_topics,
+    kept_neurons,
     permutation_null,
     removal_by_topic,
     removed_mask,
-    token_articles,
-    topic_correlation,
+    stream_activations,
 )
 from fang.analysis.store import open_store, write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
 from fang.core.params import load_block
-from fang.core.progress import console, progress
-from fang.data.corpus import article_tokens, load_calibration, read_jsonl
-from fang.model.layerwise import batch_slices, input_hooks
+from fang.core.progress import console
+from fang.data.corpus import load_calibration
+from fang.evaluation.removal import topic_correlation
 
 KIND = "attribution"
-
-
-def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """(article index [N, L], topic index per article, article ids, topics) of the main calibration set."""
-    meta = read_json(paths.CALIB / "calib.json")
-    require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
-    rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
-    wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
-    # tokenized exactly as fang.data.corpus.sample_calibration does, so the stream can be checked token by token
-    tokens = {a: article_tokens(tokenizer, rows[a]["text"]) for a in wanted if a in rows}
-    owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
-    topics = sorted({r["topic"] for r in rows.values()})
-    return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
-
-
-@torch.no_grad()
-def stream(model, input_ids: torch.Tensor, owner: np.ndarray, n_articles: int, batch_size: int, top_k: int,
-           device) -> Accumulator:
-    layers = model.model.layers
-    cfg = model.config
-    acc = Accumulator(len(layers), cfg.intermediate_size, n_articles, top_k)
-    n, seq_len = input_ids.shape
-    owner_t = torch.as_tensor(owner)
-    flat = torch.arange(n * seq_len).view(n, seq_len)
-    current: dict[str, slice] = {}
-
-    def sink(name: str, x: torch.Tensor) -> None:
-        sl = current["batch"]
-        acc.add(int(name), x, owner_t[sl], flat[sl])
-
-    with input_hooks({str(i): layer.mlp.down_proj for i, layer in enumerate(layers)}, sink), progress() as bar:
-        task = bar.add_task("attribute", total=n)
-        for sl in batch_slices(n, batch_size):
-            current["batch"] = sl
-            model.model(input_ids=input_ids[sl].to(device), use_cache=False)  # no LM head: only the blocks matter
-            bar.advance(task, sl.stop - sl.start)
-    return acc
-
-
-def summary(att: Attribution, top: int = 5) -> dict:
-    topics = []
-    for k, t in enumerate(att.topics):
-        sel = np.where(att.selective[:, k, :], att.selectivity[:, k, :], -np.inf)
-        best = np.argsort(-sel, axis=None)[:top]
-        topics.append({
-            "topic": t, "tokens": int(att.topic_tokens[k]), "articles": int(att.topic_articles[k]),
-            "guarded": bool(att.guarded[k]), "selective_neurons": int(att.selective[:, k, :].sum()),
-            "labelled_neurons": int((att.label == k).sum()),
-            "most_selective": [{"layer": int(li), "neuron": int(j), "selectivity": round(float(att.selectivity[li, k, j]), 3)}
-                               for li, j in zip(*np.unravel_index(best, sel.shape)) if np.isfinite(sel[li, j])],
-        })
-    return {"topics": topics,
-            "labelled_neurons_by_layer": [int(v) for v in (att.label != NO_LABEL).sum(1)],
-            "neurons_per_layer": int(att.label.shape[1])}
 
 
 def run(params_path: str = "params.yaml") -> None:
@@ -99,7 +42,7 @@ def run(params_path: str = "params.yaml") -> None:
     model, tokenizer = load_dense(paths.MODEL, device)
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
-    acc = stream(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)
+    acc = stream_activations(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)
     att = attribute(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics, p.min_tokens, p.min_articles,
                     p.min_selectivity, p.fdr)
     token_topic = np.where(owner >= 0, article_topic[np.maximum(owner, 0)], -1)
@@ -119,7 +62,7 @@ def run(params_path: str = "params.yaml") -> None:
              "params": {k: getattr(p, k) for k in ("top_k", "skip_first", "min_tokens", "min_articles",
                                                     "min_selectivity", "fdr")}}
     write_store(paths.ATTRIBUTION, KIND, arrays, attrs)
-    info = summary(att)
+    info = attribution_summary(att)
     thresholds = dict(min_tokens=p.min_tokens, min_articles=p.min_articles, min_selectivity=p.min_selectivity, fdr=p.fdr)
     info["selective_pairs"] = int(att.selective.sum())
     info["null_selective_pairs"] = permutation_null(acc.sums.numpy(), acc.counts.numpy(), article_topic, topics,
@@ -132,30 +75,6 @@ def run(params_path: str = "params.yaml") -> None:
 
 
 # ---------------------------------------------------------------------------------------------- removed
-
-
-def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.ndarray], str]:
-    """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
-    from safetensors import safe_open
-
-    from fang.model.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
-
-    layers = read_structure(model_dir)["layers"]
-    kept, source = [], "structure.json"
-    for li, spec in enumerate(layers):
-        if KEPT_ATTR in spec:
-            require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
-                    f"{model_dir}/structure.json: layer {li} lists {len(spec[KEPT_ATTR])} kept neurons but has "
-                    f"intermediate_size {spec['intermediate_size']}")
-            kept.append(np.asarray(spec[KEPT_ATTR], dtype=np.int64))
-        elif int(spec["intermediate_size"]) == n_ffn:
-            kept.append(np.arange(n_ffn))
-        else:
-            name = f"model.layers.{li}.mlp.gate_proj.weight"
-            with safe_open(str(model_dir / WEIGHTS_FILE), "np") as fp, safe_open(str(dense_dir / WEIGHTS_FILE), "np") as fd:
-                kept.append(match_rows(fd.get_tensor(name), fp.get_tensor(name)))
-            source = "gate_proj rows matched to the dense model"
-    return kept, source
 
 
 def default_paths(model_dir: Path) -> tuple[Path, Path]:

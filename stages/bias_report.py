@@ -1,18 +1,17 @@
 """bias_report: perplexity increase over dense on every topic, per method x calibration source x sparsity."""
 
 import json
+import time
 from pathlib import Path
 
 from fang.core import paths
 from fang.core.atomic import atomic_dir
-import time
-
-from fang.analysis.attribute import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
 from fang.core.errors import require
 from fang.core.markdown import publish
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.evaluation.bias_report import BiasRun, README_END, README_START, analyse, heatmap, readme_fragment, render
+from fang.evaluation.removal import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
 from fang.evaluation.report import load_json
 
 README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows

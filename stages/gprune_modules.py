@@ -10,69 +10,19 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from torch import Tensor, nn
 
-from fang.analysis.gprune import SourceMoments, analyze_layer
+from fang.analysis.gprune import GPruneConsumer
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.device import pick_device
 from fang.core.errors import FangError
-from fang.core.params import GPruneParams, load_block
+from fang.core.params import load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.data.sources import shard_sources, source_index, token_topics
 from fang.model.mlp_stream import stream_mlp
 from fang.model.modeling import load_dense
-
-
-class _GPruneConsumer:
-    def __init__(self, p: GPruneParams, source: Tensor, n_sources: int, n_layers: int, n_ffn: int) -> None:
-        self.p, self.source, self.n_sources, self.n_ffn = p, source, n_sources, n_ffn
-        self.moments = SourceMoments(n_sources, n_ffn)
-        m = p.n_modules
-        self.out = {
-            "source_scores": np.zeros((n_layers, n_sources, n_ffn), np.float32),
-            "ranks": np.zeros((n_layers, n_sources, n_ffn), np.float32),
-            "drift": np.zeros((n_layers, n_ffn), np.float32),
-            "activation_score": np.zeros((n_layers, n_ffn), np.float32),
-            "magnitude_score": np.zeros((n_layers, n_ffn), np.float32),
-            "modules": np.zeros((n_layers, n_ffn), np.int32),
-            "score": np.zeros((n_layers, n_ffn), np.float32),
-            "module_size": np.zeros((n_layers, m), np.int32),
-            "module_drift": np.full((n_layers, m), np.nan, np.float32),
-            "module_tau": np.full((n_layers, m), np.nan, np.float32),
-            "module_tau_z": np.full((n_layers, m), np.nan, np.float32),
-            "module_activation": np.full((n_layers, m), np.nan, np.float32),
-            "switched": np.zeros((n_layers, m), bool),
-        }
-        self.layers: list[dict] = []
-
-    def add(self, layer: int, rows: slice, act: Tensor, up: Tensor) -> None:
-        self.moments.add(act * up, self.source[rows])
-
-    def end_layer(self, layer: int, mlp: nn.Module) -> None:
-        p, o = self.p, self.out
-        r = analyze_layer(p.metric, self.moments, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                          p.n_modules, p.drift_weight, p.refine_iter, p.min_tau_z, p.weak_ratio, p.switch,
-                          p.seed + layer)
-        self.moments = SourceMoments(self.n_sources, self.n_ffn)
-        m = len(r.stats.size)
-        o["source_scores"][layer], o["ranks"][layer] = r.scores.numpy(), r.ranks.numpy()
-        o["drift"][layer], o["activation_score"][layer] = r.drift.numpy(), r.act.numpy()
-        o["magnitude_score"][layer], o["modules"][layer], o["score"][layer] = r.magnitude.numpy(), r.modules.numpy(), r.score.numpy()
-        o["module_size"][layer, :m], o["module_drift"][layer, :m] = r.stats.size.numpy(), r.stats.drift.numpy()
-        o["module_tau"][layer, :m], o["module_activation"][layer, :m] = r.stats.tau.numpy(), r.stats.act.numpy()
-        o["module_tau_z"][layer, :m] = r.stats.tau_z.numpy()
-        o["switched"][layer, :m] = r.switched.numpy()
-        self.layers.append({
-            "layer": layer, "modules": m, "switched": int(r.switched.sum()),
-            "switched_neurons": int(r.stats.size[r.switched].sum()),
-            "mean_neuron_drift": round(float(r.drift.mean()), 4),
-            "module_drift": [round(float(x), 4) for x in r.stats.drift],
-            "module_tau": [round(float(x), 3) for x in r.stats.tau],
-            "min_module_tau_z": round(float(r.stats.tau_z.min()), 2),
-        })
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -100,7 +50,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     device = pick_device()
     model, _ = load_dense(paths.MODEL, device)
     cfg = model.config
-    consumer = _GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
+    consumer = GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
     t0 = time.perf_counter()
     timing = stream_mlp(model, ids, consumer, p.batch_size, device, label="gprune")
     total = time.perf_counter() - t0

@@ -9,49 +9,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
-from fang.analysis.ica import canica, neuron_score, prunable_layers, zscore_columns
+from fang.analysis.ica import IcaConsumer, prunable_layers
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import write_json
 from fang.core.device import pick_device
-from fang.core.params import IcaParams, load_block
+from fang.core.params import load_block
 from fang.core.progress import console
 from fang.model.mlp_stream import stream_mlp
 from fang.model.modeling import load_dense
-
-# |z| thresholds reported in the summary: the number of key neurons each would keep per layer
-REPORT_THRESHOLDS = (2.0, 3.0, 3.6, 5.0)
-
-
-class _IcaConsumer:
-    def __init__(self, p: IcaParams, n_tok: int, n_layers: int, n_ffn: int) -> None:
-        self.p, self.n_ffn = p, n_ffn
-        self.signals = torch.empty(n_tok, 2 * n_ffn, dtype=torch.float32)
-        self.maps = np.zeros((n_layers, p.n_components, 2 * n_ffn), np.float32)
-        self.score = np.zeros((n_layers, n_ffn), np.float32)
-        self.layers: list[dict] = []
-
-    def add(self, layer: int, rows: slice, act: Tensor, up: Tensor) -> None:
-        self.signals[rows, : self.n_ffn] = act.cpu()
-        self.signals[rows, self.n_ffn :] = up.cpu()
-
-    def end_layer(self, layer: int, mlp: nn.Module) -> None:
-        t0 = time.perf_counter()
-        zscore_columns(self.signals, out=self.signals)
-        res = canica(self.signals, self.p.n_components, self.p.n_restarts, self.p.seed + layer, self.p.max_iter,
-                     self.p.tol, self.p.svd_iter)
-        score = neuron_score(res.maps)
-        self.maps[layer], self.score[layer] = res.maps.numpy(), score.numpy()
-        self.layers.append({
-            "layer": layer, "explained_variance": round(res.explained_variance, 4), "sparsity": round(res.sparsity, 2),
-            "kept_restart": res.restart, "converged_restarts": res.converged,
-            "key_neurons": {str(t): int((score > t).sum()) for t in REPORT_THRESHOLDS},
-            "seconds": round(time.perf_counter() - t0, 2),
-        })
-
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     from fang.data.corpus import load_calibration
@@ -62,7 +29,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     model, _ = load_dense(paths.MODEL, device)
     cfg = model.config
     n_tok, n_ffn, n_layers = ids.numel(), cfg.intermediate_size, cfg.num_hidden_layers
-    consumer = _IcaConsumer(p, n_tok, n_layers, n_ffn)
+    consumer = IcaConsumer(p, n_tok, n_layers, n_ffn)
     t0 = time.perf_counter()
     timing = stream_mlp(model, ids, consumer, p.batch_size, device, label="ica")
     total = time.perf_counter() - t0

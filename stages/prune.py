@@ -3,18 +3,17 @@
 import dataclasses
 from pathlib import Path
 
-from fang.analysis.allocate import allocated_sparsity
 from fang.analysis.capture import open_capture
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.choices import parse_variant, resolve_allocation
+from fang.core.choices import parse_variant
 from fang.core.device import pick_device
 from fang.core.errors import FangError
 from fang.core.params import load_block
 from fang.core.progress import console
-from fang.methods.driver import PruneOptions, method_class, prune_model
-from fang.methods.registry import method_spec
-from fang.model.modeling import attention_geometry, decoder_layers
+from fang.core.registry import method_spec
+from fang.methods.driver import method_class, prune_model
+from fang.methods.units import PruneOptions, attention_units
 from fang.model.offload import gather_blocks, load_dense_offloaded
 from fang.model.shrink import save_pruned
 
@@ -51,12 +50,8 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
     model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload)
-    allocation = resolve_allocation(method, variant.allocation)
-    options = PruneOptions.from_params(p)
-    options.allocation, options.compensation = variant.allocation, variant.compensation
-    options.block_sparsity = allocated_sparsity(allocation, sparsity, len(decoder_layers(model)), art)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=options, inputs=inputs)
+                         options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
     gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())
@@ -64,21 +59,10 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
         f"{variant.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
-    gap, unit = report.achieved_sparsity - sparsity, unit_fraction(model.config, p.gqa, report.dense_block_params)
+    gap = report.achieved_sparsity - sparsity
+    unit = attention_units(model.config, p.gqa).unit_fraction(report.dense_block_params)
     if abs(gap) > unit:
         console.print(f"[yellow]warning: {method} achieved sparsity {report.achieved_sparsity:.3f}, "
                       f"{abs(gap):.3f} {'below' if gap < 0 else 'above'} the target {sparsity:.3f} (more than one "
                       f"pruning unit, {unit:.4f}): the method could not remove that much; see {report_file}[/yellow]")
 
-
-def unit_fraction(config, gqa: str, dense_block_params: int) -> float:
-    """The largest structure a method removes at once (a head group, or one query slot in every
-    group), as a fraction of the dense block parameters: the granularity any target is met within."""
-    n_heads, n_kv, head_dim = attention_geometry(config)
-    hidden = config.hidden_size
-    g = n_heads // n_kv
-    per_kv = 2 * g * head_dim * hidden + 2 * head_dim * hidden  # q rows and o columns of g heads, k and v rows
-    per_slot = 2 * n_kv * head_dim * hidden  # one query head per group: q rows and o columns
-    neuron = 3 * hidden  # gate/up rows and a down column
-    attn = per_kv if gqa == "kv_group" else per_slot
-    return max(attn, neuron) / max(dense_block_params, 1)

@@ -2,7 +2,6 @@
 
 import time
 
-from fang.analysis.attribute import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
 from fang.core import paths
 from fang.core.atomic import atomic_file, write_json
 from fang.core.markdown import publish
@@ -10,6 +9,7 @@ from fang.core.params import ScreenParams, SweepParams, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.data.paper_tasks import scorable_rows
+from fang.evaluation.removal import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
 from fang.evaluation.task_screen import judge_tasks
 from fang.evaluation.report import (
     README_END,

@@ -29,7 +29,7 @@ def test_the_readme_example_method_is_one_module_and_one_registry_line(calib, tm
     from fang.evaluation.report import comparison_pairs
     from fang.methods import inputs as mi
     from fang.methods.driver import prune_model
-    from fang.methods.registry import REGISTRY, MethodSpec
+    from fang.core.registry import REGISTRY, MethodSpec
 
     module_src, line = _example()
     path = tmp_path / "l1.py"

@@ -17,21 +17,23 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from fang.analysis.attribute import (
     Accumulator,
-    CellRemoval,
     NO_LABEL,
     attribute,
     bh_adjust,
-    removal_correlations,
-    removal_markdown,
-    fisher_interval,
     match_rows,
-    plot_removal_correlation,
     removal_by_topic,
     removed_mask,
     token_articles,
-    topic_correlation,
 )
 from fang.core.errors import FangError
+from fang.evaluation.removal import (
+    CellRemoval,
+    fisher_interval,
+    plot_removal_correlation,
+    removal_correlations,
+    removal_markdown,
+    topic_correlation,
+)
 from fang.model.shrink import KEPT_ATTR, load_pruned, save_pruned, shrink_mlp
 from helpers_tokenizer import tiny_tokenizer
 
@@ -148,7 +150,7 @@ def test_stream_on_a_tiny_model_finds_a_planted_neuron():
     """Topic 0's articles use tokens 10..29, topic 1's 60..79. Token embeddings of topic 0 carry +4 in
     hidden dimension 0 (others 0), attention in block 0 writes nothing, and neuron 7 of block 0 reads
     only dimension 0: it fires on topic 0 and is silent elsewhere."""
-    from stages.attribute import stream
+    from fang.analysis.attribute import stream_activations
 
     model = tiny_model(layers=2)
     emb = model.model.embed_tokens.weight
@@ -165,7 +167,7 @@ def test_stream_on_a_tiny_model_finds_a_planted_neuron():
     ids = torch.cat([torch.randint(10 + 50 * t, 30 + 50 * t, (per,), generator=g) for t in topic_of_article])
     ids = ids.view(4, 48)
     owner = np.repeat(np.arange(n_art), per).reshape(4, 48)
-    acc = stream(model, ids, owner, n_art, batch_size=3, top_k=5, device="cpu")
+    acc = stream_activations(model, ids, owner, n_art, batch_size=3, top_k=5, device="cpu")
     att = attribute(acc.sums.numpy(), acc.counts.numpy(), topic_of_article, ["A", "B"], min_tokens=50, min_articles=3)
     assert att.label[0, 7] == 0 and att.selective[0, 0, 7]
     assert int(np.nanargmax(att.selectivity[0, 0])) == 7  # the most selective neuron of block 0 for topic A

@@ -28,16 +28,16 @@ def _module_file(name: str) -> Path | None:
 
 # The driver imports each registered method's module by name (`fang.methods.driver.method_class`), so
 # a module that resolves methods by name depends on every module the registry names.
-REGISTRY = ROOT / "fang" / "methods" / "registry.py"
+REGISTRY = ROOT / "fang" / "core" / "registry.py"
 RESOLVES_METHODS = {ROOT / "fang" / "methods" / "driver.py"}
 
 
 def registered_method_modules() -> set[Path]:
-    """The files of every method in fang/methods/registry.py (its `MethodSpec("name", "module:Class", ...)` lines)."""
+    """The files of every method in fang/core/registry.py (its `MethodSpec("name", "module:Class", ...)` lines)."""
     found = set()
     for node in ast.walk(ast.parse(REGISTRY.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MethodSpec" and len(node.args) > 1:
-            found.add(REGISTRY.parent / f"{node.args[1].value.partition(':')[0]}.py")
+            found.add(ROOT / "fang" / "methods" / f"{node.args[1].value.partition(':')[0]}.py")
     assert found and all(f.exists() for f in found), f"registry names missing modules: {sorted(map(str, found))}"
     return found
 

@@ -10,8 +10,10 @@ from conftest import assert_reloads_identically, captured, tiny_model
 from fang.analysis.cluster import relevance_weights
 from fang.core.choices import Variant, parse_variant, resolve_allocation
 from fang.core.errors import FangError
-from fang.methods.driver import AttentionUnits, PruneOptions, attention_units, flap_plan_from_capture, prune_model
+from fang.methods.driver import prune_model
 from fang.methods.function_aware import FangLayerPruner, own_cluster_weight, plan_groups
+from fang.methods.plan import flap_plan_from_capture
+from fang.methods.units import AttentionUnits, PruneOptions, attention_units
 from fang.model.modeling import count_block_params
 from test_fang_prune import K, _data, make_fang_inputs
 

@@ -7,19 +7,10 @@ import torch
 
 from fang.core.errors import FangError
 from fang.methods.base import select_top
-from fang.methods.flap import (
-    al_am_scores,
-    bias_compensation,
-    fluctuation_metric,
-    group_scores,
-    head_scores,
-    param_matched_structure,
-    slot_scores,
-    standardize,
-    structure_search,
-    uniform_structure,
-)
+from fang.methods.flap import al_am_scores, bias_compensation, fluctuation_metric, head_scores, standardize
+from fang.methods.plan import param_matched_structure, structure_search, uniform_structure
 from fang.methods.stats import InputStats
+from fang.methods.units import group_scores, slot_scores
 
 
 def _batches(seed: int = 0, offset: float = 1000.0) -> list[torch.Tensor]:

@@ -6,9 +6,10 @@ import torch
 
 from conftest import assert_reloads_identically, captured, tiny_model
 from fang.core.errors import FangError
-from fang.methods.driver import AttentionUnits, PruneOptions, prune_model
+from fang.methods.driver import prune_model
 from fang.methods.magnitude import magnitude_metric, magnitude_pruner
 from fang.methods.stats import InputStats
+from fang.methods.units import AttentionUnits, PruneOptions
 from fang.methods.wanda_sp import wanda_sp_metric, wanda_sp_pruner
 from fang.model.modeling import count_block_params
 
@@ -113,7 +114,7 @@ def test_unit_columns_layout():
     slot = AttentionUnits("query_slot", n_heads=6, n_kv=3, head_dim=2, hidden=12)
     assert slot.unit_heads().tolist() == [[0, 2, 4], [1, 3, 5]]
     assert slot.unit_columns()[1].tolist() == [2, 3, 6, 7, 10, 11]
-    # the metric pooling agrees with flap.group_scores / slot_scores
+    # the metric pooling agrees with units.group_scores / slot_scores
     heads = torch.rand(6, dtype=torch.float64)
     chan = heads.repeat_interleave(2)
     torch.testing.assert_close(chan[kv.unit_columns()].mean(1), kv.scores(heads))

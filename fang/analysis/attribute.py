@@ -10,12 +10,13 @@ For every layer l and FFN neuron j, from the activations h = act(gate) * up ente
 A pruned model removed some neurons; per topic we count the fraction of that topic's selective
 neurons it removed and the share of the topic's activation mass (sum of mean |h|) they carried,
 and correlate both with the topic's perplexity increase across topics.
-Arrays are numpy (analysis) or torch (the streaming accumulator); nothing here reads files.
+Arrays are numpy (analysis) or torch (the streaming accumulator, filled by one forward pass in
+`stream_activations`); `calibration_topics` and `kept_neurons` read the calibration set's articles and a
+pruned checkpoint's kept neurons.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,8 +24,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from ..core import paths
 from ..core.atomic import read_json
 from ..core.errors import FangError, require
+from ..core.progress import progress
+from ..data.corpus import article_tokens, read_jsonl
+from ..model.layerwise import batch_slices, input_hooks
 
 NO_LABEL = -1
 
@@ -60,6 +65,19 @@ def token_articles(input_ids: np.ndarray, window_articles: Sequence[Sequence[str
 
 
 # ------------------------------------------------------------------------------------------ streaming accumulator
+
+
+def calibration_topics(input_ids: torch.Tensor, tokenizer) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(article index [N, L], topic index per article, article ids, topics) of the main calibration set."""
+    meta = read_json(paths.CALIB / "calib.json")
+    require("window_articles" in meta, f"{paths.CALIB / 'calib.json'} does not record its articles: rerun `fang calibrate`")
+    rows = {r["id"]: r for r in read_jsonl(paths.DATA / f"{meta['split']}.jsonl")}
+    wanted = dict.fromkeys(a for w in meta["window_articles"] for a in w)
+    # tokenized exactly as fang.data.corpus.sample_calibration does, so the stream can be checked token by token
+    tokens = {a: article_tokens(tokenizer, rows[a]["text"]) for a in wanted if a in rows}
+    owner, articles = token_articles(input_ids.numpy(), meta["window_articles"], tokens)
+    topics = sorted({r["topic"] for r in rows.values()})
+    return owner, np.array([topics.index(rows[a]["topic"]) for a in articles]), articles, topics
 
 
 @dataclass
@@ -114,6 +132,34 @@ class Accumulator:
         _, best = rank.topk(self.top_k, dim=0)
         self.top_value[layer] = cand_value.gather(0, best)
         self.top_index[layer] = cand_index.gather(0, best)
+
+
+
+@torch.no_grad()
+def stream_activations(model, input_ids: torch.Tensor, owner: np.ndarray, n_articles: int, batch_size: int,
+                       top_k: int, device) -> Accumulator:
+    """One forward pass of `model` over `input_ids` [N, L] with a hook on every down_proj input: each
+    token's |activation| summed per article (`owner` [N, L], -1 = no article) and the top-k contexts per
+    neuron (`Accumulator`)."""
+    layers = model.model.layers
+    cfg = model.config
+    acc = Accumulator(len(layers), cfg.intermediate_size, n_articles, top_k)
+    n, seq_len = input_ids.shape
+    owner_t = torch.as_tensor(owner)
+    flat = torch.arange(n * seq_len).view(n, seq_len)
+    current: dict[str, slice] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        sl = current["batch"]
+        acc.add(int(name), x, owner_t[sl], flat[sl])
+
+    with input_hooks({str(i): layer.mlp.down_proj for i, layer in enumerate(layers)}, sink), progress() as bar:
+        task = bar.add_task("attribute", total=n)
+        for sl in batch_slices(n, batch_size):
+            current["batch"] = sl
+            model.model(input_ids=input_ids[sl].to(device), use_cache=False)  # no LM head: only the blocks matter
+            bar.advance(task, sl.stop - sl.start)
+    return acc
 
 
 def hardest_per_sequence(h: torch.Tensor, article: torch.Tensor, flat_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +269,25 @@ def attribute(article_sums: np.ndarray, article_counts: np.ndarray, article_topi
 # ---------------------------------------------------------------------------------------------- removal
 
 
+def attribution_summary(att: Attribution, top: int = 5) -> dict:
+    """attribution.json's summary: per topic its tokens, articles, selective and labelled neurons and its
+    `top` most selective (layer, neuron) pairs; labelled neurons per layer."""
+    topics = []
+    for k, t in enumerate(att.topics):
+        sel = np.where(att.selective[:, k, :], att.selectivity[:, k, :], -np.inf)
+        best = np.argsort(-sel, axis=None)[:top]
+        topics.append({
+            "topic": t, "tokens": int(att.topic_tokens[k]), "articles": int(att.topic_articles[k]),
+            "guarded": bool(att.guarded[k]), "selective_neurons": int(att.selective[:, k, :].sum()),
+            "labelled_neurons": int((att.label == k).sum()),
+            "most_selective": [{"layer": int(li), "neuron": int(j), "selectivity": round(float(att.selectivity[li, k, j]), 3)}
+                               for li, j in zip(*np.unravel_index(best, sel.shape)) if np.isfinite(sel[li, j])],
+        })
+    return {"topics": topics,
+            "labelled_neurons_by_layer": [int(v) for v in (att.label != NO_LABEL).sum(1)],
+            "neurons_per_layer": int(att.label.shape[1])}
+
+
 def removed_mask(kept: Sequence[Sequence[int]], n_ffn: int) -> np.ndarray:
     """bool [layers, n_ffn]: True for every neuron a pruned model does not keep."""
     removed = np.ones((len(kept), n_ffn), dtype=bool)
@@ -258,55 +323,6 @@ def removal_by_topic(selective: np.ndarray, topic_mean_abs: np.ndarray, removed:
             "removed_fraction": np.asarray(removed.mean())}
 
 
-# ------------------------------------------------------------------------------------------- correlation
-
-
-def fisher_interval(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Fisher-z interval of a Pearson r from n independent pairs (NaN below 4 pairs)."""
-    from scipy.stats import norm
-
-    if n < 4 or not np.isfinite(r):
-        return math.nan, math.nan
-    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), norm.ppf(0.5 + level / 2) / math.sqrt(n - 3)
-    return float(np.tanh(z - half)), float(np.tanh(z + half))
-
-
-def _pooled_r(x: np.ndarray, y: np.ndarray) -> float:
-    # centring within each cell keeps differences between models (sparsity, calibration) out of r
-    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-    den = math.sqrt(float((xc**2).sum() * (yc**2).sum()))
-    return float((xc * yc).sum() / den) if den > 0 else math.nan
-
-
-def topic_correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> dict:
-    """Correlation across topics between x and y [cells, topics], centred within each cell.
-
-    One cell (one pruned model) gives the plain Pearson r, with a Fisher interval; several cells
-    (e.g. a method's models across sparsities and calibration sources) share the topics, so the
-    bootstrap resamples topics (columns), the same ones in every cell. Topics with a NaN in any
-    cell are dropped first.
-    """
-    x, y = np.atleast_2d(np.asarray(x, dtype=np.float64)), np.atleast_2d(np.asarray(y, dtype=np.float64))
-    require(x.shape == y.shape, f"correlation needs x and y of one shape, got {x.shape} and {y.shape}")
-    ok = np.isfinite(x).all(0) & np.isfinite(y).all(0)
-    x, y = x[:, ok], y[:, ok]
-    n = int(ok.sum())
-    out = {"r": math.nan, "low": math.nan, "high": math.nan, "fisher_low": math.nan, "fisher_high": math.nan,
-           "topics": n, "cells": int(x.shape[0]), "level": level}
-    if n < 3:
-        return out
-    out["r"] = _pooled_r(x, y)
-    if x.shape[0] == 1:
-        out["fisher_low"], out["fisher_high"] = fisher_interval(out["r"], n, level)
-    rng = np.random.default_rng(seed)
-    boots = np.array([_pooled_r(x[:, idx], y[:, idx]) for idx in rng.integers(0, n, size=(n_boot, n))])
-    boots = boots[np.isfinite(boots)]
-    if boots.size:
-        out["low"], out["high"] = (float(v) for v in np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]))
-    return out
-
-
 def match_rows(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
     """Dense row index of every row of `pruned` (bit-identical rows), for checkpoints that predate
     structure.json's `kept_neurons`: gate_proj rows are copied, never updated, by every method."""
@@ -321,100 +337,28 @@ def match_rows(dense: np.ndarray, pruned: np.ndarray) -> np.ndarray:
     return np.asarray(idx, dtype=np.int64)
 
 
-# ------------------------------------------------------------------------------------------- bias report
+def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.ndarray], str]:
+    """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
+    from safetensors import safe_open
 
+    from fang.model.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
 
-@dataclass
-class CellRemoval:
-    """One pruned model of the bias study: its per-topic removal and perplexity increase over dense."""
-
-    method: str
-    source: str
-    sparsity: float
-    removed: Mapping[str, float]  # topic -> fraction of its selective neurons removed
-    mass_lost: Mapping[str, float]  # topic -> share of its activation mass removed
-    increase: Mapping[str, float]  # topic -> PPL / PPL_dense - 1
-
-
-def read_cell_removal(path, method: str, source: str, sparsity: float,
-                      increase: Mapping[str, float]) -> CellRemoval | None:
-    """The CellRemoval of one pruned model from its `fang attribute-removed` JSON (None when it has none)."""
-    if not Path(path).exists():
-        return None
-    topics = read_json(path)["topics"]
-    return CellRemoval(method, source, sparsity, {t: v["selective_removed_fraction"] for t, v in topics.items()},
-                       {t: v["mass_lost"] for t, v in topics.items()}, increase)
-
-
-def removal_correlations(cells: Sequence[CellRemoval], topics: Sequence[str], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Per method (its models pooled, centred per model) and per model: correlation across topics
-    between removal (selective fraction; lost mass) and log(PPL / PPL_dense)."""
-    def arrays(group: Sequence[CellRemoval], what: str) -> tuple[np.ndarray, np.ndarray]:
-        x = np.array([[getattr(c, what).get(t, np.nan) for t in topics] for c in group], dtype=np.float64)
-        y = np.array([[math.log1p(c.increase[t]) if c.increase.get(t) is not None else np.nan for t in topics]
-                      for c in group], dtype=np.float64)
-        return x, y
-
-    def both(group: Sequence[CellRemoval]) -> dict:
-        return {what: topic_correlation(*arrays(group, what), n_boot=n_boot, seed=seed)
-                for what in ("removed", "mass_lost")}
-
-    methods = list(dict.fromkeys(c.method for c in cells))
-    return {
-        "topics": list(topics),
-        "methods": [{"method": m, "models": sum(c.method == m for c in cells),
-                     **both([c for c in cells if c.method == m])} for m in methods],
-        "cells": [{"method": c.method, "source": c.source, "sparsity": c.sparsity, **both([c])} for c in cells],
-    }
-
-
-def _interval(c: dict) -> str:
-    if not np.isfinite(c["r"]):
-        return "—"
-    return f"{c['r']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
-
-
-def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
-    """Markdown lines of the attribution section of a report; [] when no model was attributed.
-    `per_cell=False` keeps the per-method table only (for a README block)."""
-    if not section or not section["methods"]:
-        return []
-    from ..core.markdown import markdown_table
-
-    rows = [[m["method"], str(m["models"]), str(m["removed"]["topics"]), _interval(m["removed"]), _interval(m["mass_lost"])]
-            for m in section["methods"]]
-    cells = [[c["method"], c["source"], f"{c['sparsity']:.0%}", _interval(c["removed"]), _interval(c["mass_lost"])]
-             for c in section["cells"]]
-    return ["### Does losing a topic's neurons predict losing the topic?", "",
-            "Across topics, the correlation between the share of a topic's selective neurons a model removed (or the "
-            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, README \"Neuron "
-            "attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
-            "interval over topics].", "",
-            markdown_table(["method", "models", "topics", "r, selective neurons removed", "r, activation mass lost"], rows),
-            "", *([markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
-                  if per_cell else [])]
-
-
-def plot_removal_correlation(section: dict, cells: Sequence[CellRemoval], path) -> None:
-    """PNG: per method, log PPL ratio against the removed fraction of each topic's selective neurons."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    methods = [m["method"] for m in section["methods"]]
-    fig = Figure(figsize=(3.2 * max(1, len(methods)), 3.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(1, len(methods)), squeeze=False)[0]
-    for ax, m in zip(axes, section["methods"]):
-        for c in (c for c in cells if c.method == m["method"]):
-            ts = [t for t in section["topics"] if c.removed.get(t) is not None and c.increase.get(t) is not None]
-            ax.plot([c.removed[t] for t in ts], [math.log1p(c.increase[t]) for t in ts], "o", ms=3,
-                    label=f"{c.source} {c.sparsity:.0%}")
-        ax.set_title(f"{m['method']}: r = {_interval(m['removed'])}", fontsize=8)
-        ax.set_xlabel("selective neurons removed (fraction)", fontsize=8)
-        ax.set_ylabel("log(PPL / PPL_dense)", fontsize=8)
-        ax.legend(fontsize=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    layers = read_structure(model_dir)["layers"]
+    kept, source = [], "structure.json"
+    for li, spec in enumerate(layers):
+        if KEPT_ATTR in spec:
+            require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
+                    f"{model_dir}/structure.json: layer {li} lists {len(spec[KEPT_ATTR])} kept neurons but has "
+                    f"intermediate_size {spec['intermediate_size']}")
+            kept.append(np.asarray(spec[KEPT_ATTR], dtype=np.int64))
+        elif int(spec["intermediate_size"]) == n_ffn:
+            kept.append(np.arange(n_ffn))
+        else:
+            name = f"model.layers.{li}.mlp.gate_proj.weight"
+            with safe_open(str(model_dir / WEIGHTS_FILE), "np") as fp, safe_open(str(dense_dir / WEIGHTS_FILE), "np") as fd:
+                kept.append(match_rows(fd.get_tensor(name), fp.get_tensor(name)))
+            source = "gate_proj rows matched to the dense model"
+    return kept, source
 
 
 def permutation_null(article_sums: np.ndarray, article_counts: np.ndarray, article_topic: np.ndarray,

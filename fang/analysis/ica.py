@@ -7,20 +7,26 @@ run FastICA over the neuron columns (spatial ICA: neurons are the samples), and 
 component's spatial map across neurons. A neuron is "key" if |z| > T in any component for its act
 or its up column; the kept set is the union.
 
-Pure tensor functions; the `ica` stage streams the activations and stores the maps, and the methods
+Tensor functions, and the consumer (`IcaConsumer`) that decomposes each layer as the dense model's MLP
+activations stream past (`fang.model.mlp_stream`); the `ica` stage stores the maps, and the methods
 `ica_fn` / `ica_fn_ranked` (`fang.methods.ica_fn`: the threshold bisection) prune from them.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.errors import FangError, require
+
+if TYPE_CHECKING:
+    from ..core.params import IcaParams
 
 # Edge layers the paper leaves dense: the first three and the last two blocks.
 DENSE_HEAD, DENSE_TAIL = 3, 2
@@ -140,3 +146,37 @@ def key_neurons(maps: Tensor, threshold: float) -> Tensor:
 def prunable_layers(n_layers: int) -> list[int]:
     """Blocks the faithful mode prunes: all but the first three and the last two."""
     return list(range(DENSE_HEAD, max(DENSE_HEAD, n_layers - DENSE_TAIL)))
+
+
+# |z| thresholds reported in the summary: the number of key neurons each would keep per layer
+REPORT_THRESHOLDS = (2.0, 3.0, 3.6, 5.0)
+
+
+class IcaConsumer:
+    """The `fang.model.mlp_stream.stream_mlp` consumer of the ica stage: one layer's act and up signals
+    [T, 2 n_ffn] at a time, decomposed at the end of the layer into `maps` and `score` (one row per layer)."""
+
+    def __init__(self, p: "IcaParams", n_tok: int, n_layers: int, n_ffn: int) -> None:
+        self.p, self.n_ffn = p, n_ffn
+        self.signals = torch.empty(n_tok, 2 * n_ffn, dtype=torch.float32)
+        self.maps = np.zeros((n_layers, p.n_components, 2 * n_ffn), np.float32)
+        self.score = np.zeros((n_layers, n_ffn), np.float32)
+        self.layers: list[dict] = []
+
+    def add(self, layer: int, rows: slice, act: Tensor, up: Tensor) -> None:
+        self.signals[rows, : self.n_ffn] = act.cpu()
+        self.signals[rows, self.n_ffn :] = up.cpu()
+
+    def end_layer(self, layer: int, mlp: nn.Module) -> None:
+        t0 = time.perf_counter()
+        zscore_columns(self.signals, out=self.signals)
+        res = canica(self.signals, self.p.n_components, self.p.n_restarts, self.p.seed + layer, self.p.max_iter,
+                     self.p.tol, self.p.svd_iter)
+        score = neuron_score(res.maps)
+        self.maps[layer], self.score[layer] = res.maps.numpy(), score.numpy()
+        self.layers.append({
+            "layer": layer, "explained_variance": round(res.explained_variance, 4), "sparsity": round(res.sparsity, 2),
+            "kept_restart": res.restart, "converged_restarts": res.converged,
+            "key_neurons": {str(t): int((score > t).sum()) for t in REPORT_THRESHOLDS},
+            "seconds": round(time.perf_counter() - t0, 2),
+        })

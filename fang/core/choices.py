@@ -2,15 +2,15 @@
 
 Kept apart from the pruning code so that validating params.yaml (every stage does) does not import
 the pruning algorithms, and a change to them does not look like a change to every stage: the methods
-and what each accepts come from the declarative registry (`fang.methods.registry`).
+and what each accepts come from the declarative registry (`fang.core.registry`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..methods.registry import REGISTRY, method_spec
 from .errors import FangError, require
+from .registry import REGISTRY, method_spec
 
 METHODS = tuple(REGISTRY)
 # How each block's keep counts are chosen. auto = what each method's paper used (its registry line):

@@ -191,6 +191,22 @@ class AllocateParams:
         require(0.0 < self.max_sparsity < 1.0, "allocate.max_sparsity must be in (0, 1)")
 
 
+def _check_task_limit(block: str, task_limit) -> None:
+    require(isinstance(task_limit, int) and task_limit >= PERPLEXITY_ONLY,
+            f"{block}.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
+
+
+def _check_rows(block: str, methods: list[str], sparsities: list[float]) -> None:
+    """A study's rows: every method a variant (`method[+allocation][+compensation]`), every sparsity in [0, 1)."""
+    for m in methods:
+        try:
+            parse_variant(m)
+        except FangError as exc:
+            raise FangError(f"{block}.methods: {exc}") from None
+    bad = [s for s in sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
+    require(not bad, f"{block}.sparsities {bad} out of range: each must be in [0, 1)")
+
+
 @dataclass
 class SweepParams:
     methods: list[str] = field(default_factory=lambda: ["flap", "f_fang", "obc", "o_fang"])  # pruned in the sweep
@@ -198,15 +214,8 @@ class SweepParams:
     task_limit: int = 0  # examples per task in the sweep's evaluations; 0 = all, -1 = perplexity only (the main job keeps evaluate.task_limit)
 
     def validate(self) -> None:
-        require(isinstance(self.task_limit, int) and self.task_limit >= PERPLEXITY_ONLY,
-                "sweep.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
-        for m in self.methods:
-            try:
-                parse_variant(m)
-            except FangError as exc:
-                raise FangError(f"sweep.methods: {exc}") from None
-        bad = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
-        require(not bad, f"sweep.sparsities {bad} out of range: each must be in [0, 1)")
+        _check_task_limit("sweep", self.task_limit)
+        _check_rows("sweep", self.methods, self.sparsities)
 
 
 ALL_TOPICS = "all"  # the bias study's source name for "every topic"
@@ -224,20 +233,13 @@ class BiasParams:
     task_limit: int = 0  # examples per task in the study's evaluations; 0 = all, -1 = perplexity only
 
     def validate(self) -> None:
-        require(isinstance(self.task_limit, int) and self.task_limit >= PERPLEXITY_ONLY,
-                "bias.task_limit must be >= -1 (0 = all examples, -1 = perplexity only)")
+        _check_task_limit("bias", self.task_limit)
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
         require(not dup, f"bias.sources lists {dup} more than once")
         bad = [s for s in self.sources if not isinstance(s, str) or not s.strip() or "/" in s]
         require(not bad, f"bias.sources {bad}: each must be '{ALL_TOPICS}' or a topic name (no '/')")
-        for m in self.methods:
-            try:
-                parse_variant(m)
-            except FangError as exc:
-                raise FangError(f"bias.methods: {exc}") from None
-        out = [s for s in self.sparsities if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0)]
-        require(not out, f"bias.sparsities {out} out of range: each must be in [0, 1)")
+        _check_rows("bias", self.methods, self.sparsities)
         require(self.n_samples > 0 and self.seq_len > 1, "bias.n_samples must be positive and bias.seq_len > 1")
 
     def require_source(self, source: str) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,6 +97,20 @@ def article_tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
 
 
+def join_articles(tokenizer, articles: Iterable[tuple[Any, str]], need: int) -> tuple[list[int], list]:
+    """Token ids of (label, text) articles joined end to end, each followed by EOS (`article_tokens`),
+    until `need` tokens are reached or the articles run out; and per token the label of its article."""
+    ids: list[int] = []
+    labels: list = []
+    for label, text in articles:
+        toks = article_tokens(tokenizer, text)
+        ids += toks
+        labels += [label] * len(toks)
+        if len(ids) >= need:
+            break
+    return ids, labels
+
+
 def sample_calibration(
     rows: list[dict], tokenizer, n_samples: int, seq_len: int, seed: int
 ) -> tuple[torch.Tensor, list[list[str]]]:
@@ -107,14 +123,7 @@ def sample_calibration(
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     need = n_samples * seq_len
-    ids: list[int] = []
-    owner: list[int] = []
-    for idx in order:
-        toks = article_tokens(tokenizer, rows[idx]["text"])
-        ids += toks
-        owner += [idx] * len(toks)
-        if len(ids) >= need:
-            break
+    ids, owner = join_articles(tokenizer, ((idx, rows[idx]["text"]) for idx in order), need)
     if len(ids) < need:
         raise FangError(
             f"corpus too small for calibration: {len(rows)} articles give {len(ids)} tokens, "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import FangError, require
-from .corpus import article_tokens
+from .corpus import join_articles
 
 
 def token_topics(input_ids: Tensor, window_articles: list[list[str]], rows: list[dict], tokenizer) -> list[str]:
@@ -29,14 +29,7 @@ def token_topics(input_ids: Tensor, window_articles: list[list[str]], rows: list
         raise FangError(f"{len(missing)} calibration articles (e.g. {missing[0]!r}) are not in the corpus split; "
                         "rerun calibrate")
     need = n_seq * seq_len
-    ids: list[int] = []
-    topics: list[str] = []
-    for art in order:
-        toks = article_tokens(tokenizer, by_id[art]["text"])
-        ids += toks
-        topics += [by_id[art]["topic"]] * len(toks)
-        if len(ids) >= need:
-            break
+    ids, topics = join_articles(tokenizer, ((by_id[a]["topic"], by_id[a]["text"]) for a in order), need)
     if len(ids) < need or not torch.equal(torch.tensor(ids[:need]).view(n_seq, seq_len), input_ids.long()):
         raise FangError("re-tokenized calibration articles do not reproduce the calibration set: "
                         "the tokenizer or corpus changed since `calibrate`; rerun it")

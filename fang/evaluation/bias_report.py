@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..analysis import attribute
+from . import removal
 from ..core.errors import FangError, require
 from ..core.markdown import markdown_table
 from ..core.params import ALL_TOPICS
@@ -354,7 +354,7 @@ def render(result: dict, dense: dict) -> tuple[str, str]:
           *bias_verdict_lines(result["comparisons"]), "", "### Every run", "", runs_table(result), "",
           "### Perplexity increase by evaluation topic", "", "The calibration topic's own cell is in bold.", "",
           topics_table(result), ""]
-    md += attribute.removal_markdown(result.get("attribution"))  # set by stages/bias_report.py when models were attributed
+    md += removal.removal_markdown(result.get("attribution"))  # set by stages/bias_report.py when models were attributed
     buf = io.StringIO()
     fields = ["method", "source", "sparsity", "status", "achieved_sparsity", "ppl", "id_increase", "ood_increase",
               "ood_id_ratio", "avg_acc", "avg_acc_stderr", *[f"increase_{t}" for t in topics]]
@@ -391,7 +391,7 @@ def readme_fragment(result: dict, dense: dict, when: str, image: str | None) -> 
              f"**{COMPARISON_TITLE}.** {COMPARISON_NOTE}", "", comparison_table(result), "",
              "In words (negative = the method's perplexity is lower than its baseline's):", "",
              *bias_verdict_lines(result["comparisons"]), "", "**Every run**", "", runs_table(result)]
-    lines += ["", *attribute.removal_markdown(result.get("attribution"), per_cell=False)]
+    lines += ["", *removal.removal_markdown(result.get("attribution"), per_cell=False)]
     if image:
         lines += ["", f"![perplexity increase over dense by evaluation topic]({image})"]
     lines += ["", "Per-topic numbers: `artifacts/bias_report/bias.md` and `bias.csv`."]

@@ -201,7 +201,7 @@ def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
     """(method variant, baseline) pairs among the sweep's rows: every row of a method whose registry line
     names a baseline against every row of that baseline (f_fang* against flap*, o_fang* against obc*,
     obc_iter excluded: another algorithm)."""
-    from ..methods.registry import REGISTRY
+    from ..core.registry import REGISTRY
 
     pairs = []
     for m in methods:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..core.paths import CalibrationArtifacts
-    from .driver import AttentionUnits, PruneOptions
+    from .units import AttentionUnits, PruneOptions
 
 
 @dataclass
@@ -81,7 +81,7 @@ class LayerContext:
 
 
 class PruningMethod:
-    """Base class of a registered method (`fang.methods.registry`): override what differs.
+    """Base class of a registered method (`fang.core.registry`): override what differs.
 
     `inputs` is what `load_inputs` read (the method's analysis artifacts), or None.
     """

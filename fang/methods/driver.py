@@ -5,143 +5,37 @@ blocks 0..l-1, then the pruned block is rerun so its outputs feed block l+1's st
 block, one pass over the calibration batches collects everything both sublayers need (the inputs
 of o_proj and down_proj, and for FANG the token clusters of the MLP input), as FLAP does.
 
-Methods (`prune_model(method=...)`) are the registered ones (`fang.methods.registry`), each a
+Methods (`prune_model(method=...)`) are the registered ones (`fang.core.registry`), each a
 `fang.methods.base.PruningMethod` in its own module: flap, wanda_sp, magnitude, obc, obc_iter,
-f_fang, o_fang, ... The driver knows none of them by name. Keep counts per block come from the
-allocation: FLAP's global AL-AM search on the dense capture (`flap_search`), the method's own plan
-(`PruningMethod.plan`), or one sparsity per block (`sparsity` everywhere, a per-block list
-`PruneOptions.block_sparsity`, or the method's own `block_sparsity()` such as FANG's allocation).
-For per-block sparsities, heads (GQA units) are rounded to that fraction and the FFN neurons absorb
-the rounding (`flap.param_matched_structure`). Every method really shrinks the model (`fang.model.shrink`).
+f_fang, o_fang, ... The driver knows none of them by name. What every block keeps is planned
+before any block is touched (`fang.methods.plan.plan_pruning`: the allocation, FLAP's structure search
+or the per-block sparsities, and the keep counts); the driver only runs the sequential pass with those
+counts. Every method really shrinks the model (`fang.model.shrink`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..analysis.cluster import RELEVANCE_MODES
-from ..core.choices import ALLOCATIONS, COMPENSATIONS, resolve_allocation
 from ..core.errors import require
 from ..core.progress import progress
+from ..core.registry import method_spec
 from ..model.layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
-from ..model.modeling import attention_geometry, count_block_params, decoder_layers
+from ..model.modeling import count_block_params, decoder_layers
 from ..model.offload import block_on_device, place_model
 from ..model.shrink import shrink_attention, shrink_mlp
-from . import flap
 from .base import LayerContext, PruningMethod, Selection
-from .registry import method_spec
+from .plan import plan_pruning
+from .units import AttentionUnits, PruneOptions
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
 DIAGNOSTIC_SEQUENCES = 8
-
-
-@dataclass
-class AttentionUnits:
-    """How heads are removed on a (possibly GQA) model: whole KV groups, or the same query slot in every group."""
-
-    scheme: str  # "kv_group" or "query_slot"
-    n_heads: int
-    n_kv: int
-    head_dim: int
-    hidden: int
-
-    @property
-    def per_kv(self) -> int:
-        return self.n_heads // self.n_kv
-
-    @property
-    def count(self) -> int:
-        return self.n_kv if self.scheme == "kv_group" else self.per_kv
-
-    @property
-    def params(self) -> int:
-        """Parameters one unit removes (q, k, v rows and o columns; biases ignored)."""
-        if self.scheme == "kv_group":  # g query heads + their K and V head
-            return (2 * self.per_kv + 2) * self.head_dim * self.hidden
-        return 2 * self.n_kv * self.head_dim * self.hidden  # one query head per group: q rows + o columns
-
-    def scores(self, head_scores: torch.Tensor) -> torch.Tensor:
-        if self.scheme == "kv_group":
-            return flap.group_scores(head_scores, self.n_kv)
-        return flap.slot_scores(head_scores, self.n_kv)
-
-    def unit_heads(self) -> torch.Tensor:
-        """[count, heads per unit]: the query heads each unit removes (query head h reads KV head h // g)."""
-        g = self.per_kv
-        if self.scheme == "kv_group":
-            return torch.arange(self.n_kv)[:, None] * g + torch.arange(g)[None, :]
-        return torch.arange(g)[:, None] + torch.arange(self.n_kv)[None, :] * g
-
-    def unit_columns(self) -> torch.Tensor:
-        """[count, width]: the o_proj input columns of each unit (head h owns columns h*head_dim...)."""
-        heads = self.unit_heads()
-        cols = heads[:, :, None] * self.head_dim + torch.arange(self.head_dim)
-        return cols.reshape(heads.shape[0], -1)
-
-    def keep_indices(self, keep_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept KV heads, kept query slots) for shrink_attention."""
-        if self.scheme == "kv_group":
-            return keep_units, torch.arange(self.per_kv)
-        return torch.arange(self.n_kv), keep_units
-
-
-@dataclass
-class PruneOptions:
-    """Method settings beyond (method, sparsity, gqa): the FANG and OBC knobs of `PruneParams`."""
-
-    tau: float = 9.0  # FANG softmax temperature of Eq. 6
-    damp: float = 0.01  # OBC Hessian dampening, fraction of its mean diagonal
-    shared_group: bool = True  # FANG: never prune the shared neuron group
-    function_aware: bool = True  # FANG: prune per functional group with reweighted statistics
-    reweighting: str = "ours"  # FANG token-cluster weights (cluster.RELEVANCE_MODES)
-    # per-block sparsity (from `prune.allocation`: uniform, fc or taylor, e.g. "OBC + ASA", Table 9);
-    # None = `sparsity` in every block, or for FANG its own FangInputs.sparsity
-    block_sparsity: Sequence[float] | None = None
-    allocation: str = "auto"  # how keep counts per block are chosen (ALLOCATIONS); "flap_search" = FLAP's AL-AM
-    compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7) or from the whole layer's kept columns
-
-    @classmethod
-    def from_params(cls, p, block_sparsity: Sequence[float] | None = None) -> "PruneOptions":
-        """From a `fang.core.params.PruneParams`."""
-        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, block_sparsity,
-                   p.allocation, p.compensation)
-
-    def validate(self) -> None:
-        number = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
-        require(
-            number and math.isfinite(self.tau) and self.tau > 0,
-            f"prune.tau={self.tau} must be positive (softmax temperature of Eq. 6)",
-        )
-        require(
-            isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp >= 0,
-            f"prune.damp={self.damp} must be >= 0",
-        )
-        require(
-            self.reweighting in RELEVANCE_MODES,
-            f"prune.reweighting={self.reweighting!r}: use one of {', '.join(RELEVANCE_MODES)}",
-        )
-        require(
-            self.allocation in ALLOCATIONS,
-            f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}",
-        )
-        require(
-            self.compensation in COMPENSATIONS,
-            f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}",
-        )
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        if d["block_sparsity"] is not None:
-            d["block_sparsity"] = [float(s) for s in d["block_sparsity"]]
-        return d
 
 
 @dataclass
@@ -171,36 +65,6 @@ class PruneReport:
             "options": self.options,
             "layers": self.layers,
         }
-
-
-def attention_units(config, scheme: str) -> AttentionUnits:
-    require(scheme in ("kv_group", "query_slot"), f"prune.gqa={scheme!r}: use 'kv_group' or 'query_slot'")
-    n_heads, n_kv, head_dim = attention_geometry(config)
-    if n_kv == n_heads:
-        scheme = "kv_group"  # MHA: a "slot" would be all heads at once; both schemes mean plain head pruning
-    return AttentionUnits(scheme, n_heads, n_kv, head_dim, config.hidden_size)
-
-
-def flap_plan_from_capture(
-    model: nn.Module, capture, sparsity: float, units: AttentionUnits
-) -> tuple[list[int], list[int]]:
-    """FLAP's global adaptive structure search on the dense model's captured input statistics."""
-    layers = decoder_layers(model)
-    columns = units.unit_columns()
-    attn_scores, mlp_scores = [], []
-    for li in range(len(layers)):
-        o_var = torch.from_numpy(capture["o_proj_in_var"][li])
-        d_var = torch.from_numpy(capture["down_in_var"][li])
-        with block_on_device(model, li) as layer:  # a streamed model's blocks are read one at a time
-            w_o = layer.self_attn.o_proj.weight.detach().double().cpu()
-            w_d = layer.mlp.down_proj.weight.detach().double().cpu()
-        attn, mlp = flap.al_am_scores(
-            flap.fluctuation_metric(w_o, o_var), flap.fluctuation_metric(w_d, d_var), columns
-        )
-        attn_scores.append(attn)
-        mlp_scores.append(mlp)
-    neuron_params = 3 * units.hidden
-    return flap.structure_search(attn_scores, mlp_scores, sparsity, units.params, neuron_params)
 
 
 def _apply_attention(attn: nn.Module, units: AttentionUnits, sel: Selection) -> tuple[int, int]:
@@ -256,7 +120,7 @@ class OutputRecorder:
 
 
 def method_class(name: str) -> type[PruningMethod]:
-    """The implementation of a registered method (imported by name: see `fang.methods.registry`)."""
+    """The implementation of a registered method (imported by name: see `fang.core.registry`)."""
     spec = method_spec(name)
     return getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.cls)
 
@@ -336,13 +200,6 @@ def prune_sequential(
     return out_layers
 
 
-def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
-    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
-    require(len(values) == n_layers, f"{name} has {len(values)} entries for {n_layers} layers")
-    require(all(0.0 <= v < 1.0 for v in values), f"{name} values must be in [0, 1), got {values}")
-    return values
-
-
 def prune_model(
     model: nn.Module,
     capture,
@@ -354,6 +211,7 @@ def prune_model(
     *,
     options: PruneOptions | None = None,
     inputs: Any = None,
+    art=None,
 ) -> PruneReport:
     """Prune `model` in place with `method` to `sparsity` of its decoder-block parameters.
 
@@ -361,7 +219,9 @@ def prune_model(
     sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its
     statistics. `inputs` is what the method's `load_inputs` reads from its analysis artifacts
     (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose per-block
-    sparsity replaces `sparsity`, which is then only the reported target).
+    sparsity replaces `sparsity`, which is then only the reported target). `art`, the calibration set's
+    artifacts (`fang.core.paths.CalibrationArtifacts`), gives the fc and taylor allocations' per-block
+    sparsity when `options.block_sparsity` does not.
     """
     method_spec(method)  # FangError naming the registered methods if unknown
     options = options or PruneOptions()
@@ -371,41 +231,15 @@ def prune_model(
         f"prune.sparsity={sparsity} is out of range: it must be in [0, 1)",
     )
     require(batch_size > 0, f"prune.batch_size={batch_size} must be positive")
-    layers = decoder_layers(model)
-    n_layers = len(layers)
-    n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
     pruning = method_class(method)(method, options, inputs)
     pruning.check(model)
     device = torch.device(device)
     place_model(model, device)
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
-    allocation = resolve_allocation(method, options.allocation)
-    report.options = {**options.as_dict(), "allocation": allocation}
-    units = attention_units(model.config, gqa_scheme)
-
-    own_plan = pruning.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
-    if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
-        keep_attn, keep_mlp = own_plan
-    elif allocation == "flap_search":
-        keep_attn, keep_mlp = (
-            flap_plan_from_capture(model, capture, sparsity, units)
-            if sparsity > 0
-            else ([units.count] * n_layers, list(n_ffns))
-        )
-    else:
-        own = pruning.block_sparsity()
-        if options.block_sparsity is not None:
-            per_block = _block_sparsity(options.block_sparsity, n_layers, "PruneOptions.block_sparsity")
-        elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
-            per_block = _block_sparsity(own, n_layers, f"{method}'s block sparsity")
-        else:
-            per_block = [float(sparsity)] * n_layers
-        block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-        keep_attn, keep_mlp = flap.param_matched_structure(
-            [units.count] * n_layers, n_ffns, per_block, units.params, 3 * units.hidden, block_params
-        )
-
-    if keep_attn == [units.count] * n_layers and keep_mlp == n_ffns:  # nothing to remove anywhere
+    plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options, art)
+    report.options = {**options.as_dict(), "allocation": plan.allocation,
+                      "block_sparsity": None if plan.block_sparsity is None else [float(s) for s in plan.block_sparsity]}
+    if plan.removes_nothing:
         report.pruned_block_params = report.dense_block_params
         return report
 
@@ -414,6 +248,7 @@ def prune_model(
         # recomputed from the token ids in the model's precision: the store's copy would be fp16
         token_ids = torch.from_numpy(capture["token_ids"][:].astype("int64"))
         start_hidden = embed_tokens(model, token_ids, batch_size, device)
-    report.layers = prune_sequential(model, start_hidden, pruning, keep_attn, keep_mlp, units, batch_size, device)
+    report.layers = prune_sequential(model, start_hidden, pruning, plan.keep_attn, plan.keep_mlp, plan.units,
+                                     batch_size, device)
     report.pruned_block_params = count_block_params(model)
     return report

@@ -20,7 +20,7 @@ from ..core.choices import parse_variant, resolve_allocation
 from ..core.errors import require
 from ..core.params import PruneParams
 from ..core.paths import CalibrationArtifacts
-from .registry import REGISTRY, method_spec
+from ..core.registry import REGISTRY, method_spec
 
 # The prune keys each method reads, from its registry line (e.g. magnitude runs no forward pass, so no
 # batch_size; only the OBC family uses the Hessian dampening; FANG adds its own knobs to its base's).

@@ -214,19 +214,20 @@ def _removable_mask(removable: Tensor | None, n_blocks: int) -> Tensor:
     return removable
 
 
-def _check_count(n_remove: int, removable: Tensor) -> None:
-    n_ok = int(removable.sum())
+def _removal(weight: Tensor, hinv: Tensor, n_remove: int, blocks: Tensor | None,
+             removable: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(blocks [n_blocks, width], removable mask [n_blocks]) of an `obc_prune*` call, after checking its
+    arguments: the weight against H^-1, and that `n_remove` blocks can be removed."""
+    _check(weight, hinv)
+    b = _as_blocks(blocks, weight.shape[1])
+    ok = _removable_mask(removable, b.shape[0])
+    n_ok = int(ok.sum())
     require(0 <= n_remove <= n_ok, f"cannot remove {n_remove} blocks: only {n_ok} are removable")
+    return b, ok
 
 
-def obc_prune(
-    weight: Tensor,
-    hinv: Tensor,
-    n_remove: int,
-    blocks: Tensor | None = None,
-    removable: Tensor | None = None,
-    where: str = "layer",
-) -> tuple[Tensor, Tensor]:
+def obc_prune(weight: Tensor, hinv: Tensor, n_remove: int, blocks: Tensor | None = None,
+              removable: Tensor | None = None, where: str = "layer") -> tuple[Tensor, Tensor]:
     """One-shot structured OBC (the paper's variant, Algorithm 2) -> (kept block ids ascending, new weight).
 
     Scores every block once (`obc_scores`), removes the `n_remove` lowest among the `removable`
@@ -234,10 +235,7 @@ def obc_prune(
     compensation of Eq. 10 to the kept columns. The returned weight has H^-1's dtype, full width, with
     the removed columns zeroed.
     """
-    _check(weight, hinv)
-    b = _as_blocks(blocks, weight.shape[1])
-    ok = _removable_mask(removable, b.shape[0])
-    _check_count(n_remove, ok)
+    b, ok = _removal(weight, hinv, n_remove, blocks, removable)
     scores = obc_scores(weight, hinv, None if blocks is None else b, where).cpu()
     if not bool(torch.isfinite(scores[ok]).all()):
         raise FangError(f"{where}: OBC scores are not finite; increase prune.damp")
@@ -250,14 +248,8 @@ def obc_prune(
     return keep, new_w
 
 
-def obc_prune_iterative(
-    weight: Tensor,
-    hinv: Tensor,
-    n_remove: int,
-    blocks: Tensor | None = None,
-    removable: Tensor | None = None,
-    where: str = "layer",
-) -> tuple[Tensor, Tensor]:
+def obc_prune_iterative(weight: Tensor, hinv: Tensor, n_remove: int, blocks: Tensor | None = None,
+                        removable: Tensor | None = None, where: str = "layer") -> tuple[Tensor, Tensor]:
     """Traditional greedy OBC (Algorithm 1) -> (kept block ids ascending, new weight in H^-1's dtype).
 
     Repeats `n_remove` times: score the remaining removable blocks, remove the cheapest (ties: the
@@ -265,10 +257,7 @@ def obc_prune_iterative(
     H^-1 by the Schur complement  H^-1 <- H^-1 - H^-1_:M ([H^-1]_MM)^-1 H^-1_M:, which is the
     inverse Hessian of the remaining columns (removed ones become zero rows/columns).
     """
-    _check(weight, hinv)
-    b = _as_blocks(blocks, weight.shape[1])
-    ok = _removable_mask(removable, b.shape[0]).clone()
-    _check_count(n_remove, ok)
+    b, ok = _removal(weight, hinv, n_remove, blocks, removable)
     w = weight.detach().to(device=hinv.device, dtype=hinv.dtype).clone()
     h = hinv.detach().clone()
     alive = torch.ones(b.shape[0], dtype=torch.bool)

@@ -3,10 +3,12 @@
 A line is declarative (no torch, no pruning code), so validating params.yaml and writing a study
 cell's manifest (`fang.methods.inputs`) never import the algorithms, and a change to one method does
 not look like a change to every stage. The implementation is the class `impl` names in
-`fang/methods/<module>.py`; the driver (`fang.methods.driver.method_class`) imports it by name.
+`fang/methods/<module>.py`; the driver (`fang.methods.driver.method_class`) imports it by name. It lives in
+the core, below the methods, so that validating params.yaml (`fang.core.choices`) reads it without an
+import running upward.
 
 Adding a method: write `fang/methods/<name>.py` with a `PruningMethod` subclass (`fang.methods.base`)
-and add its `MethodSpec` line to `REGISTRY` below. Nothing else changes: prune.method, the sweep and
+and add its `MethodSpec` line to `REGISTRY` below (this file, fang/core/registry.py). Nothing else changes: prune.method, the sweep and
 bias-study rows, `fang method-inputs` manifests and the report's pairing all read this table.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.errors import FangError
+from .errors import FangError
 
 # The analysis artifacts a method can read (fields of `fang.core.paths.CalibrationArtifacts`).
 ARTIFACTS = ("cluster", "taylor", "groups", "allocate", "ica", "gprune")

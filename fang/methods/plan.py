@@ -1,0 +1,256 @@
+"""Planning a prune: how many attention units and FFN neurons every block keeps, resolved in one call
+(`plan_pruning`) before any layer is touched; the driver (`fang.methods.driver`) then only runs the
+sequential pass with these counts.
+
+The keep counts come from the allocation (`prune.allocation`, `auto` = the method's registry line):
+- `flap_search`: FLAP's global AL-AM structure search (`structure_search`) on the dense capture's
+  statistics (`flap.al_am_scores`);
+- the method's own plan (`PruningMethod.plan`, e.g. ica_fn's one global threshold);
+- one sparsity per block: `sparsity` everywhere, the per-block list of `uniform`/`fc`/`taylor`
+  (given, or read from the calibration set's allocate.json), or the method's own
+  (`PruningMethod.block_sparsity`, FANG's allocation). Heads (GQA units) are rounded to that fraction
+  and the FFN neurons absorb the rounding (`param_matched_structure`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..analysis.allocate import allocated_sparsity
+from ..core.choices import ALLOCATIONS, resolve_allocation
+from ..core.errors import require
+from ..model.modeling import decoder_layers
+from ..model.offload import block_on_device
+from . import flap
+from .base import PruningMethod
+from .units import AttentionUnits, PruneOptions, attention_units
+
+
+def structure_search(
+    attn_scores: list[Tensor],
+    mlp_scores: list[Tensor],
+    sparsity: float,
+    attn_unit_params: int,
+    neuron_params: int,
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """FLAP's adaptive structure search (AL-AM): how many attention units / neurons each layer keeps.
+
+    `attn_scores` / `mlp_scores` are per-layer unit scores already on FLAP's common scale
+    (`al_am_scores`). Every attention unit and neuron of every layer is ranked in one pool, each
+    weighted by its parameter cost (FLAP's `compression_weight`: 512/3 for a LLaMA-7B head against
+    1 for a neuron, i.e. `attn_unit_params / neuron_params`). As in FLAP, the threshold is the
+    ranked unit whose cumulative cost is closest to (1 - sparsity) of the total, and only units
+    ranked strictly above it are kept (FLAP keeps `metric > threshold`; here ties are broken by
+    pool order so the result is deterministic).
+
+    Each layer then keeps at least `min_attn_units` and `min_neurons` (both >= 1): a block with no
+    attention head or no neuron would have zero-width projections, which neither attention nor
+    the loader can represent (FLAP has no such floor). The floors may keep slightly more.
+
+    Returns (attention units kept per layer, neurons kept per layer).
+    """
+    require(
+        len(attn_scores) == len(mlp_scores),
+        f"structure_search: {len(attn_scores)} layers of attention scores but {len(mlp_scores)} of MLP scores",
+    )
+    require(len(attn_scores) > 0, "structure_search: no layers given")
+    require(0.0 <= float(sparsity) < 1.0, f"structure_search: sparsity={sparsity} must be in [0, 1)")
+    require(attn_unit_params > 0 and neuron_params > 0, "structure_search: unit parameter costs must be positive")
+    require(
+        min_attn_units >= 1 and min_neurons >= 1,
+        "structure_search: minimum kept units must be >= 1 to keep layers runnable",
+    )
+
+    for kind, per_layer in (("attention", attn_scores), ("MLP", mlp_scores)):
+        for i, s in enumerate(per_layer):
+            require(s.numel() > 0, f"structure_search: layer {i} has no {kind} units")
+            require(bool(torch.isfinite(s).all()), f"structure_search: layer {i} {kind} scores are not finite")
+    n_layers = len(attn_scores)
+    attn = [s.detach().reshape(-1).to(torch.float64).cpu() for s in attn_scores]
+    mlp = [s.detach().reshape(-1).to(torch.float64).cpu() for s in mlp_scores]
+
+    # pool order: attention units of every layer, then neurons (FLAP's torch.cat order); the stable
+    # sort breaks score ties by this order, so results are deterministic
+    pooled = torch.cat(attn + mlp)
+    cost = torch.cat(
+        [torch.full((z.numel(),), attn_unit_params, dtype=torch.int64) for z in attn]
+        + [torch.full((z.numel(),), neuron_params, dtype=torch.int64) for z in mlp]
+    )
+    # unit -> (layer, is attention), to count kept units per layer afterwards
+    layer_of = torch.cat(
+        [torch.full((z.numel(),), i, dtype=torch.int64) for zs in (attn, mlp) for i, z in enumerate(zs)]
+    )
+    n_attn_total = sum(z.numel() for z in attn)
+    is_attn = torch.arange(pooled.numel()) < n_attn_total
+
+    order = torch.sort(pooled, descending=True, stable=True).indices
+    cum = torch.cumsum(cost[order], 0).to(torch.float64)
+    target = (1.0 - float(sparsity)) * float(cum[-1])
+    n_take = int(torch.argmin((cum - target).abs()))  # FLAP: the threshold unit itself is not kept
+    if float(sparsity) == 0.0:
+        n_take = pooled.numel()
+
+    kept = order[:n_take]
+    attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
+    mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
+    attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn[i].numel())) for i in range(n_layers)]
+    mlp_counts = [max(int(mlp_keep[i]), min(min_neurons, mlp[i].numel())) for i in range(n_layers)]
+    return attn_counts, mlp_counts
+
+
+def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n_layers
+    else:
+        values = [float(v) for v in value]
+        require(len(values) == n_layers, f"uniform_structure: {name} has {len(values)} entries for {n_layers} layers")
+    for v in values:
+        require(0.0 <= v <= 1.0, f"uniform_structure: {name}={v} must be in [0, 1]")
+    return values
+
+
+def uniform_structure(
+    n_attn_units: Sequence[int],
+    n_neurons: Sequence[int],
+    attn_sparsity: float | Sequence[float],
+    mlp_sparsity: float | Sequence[float],
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Keep counts per layer for a given sparsity (one value or one per layer), rounded half up and
+    kept at least at the minimums (>= 1, so every layer stays runnable)."""
+    require(len(n_attn_units) == len(n_neurons), "uniform_structure: attention and MLP unit lists differ in length")
+    require(min_attn_units >= 1 and min_neurons >= 1, "uniform_structure: minimum kept units must be >= 1")
+    n_layers = len(n_attn_units)
+    attn_s = _per_layer(attn_sparsity, n_layers, "attn_sparsity")
+    mlp_s = _per_layer(mlp_sparsity, n_layers, "mlp_sparsity")
+
+    def keep(n: int, s: float, minimum: int) -> int:
+        return min(n, max(math.floor(n * (1.0 - s) + 0.5 + 1e-9), minimum))
+
+    return (
+        [keep(n, s, min_attn_units) for n, s in zip(n_attn_units, attn_s)],
+        [keep(n, s, min_neurons) for n, s in zip(n_neurons, mlp_s)],
+    )
+
+
+def param_matched_structure(
+    n_attn_units: Sequence[int],
+    n_neurons: Sequence[int],
+    sparsity: float | Sequence[float],
+    attn_unit_params: int,
+    neuron_params: int,
+    block_params: Sequence[int],
+    min_attn_units: int = 1,
+    min_neurons: int = 1,
+) -> tuple[list[int], list[int]]:
+    """Keep counts per layer that remove `sparsity` of each block's *parameters*.
+
+    Attention units are coarse (on SmolLM2 one KV group is a third of the attention), so rounding
+    their count alone would miss the target: 40% of 3 groups removes 1 group (33%). The FFN
+    neurons, which are fine-grained, absorb the difference, so every block lands within one
+    neuron's parameters of its target (unless the FFN hits its own bounds).
+    """
+    keep_attn, _ = uniform_structure(n_attn_units, n_neurons, sparsity, sparsity, min_attn_units, min_neurons)
+    n_layers = len(n_attn_units)
+    block_s = _per_layer(sparsity, n_layers, "sparsity")
+    require(len(block_params) == n_layers, f"param_matched_structure: {len(block_params)} block sizes for {n_layers} layers")
+    require(attn_unit_params > 0 and neuron_params > 0, "param_matched_structure: unit sizes must be positive")
+    keep_mlp = []
+    for n_units, kept_units, n, s, size in zip(n_attn_units, keep_attn, n_neurons, block_s, block_params):
+        attn_removed = (n_units - kept_units) * attn_unit_params
+        n_remove = math.floor((s * size - attn_removed) / neuron_params + 0.5 + 1e-9)
+        keep_mlp.append(n - min(max(n_remove, 0), n - min(min_neurons, n)))
+    return keep_attn, keep_mlp
+
+
+def flap_plan_from_capture(
+    model: nn.Module, capture, sparsity: float, units: AttentionUnits
+) -> tuple[list[int], list[int]]:
+    """FLAP's global adaptive structure search on the dense model's captured input statistics."""
+    layers = decoder_layers(model)
+    columns = units.unit_columns()
+    attn_scores, mlp_scores = [], []
+    for li in range(len(layers)):
+        o_var = torch.from_numpy(capture["o_proj_in_var"][li])
+        d_var = torch.from_numpy(capture["down_in_var"][li])
+        with block_on_device(model, li) as layer:  # a streamed model's blocks are read one at a time
+            w_o = layer.self_attn.o_proj.weight.detach().double().cpu()
+            w_d = layer.mlp.down_proj.weight.detach().double().cpu()
+        attn, mlp = flap.al_am_scores(
+            flap.fluctuation_metric(w_o, o_var), flap.fluctuation_metric(w_d, d_var), columns
+        )
+        attn_scores.append(attn)
+        mlp_scores.append(mlp)
+    return structure_search(attn_scores, mlp_scores, sparsity, units.params, units.neuron_params)
+
+
+def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
+    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    require(len(values) == n_layers, f"{name} has {len(values)} entries for {n_layers} layers")
+    require(all(0.0 <= v < 1.0 for v in values), f"{name} values must be in [0, 1), got {values}")
+    return values
+
+
+@dataclass
+class Plan:
+    """What every block keeps, before any is pruned."""
+
+    allocation: str  # the concrete allocation (`auto` resolved: flap_search, asa, uniform, ...)
+    block_sparsity: list[float] | None  # the allocation's per-block sparsity (None: searched, or the method's own)
+    units: AttentionUnits
+    keep_attn: list[int]  # attention units kept per block
+    keep_mlp: list[int]  # FFN neurons kept per block
+    n_ffns: list[int]  # the dense FFN widths
+
+    @property
+    def removes_nothing(self) -> bool:
+        return self.keep_attn == [self.units.count] * len(self.keep_attn) and self.keep_mlp == self.n_ffns
+
+
+def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: float, gqa_scheme: str,
+                 options: PruneOptions, art=None) -> Plan:
+    """Resolve the allocation, the attention units (`gqa_scheme`) and every block's keep counts of pruning
+    `model` with `method` to `sparsity` (see the module's docstring for the sources of the counts).
+
+    The per-block sparsity of uniform, fc and taylor is `options.block_sparsity` when given, else read
+    from the calibration set `art` (`paths.CalibrationArtifacts`: its allocate.json), else `sparsity`.
+    """
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
+    allocation = resolve_allocation(method.name, options.allocation)
+    units = attention_units(model.config, gqa_scheme)
+    block_sparsity = options.block_sparsity
+    if block_sparsity is None and art is not None:
+        block_sparsity = allocated_sparsity(allocation, sparsity, n_layers, art)
+
+    own_plan = method.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
+    if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
+        keep_attn, keep_mlp = own_plan
+    elif allocation == "flap_search":
+        keep_attn, keep_mlp = (
+            flap_plan_from_capture(model, capture, sparsity, units)
+            if sparsity > 0
+            else ([units.count] * n_layers, list(n_ffns))
+        )
+    else:
+        own = method.block_sparsity()
+        if block_sparsity is not None:
+            per_block = _block_sparsity(block_sparsity, n_layers, "PruneOptions.block_sparsity")
+        elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
+            per_block = _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
+        else:
+            per_block = [float(sparsity)] * n_layers
+        block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        keep_attn, keep_mlp = param_matched_structure(
+            [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params
+        )
+    return Plan(allocation, block_sparsity, units, keep_attn, keep_mlp, n_ffns)
