@@ -290,9 +290,11 @@ def export(
                    "(gpt-2, smollm or llama-bpe)"),
 ) -> None:
     """Write a checkpoint as GGUF for llama.cpp, with the `deci` architecture (per-layer head and FFN sizes)."""
+    from .core.outputs import guard_output
     from .model.export_gguf import export_gguf
     from .core.progress import console
 
+    guard_output(gguf, "gguf", "--gguf", [model])
     info = export_gguf(model, gguf, dtype=dtype, tokenizer_pre=tokenizer_pre)
     heads = sum(s["n_heads"] for s in info["layers"])
     ffn = sum(s["intermediate_size"] for s in info["layers"])

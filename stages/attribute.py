@@ -27,6 +27,7 @@ from fang.analysis.store import open_store, write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
+from fang.core.outputs import guard_output
 from fang.core.params import load_block
 from fang.core.progress import console, progress
 from fang.data.corpus import article_tokens, load_calibration, read_jsonl
@@ -169,6 +170,7 @@ def run_removed(params_path: str, model: str, out: str | None = None, metrics: s
                 dense: str | None = None) -> None:
     p = load_block("attribute", path=params_path)
     model_dir = Path(model)
+    guard_output(default_paths(model_dir)[1] if out is None else out, "attribution", "--out", [model_dir])
     store = open_store(paths.ATTRIBUTION, KIND, "attribute")
     topics = list(store.attrs["topics"])
     kept, kept_from = kept_neurons(model_dir, paths.MODEL, int(store.attrs["n_ffn"]))

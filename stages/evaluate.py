@@ -7,6 +7,7 @@ from pathlib import Path
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.device import pick_device
+from fang.core.outputs import guard_output
 from fang.core.params import PERPLEXITY_ONLY, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
@@ -21,6 +22,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     from fang.data.task_files import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
+    guard_output(out, "metrics", "--out", [model_dir])
     if dtype is not None:  # `fang evaluate --dtype`: one evaluation in another precision
         p = replace(p, dtype=dtype)
         p.validate()
