@@ -334,6 +334,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    finally:
+        # the outcome is decided (outputs complete or cleaned up): a SIGTERM now would only interrupt the
+        # exit handlers ("Exception ignored in atexit callback ... KeyboardInterrupt"). Only as the process's
+        # own command line (argv None): a caller embedding main() keeps its handlers
+        if argv is None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

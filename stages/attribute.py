@@ -27,6 +27,8 @@ from fang.analysis.store import open_store, write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
+from fang.core.integrity import read_config
+from fang.core.memory import check_fits
 from fang.core.outputs import guard_output
 from fang.core.params import load_block
 from fang.core.progress import console, progress
@@ -97,6 +99,9 @@ def run(params_path: str = "params.yaml") -> None:
     p = load_block("attribute", path=params_path)
     input_ids = load_calibration(None)
     device = pick_device()
+    cfg = read_config(paths.MODEL)  # float32 values + int64 indices per layer, top_k and neuron: allocated at once
+    check_fits(cfg.get("num_hidden_layers", 0) * p.top_k * cfg.get("intermediate_size", 0) * 12,
+               "the top contexts of every neuron", f"attribute.top_k={p.top_k}")
     model, tokenizer = load_dense(paths.MODEL, device)
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1

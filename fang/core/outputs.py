@@ -192,7 +192,8 @@ def guard_output(path: str | os.PathLike | None, kind: str, option: str,
         for i in inputs:
             i_abs = Path(i).resolve()
             require(not (_inside(p, i_abs) or _inside(i_abs, p)),
-                    f"{option} {path} overlaps {i}, which this command reads: give another path")
+                    f"{option} {path} overlaps {i}, which this command reads: writing there would destroy its "
+                    "input; give another path")
         for out, stage, command in stage_outputs(root):
             if p == out and command == k.command:
                 continue  # this command's own output in some stage: a rerun

@@ -413,7 +413,7 @@ def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FangError(f"params file not found: {path} (run from the project root or pass --params)")
-    require(path.is_file(), f"params file {path} is a folder, not a YAML file (pass --params FILE)")
+    require(not path.is_dir(), f"params file {path} is a folder, not a YAML file (pass --params FILE)")
     try:
         with open(path) as fh:
             raw = yaml.load(fh, Loader=_StrictLoader) or {}
