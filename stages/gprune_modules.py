@@ -21,6 +21,7 @@ from fang.core.errors import FangError, require
 from fang.core.integrity import read_config
 from fang.core.params import GPruneParams, load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 from fang.data.corpus import read_jsonl
 from fang.data.sources import shard_sources, source_index, token_topics
 from fang.model.mlp_stream import stream_mlp
@@ -83,6 +84,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
 
     p = load_block("gprune", path=params_path)
     art = paths.calibration_artifacts(source)
+    take_lock(art.gprune)  # one writer at a time (fang.core.outputs)
     ids = load_calibration(source)
     meta = read_json(art.calib / "calib.json")
     rows = read_jsonl(paths.DATA / f"{meta['split']}.jsonl")

@@ -238,7 +238,8 @@ _HELD: set[Path] = set()
 def take_lock(target: str | os.PathLike) -> Path:
     """Create `<target>.lock` holding this pid (O_CREAT|O_EXCL); refuse if a live process holds it."""
     target = Path(target)
-    lock = target.parent / f"{target.name}.lock"
+    lock = Path(os.path.abspath(target.parent / f"{target.name}.lock"))  # released at exit, whatever the cwd then
+    lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -359,6 +359,8 @@ def cases() -> list[Case]:
         c("task_path", ["fetch-data"], ["data.tasks", "not a name"], params_edit("data", tasks=["../tiny_mc"]),
           ["artifacts/data"]),
         c("task_not_string", ["fetch-data"], ["data.tasks", "5"], params_edit("data", tasks=[5]), ["artifacts/data"]),
+        c("task_prefix_not_text", ["fetch-data"], ["tiny_mc", "task_prefix"], json_edit("bigbench/tiny_mc/task.json", task_prefix=7),
+          ["artifacts/data"]),
         c("task_names_collide", ["fetch-data"], ["tiny-mc", "bb_tiny_mc"], twin_bigbench_task, ["artifacts/data"]),
         # ---- one writer at a time
         c("second_writer", ["prune"], ["being written", "pid"], lock("artifacts/pruned", live=True), PRUNE_OUT),
@@ -392,7 +394,7 @@ def cases() -> list[Case]:
           ok=True),  # a batch never holds more than every sequence: the memory check and the run use that
         c("capture_batch_memory", ["capture"], ["capture.batch_size", "memory"],
           params_edit("capture", batch_size=4), ["artifacts/capture.zarr"],
-          env={"FANG_MEMORY_MIB": "0.02"}),
+          env={"FANG_MEMORY_MIB": "0.1"}),
         c("dense_intermediate_edited", ["capture"], ["config.json", "gate_proj"],
           json_edit("artifacts/model/config.json", intermediate_size=40), ["artifacts/capture.zarr"]),
         c("hidden_not_multiple_of_heads", EVAL, ["hidden_size", "num_attention_heads"],
@@ -402,7 +404,7 @@ def cases() -> list[Case]:
         c("attribute_top_k_huge", ["attribute"], ["attribute.top_k", "memory"], params_edit("attribute", top_k=10**9),
           ["artifacts/attribution.zarr", "artifacts/attribution.json"]),
         c("gprune_n_modules_huge", ["gprune-modules"], ["gprune.n_modules", "neurons"],
-          params_edit("gprune", n_modules=10**6), ["artifacts/gprune.zarr"]),
+          params_edit("gprune", n_modules=10**6), ["artifacts/gprune.zarr", "artifacts/metrics/gprune.json"]),
         c("tokenizer_pre_unknown", ["export", "--gguf", "x.gguf", "--tokenizer-pre", "nope"], ["tokenizer-pre", "nope"],
           None, ["x.gguf"]),
         # params
