@@ -184,6 +184,7 @@ def guard_output(path: str | os.PathLike | None, kind: str, option: str,
     given = Path(path)
     root = Path.cwd().resolve()
     here = {Path(os.path.abspath(given)), given.resolve()}  # as written and with symlinks followed
+    owned = stage_outputs(root)
     for p in here:
         require(not _inside(root, p), f"{option} {path} is the project folder or a parent of it: writing there "
                                       "would replace the whole project; give a new path")
@@ -194,7 +195,7 @@ def guard_output(path: str | os.PathLike | None, kind: str, option: str,
             require(not (_inside(p, i_abs) or _inside(i_abs, p)),
                     f"{option} {path} overlaps {i}, which this command reads: writing there would destroy its "
                     "input; give another path")
-        for out, stage, command in stage_outputs(root):
+        for out, stage, command in owned:
             if p == out and command == k.command:
                 continue  # this command's own output in some stage: a rerun
             owner = (f"stage '{stage}'" + (f" (`fang {command}`)" if command else "") if stage

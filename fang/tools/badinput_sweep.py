@@ -225,10 +225,24 @@ def evil_yaml(root: Path) -> None:
     y.write_text(y.read_text().replace("_fang_data.load", "evil.load"))
 
 
+def own_bigbench(edit: Callable[[Path], None]) -> Callable[[Path], None]:
+    """`edit`, with data.bigbench pointing at this case's copy of the BIG-bench folder (not the golden one)."""
+    def both_edits(root: Path) -> None:
+        edit(root)
+        params_edit("data", bigbench=str(root / "bigbench"))(root)
+    return both_edits
+
+
 def both(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         for e in edits:
             e(root)
+    return edit
+
+
+def mkdir(rel: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        (root / rel).mkdir(parents=True, exist_ok=True)
     return edit
 
 
@@ -283,7 +297,7 @@ def loader_symlink(root: Path) -> None:
 
 def twin_bigbench_task(root: Path) -> None:
     shutil.copytree(root / "bigbench/tiny_mc", root / "bigbench/tiny-mc")
-    params_edit("data", tasks=["tiny_mc", "tiny-mc", "next_sentence"])(root)
+    params_edit("data", tasks=["tiny_mc", "tiny-mc", "next_sentence"], bigbench=str(root / "bigbench"))(root)
 
 
 def strip_tokenizer(rel: str) -> Callable[[Path], None]:
@@ -297,6 +311,7 @@ def strip_tokenizer(rel: str) -> Callable[[Path], None]:
 
 PRUNE_OUT = ["artifacts/pruned", "artifacts/metrics/prune.json"]
 CLUSTER_OUT = ["artifacts/cluster.zarr", "artifacts/metrics/cluster.json"]
+ALLOCATE_OUT = ["artifacts/allocate.json", "artifacts/block_sparsity.json", "artifacts/plots/block_sparsity.csv"]
 EVAL_OUT = ["artifacts/metrics/pruned.json"]
 EVAL = ["evaluate", "--model", "artifacts/pruned", "--out", "artifacts/metrics/pruned.json"]
 
@@ -346,11 +361,11 @@ def cases() -> list[Case]:
           ["artifacts/model", "fetch-model"], None, []),
         # ---- names are names
         c("source_dotdot_allocate", ["allocate", "--source", ".."], ["'..'", "not a name"],
-          params_edit("bias", sources=["all", ".."]), []),
+          both(params_edit("bias", sources=["all", ".."]), mkdir("artifacts/bias")), []),
         c("source_dotdot_cluster", ["cluster", "--source", ".."], ["--source", "'..'", "not a name"],
-          params_edit("bias", sources=["all", ".."]), []),
+          both(params_edit("bias", sources=["all", ".."]), mkdir("artifacts/bias")), []),
         c("source_dotdot_prune", ["prune", "--source", ".."], ["--source", "'..'", "not a name"],
-          params_edit("bias", sources=["all", ".."]), []),
+          both(params_edit("bias", sources=["all", ".."]), mkdir("artifacts/bias")), []),
         c("source_with_slash", ["capture", "--source", "all/../.."], ["--source", "not a name"], None, []),
         c("bias_sources_dotdot", ["calibrate", "--source", "all"], ["bias.sources", "'..'"],
           params_edit("bias", sources=["all", ".."]), ["artifacts/bias"]),
@@ -359,7 +374,7 @@ def cases() -> list[Case]:
         c("task_path", ["fetch-data"], ["data.tasks", "not a name"], params_edit("data", tasks=["../tiny_mc"]),
           ["artifacts/data"]),
         c("task_not_string", ["fetch-data"], ["data.tasks", "5"], params_edit("data", tasks=[5]), ["artifacts/data"]),
-        c("task_prefix_not_text", ["fetch-data"], ["tiny_mc", "task_prefix"], json_edit("bigbench/tiny_mc/task.json", task_prefix=7),
+        c("task_prefix_not_text", ["fetch-data"], ["tiny_mc", "task_prefix"], own_bigbench(json_edit("bigbench/tiny_mc/task.json", task_prefix=7)),
           ["artifacts/data"]),
         c("task_names_collide", ["fetch-data"], ["tiny-mc", "bb_tiny_mc"], twin_bigbench_task, ["artifacts/data"]),
         # ---- one writer at a time
@@ -377,11 +392,11 @@ def cases() -> list[Case]:
         c("method_empty", ["prune", "--method", ""], ["method", "empty"], None, PRUNE_OUT),
         c("yaml_duplicate_key", ["prune"], ["sparsity", "twice"], duplicate_key("prune", "sparsity", "0.5"), PRUNE_OUT),
         c("sweep_sparsity_bool", ["allocate"], ["sweep.sparsities", "False"], params_edit("sweep", sparsities=[False, 0.3]),
-          ["artifacts/allocate.json"]),
+          ALLOCATE_OUT),
         c("sweep_sparsity_twice", ["allocate"], ["sweep.sparsities", "0.3"], params_edit("sweep", sparsities=[0.3, 0.3]),
-          ["artifacts/allocate.json"]),
+          ALLOCATE_OUT),
         c("sweep_method_twice", ["allocate"], ["sweep.methods", "flap"], params_edit("sweep", methods=["flap", "flap"]),
-          ["artifacts/allocate.json"]),
+          ALLOCATE_OUT),
         c("params_is_folder", ["cluster", "--params", "artifacts"], ["artifacts", "folder"], None, CLUSTER_OUT),
         # ---- tracebacks that must be one line
         c("model_is_a_file", ["evaluate", "--model", "params.yaml", "--out", "artifacts/metrics/x.json"],
