@@ -29,7 +29,7 @@ from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
 from fang.core.integrity import read_config
 from fang.core.memory import check_fits
-from fang.core.outputs import guard_output
+from fang.core.outputs import guard_output, take_lock
 from fang.core.params import load_block
 from fang.core.progress import console, progress
 from fang.data.corpus import article_tokens, load_calibration, read_jsonl
@@ -97,6 +97,7 @@ def run(params_path: str = "params.yaml") -> None:
     from fang.model.modeling import load_dense
 
     p = load_block("attribute", path=params_path)
+    take_lock(paths.ATTRIBUTION)  # one writer at a time (fang.core.outputs)
     input_ids = load_calibration(None)
     device = pick_device()
     cfg = read_config(paths.MODEL)  # float32 values + int64 indices per layer, top_k and neuron: allocated at once
