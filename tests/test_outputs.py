@@ -20,13 +20,17 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sweep": {"methods": ["flap", "obc+fc"], "sparsities": [0.3]}}))
     (tmp_path / "studies" / "sweep").mkdir(parents=True)
     (tmp_path / "studies" / "sweep" / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "sweep_prune": {"matrix": {"method": "${sweep.methods}", "sparsity": "${sweep.sparsities}"},
+        "sweep_prune": {"matrix": {"method": "${sweep.methods}", "sparsity": "${sweep.sparsities}"}, "wdir": "../..",
                         "cmd": "fang prune --out artifacts/sweep/${item.method}-${item.sparsity}",
                         "outs": ["artifacts/sweep/${item.method}-${item.sparsity}"]},
-        "inputs": {"foreach": "${sweep.methods}", "do": {
+        "inputs": {"foreach": "${sweep.methods}", "do": {"wdir": "../..",
             "cmd": "fang method-inputs --method ${item} --out artifacts/inputs/${item}.json",
             "outs": [{"artifacts/inputs/${item}.json": {"cache": False}}]}},
     }}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {  # foreach over a mapping: ${key}
+        "foreach": {"dense": {"model": "artifacts/model"}}, "do": {
+            "cmd": "fang evaluate --model ${item.model} --out artifacts/metrics/${key}.json",
+            "metrics": [{"artifacts/metrics/${key}.json": {"cache": True}}]}}}}))
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     release_locks()
@@ -36,6 +40,7 @@ def test_stage_outputs_expand_foreach_and_matrix(project):
     found = {(str(p.relative_to(project)), stage, cmd) for p, stage, cmd in stage_outputs(project)}
     assert ("artifacts/sweep/obc+fc-0.3", "sweep_prune", "prune") in found
     assert ("artifacts/inputs/flap.json", "inputs", "method-inputs") in found
+    assert ("artifacts/metrics/dense.json", "evaluate", "evaluate") in found  # metrics are outputs too
     assert ("artifacts/capture.zarr", "", "capture") in found  # the main pipeline, known without a dvc.yaml
 
 

@@ -128,6 +128,8 @@ def _contexts(stage: dict, context: dict) -> list[tuple[dict, dict]]:
     if "foreach" in stage:
         items = stage["foreach"]
         items = _render(items, context) if isinstance(items, str) else items
+        if isinstance(items, dict):  # `foreach: {dense: {...}, pruned: {...}}`: ${key} and ${item}
+            return [(stage.get("do", {}), {**context, "key": k, "item": v}) for k, v in items.items()]
         return [(stage.get("do", {}), {**context, "item": item}) for item in (items or [])]
     if "matrix" in stage:
         keys = list(stage["matrix"])
@@ -152,19 +154,26 @@ def stage_outputs(root: Path) -> list[tuple[Path, str, str | None]]:
     for pipeline in [root / "dvc.yaml", *sorted(root.glob("studies/*/dvc.yaml"))]:
         try:
             doc = yaml.safe_load(pipeline.read_text()) or {}
-            context = {**(params if isinstance(params, dict) else {})}
-            for v in doc.get("vars") or []:
-                if isinstance(v, dict):
-                    context.update(v)
-            for name, stage in (doc.get("stages") or {}).items():
+        except (OSError, yaml.YAMLError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        context = {**(params if isinstance(params, dict) else {})}
+        for v in doc.get("vars") or []:
+            if isinstance(v, dict):
+                context.update(v)
+        for name, stage in (doc.get("stages") or {}).items():
+            try:  # a stage this reading of DVC's templating cannot expand adds nothing; the others still count
                 for body, ctx in _contexts(stage, context):
                     words = shlex.split(str(_render(str(body.get("cmd", "")), ctx)))
                     command = words[1] if len(words) > 1 and words[0] == "fang" else None
-                    for out in body.get("outs") or []:
+                    wdir = Path(os.path.normpath(pipeline.parent / str(body.get("wdir", "."))))  # outs are relative to it
+                    # metrics and plots are outputs too (evaluations, cluster.json are declared as metrics)
+                    for out in [*(body.get("outs") or []), *(body.get("metrics") or []), *(body.get("plots") or [])]:
                         out = next(iter(out)) if isinstance(out, dict) else out
-                        found.append((root / str(_render(str(out), ctx)), name, command))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
-            continue
+                        found.append((wdir / str(_render(str(out), ctx)), name, command))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+                continue
     return found
 
 
