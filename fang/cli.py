@@ -335,9 +335,11 @@ def export(
                    "(gpt-2, smollm or llama-bpe)"),
 ) -> None:
     """Write a checkpoint as GGUF for llama.cpp, with the `deci` architecture (per-layer head and FFN sizes)."""
+    from .core.outputs import guard_output
     from .model.export_gguf import export_gguf
     from .core.progress import console
 
+    guard_output(gguf, "gguf", "--gguf", [model])
     info = export_gguf(model, gguf, dtype=dtype, tokenizer_pre=tokenizer_pre)
     heads = sum(s["n_heads"] for s in info["layers"])
     ffn = sum(s["intermediate_size"] for s in info["layers"])
@@ -377,6 +379,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    finally:
+        # the outcome is decided (outputs complete or cleaned up): a SIGTERM now would only interrupt the
+        # exit handlers ("Exception ignored in atexit callback ... KeyboardInterrupt"). Only as the process's
+        # own command line (argv None): a caller embedding main() keeps its handlers
+        if argv is None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from fang.analysis.store import open_store
 from fang.core import paths
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -13,6 +14,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     # the targets only fill block_sparsity.json (a view for people and plots): the sweep's, or the study's
     targets = load_block("sweep" if source is None else "bias", path=params_path).sparsities
     art = paths.calibration_artifacts(source)
+    take_lock(art.allocate)  # one writer at a time (fang.core.outputs)
     fc = functional_complexities(open_capture(art.capture), art.capture)
     taylor = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()
     by_target = write_allocation(art, p.mode, p.max_sparsity, fc, taylor, targets)

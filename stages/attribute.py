@@ -24,6 +24,9 @@ from fang.analysis.store import open_store, write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.errors import require
+from fang.core.integrity import read_config
+from fang.core.memory import check_fits
+from fang.core.outputs import guard_output, take_lock
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.data.corpus import load_calibration
@@ -37,8 +40,12 @@ def run(params_path: str = "params.yaml") -> None:
     from fang.model.modeling import load_dense
 
     p = load_block("attribute", path=params_path)
+    take_lock(paths.ATTRIBUTION)  # one writer at a time (fang.core.outputs)
     input_ids = load_calibration(None)
     device = pick_device()
+    cfg = read_config(paths.MODEL)  # float32 values + int64 indices per layer, top_k and neuron: allocated at once
+    check_fits(cfg.get("num_hidden_layers", 0) * p.top_k * cfg.get("intermediate_size", 0) * 12,
+               "the top contexts of every neuron", f"attribute.top_k={p.top_k}")
     model, tokenizer = load_dense(paths.MODEL, device)
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
@@ -88,6 +95,7 @@ def run_removed(params_path: str, model: str, out: str | None = None, metrics: s
                 dense: str | None = None) -> None:
     p = load_block("attribute", path=params_path)
     model_dir = Path(model)
+    guard_output(default_paths(model_dir)[1] if out is None else out, "attribution", "--out", [model_dir])
     store = open_store(paths.ATTRIBUTION, KIND, "attribute")
     topics = list(store.attrs["topics"])
     kept, kept_from = kept_neurons(model_dir, paths.MODEL, int(store.attrs["n_ffn"]))

@@ -8,6 +8,7 @@ from fang.core import paths
 from fang.core.atomic import atomic_dir, write_json
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 from fang.data.corpus import filter_topics, read_jsonl, sample_calibration
 
 
@@ -24,6 +25,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
         b.require_source(source)
         p.topics, p.n_samples, p.seq_len = b.topics_of(source), b.n_samples, b.seq_len
     out = paths.calibration_artifacts(source).calib
+    take_lock(out)  # one writer at a time (fang.core.outputs)
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")
     from fang.core.integrity import read_config

@@ -17,11 +17,13 @@ from fang.core.errors import require
 from fang.core.memory import check_fits
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("cluster", path=params_path)
     art = paths.calibration_artifacts(source)
+    take_lock(art.cluster)  # one writer at a time (fang.core.outputs)
     cap = open_capture(art.capture)
     n_layers, d = cap.attrs["n_layers"], cap.attrs["hidden_size"]
     n_tok = cap.attrs["n_samples"] * cap.attrs["seq_len"]

@@ -6,6 +6,7 @@ from pathlib import Path
 from fang.core.errors import require
 from fang.core.atomic import atomic_file, read_json, write_json
 from fang.core.markdown import replace_between_markers
+from fang.core.outputs import guard_output
 from fang.core.progress import console
 from fang.evaluation.precision import markdown, precision_agreement
 
@@ -15,6 +16,7 @@ README_START, README_END = "<!-- precision:start -->", "<!-- precision:end -->"
 def run(files: list[str], out: str, readme: str | None = None) -> None:
     require(len(files) >= 2 and len(files) % 2 == 0,
             f"compare-precision takes pairs of metrics files (reference, candidate), got {len(files)} file(s)")
+    guard_output(out, "precision", "--out", files)
     results = []
     for reference, candidate in zip(files[0::2], files[1::2]):
         result = precision_agreement(read_json(Path(reference)), read_json(Path(candidate)))

@@ -7,6 +7,8 @@ from pathlib import Path
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.device import pick_device
+from fang.core.errors import require
+from fang.core.outputs import guard_output
 from fang.core.params import PERPLEXITY_ONLY, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
@@ -21,6 +23,7 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     from fang.data.task_files import verify_task_folder
 
     p = load_block("evaluate", path=params_path)
+    guard_output(out, "metrics", "--out", [model_dir])
     if dtype is not None:  # `fang evaluate --dtype`: one evaluation in another precision
         p = replace(p, dtype=dtype)
         p.validate()
@@ -29,6 +32,8 @@ def run(params_path: str = "params.yaml", model_dir: str = str(paths.MODEL), out
     verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
     offload = load_block("model", path=params_path).offload  # 70B-class models: one block on the device at a time
     model, tokenizer = load_any(model_dir, device, p.dtype, offload)
+    require(tokenizer is not None, f"{model_dir} has no tokenizer (tokenizer.json, tokenizer_config.json): "
+                                   f"copy them from {paths.MODEL} or prune it again")
     limit = p.task_limit if task_limit is None else task_limit
     tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
     with streamed_forward(model):

@@ -7,6 +7,7 @@ from fang.core import paths
 from fang.core.atomic import atomic_dir, write_json
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 from fang.data.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
 from fang.data.fetch import EMBEDDED_WIKI, embedded_wiki_json
 
@@ -26,6 +27,7 @@ def run(params_path: str = "params.yaml") -> None:
     from fang.data.tasks import build_task_folder
 
     p = load_block("data", path=params_path)
+    take_lock(paths.DATA)  # one writer at a time (fang.core.outputs)
     rows = corpus_rows(p.corpus)
     splits = split_rows(rows, p.split_seed, p.validation_fraction, p.test_fraction)
     summary = {

@@ -16,8 +16,10 @@ from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
 from fang.core.device import pick_device
-from fang.core.errors import FangError
+from fang.core.errors import FangError, require
+from fang.core.integrity import read_config
 from fang.core.params import load_block
+from fang.core.outputs import take_lock
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.data.sources import shard_sources, source_index, token_topics
@@ -32,6 +34,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
 
     p = load_block("gprune", path=params_path)
     art = paths.calibration_artifacts(source)
+    take_lock(art.gprune)  # one writer at a time (fang.core.outputs)
     ids = load_calibration(source)
     meta = read_json(art.calib / "calib.json")
     rows = read_jsonl(paths.DATA / f"{meta['split']}.jsonl")
@@ -48,6 +51,9 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
         console.print(f"[yellow]gprune: fewer than 2 topics with >= {p.min_source_tokens} calibration tokens; "
                       f"the sources are {len(names)} shards of the calibration windows[/yellow]")
     device = pick_device()
+    n_ffn = read_config(paths.MODEL).get("intermediate_size", 0)
+    require(p.n_modules <= n_ffn, f"gprune.n_modules={p.n_modules} is more than the {n_ffn} FFN neurons of a layer: "
+                                  f"give at most {n_ffn}")
     model, _ = load_dense(paths.MODEL, device)
     cfg = model.config
     consumer = GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)

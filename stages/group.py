@@ -9,11 +9,13 @@ from fang.core import paths
 from fang.core.atomic import write_json
 from fang.core.params import load_block
 from fang.core.progress import console, progress
+from fang.core.outputs import take_lock
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("group", path=params_path)
     art = paths.calibration_artifacts(source)
+    take_lock(art.groups)  # one writer at a time (fang.core.outputs)
     taylor = open_store(art.taylor, "taylor", "taylor")
     scores = torch.from_numpy(taylor["scores"][:]).double()
     n_layers, k, n_ffn = scores.shape

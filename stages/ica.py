@@ -17,6 +17,7 @@ from fang.core.atomic import write_json
 from fang.core.device import pick_device
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 from fang.model.mlp_stream import stream_mlp
 from fang.model.modeling import load_dense
 
@@ -24,6 +25,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     from fang.data.corpus import load_calibration
 
     p = load_block("ica", path=params_path)
+    take_lock(paths.calibration_artifacts(source).ica)  # one writer at a time (fang.core.outputs)
     ids = load_calibration(source)
     device = pick_device()
     model, _ = load_dense(paths.MODEL, device)

@@ -9,6 +9,7 @@ from fang.core.atomic import write_json
 from fang.core.choices import parse_variant
 from fang.core.device import pick_device
 from fang.core.errors import FangError
+from fang.core.outputs import guard_output
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.registry import method_spec
@@ -31,7 +32,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
     offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
-    variant = parse_variant(method or p.method, p.allocation, p.compensation)
+    variant = parse_variant(p.method if method is None else method, p.allocation, p.compensation)
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
     # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
@@ -43,8 +44,9 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
             "pipeline does not build (dvc.yaml's prune stage could not see it change): prune it in the sweep (add it "
             "to sweep.methods, `dvc repro studies/sweep/dvc.yaml`) or by hand with --out DIR"
         )
-    out_dir = Path(out) if out else paths.PRUNED
-    report_file = out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json"
+    out_dir = guard_output(paths.PRUNED if out is None else out, "pruned_model", "--out", [paths.MODEL])
+    report_file = guard_output(out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json",
+                               "prune_report", "--out's report")
     art = paths.calibration_artifacts(source)
     capture = open_capture(art.capture)
     inputs = method_class(method).load_inputs(art, sparsity, params_path)

@@ -11,6 +11,7 @@ from fang.core.device import pick_device
 from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
+from fang.core.outputs import take_lock
 from fang.data.corpus import load_calibration
 from fang.model.offload import load_dense_offloaded
 
@@ -19,6 +20,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("taylor", path=params_path)
     offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
     art = paths.calibration_artifacts(source)
+    take_lock(art.taylor)  # one writer at a time (fang.core.outputs)
     clusters = open_store(art.cluster, "cluster", "cluster")
     input_ids = load_calibration(source)
     token_clusters = torch.from_numpy(clusters["token_clusters"][:]).long()

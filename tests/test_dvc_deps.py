@@ -9,9 +9,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# modules whose change cannot alter a stage's output: command-line wiring, progress display, error messages
-NOT_OUTPUT_RELEVANT = {"fang/cli.py", "fang/core/progress.py", "fang/core/errors.py", "stages/__init__.py",
-                       "fang/__init__.py"}
+# modules whose change cannot alter a stage's output: command-line wiring, progress display, error messages,
+# the output-path guard (it refuses a path or takes a lock before any work, never changes what is written)
+NOT_OUTPUT_RELEVANT = {"fang/cli.py", "fang/core/progress.py", "fang/core/errors.py", "fang/core/outputs.py",
+                       "stages/__init__.py", "fang/__init__.py"}
 # and every package __init__.py that holds only its docstring (fang/core/__init__.py, ...): importing it runs nothing
 
 

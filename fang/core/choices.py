@@ -43,21 +43,37 @@ class Variant:
 
 def parse_variant(spec: str, allocation: str = "auto", compensation: str = "group") -> Variant:
     """`method[+allocation][+compensation]`, e.g. "obc+fc", "flap+uniform", "o_fang+layer"; parts not
-    named take the given defaults (the prune.* keys)."""
-    method, *rest = str(spec).split("+")
+    named take the given defaults (the prune.* keys).
+
+    The grammar is strict: each part at most once and in that order, no empty part. A variant is a
+    sweep row's name and its output folder's: "obc+fc+uniform" or "o_fang+group+layer" used to run
+    the last part silently under a name that says something else.
+    """
+    spec = str(spec)
+    require(spec.strip() != "", f"the method is empty: give one of {', '.join(REGISTRY)} "
+                                "(or a variant method[+allocation][+compensation])")
+    method, *rest = spec.split("+")
     require(method in REGISTRY, f"unknown method {method!r} in {spec!r}; available: {', '.join(REGISTRY)}")
+    require(all(rest), f"{spec!r} has an empty part (a '++' or a trailing '+'): write method[+allocation][+compensation]")
     m = method_spec(method)
     if not m.compensations:
         compensation = "group"  # prune.compensation is for methods with a choice of refit: the others ignore it
     if m.fixed_allocation:
         allocation = "auto"  # prune.allocation does not apply to a method that chooses its keep counts itself
+    named_allocation = named_compensation = None
     for part in rest:
         if part in ALLOCATIONS:
+            require(named_allocation is None, f"{spec!r} names two allocations ({named_allocation}, {part}): "
+                                              "give at most one, as method[+allocation][+compensation]")
+            require(named_compensation is None, f"{spec!r}: the allocation {part!r} comes after the compensation "
+                                                f"{named_compensation!r}; write {method}+{part}+{named_compensation}")
             require(not m.fixed_allocation or part == "auto",
                     f"{spec!r}: {method} chooses its keep counts itself ({m.allocation}); it takes no allocation")
-            allocation = part
+            allocation = named_allocation = part
         elif part in COMPENSATIONS:
-            compensation = part
+            require(named_compensation is None, f"{spec!r} names two compensations ({named_compensation}, {part}): "
+                                                "give at most one, as method[+allocation][+compensation]")
+            compensation = named_compensation = part
         else:
             raise FangError(
                 f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "

@@ -11,3 +11,15 @@ class FangError(Exception):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise FangError(message)
+
+
+def require_label(value: object, what: str) -> str:
+    """`value` as a name that becomes one path component (a calibration source, a topic); else one clear line.
+
+    `--source ..` used to write artifacts/bias/../allocate.json, i.e. over the main pipeline's
+    artifacts: a name must not be empty, '.' or '..', nor hold a path separator.
+    """
+    ok = isinstance(value, str) and value.strip() != "" and value not in (".", "..") \
+        and not any(c in value for c in "/\\\0")
+    require(ok, f"{what} {value!r} is not a name: it must be non-empty, not '.' or '..', with no '/' or '\\'")
+    return value  # type: ignore[return-value]

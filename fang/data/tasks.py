@@ -41,7 +41,7 @@ from typing import Any
 
 from ..core.atomic import atomic_dir, write_json
 from ..core.errors import FangError, require
-from .bigbench import BigBenchSource, _as_source, _build_bigbench, _check_bigbench_task
+from .bigbench import BigBenchSource, _as_source, _build_bigbench, _check_bigbench_task, _lm_eval_name
 from .next_sentence import NEXT_SENTENCE, _build_next_sentence
 from .paper_tasks import HUB_TASK_SOURCE, MMLU, PAPER_TASKS, TaskDataSource, build_paper_task, is_paper_task
 from .task_files import MANIFEST, TaskInfo
@@ -106,6 +106,11 @@ def build_task_folder(
     dupes = sorted({n for n in task_names if task_names.count(n) > 1})
     require(not dupes, f"evaluation task(s) listed twice in data.tasks: {', '.join(dupes)}")
     bb_names = [n for n in task_names if not is_paper_task(n) and n != NEXT_SENTENCE]
+    named: dict[str, str] = {}
+    for name in bb_names:  # tiny_mc and tiny-mc are one lm-eval task: the second would overwrite the first
+        lm = _lm_eval_name(name)
+        require(lm not in named, f"data.tasks {named.get(lm)!r} and {name!r} both become the lm-eval task {lm}: keep one")
+        named[lm] = name
     bb_tasks: dict[str, dict] = {}
     source = None
     if bb_names:

@@ -267,6 +267,25 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
 
 
+def _without_symlinks(task_dir: Path) -> Path:
+    """`task_dir`, or a temporary copy of it with real files if any of its files is a symlink.
+
+    DVC's symlink cache mode leaves every file a link into .dvc/cache; lm-eval imports the loader by
+    its resolved path, so the loader would look for its JSONL files in the cache folder. The copy
+    (small: the task files) is removed at exit.
+    """
+    if not task_dir.is_dir() or not any(p.is_symlink() for p in task_dir.iterdir()):
+        return task_dir
+    import atexit
+    import shutil
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="fang-tasks-")) / task_dir.name
+    shutil.copytree(task_dir, copy, symlinks=False)
+    atexit.register(shutil.rmtree, copy.parent, True)
+    return copy
+
+
 def _local_task_names(task_dir: Path) -> set[str]:
     import yaml
 
@@ -328,7 +347,7 @@ def zero_shot(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    task_dir = Path(task_dir)
+    task_dir = _without_symlinks(Path(task_dir))
     require(len(tasks) > 0, "zero_shot: no task given")
     local = _local_task_names(task_dir) if task_dir.is_dir() else set()
     configured = protocol_configs(task_dir, [t for t in tasks if t not in local])

@@ -397,6 +397,10 @@ def export_gguf(
 
     gguf = _gguf()
     require(dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    # written as is into tokenizer.ggml.pre: llama.cpp refuses to load a file whose name it does not know
+    require(tokenizer_pre is None or tokenizer_pre in KNOWN_PRE_TOKENIZERS,
+            f"--tokenizer-pre {tokenizer_pre!r} is not one of {', '.join(KNOWN_PRE_TOKENIZERS)} (the byte-level BPE "
+            "pre-tokenizers this export writes): leave it out to read it from tokenizer.json")
     model_dir, out = Path(model_dir), Path(out)
     require(model_dir.is_dir(), f"no model directory at {model_dir}")
     config = read_config(model_dir)

@@ -33,6 +33,18 @@ def check_supported(config) -> None:
         raise FangError(
             f"unsupported model type {model_type!r}: fang prunes LLaMA-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    hidden, n_heads, n_kv = get("hidden_size"), get("num_attention_heads"), get("num_key_value_heads")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+        value = get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise FangError(f"the model's config.json has {key}={value!r}: it must be a positive integer")
+    if not get("head_dim") and hidden % n_heads:
+        raise FangError(f"the model's config.json has hidden_size={hidden}, not a multiple of num_attention_heads="
+                        f"{n_heads} (and no head_dim): was it edited?")
+    if n_kv and (not isinstance(n_kv, int) or n_kv <= 0 or n_heads % n_kv):
+        raise FangError(f"the model's config.json has num_key_value_heads={n_kv!r}, which does not divide "
+                        f"num_attention_heads={n_heads}")
 
 
 def attention_geometry(config) -> tuple[int, int, int]:
@@ -47,12 +59,13 @@ def load_dense(path: str | os.PathLike, device: torch.device | str = "cpu", dtyp
     """Load a dense HF checkpoint directory (as written by `fetch_model`) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..core.integrity import check_safetensors_dir, read_config
+    from ..core.integrity import check_dense_weights, check_safetensors_dir, read_config
 
     path = Path(path)
     # config.json and the file headers first: a wrong model or a cut file fails before GBs are read
-    check_supported(read_config(path))
-    check_safetensors_dir(path)
+    config = read_config(path)
+    check_supported(config)
+    check_dense_weights(path, config, check_safetensors_dir(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE_BY_NAME[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.errors import FangError, require
-from ..core.integrity import check_safetensors_dir, read_config
+from ..core.integrity import check_dense_weights, check_safetensors_dir, read_config
 from .modeling import DTYPE_BY_NAME, check_supported, decoder_layers, load_dense, tied_names
 
 # where BlockStream is kept on the model: an attribute, so every pass that receives the model
@@ -285,8 +285,9 @@ def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "
 
     path = Path(path)
     # the checks load_dense makes first: a wrong model or a cut file fails before anything is read
-    check_supported(read_config(path))
-    check_safetensors_dir(path)
+    config = read_config(path)
+    check_supported(config)
+    check_dense_weights(path, config, check_safetensors_dir(path))
     try:
         model = _load_outside_blocks(path, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -376,6 +376,8 @@ def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
     `streamed_forward`): a dense checkpoint from host RAM or from its safetensors files; a pruned
     one from host RAM for both "host" and "disk" (its single file holds blocks of their own shapes,
     which the disk reader does not map yet)."""
+    require(Path(path).is_dir(), f"model {path} is not a model folder (config.json, model.safetensors, tokenizer): "
+                                 "give the folder, e.g. artifacts/pruned")
     if (Path(path) / STRUCTURE_FILE).exists():
         model, tokenizer = load_pruned(path)
         if offload != "none":

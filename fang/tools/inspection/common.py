@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich import box
@@ -107,7 +108,17 @@ def _save(fig, path: Path) -> Path:
 ArtifactsOpt = typer.Option(Path("artifacts"), "--artifacts", "-a", help="artifacts root written by `dvc repro`")
 
 
-PngOpt = typer.Option(None, "--png", help="also write PNG plots into this directory (e.g. artifacts/plots/inspect)")
+def _guard_png(value: Optional[Path]) -> Optional[Path]:
+    """`--png DIR` is checked and locked (fang.core.outputs) before the view reads anything."""
+    if value is not None:
+        from ...core.outputs import guard_output
+
+        guard_output(value, "png", "--png")
+    return value
+
+
+PngOpt = typer.Option(None, "--png", callback=_guard_png,
+                      help="also write PNG plots into this directory (e.g. artifacts/plots/inspect)")
 
 
 def _console() -> Console:
