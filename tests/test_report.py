@@ -1,4 +1,4 @@
-"""The sweep report: table layout, missing runs, and the generated README block."""
+"""The sweep report: table layout, missing runs, the generated block of docs/results.md and the README headline."""
 
 import pytest
 
@@ -24,6 +24,18 @@ def test_table_reports_acc_norm_with_stderr_and_keeps_missing_runs(tmp_path):
     replace_between_markers(readme, readme_fragment(runs, "2026-01-01T00:00:00", "docs/x.png"), README_START, README_END)
     text = readme.read_text()
     assert "old" not in text and "| obc | 30% |" in text and text.endswith(f"{README_END}\nbottom\n")
+
+
+def test_headline_is_ppl_and_average_per_method_and_sparsity_from_the_same_table():
+    from fang.evaluation.report import headline_fragment
+
+    runs = [Run("dense", 0.0, metrics(10.0)), Run("obc", 0.3, metrics(20.0), {"achieved_sparsity": 0.3}),
+            Run("obc", 0.4, None), Run("flap", 0.3, metrics(30.0)), Run("flap", 0.4, metrics(40.0))]
+    text = headline_fragment(runs, "2026-01-01T00:00:00")
+    assert "Dense model: perplexity 10.00, average accuracy 60.0%." in text
+    assert "| method | 30% sparsity | 40% sparsity |" in text
+    assert "| obc | 20.00 / 60.0 | missing |" in text and "| flap | 30.00 / 60.0 | 40.00 / 60.0 |" in text
+    assert "docs/results.md#" in text and "dense |" not in text  # dense is the sentence, not a row
 
 
 def test_averages_and_paired_verdicts_leave_out_tasks_without_signal_on_dense():
