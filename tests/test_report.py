@@ -120,3 +120,33 @@ def test_plot_draws_perplexity_when_no_task_carries_signal(tmp_path):
     runs = [Run("dense", 0.0, metrics(10.0)), Run("obc", 0.3, metrics(20.0)), Run("obc", 0.4, None)]
     plot(runs, tmp_path / "curves.png", averaged=[])
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_report_stage_publishes_the_block_and_plot_into_the_results_page_and_the_headline_into_the_readme(
+        tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import stages.report as stage
+    from fang.evaluation.report import HEADLINE_END, HEADLINE_START
+
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("artifacts/sweep")
+    sweep.mkdir(parents=True)
+    (sweep / "dense.metrics.json").write_text(json.dumps(metrics(10.0)))
+    (sweep / "obc-0.3.metrics.json").write_text(json.dumps(metrics(20.0)))
+    (sweep / "obc-0.3.prune.json").write_text(json.dumps({"achieved_sparsity": 0.3}))
+    Path("params.yaml").write_text(yaml.safe_dump({"sweep": {"methods": ["obc"], "sparsities": [0.3]}}))
+    Path("docs").mkdir()
+    page, readme = Path("docs/results.md"), Path("README.md")
+    page.write_text(f"# results\n{README_START}\nold table\n{README_END}\n")
+    readme.write_text(f"# fang\n{HEADLINE_START}\nold headline\n{HEADLINE_END}\nlayout\n")
+    stage.run("params.yaml", str(page), str(readme))
+    text = page.read_text()
+    assert "old table" not in text and "| obc | 30% | 30.0 | 20.00 |" in text and "](sparsity_curves.png)" in text
+    assert Path("docs/sparsity_curves.png").stat().st_size > 1000  # beside the page, where its link points
+    head = readme.read_text()
+    assert "old headline" not in head and "| obc | 20.00 / 60.0 |" in head and head.endswith(f"{HEADLINE_END}\nlayout\n")
+    assert "| obc | 30% |" not in head  # the full table stays on the results page
