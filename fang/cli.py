@@ -31,9 +31,9 @@ SourceOpt = typer.Option(
 )
 
 
-def _readme_option(markers: str, image: str):
-    return typer.Option(None, help=f"also replace the text between the {markers} markers of this file (e.g. README.md) "
-                                   f"and copy the {image} beside it")
+def _results_option(markers: str, image: str):
+    return typer.Option(None, help=f"also replace the text between the {markers} markers of this page "
+                                   f"(docs/results.md) and copy the {image} beside it")
 
 
 class _Timed:
@@ -229,25 +229,26 @@ def compare_precision(
     files: list[str] = typer.Argument(..., help="pairs of metrics JSONs: `fang evaluate --dtype float32` of a model, "
                                       "then the same model in the other dtype (evaluate.dtype); several pairs = one row each"),
     out: str = typer.Option("artifacts/precision/comparison.json", help="comparison JSON to write (+ .md beside it)"),
-    readme: Optional[str] = typer.Option(
-        None, help="also publish the Markdown between <!-- precision:start --> and <!-- precision:end --> of this README"),
+    results: Optional[str] = typer.Option(
+        None, help="also publish the Markdown between <!-- precision:start --> and <!-- precision:end --> of this page "
+                   "(docs/results.md)"),
 ) -> None:
     """Does evaluating in bfloat16 change a result? Answers changed, perplexity ratio and the paired accuracy
     difference (95% interval) between two evaluations of one model. No model is run."""
-    _stage("compare_precision").run(files, out, readme)
+    _stage("compare_precision").run(files, out, results)
 
 
 @app.command("screen-tasks")
 def screen_tasks(
     params: str = ParamsOpt,
-    readme: Optional[str] = typer.Option(
-        None, help="publish the last screen (artifacts/screen/screen.json) into this README between "
+    results: Optional[str] = typer.Option(
+        None, help="publish the last screen (artifacts/screen/screen.json) into this page (docs/results.md) between "
         "<!-- screen:start --> and <!-- screen:end -->, without running the model"),
 ) -> None:
     """Find the evaluation tasks that carry signal: the dense model on every affordable BIG-bench
     multiple-choice task (a probe, then every question of those above chance); writes
     artifacts/screen/screen.{json,md} and the suggested `data.tasks`. Slow: about an hour on 2 CPU cores."""
-    _stage("screen_tasks").run(params, readme)
+    _stage("screen_tasks").run(params, results)
 
 
 @app.command()
@@ -263,23 +264,26 @@ def summary(
 @app.command()
 def report(
     params: str = ParamsOpt,
-    readme: Optional[str] = _readme_option("report", "plot to docs/sparsity_curves.png"),
+    results: Optional[str] = _results_option("report", "plot sparsity_curves.png"),
+    readme: Optional[str] = typer.Option(
+        None, help="also replace the headline table between <!-- headline:start --> and <!-- headline:end --> "
+                   "of this file (README.md)"),
 ) -> None:
     """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
-    _stage("report").run(params, readme)
+    _stage("report").run(params, results, readme)
 
 
 @app.command("bias-report")
 def bias_report(
     params: str = ParamsOpt,
-    readme: Optional[str] = _readme_option("bias", "heat map to docs/bias_heatmap.png"),
+    results: Optional[str] = _results_option("bias", "heat map bias_heatmap.png"),
 ) -> None:
     """Calibration-bias table and heat map: perplexity increase over dense on every topic, per method x calibration source.
 
     Reads artifacts/bias_sweep/<source>/<method>-<sparsity>.metrics.json and artifacts/metrics/dense.json; writes
     artifacts/bias_report/ (bias.md, bias.csv, bias.json, bias_heatmap.png).
     """
-    _stage("bias_report").run(params, readme)
+    _stage("bias_report").run(params, results)
 
 
 @app.command()
@@ -295,7 +299,7 @@ def bench(
     prompt_len: int = typer.Option(512, help="prefill tokens per sequence"),
     new_tokens: int = typer.Option(128, help="greedy decode steps (no early stop)"),
     repeats: int = typer.Option(3, help="interleaved rounds per measurement; the median is reported"),
-    readme: Optional[str] = typer.Option(None, help="also replace the text between the bench markers of this file (e.g. README.md)"),
+    results: Optional[str] = typer.Option(None, help="also replace the text between the bench markers of this page (docs/results.md)"),
     keep: bool = typer.Option(False, "--keep", help="keep the parts not rerun from the previous artifacts/bench/bench.json "
                                                     "(same machine), each labelled with when it was measured"),
 ) -> None:
@@ -303,7 +307,7 @@ def bench(
 
     Writes artifacts/bench/bench.json, bench.md and readme_fragment.md. Run it after `dvc repro`.
     """
-    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, readme, keep)
+    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, results, keep)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """bench: stage cost against the compute floor, memory footprint and estimate, inference speed of pruned models.
 
-Writes artifacts/bench/bench.json, bench.md and readme_fragment.md (the README's results section,
-pasted between the bench markers with --readme). Not a DVC stage: it measures the machine, and
+Writes artifacts/bench/bench.json, bench.md and readme_fragment.md (the benchmark section of
+docs/results.md, pasted between the bench markers with --results). Not a DVC stage: it measures the machine, and
 it reads artifacts/timings.jsonl, which every stage (this one included) appends to.
 """
 
@@ -52,7 +52,7 @@ def run(
     prompt_len: int = 512,
     new_tokens: int = 128,
     repeats: int = 3,
-    readme: str | None = None,
+    results: str | None = None,
     keep: bool = False,
 ) -> None:
     wanted = _names(parts)
@@ -112,8 +112,8 @@ def run(
     fragment = render_fragment(result)
     with atomic_file(BENCH / "readme_fragment.md") as fh:
         fh.write(fragment)
-    if readme:
-        update_readme(readme, fragment)
+    if results:
+        update_readme(results, fragment)
     summary = []
     if "pipeline" in result:
         t = result["pipeline"]["targets"]
@@ -121,7 +121,7 @@ def run(
                        f" ({sum(x['status'] == 'no data' for x in t)} without data)")
     if "inference" in result:
         summary.append(f"{len(result['inference']['models'])} models timed")
-    console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {readme} updated" if readme else ""))
+    console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {results} updated" if results else ""))
 
 
 def _keep_previous(result: dict, measured: dict, wanted: list[str]) -> None:

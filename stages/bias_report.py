@@ -14,7 +14,7 @@ from fang.evaluation.bias_report import BiasRun, README_END, README_START, analy
 from fang.evaluation.removal import CellRemoval, plot_removal_correlation, read_cell_removal, removal_correlations
 from fang.evaluation.report import load_json
 
-README_IMAGE = "docs/bias_heatmap.png"  # committed copy of the heat map the README shows
+RESULTS_IMAGE = "bias_heatmap.png"  # committed copy of the heat map, beside the results page (docs/)
 
 
 def attributed_cells(result: dict) -> list[CellRemoval]:
@@ -25,7 +25,7 @@ def attributed_cells(result: dict) -> list[CellRemoval]:
     return [c for c in cells if c is not None]
 
 
-def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
+def run(params_path: str = "params.yaml", results: str | None = None) -> None:
     p = load_block("bias", path=params_path)
     dense = load_json(paths.METRICS / "dense.json")
     require(dense is not None, f"missing {paths.METRICS / 'dense.json'}: run `dvc repro evaluate@dense` first")
@@ -50,9 +50,9 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
         heatmap(result, tmp / "bias_heatmap.png")
         if cells:
             plot_removal_correlation(result["attribution"], cells, tmp / "attribution_correlation.png")
-    if readme:
+    if results:
         when = time.strftime("%Y-%m-%dT%H:%M:%S")
-        publish(readme, paths.BIAS_REPORT / "bias_heatmap.png", README_IMAGE,
+        publish(results, paths.BIAS_REPORT / "bias_heatmap.png", RESULTS_IMAGE,
                 lambda image: readme_fragment(result, dense, when, image), README_START, README_END)
     missing = [f"{r.label} {r.sparsity}" for r in runs if r.metrics is None]
     console.print(f"bias report -> {paths.BIAS_REPORT}/bias.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

@@ -4,7 +4,7 @@ import time
 
 from fang.core import paths
 from fang.core.atomic import atomic_file, write_json
-from fang.core.markdown import publish
+from fang.core.markdown import publish, replace_between_markers
 from fang.core.params import ScreenParams, SweepParams, load_block
 from fang.core.progress import console
 from fang.data.corpus import read_jsonl
@@ -12,6 +12,8 @@ from fang.data.paper_tasks import scorable_rows
 from fang.evaluation.removal import plot_removal_correlation, read_cell_removal, removal_correlations, removal_markdown
 from fang.evaluation.task_screen import judge_tasks
 from fang.evaluation.report import (
+    HEADLINE_END,
+    HEADLINE_START,
     README_END,
     README_START,
     Run,
@@ -19,11 +21,12 @@ from fang.evaluation.report import (
     load_json,
     paired_comparisons,
     plot,
+    headline_fragment,
     readme_fragment,
     render,
 )
 
-README_IMAGE = "docs/sparsity_curves.png"  # committed copy of the plot the README shows
+RESULTS_IMAGE = "sparsity_curves.png"  # committed copy of the plot, beside the results page (docs/)
 
 
 def informative(dense: dict | None, min_z: float) -> dict | None:
@@ -56,7 +59,9 @@ def attribution_section(runs: list[Run], params_path: str):
     return removal_correlations(cells, sorted(dense["ppl_by_topic"]), a.n_boot, a.seed), cells
 
 
-def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
+def run(params_path: str = "params.yaml", results: str | None = None, readme: str | None = None) -> None:
+    """`results`: a page (docs/results.md) whose report block gets the full table, the paired verdicts and the
+    plot; `readme`: a page (README.md) whose headline block gets the per-method headline table."""
     p = load_block("sweep", SweepParams, path=params_path)
     # dense evaluated on the sweep's examples (stage sweep_dense), not the main job's quick subset
     runs = [Run("dense", 0.0, load_json(paths.SWEEP / "dense.metrics.json"))]
@@ -82,10 +87,12 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
     with atomic_file(paths.REPORT / "results.csv") as fh:
         fh.write(table_csv)
     plot(runs, paths.REPORT / "sparsity_curves.png", averaged)
-    if readme:
-        when = time.strftime("%Y-%m-%dT%H:%M:%S")
-        publish(readme, paths.REPORT / "sparsity_curves.png", README_IMAGE,
+    when = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if results:
+        publish(results, paths.REPORT / "sparsity_curves.png", RESULTS_IMAGE,
                 lambda image: readme_fragment(runs, when, image, comparisons, judged)
                 + ("\n\n" + "\n".join(removal_markdown(section)).rstrip() if section else ""), README_START, README_END)
+    if readme:
+        replace_between_markers(readme, headline_fragment(runs, when, judged), HEADLINE_START, HEADLINE_END)
     missing = [r.label for r in runs if r.metrics is None]
     console.print(f"report -> {paths.REPORT}/results.md" + (f" (missing: {', '.join(missing)})" if missing else ""))

@@ -1,4 +1,5 @@
-"""Tiny random LLaMA models shared by the tests: one with GQA, one without."""
+"""Tiny random LLaMA models shared by the tests (one with GQA, one without), and the tiny DVC project built once
+per session for the end-to-end tests."""
 
 from __future__ import annotations
 
@@ -70,3 +71,12 @@ def assert_reloads_identically(model, ids: torch.Tensor, path) -> None:
     reloaded, _ = load_pruned(path / "pruned")
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory):
+    """The tiny project after one `dvc repro` of the main job, built once per session: (root, stages that ran).
+    Tests that change it work on a copy (`helpers_project.copy_project`)."""
+    from helpers_project import build_main_job
+
+    return build_main_job(tmp_path_factory.mktemp("main_job") / "project")

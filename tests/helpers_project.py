@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,3 +83,24 @@ def make_project(root: Path) -> Path:
     write_bigbench(root / "bigbench")
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(root)))
     return root
+
+
+def stage_names(text: str) -> set[str]:
+    """Stages a `dvc repro` output says it ran; those of studies/*/dvc.yaml are printed as
+    "studies/sweep/dvc.yaml:sweep_prune@flap-0.3"."""
+    return {name.rpartition(":")[2] for name in re.findall(r"Running stage '([^']+)'", text)}
+
+
+def build_main_job(root: Path) -> tuple[Path, set[str]]:
+    """The tiny project (no git) after one `dvc repro` of the main job, and the stages that run ran."""
+    make_project(root)
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    return root, stage_names(dvc(root, "repro"))
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a built project (artifacts, DVC cache and dvc.lock: up to date as the original), without
+    DVC's machine-local state. params.yaml keeps pointing at the original's tiny model and inputs, which
+    the tests only read."""
+    shutil.copytree(src, dst, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d) == src / ".dvc" else [])
+    return dst

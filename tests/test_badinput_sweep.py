@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fang.tools import badinput_sweep
+
+pytestmark = pytest.mark.slow
 
 
 def test_every_bad_input_fails_with_one_clear_line_and_leaves_nothing(tmp_path):

@@ -163,14 +163,14 @@ def test_footprint_and_llama2_7b_estimate(tree):
 # --------------------------------------------------------------------------------------------- the whole bench
 
 
-def test_bench_stage_writes_json_markdown_and_readme(tree, monkeypatch):
+def test_bench_stage_writes_json_markdown_and_the_results_page(tree, monkeypatch):
     import stages.bench
 
     monkeypatch.chdir(tree)
-    readme = tree / "README.md"
+    readme = tree / "results.md"
     readme.write_text("# x\n\nintro\n<!-- bench:start -->\nold results\n<!-- bench:end -->\nafter\n")
     stages.bench.run("params.yaml", tokens=48, batch_sizes="1,2", prompt_len=16, new_tokens=4, repeats=2,
-                     readme=str(readme))
+                     results=str(readme))
     out = tree / "artifacts" / "bench"
     result = json.loads((out / "bench.json").read_text())
     assert set(result) >= {"machine", "pipeline", "memory", "inference", "time"}
@@ -349,6 +349,7 @@ _PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process per stage and depth, about 12 s
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux", reason="ru_maxrss in KiB and fork: Linux")
 def test_peak_rss_of_capture_prune_and_taylor_does_not_grow_with_depth(tmp_path):
     script = tmp_path / "probe.py"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_project import dvc, make_project
+from helpers_project import copy_project, dvc
 
 MAIN_OUTPUTS = ("artifacts/pruned/model.safetensors", "artifacts/metrics/pruned.json", "artifacts/metrics/summary.json",
                 "artifacts/summary.md", "artifacts/cluster.zarr")
@@ -24,17 +24,22 @@ def git(root: Path, *args: str) -> str:
     return proc.stdout
 
 
+pytestmark = pytest.mark.slow  # a tiny git + DVC project: push, clone, pull, and a queue of two experiments
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC project that has run the main pipeline once and committed dvc.lock."""
-    root = make_project(tmp_path_factory.mktemp("shared") / "repo")
+def repo(main_job, tmp_path_factory) -> Path:
+    """A git + DVC project that has run the main pipeline once and committed dvc.lock: a copy of the session's
+    tiny project (conftest `main_job`, built without git) put under git."""
+    root = copy_project(main_job[0], tmp_path_factory.mktemp("shared") / "repo")
     (root / ".gitignore").write_text("/artifacts/*\n__pycache__/\n")  # as the real project: outputs live in DVC
+    (root / ".dvc/.gitignore").write_text("/config.local\n/tmp\n/cache\n")  # what `dvc init` writes under git
     git(root, "init", "-q", "-b", "main")
     git(root, "config", "user.email", "test@example.com")
     git(root, "config", "user.name", "test")
-    dvc(root, "init", "-q")
+    dvc(root, "config", "--unset", "core.no_scm")  # built with `dvc init --no-scm`; now under git
     dvc(root, "config", "core.analytics", "false")
-    dvc(root, "repro")
+    assert "Running stage" not in dvc(root, "repro")  # the copy is up to date: the main job ran once, in main_job
     git(root, "add", "-A")
     git(root, "commit", "-qm", "tiny project, main pipeline run")
     return root

@@ -87,6 +87,7 @@ def _prune_unevenly(model) -> None:
         shrink_mlp(layer.mlp, list(range(0, neurons - 8 * i, 1 + i % 2)), extra_down_bias=extra_down)
 
 
+@pytest.mark.slow  # a fresh Python without fang per model, about 5 s each
 @pytest.mark.parametrize("build", [_llama_tied_gqa, _qwen2], ids=["llama-gqa-tied", "qwen2"])
 def test_loads_without_fang_with_identical_logits(build, tmp_path):
     model = build()

@@ -1,4 +1,4 @@
-"""The sweep report: table layout, missing runs, and the generated README block."""
+"""The sweep report: table layout, missing runs, the generated block of docs/results.md and the README headline."""
 
 import pytest
 
@@ -24,6 +24,18 @@ def test_table_reports_acc_norm_with_stderr_and_keeps_missing_runs(tmp_path):
     replace_between_markers(readme, readme_fragment(runs, "2026-01-01T00:00:00", "docs/x.png"), README_START, README_END)
     text = readme.read_text()
     assert "old" not in text and "| obc | 30% |" in text and text.endswith(f"{README_END}\nbottom\n")
+
+
+def test_headline_is_ppl_and_average_per_method_and_sparsity_from_the_same_table():
+    from fang.evaluation.report import headline_fragment
+
+    runs = [Run("dense", 0.0, metrics(10.0)), Run("obc", 0.3, metrics(20.0), {"achieved_sparsity": 0.3}),
+            Run("obc", 0.4, None), Run("flap", 0.3, metrics(30.0)), Run("flap", 0.4, metrics(40.0))]
+    text = headline_fragment(runs, "2026-01-01T00:00:00")
+    assert "Dense model: perplexity 10.00, average accuracy 60.0%." in text
+    assert "| method | 30% sparsity | 40% sparsity |" in text
+    assert "| obc | 20.00 / 60.0 | missing |" in text and "| flap | 30.00 / 60.0 | 40.00 / 60.0 |" in text
+    assert "docs/results.md#" in text and "dense |" not in text  # dense is the sentence, not a row
 
 
 def test_averages_and_paired_verdicts_leave_out_tasks_without_signal_on_dense():
@@ -137,3 +149,33 @@ def test_seven_task_average_retention_and_the_papers_rows():
     # without all seven tasks there is no Avg7 (a partial average would not sit beside the paper's)
     partial = Run("dense", 0.0, {"ppl": 1.0, "tasks": {"boolq": {"acc": 1.0, "acc_stderr": 0.0}}})
     assert "Avg7" not in table_rows([partial])[0]
+
+
+def test_report_stage_publishes_the_block_and_plot_into_the_results_page_and_the_headline_into_the_readme(
+        tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import stages.report as stage
+    from fang.evaluation.report import HEADLINE_END, HEADLINE_START
+
+    monkeypatch.chdir(tmp_path)
+    sweep = Path("artifacts/sweep")
+    sweep.mkdir(parents=True)
+    (sweep / "dense.metrics.json").write_text(json.dumps(metrics(10.0)))
+    (sweep / "obc-0.3.metrics.json").write_text(json.dumps(metrics(20.0)))
+    (sweep / "obc-0.3.prune.json").write_text(json.dumps({"achieved_sparsity": 0.3}))
+    Path("params.yaml").write_text(yaml.safe_dump({"sweep": {"methods": ["obc"], "sparsities": [0.3]}}))
+    Path("docs").mkdir()
+    page, readme = Path("docs/results.md"), Path("README.md")
+    page.write_text(f"# results\n{README_START}\nold table\n{README_END}\n")
+    readme.write_text(f"# fang\n{HEADLINE_START}\nold headline\n{HEADLINE_END}\nlayout\n")
+    stage.run("params.yaml", str(page), str(readme))
+    text = page.read_text()
+    assert "old table" not in text and "| obc | 30% | 30.0 | 20.00 |" in text and "](sparsity_curves.png)" in text
+    assert Path("docs/sparsity_curves.png").stat().st_size > 1000  # beside the page, where its link points
+    head = readme.read_text()
+    assert "old headline" not in head and "| obc | 20.00 / 60.0 |" in head and head.endswith(f"{HEADLINE_END}\nlayout\n")
+    assert "| obc | 30% |" not in head  # the full table stays on the results page

@@ -3,7 +3,7 @@ flagged modules) or the module-wise sparsity? Prunes gprune with either or both 
 same gprune.zarr, and evaluates perplexity only (no lm-eval task) into
 artifacts/diagnostics/gprune_<variant>-<sparsity>.metrics.json.
 
-Measured on the default model at 30% (README "State of this table"): before the switch became a
+Measured on the default model at 30% (docs/results.md, "Method × sparsity"): before the switch became a
 test against independent rankings (gprune.min_tau_z), with robust modules ranked by the dense model's
 static scores, default 7,746 / no_switch 913 / neither 1,001; now no module switches there, so
 no_switch is the default (700.2) and neither is no_module_sparsity (750.2). With every module at the

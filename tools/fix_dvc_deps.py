@@ -1,7 +1,7 @@
 """Rewrite the code deps of every dvc.yaml stage from what its stages/*.py module imports (transitively).
 
-    python tests/fix_dvc_deps.py          # rewrite in place, print what changed
-    python tests/fix_dvc_deps.py --check  # exit 1 if any stage's code deps differ
+    python tools/fix_dvc_deps.py          # rewrite in place, print what changed
+    python tools/fix_dvc_deps.py --check  # exit 1 if any stage's code deps differ
 
 A stage's module is the one its `fang <command>` runs (stages/<command>.py). Its deps that are not
 project modules (artifacts, data) are kept as they are, in their order;
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the rule lives with its test
 from test_dvc_deps import NOT_OUTPUT_RELEVANT, ROOT, _pipelines, transitive_imports  # noqa: E402
 
 
