@@ -36,7 +36,7 @@ KIND = "attribution"
 
 
 def run(params_path: str = "params.yaml") -> None:
-    from fang.core.device import pick_device
+    from fang.core.device import pick_device, resolve_compute_dtype
     from fang.model.modeling import load_dense
 
     p = load_block("attribute", path=params_path)
@@ -46,7 +46,8 @@ def run(params_path: str = "params.yaml") -> None:
     cfg = read_config(paths.MODEL)  # float32 values + int64 indices per layer, top_k and neuron: allocated at once
     check_fits(cfg.get("num_hidden_layers", 0) * p.top_k * cfg.get("intermediate_size", 0) * 12,
                "the top contexts of every neuron", f"attribute.top_k={p.top_k}")
-    model, tokenizer = load_dense(paths.MODEL, device)
+    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
+    model, tokenizer = load_dense(paths.MODEL, device, dtype)
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
     acc = stream_activations(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)

@@ -11,7 +11,7 @@ import time
 
 from fang.core import paths
 from fang.core.atomic import atomic_file, read_json, write_json
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import FangError, require
 from fang.core.params import load_block
 from fang.core.progress import console
@@ -78,7 +78,8 @@ def run(
         capture_batch = load_block("capture", path=params_path).batch_size
         taylor_batch = load_block("taylor", path=params_path).batch_size
         input_ids = load_calibration()
-        model, _ = load_dense(paths.MODEL, device)
+        # the floor runs in the dtype the stages ran their blocks in (model.compute_dtype)
+        model, _ = load_dense(paths.MODEL, device, resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device))
         floor = measure_floor(model, input_ids, capture_batch, taylor_batch, device, max_seqs, tokens)
         del model
         result["pipeline"] = {"timings_file": str(TIMINGS), "stages": timings, "floor": floor,
@@ -157,7 +158,7 @@ def _profile(params_path: str, device, n_seqs: int) -> dict:
     ids = subsample(load_calibration(), max_seqs=n_seqs)
     clusters = open_store(paths.CLUSTER, "cluster", "cluster")
     labels = torch.from_numpy(clusters["token_clusters"][:, : ids.numel()]).long()
-    model, _ = load_dense(paths.MODEL, device)
+    model, _ = load_dense(paths.MODEL, device, resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device))
     runs = {}
     with tempfile.TemporaryDirectory(dir=paths.ARTIFACTS) as tmp:
         pca_dim = load_block("cluster", path=params_path).pca_dim  # as the stage runs it: PCA, slim store

@@ -2,7 +2,7 @@
 
 from fang.analysis.capture import capture_features, capture_ram_bytes
 from fang.core import paths
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.integrity import read_config
 from fang.core.memory import check_fits
 from fang.core.params import load_block
@@ -14,7 +14,7 @@ from fang.model.offload import load_dense_offloaded
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("capture", path=params_path)
-    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
     pca_dim = load_block("cluster", path=params_path).pca_dim  # the PCA is fitted while capturing
     out = paths.calibration_artifacts(source).capture
     take_lock(out)  # one writer at a time (fang.core.outputs)
@@ -29,6 +29,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
                f"{n_tok:,} calibration tokens' hidden states", f"{samples}={input_ids.shape[0]}")
     check_fits(capture_ram_bytes(n_tok, input_ids.shape[1], batch, hidden, n_ffn),
                f"{n_tok:,} calibration tokens' hidden states and a batch's features", f"capture.batch_size={p.batch_size}")
-    model, _ = load_dense_offloaded(paths.MODEL, device, offload=offload)
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
     info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device, pca_dim=pca_dim, keep=p.keep)
     console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")

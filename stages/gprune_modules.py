@@ -15,7 +15,7 @@ from fang.analysis.gprune import GPruneConsumer
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import FangError, require
 from fang.core.integrity import read_config
 from fang.core.params import load_block
@@ -54,7 +54,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     n_ffn = read_config(paths.MODEL).get("intermediate_size", 0)
     require(p.n_modules <= n_ffn, f"gprune.n_modules={p.n_modules} is more than the {n_ffn} FFN neurons of a layer: "
                                   f"give at most {n_ffn}")
-    model, _ = load_dense(paths.MODEL, device)
+    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
+    model, _ = load_dense(paths.MODEL, device, dtype)
     cfg = model.config
     consumer = GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
     t0 = time.perf_counter()
@@ -64,6 +65,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(out, "gprune", consumer.out, {
         "sources": names, "source_kind": kind, "source_tokens": [counts[n] for n in names], "metric": p.metric,
         "n_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
+        "compute_dtype": dtype,
     })
     layers = consumer.layers
     write_json(art.metrics / "gprune.json", {

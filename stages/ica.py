@@ -14,7 +14,7 @@ from fang.analysis.ica import IcaConsumer, prunable_layers
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
@@ -28,7 +28,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     take_lock(paths.calibration_artifacts(source).ica)  # one writer at a time (fang.core.outputs)
     ids = load_calibration(source)
     device = pick_device()
-    model, _ = load_dense(paths.MODEL, device)
+    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
+    model, _ = load_dense(paths.MODEL, device, dtype)
     cfg = model.config
     n_tok, n_ffn, n_layers = ids.numel(), cfg.intermediate_size, cfg.num_hidden_layers
     consumer = IcaConsumer(p, n_tok, n_layers, n_ffn)
@@ -39,7 +40,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(out, "ica", {"maps": consumer.maps, "neuron_score": consumer.score}, {
         "n_layers": n_layers, "intermediate_size": n_ffn, "n_components": p.n_components, "tokens": n_tok,
         "columns": "maps[l, k, :n_ffn] = act_fn(gate_proj) columns, maps[l, k, n_ffn:] = up_proj columns",
-        "prunable_layers": prunable_layers(n_layers),
+        "prunable_layers": prunable_layers(n_layers), "compute_dtype": dtype,
     })
     write_json(paths.calibration_artifacts(source).metrics / "ica.json", {
         "n_components": p.n_components, "tokens": n_tok, "layers": consumer.layers,

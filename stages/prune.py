@@ -7,7 +7,7 @@ from fang.analysis.capture import open_capture
 from fang.core import paths
 from fang.core.atomic import write_json
 from fang.core.choices import parse_variant
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import FangError
 from fang.core.outputs import guard_output
 from fang.core.params import load_block
@@ -31,7 +31,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
     `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
-    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
     variant = parse_variant(p.method if method is None else method, p.allocation, p.compensation)
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
@@ -51,7 +51,9 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     capture = open_capture(art.capture)
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
-    model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload)
+    # the pruned model is saved in the dtype it was pruned in (model.compute_dtype, resolved)
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
     report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
                          options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
     gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving

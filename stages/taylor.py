@@ -7,7 +7,7 @@ from fang.analysis.cluster import center_distances
 from fang.analysis.store import open_store, write_store
 from fang.analysis.taylor import taylor_scores
 from fang.core import paths
-from fang.core.device import pick_device
+from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
@@ -18,7 +18,7 @@ from fang.model.offload import load_dense_offloaded
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     p = load_block("taylor", path=params_path)
-    offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
     art = paths.calibration_artifacts(source)
     take_lock(art.taylor)  # one writer at a time (fang.core.outputs)
     clusters = open_store(art.cluster, "cluster", "cluster")
@@ -27,10 +27,11 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     require(token_clusters.shape[1] == input_ids.numel(),
             f"{art.cluster} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
     device = pick_device()
-    model, _ = load_dense_offloaded(paths.MODEL, device, offload=offload)
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
     k = clusters.attrs["k"]
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights
     res["center_distances"] = torch.stack([center_distances(c) for c in res["down_centers"]])
-    write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k})
+    write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k, "compute_dtype": dtype})
     console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {art.taylor}")

@@ -164,6 +164,7 @@ def capture_features(
             n_samples=n_seq,
             seq_len=seq_len,
             dtype=dtype,
+            compute_dtype=str(runner.dtype).removeprefix("torch."),  # what the blocks ran in (model.compute_dtype)
             keep=list(keep),
             pca_dim=pca_dim,
         )

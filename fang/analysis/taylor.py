@@ -21,6 +21,9 @@ one more forward of the blocks. `graph_blocks` buys part of it back with memory:
 grows by that many blocks' activations (a constant, not the model's depth). The same
 recomputation gives h with the clusters known, so the cluster centres at down_proj's input
 (FANG's distance matrix D) are accumulated here too.
+
+The blocks, and so h and dL/dh, run in the model's dtype (model.compute_dtype); h * dL/dh, the
+block sensitivity and every sum are formed in float32 and accumulated in float64.
 """
 
 from __future__ import annotations
@@ -149,10 +152,13 @@ def taylor_scores(
                             x_in, x_out, h = graphs.pop(li)
                         else:
                             x_in, x_out, h = _block_with_graph(runner, layers[li], inputs.pop())
-                        sensitivity[li] += ((x_out.detach() - x_in.detach()) * grad).sum(-1).abs().sum().double().cpu()
+                        # products and sums in float32 whatever the blocks run in (model.compute_dtype)
+                        update = x_out.detach().float() - x_in.detach().float()
+                        sensitivity[li] += (update * grad.float()).sum(-1).abs().sum().double().cpu()
+                        del update
                         grad_in, grad_h = torch.autograd.grad(x_out, (x_in, h), grad)
-                    h_flat, c = h.detach().reshape(-1, n_ffn), clusters[li]
-                    sums[li] += scatter_cluster_sum((h_flat * grad_h.reshape(-1, n_ffn)).abs(), c, k).cpu()
+                    h_flat, c = h.detach().reshape(-1, n_ffn).float(), clusters[li]
+                    sums[li] += scatter_cluster_sum((h_flat * grad_h.reshape(-1, n_ffn).float()).abs(), c, k).cpu()
                     h_sums[li] += scatter_cluster_sum(h_flat, c, k).cpu()
                     grad = grad_in
                     del x_in, x_out, h, grad_h

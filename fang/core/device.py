@@ -32,3 +32,28 @@ def _forced_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise FangError(f"FANG_DEVICE={name!r}: fang runs on cpu, cuda or mps")
     return device
+
+
+# model.compute_dtype: the dtype every block pass (capture, taylor, prune, ica, gprune, attribute) runs its
+# weights and activations in. Statistics are accumulated in float32 or float64 whatever it is.
+# The same names as fang.core.params.COMPUTE_DTYPES (not imported: params.py stays free of torch;
+# tests/test_compute_dtype.py checks the two agree).
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_compute_dtype(name: str, device: torch.device | str) -> str:
+    """The dtype name ("float32", "bfloat16" or "float16") block passes run in on `device`, for
+    model.compute_dtype `name`. `auto`: bfloat16 on CUDA (float16 on a GPU without bfloat16), float32
+    elsewhere (on CPU the evidence for half precision is not in yet: docs/usage.md "Compute dtype")."""
+    if name not in COMPUTE_DTYPES:
+        raise FangError(f"model.compute_dtype={name!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    kind = torch.device(device).type
+    if name == "auto":
+        if kind != "cuda":
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FangError("model.compute_dtype=bfloat16 but this GPU has no bfloat16 support: use float16 or auto")
+    # float16 on CPU: torch runs LLaMA blocks forward and backward in it (checked, torch 2.13), slowly
+    # without AVX512-FP16; it is allowed, not chosen by auto
+    return name

@@ -29,11 +29,16 @@ class ModelParams:
     # where the dense model's decoder blocks wait while capture, taylor and prune run another block:
     # none (all on the device) | host (host RAM) | disk (read from the safetensors files); README "70B"
     offload: str = "none"
+    # dtype of the block weights and activations in every block pass (capture, taylor, prune, ica,
+    # gprune_modules, attribute); statistics stay float32/float64. auto: bfloat16 on CUDA, float32 on CPU
+    compute_dtype: str = "auto"
 
     def validate(self) -> None:
         require(bool(self.name), "model.name is empty: give a hub id, a local path or 'embedded:smollm2'")
         require(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
         require(self.offload in OFFLOADS, f"model.offload={self.offload!r}: use one of {', '.join(OFFLOADS)}")
+        require(self.compute_dtype in COMPUTE_DTYPES,
+                f"model.compute_dtype={self.compute_dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
 
 
 @dataclass
@@ -347,6 +352,8 @@ class GPruneParams:
 DTYPES = {"float32", "float16", "bfloat16"}
 # model.offload: block weights on the device, streamed from host RAM, or from disk (fang.model.offload)
 OFFLOADS = ("none", "host", "disk")
+# model.compute_dtype: what block passes run in (resolved per device by fang.core.device.resolve_compute_dtype)
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass

@@ -11,6 +11,13 @@ f_fang, o_fang, ... The driver knows none of them by name. What every block keep
 before any block is touched (`fang.methods.plan.plan_pruning`: the allocation, FLAP's structure search
 or the per-block sparsities, and the keep counts); the driver only runs the sequential pass with those
 counts. Every method really shrinks the model (`fang.model.shrink`).
+
+Precision (model.compute_dtype). The blocks run in the model's dtype, which the prune stage loads it
+in; float32, or bfloat16/float16 as SparseGPT and FLAP run theirs. Whatever it is, the methods'
+statistics are accumulated from float32/float64 copies of the activations (`stats.InputStats`,
+`obc.HessianAccumulator`), scores and the OBC/FLAP solves run in float32 or float64 on float copies
+of the weights, and only the result is cast back to the model's dtype when it is written into the
+block (`_apply_attention`, `_apply_mlp`, `fang.model.shrink`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class PruneReport:
     pruned_block_params: int = 0
     layers: list[dict] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    compute_dtype: str = "float32"  # the dtype the blocks ran in (model.compute_dtype, resolved)
 
     @property
     def achieved_sparsity(self) -> float:
@@ -55,6 +63,7 @@ class PruneReport:
         return {
             "method": self.method,
             "target_sparsity": self.target_sparsity,
+            "compute_dtype": self.compute_dtype,
             "achieved_sparsity": round(self.achieved_sparsity, 6),
             "kv_heads_kept": sum(int(e.get("kv_heads", 0)) for e in self.layers),
             "neurons_kept": sum(int(e.get("ffn", 0)) for e in self.layers),
@@ -235,7 +244,8 @@ def prune_model(
     pruning.check(model)
     device = torch.device(device)
     place_model(model, device)
-    report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model))
+    report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model),
+                         compute_dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."))
     plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options, art)
     report.options = {**options.as_dict(), "allocation": plan.allocation,
                       "block_sparsity": None if plan.block_sparsity is None else [float(s) for s in plan.block_sparsity]}

@@ -85,7 +85,8 @@ def al_am_scores(o_metric: Tensor, down_metric: Tensor, unit_columns: Tensor) ->
 
 
 def bias_compensation(weight: Tensor, mean: Tensor, keep: Tensor) -> Tensor:
-    """FLAP's baseline bias W[:, pruned] @ mean[pruned] -> [out], in weight's dtype.
+    """FLAP's baseline bias W[:, pruned] @ mean[pruned] -> [out], in weight's dtype, at least float32
+    (a bfloat16 weight's bias is rounded once, when the shrunk layer stores it, not here too).
 
     Removing input channels removes their average contribution to the output too; adding it back
     as a constant keeps the layer's mean output on calibration data equal to the dense layer's.
@@ -98,7 +99,7 @@ def bias_compensation(weight: Tensor, mean: Tensor, keep: Tensor) -> Tensor:
     pruned[keep.to(weight.device)] = False
     w = weight.detach()[:, pruned].to(torch.float64)
     m = mean.detach().reshape(-1).to(device=weight.device, dtype=torch.float64)[pruned]
-    return (w @ m).to(weight.dtype)
+    return (w @ m).to(torch.promote_types(weight.dtype, torch.float32))
 
 
 def flap_bias(weight: Tensor, stats: InputStats, keep_columns: Tensor) -> Tensor:

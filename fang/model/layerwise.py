@@ -4,6 +4,11 @@ Only one block's activations for the whole calibration set live in memory at a t
 outputs become block l+1's inputs. Both `capture` and every pruning method use this driver.
 When the model streams its blocks (model.offload, `fang.model.offload`), a caller runs block l
 inside `runner.on_device(l)`, which brings its weights to the device and drops them after.
+
+Blocks run in the model's own dtype (model.compute_dtype: the stages load the model in it). Hidden
+states kept between blocks on the host are float32 (a bfloat16/float16 output converts to float32
+exactly) and are cast to the model's dtype as they enter a block; every statistic a pass collects
+from hooks is converted to float32 or float64 by its accumulator before it is summed.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class BlockRunner:
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model
         self.device = device
+        # the dtype block inputs are cast to: the model's (its embeddings'), i.e. model.compute_dtype
+        self.dtype = model.get_input_embeddings().weight.dtype
         self._kwargs: dict[tuple[int, int], dict] = {}
 
     def kwargs_for(self, batch: int, seq_len: int) -> dict:
@@ -77,14 +84,15 @@ class BlockRunner:
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         require_resident(self.model, layer)
-        hidden = hidden.to(self.device)
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
         out = layer(hidden, **self.kwargs_for(hidden.shape[0], hidden.shape[1]))
         return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
 def embed_tokens(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Block 0's input [N, L, d] (float32, host) for token ids [N, L], computed batch by batch."""
+    """Block 0's input [N, L, d] (float32, host) for token ids [N, L], computed batch by batch in the
+    model's dtype."""
     runner = BlockRunner(model, device)
     n_seq, seq_len = input_ids.shape
     out = torch.empty(n_seq, seq_len, model.config.hidden_size, dtype=torch.float32)
