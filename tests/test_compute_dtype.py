@@ -235,3 +235,84 @@ def test_bfloat16_with_disk_streaming_is_the_same_as_without(tmp_path):
         capture_features(model, _calib(), tmp_path / f"{mode}.zarr", batch_size=4, dtype="float32", keep=())
         stats[mode] = open_capture(tmp_path / f"{mode}.zarr")["down_in_var"][:]
     assert np.array_equal(stats["none"], stats["disk"])
+
+
+# ---------------------------------------------------------------------------------------------- diagnostic script
+
+
+def _diagnostic():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "diagnostics" / "compute_dtype.py"
+    spec = importlib.util.spec_from_file_location("compute_dtype_diagnostic", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _metrics(ppl_nll: list[float], correct: list[int]) -> dict:
+    """A `fang evaluate` JSON in miniature: per-window NLL of one topic, the seven tasks' per-question scores."""
+    from fang.data.paper_tasks import PAPER_TASKS
+
+    tasks = {t: {"acc": float(np.mean(correct)), "acc_stderr": 0.1,
+                 "per_example": {"doc_id": list(range(len(correct))), "acc": [float(c) for c in correct]}}
+             for t in PAPER_TASKS}
+    return {"ppl": float(np.exp(sum(ppl_nll) / (10 * len(ppl_nll)))), "dtype": "bfloat16",
+            "ppl_windows": {"nll": {"Arts": ppl_nll}, "tokens_per_window": 10}, "tasks": tasks}
+
+
+def test_diagnostic_reports_units_metrics_and_timings(captures, tmp_path):
+    import json
+
+    from fang.core.atomic import write_json
+    from fang.model.shrink import STRUCTURE_FILE, save_pruned
+
+    diag = _diagnostic()
+    cap = captures[torch.float32]
+    dirs, kept = {}, {}
+    for name, method, dt in (("f32", "obc", torch.float32), ("bf16", "obc", torch.bfloat16),
+                             ("flap", "flap", torch.float32)):
+        model, report, kept[name], _ = _prune(method, dt, cap)
+        dirs[name] = tmp_path / name
+        save_pruned(model, tiny_tokenizer(), dirs[name])
+        write_json(tmp_path / f"{name}.prune.json", report.as_dict())
+    timings = {}
+    for name, seconds in (("f32", 10.0), ("bf16", 6.0)):
+        timings[name] = tmp_path / f"{name}.timings.jsonl"
+        timings[name].write_text("\n".join(json.dumps(e) for e in [
+            {"stage": "capture", "args": ["None"], "seconds": seconds, "peak_rss_mib": 100, "load_avg": [1, 1, 1]},
+            {"stage": "prune", "args": ["obc", "0.3", f"artifacts/sweep/{name}", "None"], "seconds": 2 * seconds},
+        ]) + "\n")
+    metrics = [tmp_path / "f32.m.json", tmp_path / "bf16.m.json"]
+    write_json(metrics[0], _metrics([30.0, 31.0, 29.0, 30.5], [1, 0, 1, 1, 0, 1]))
+    write_json(metrics[1], _metrics([30.1, 31.2, 29.1, 30.4], [1, 0, 1, 0, 0, 1]))
+    out = tmp_path / "cd.json"
+    diag.main([str(dirs["f32"]), str(dirs["bf16"]), "--out", str(out), "--metrics", *map(str, metrics),
+               "--timings", str(timings["f32"]), str(timings["bf16"])])
+    res = json.loads(out.read_text())
+    assert res["a"]["weights_dtype"] == "float32" and res["b"]["weights_dtype"] == "bfloat16"
+    assert res["b"]["prune"]["compute_dtype"] == "bfloat16"
+    units = res["units"]
+    both = sum(len(set(a) & set(b)) for a, b in zip(kept["f32"], kept["bf16"]))
+    assert units["summary"]["ffn"]["both"] == both
+    assert units["summary"]["ffn"]["differ"] == sum(len(a) + len(b) for a, b in zip(kept["f32"], kept["bf16"])) - 2 * both
+    # same plan, heads matched by their rows across float32 and bfloat16: every kept head found in both
+    assert all(e["heads"]["both"] == e["heads"]["a"] == e["heads"]["b"] for e in units["blocks"])
+    # the row matching (checkpoints without kept_neurons) finds what kept_neurons says, here against flap
+    ref = diag.compare_units(diag.Weights(dirs["f32"]), diag.Weights(dirs["flap"]))
+    for d in (dirs["f32"], dirs["flap"]):
+        s = json.loads((d / STRUCTURE_FILE).read_text())
+        for layer in s["layers"]:
+            layer.pop("kept_neurons")
+        (d / STRUCTURE_FILE).write_text(json.dumps(s))
+    rows = diag.compare_units(diag.Weights(dirs["f32"]), diag.Weights(dirs["flap"]))
+    assert [e["ffn"]["from"] for e in rows["blocks"]] == ["gate_proj rows"] * N_LAYERS
+    assert [e["ffn"]["both"] for e in rows["blocks"]] == [e["ffn"]["both"] for e in ref["blocks"]]
+    assert ref["summary"]["ffn"]["differ"] > 0  # two methods: the comparison can tell units apart
+    m = res["metrics"]
+    assert m["a"]["avg7"] == pytest.approx(4 / 6) and m["b"]["avg7"] == pytest.approx(3 / 6)
+    assert m["paired_b_vs_a"]["accuracy"]["average_avg7"]["estimate"] == pytest.approx(-1 / 6)
+    assert m["paired_b_vs_a"]["perplexity"]["overall"]["n"] == 4
+    t = {r["stage"]: r for r in res["timings"]}  # prune matched although its --out differs
+    assert t["capture"]["ratio_b_a"] == 0.6 and t["prune"]["seconds_b"] == 12.0
