@@ -66,7 +66,7 @@ def run(params_path: str = "params.yaml") -> None:
         "article_topic": article_topic,
     }
     attrs = {"topics": topics, "guarded": [t for t, g in zip(topics, att.guarded) if g],
-             "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]),
+             "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]), "compute_dtype": dtype,
              "params": {k: getattr(p, k) for k in ("top_k", "skip_first", "min_tokens", "min_articles",
                                                     "min_selectivity", "fdr")}}
     write_store(paths.ATTRIBUTION, KIND, arrays, attrs)

@@ -316,3 +316,51 @@ def test_diagnostic_reports_units_metrics_and_timings(captures, tmp_path):
     assert m["paired_b_vs_a"]["perplexity"]["overall"]["n"] == 4
     t = {r["stage"]: r for r in res["timings"]}  # prune matched although its --out differs
     assert t["capture"]["ratio_b_a"] == 0.6 and t["prune"]["seconds_b"] == 12.0
+
+
+def test_stages_read_compute_dtype_from_params(tmp_path, monkeypatch):
+    """calibrate -> capture -> cluster -> taylor -> prune, ica, gprune_modules and attribute with model.compute_dtype float32 and
+    bfloat16 in params.yaml: each stage loads the model in it and records it, the bfloat16 prune is saved
+    in bfloat16, and the two prunes keep mostly the same units (the diagnostic script's count)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from fang.analysis.store import open_store
+    from stages import attribute, calibrate, capture, cluster, gprune_modules, ica, prune, taylor
+
+    _model(torch.float32).save_pretrained(tmp_path / "artifacts/model")
+    tiny_tokenizer().save_pretrained(tmp_path / "artifacts/model")
+    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
+            for i in range(30)]
+    (tmp_path / "artifacts/data").mkdir(parents=True)
+    (tmp_path / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    root = Path("artifacts")
+    for name in ("float32", "bfloat16"):
+        params = {"model": {"compute_dtype": name}, "calibrate": {"n_samples": 6, "seq_len": 24},
+                  "capture": {"batch_size": 3, "dtype": "float32"}, "cluster": {"pca_dim": 4, "k": 3},
+                  "taylor": {"batch_size": 3}, "prune": {"batch_size": 3},
+                  "ica": {"n_components": 3, "n_restarts": 1, "batch_size": 3},
+                  "gprune": {"min_source_tokens": 16, "n_modules": 3, "batch_size": 3},
+                  "attribute": {"batch_size": 3, "top_k": 2, "skip_first": 0}}
+        Path("params.yaml").write_text(yaml.safe_dump(params))
+        calibrate.run("params.yaml")
+        capture.run("params.yaml")
+        cluster.run("params.yaml")
+        taylor.run("params.yaml")
+        ica.run("params.yaml")
+        gprune_modules.run("params.yaml")
+        attribute.run("params.yaml")
+        prune.run("params.yaml", method="obc", sparsity=0.3, out=f"artifacts/pruned-{name}")
+        assert open_capture(root / "capture.zarr").attrs["compute_dtype"] == name
+        assert open_store(root / "taylor.zarr", "taylor", "taylor").attrs["compute_dtype"] == name
+        assert open_store(root / "ica.zarr", "ica", "ica").attrs["compute_dtype"] == name
+        assert open_store(root / "gprune.zarr", "gprune", "gprune").attrs["compute_dtype"] == name
+        assert json.loads((root / "attribution.json").read_text())["compute_dtype"] == name
+        assert json.loads((root / f"pruned-{name}.prune.json").read_text())["compute_dtype"] == name
+        assert json.loads((root / f"pruned-{name}/config.json").read_text())["dtype"] == name
+    res = _diagnostic().compare(root / "pruned-float32", root / "pruned-bfloat16")
+    assert res["b"]["weights_dtype"] == "bfloat16" and res["b"]["prune"]["compute_dtype"] == "bfloat16"
+    assert res["units"]["summary"]["ffn"]["agreement"] >= AGREEMENT

@@ -44,7 +44,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def resolve_compute_dtype(name: str, device: torch.device | str) -> str:
     """The dtype name ("float32", "bfloat16" or "float16") block passes run in on `device`, for
     model.compute_dtype `name`. `auto`: bfloat16 on CUDA (float16 on a GPU without bfloat16), float32
-    elsewhere (on CPU the evidence for half precision is not in yet: docs/usage.md "Compute dtype")."""
+    elsewhere (on CPU the evidence for half precision is not in yet: docs/scale.md "Compute dtype")."""
     if name not in COMPUTE_DTYPES:
         raise FangError(f"model.compute_dtype={name!r}: use one of {', '.join(COMPUTE_DTYPES)}")
     kind = torch.device(device).type
