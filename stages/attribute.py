@@ -36,7 +36,7 @@ KIND = "attribution"
 
 
 def run(params_path: str = "params.yaml") -> None:
-    from fang.core.device import pick_device, resolve_compute_dtype
+    from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
     from fang.model.modeling import load_dense
 
     p = load_block("attribute", path=params_path)
@@ -66,7 +66,7 @@ def run(params_path: str = "params.yaml") -> None:
         "article_topic": article_topic,
     }
     attrs = {"topics": topics, "guarded": [t for t, g in zip(topics, att.guarded) if g],
-             "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]), "compute_dtype": dtype,
+             "n_layers": int(att.label.shape[0]), "n_ffn": int(att.label.shape[1]), **dtype_record(dtype),
              "params": {k: getattr(p, k) for k in ("top_k", "skip_first", "min_tokens", "min_articles",
                                                     "min_selectivity", "fdr")}}
     write_store(paths.ATTRIBUTION, KIND, arrays, attrs)

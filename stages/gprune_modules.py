@@ -15,7 +15,7 @@ from fang.analysis.gprune import GPruneConsumer
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
-from fang.core.device import pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
 from fang.core.errors import FangError, require
 from fang.core.integrity import read_config
 from fang.core.params import load_block
@@ -65,7 +65,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(out, "gprune", consumer.out, {
         "sources": names, "source_kind": kind, "source_tokens": [counts[n] for n in names], "metric": p.metric,
         "n_layers": cfg.num_hidden_layers, "intermediate_size": cfg.intermediate_size,
-        "compute_dtype": dtype,
+        **dtype_record(dtype),
     })
     layers = consumer.layers
     write_json(art.metrics / "gprune.json", {

@@ -14,7 +14,7 @@ from fang.analysis.ica import IcaConsumer, prunable_layers
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.device import pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
@@ -40,7 +40,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     write_store(out, "ica", {"maps": consumer.maps, "neuron_score": consumer.score}, {
         "n_layers": n_layers, "intermediate_size": n_ffn, "n_components": p.n_components, "tokens": n_tok,
         "columns": "maps[l, k, :n_ffn] = act_fn(gate_proj) columns, maps[l, k, n_ffn:] = up_proj columns",
-        "prunable_layers": prunable_layers(n_layers), "compute_dtype": dtype,
+        "prunable_layers": prunable_layers(n_layers), **dtype_record(dtype),
     })
     write_json(paths.calibration_artifacts(source).metrics / "ica.json", {
         "n_components": p.n_components, "tokens": n_tok, "layers": consumer.layers,

@@ -7,7 +7,7 @@ from fang.analysis.cluster import center_distances
 from fang.analysis.store import open_store, write_store
 from fang.analysis.taylor import taylor_scores
 from fang.core import paths
-from fang.core.device import pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
 from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
@@ -33,5 +33,5 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights
     res["center_distances"] = torch.stack([center_distances(c) for c in res["down_centers"]])
-    write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k, "compute_dtype": dtype})
+    write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k, **dtype_record(dtype)})
     console.print(f"taylor scores [{res['scores'].shape[0]} layers x k={k} x {res['scores'].shape[2]} neurons] -> {art.taylor}")

@@ -164,7 +164,8 @@ def capture_features(
             n_samples=n_seq,
             seq_len=seq_len,
             dtype=dtype,
-            compute_dtype=str(runner.dtype).removeprefix("torch."),  # what the blocks ran in (model.compute_dtype)
+            # what the blocks ran in (model.compute_dtype); float32 is left out, so a float32 store keeps its bytes
+            **({} if runner.dtype == torch.float32 else {"compute_dtype": str(runner.dtype).removeprefix("torch.")}),
             keep=list(keep),
             pca_dim=pca_dim,
         )

@@ -57,3 +57,9 @@ def resolve_compute_dtype(name: str, device: torch.device | str) -> str:
     # float16 on CPU: torch runs LLaMA blocks forward and backward in it (checked, torch 2.13), slowly
     # without AVX512-FP16; it is allowed, not chosen by auto
     return name
+
+
+def dtype_record(name: str) -> dict[str, str]:
+    """What an output records of the compute dtype it was made in: nothing for float32, so outputs made
+    in float32 keep the bytes they had before model.compute_dtype existed (locked results stay valid)."""
+    return {} if name == "float32" else {"compute_dtype": name}

@@ -63,7 +63,8 @@ class PruneReport:
         return {
             "method": self.method,
             "target_sparsity": self.target_sparsity,
-            "compute_dtype": self.compute_dtype,
+            # float32 is left out: reports made in it keep the bytes they had before the option existed
+            **({} if self.compute_dtype == "float32" else {"compute_dtype": self.compute_dtype}),
             "achieved_sparsity": round(self.achieved_sparsity, 6),
             "kv_heads_kept": sum(int(e.get("kv_heads", 0)) for e in self.layers),
             "neurons_kept": sum(int(e.get("ffn", 0)) for e in self.layers),
