@@ -252,3 +252,29 @@ def test_sobp_bad_inputs_are_one_line_errors(calib, tmp_path):
     with pytest.raises(FangError, match="vocabulary"):
         prune_model(model, cap, "sobp", 0.3, "kv_group", batch_size=4,
                     inputs=SobpInputs(torch.full((2, 8), 500), 4))
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_sobp_with_streamed_blocks_saves_the_same_checkpoint(calib, tmp_path, mode):
+    """Step 1's backward and the dense stream both run each block inside its turn on the device (model.offload):
+    the pruned checkpoint is the same files, byte for byte, as without streaming."""
+    from fang.model.modeling import load_dense
+    from fang.model.offload import gather_blocks, load_dense_offloaded
+    from fang.model.shrink import save_pruned
+    from helpers_tokenizer import tiny_tokenizer
+
+    ckpt = tmp_path / "model"
+    tiny_model(6, 3, layers=3).save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    dense, _ = load_dense(ckpt)
+    cap = captured(dense, calib, tmp_path)
+    reports = {}
+    for m in ("none", mode):
+        model, tokenizer = load_dense_offloaded(ckpt, offload=m)
+        reports[m] = _prune_sobp(model, cap, 0.3).as_dict()
+        save_pruned(gather_blocks(model), tokenizer, tmp_path / m)
+    assert reports[mode] == reports["none"]
+    files = sorted(p.relative_to(tmp_path / "none") for p in (tmp_path / "none").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / mode / f).read_bytes() == (tmp_path / "none" / f).read_bytes(), f
