@@ -275,6 +275,7 @@ def test_sobp_with_streamed_blocks_saves_the_same_checkpoint(calib, tmp_path, mo
         save_pruned(gather_blocks(model), tokenizer, tmp_path / m)
     assert reports[mode] == reports["none"]
     files = sorted(p.relative_to(tmp_path / "none") for p in (tmp_path / "none").rglob("*") if p.is_file())
-    assert files and files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
+    assert files
+    assert files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
     for f in files:
         assert (tmp_path / mode / f).read_bytes() == (tmp_path / "none" / f).read_bytes(), f

@@ -89,7 +89,8 @@ def first_order_scores(model: nn.Module, input_ids: Tensor, unit_columns: Tensor
     set before the magnitude is taken (the first-order Taylor term of the loss, not a sum of per-token
     magnitudes).
     """
-    require(input_ids.dim() == 2 and input_ids.numel() > 0, f"first_order_scores: token ids must be [N, L], got {tuple(input_ids.shape)}")
+    require(input_ids.dim() == 2 and input_ids.numel() > 0,
+            f"first_order_scores: token ids must be [N, L], got {tuple(input_ids.shape)}")
     require(input_ids.shape[1] >= 2, "first_order_scores: sequences need at least 2 tokens (one prediction)")
     require(batch_size > 0, f"first_order_scores: batch_size={batch_size} must be positive")
     device = torch.device(device)
@@ -129,7 +130,8 @@ def first_order_scores(model: nn.Module, input_ids: Tensor, unit_columns: Tensor
     mlp = [(s / n_pred).abs() for s in mlp]
     for kind, scores in (("attention", attn), ("FFN", mlp)):
         if not all(bool(torch.isfinite(s).all()) for s in scores):
-            raise FangError(f"sobp: first-order {kind} scores are not finite (NaN/Inf loss gradients on the calibration data)")
+            raise FangError(f"sobp: first-order {kind} scores are not finite "
+                            "(NaN/Inf loss gradients on the calibration data)")
     return attn, mlp
 
 
@@ -147,7 +149,8 @@ def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float
     """The fraction of the prunable pool (attention units and neurons) to remove so that `sparsity` of the
     blocks' parameters goes: the pool leaves out the norms and, with query slots (prune.gqa), the K and V
     projections, so cutting the pool at `sparsity` itself would remove less than asked."""
-    require(0 < pool_params <= block_params, f"pool_sparsity: pool of {pool_params} in blocks of {block_params} parameters")
+    require(0 < pool_params <= block_params,
+            f"pool_sparsity: pool of {pool_params} in blocks of {block_params} parameters")
     s = float(sparsity) * block_params / pool_params
     require(s < 1.0, f"prune.sparsity={sparsity} asks for {s:.1%} of the prunable heads and neurons: no block could "
                      "keep one; lower it (or use prune.gqa: kv_group, which can remove K and V too)")
@@ -172,7 +175,8 @@ def module_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, hinv: T
     require(hessian.shape == (n, n) and hinv.shape == (n, n),
             f"module_target_weight: Hessian {tuple(hessian.shape)} / inverse {tuple(hinv.shape)} for {n} input columns")
     w64 = weight.detach().to(device=hinv.device, dtype=torch.float64)
-    resid = cross.to(device=hinv.device, dtype=torch.float64) - w64 @ hessian.to(device=hinv.device, dtype=torch.float64)
+    h64 = hessian.to(device=hinv.device, dtype=torch.float64)
+    resid = cross.to(device=hinv.device, dtype=torch.float64) - w64 @ h64
     return (w64 + resid @ hinv.to(torch.float64)).to(hinv.dtype)
 
 
@@ -193,8 +197,9 @@ class SobpPruner:
         if self.targets is not None:
             rows = x.detach().reshape(-1, self.n_channels)
             end = self.cursor + rows.shape[0]
-            require(end <= self.targets.shape[0], f"{self.where}: the driver streamed more tokens than SoBP's dense "
-                                                  f"stream holds ({self.targets.shape[0]}): the calibration token ids differ")
+            require(end <= self.targets.shape[0],
+                    f"{self.where}: the driver streamed more tokens than SoBP's dense stream holds "
+                    f"({self.targets.shape[0]}): the calibration token ids differ")
             y = self.targets[self.cursor:end].to(device=rows.device, dtype=torch.float64)
             part = y.T @ rows.double()
             self.cross = part if self.cross is None else self.cross + part
@@ -261,7 +266,8 @@ class Sobp(PruningMethod):
 
     def check(self, model: nn.Module) -> None:
         require(isinstance(self.inputs, SobpInputs),
-                "prune.method=sobp needs the calibration token ids (SobpInputs: `Sobp.load_inputs` reads the capture's)")
+                "prune.method=sobp needs the calibration token ids "
+                "(SobpInputs: `Sobp.load_inputs` reads the capture's)")
         self.inputs.validate()
         require(int(self.inputs.token_ids.max()) < model.config.vocab_size,
                 f"sobp: calibration token ids reach {int(self.inputs.token_ids.max())}, the model's vocabulary has "
@@ -269,12 +275,11 @@ class Sobp(PruningMethod):
         self._model = model
 
     def plan(self, model: nn.Module, sparsity: float, units: AttentionUnits) -> tuple[list[int], list[int]] | None:
-        n_layers = len(decoder_layers(model))
+        layers = decoder_layers(model)
         if sparsity == 0:
-            return [units.count] * n_layers, [layer.mlp.down_proj.in_features for layer in decoder_layers(model)]
+            return [units.count] * len(layers), [layer.mlp.down_proj.in_features for layer in layers]
         self.first_order = first_order_scores(model, self.inputs.token_ids, units.unit_columns(),
                                               self.inputs.batch_size, _execution_device(model))
-        layers = decoder_layers(model)
         pool = sum(units.count * units.params + layer.mlp.down_proj.in_features * units.neuron_params
                    for layer in layers)
         blocks = sum(p.numel() for layer in layers for p in layer.parameters())
