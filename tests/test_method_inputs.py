@@ -44,7 +44,7 @@ def test_manifest_changes_only_for_the_methods_that_read_a_change(art):
     after_tau = {m: mi.method_inputs(m, dataclasses.replace(base, tau=7.0), art) for m in mi.READS}
     assert {m for m in mi.READS if before[m] != after_tau[m]} == {"f_fang", "o_fang"}
     after_damp = {m: mi.method_inputs(m, dataclasses.replace(base, damp=0.1), art) for m in mi.READS}
-    assert {m for m in mi.READS if before[m] != after_damp[m]} == {"obc", "obc_iter", "o_fang"}
+    assert {m for m in mi.READS if before[m] != after_damp[m]} == {"obc", "obc_iter", "o_fang", "sobp"}
 
     (art.cluster / "arr" / "0").write_bytes(b"\x00\x02")  # new clusters: only FANG reads them
     after_cluster = {m: mi.method_inputs(m, base, art) for m in mi.READS}
