@@ -6,7 +6,7 @@ from pathlib import Path
 from fang.analysis.capture import open_capture
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.choices import parse_variant
+from fang.core.choices import parse_recipe
 from fang.core.device import pick_device
 from fang.core.errors import FangError
 from fang.core.outputs import guard_output
@@ -29,14 +29,17 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
         out: str | None = None, source: str | None = None) -> None:
     """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweeps), from the
     main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
-    `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
+    `method+allocation+compensation` (e.g. "obc+fc") followed by prune settings of its own
+    (a recipe-study candidate, "o_fang+layer,tau=3"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
     offload = load_block("model", path=params_path).offload  # where block weights wait (model.offload)
-    variant = parse_variant(p.method if method is None else method, p.allocation, p.compensation)
+    recipe = parse_recipe(p.method if method is None else method, p.allocation, p.compensation)
+    variant = recipe.variant
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
-    # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
-    dataclasses.replace(p, method=method, sparsity=sparsity).validate()
+    # a recipe's own settings ("o_fang+layer,tau=3") replace the params block's values
+    p = dataclasses.replace(recipe.apply(p), sparsity=sparsity)
+    p.validate()  # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
     extra = [a for a in method_spec(method).artifacts if a not in MAIN_JOB_ARTIFACTS]
     if not out and source is None and extra:
         raise FangError(
@@ -58,7 +61,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     save_pruned(model, tokenizer, out_dir)
     write_json(report_file, report.as_dict())
     console.print(
-        f"{variant.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
+        f"{recipe.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
     gap = report.achieved_sparsity - sparsity

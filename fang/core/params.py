@@ -226,6 +226,41 @@ class SweepParams:
         _check_rows("sweep", self.methods, self.sparsities)
 
 
+@dataclass
+class RecipeParams:
+    """The recipe study (studies/recipe/dvc.yaml): FANG recipes chosen on a tuning half of the sweep's dev
+    questions, confirmed once on the other half against the baselines (fang.evaluation.recipe)."""
+
+    seed: int = 0  # the question split's seed (artifacts/recipe/halves.json)
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])  # where candidates are scored and chosen
+    confirm_sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # where the choice is confirmed
+    candidates: list[str] = field(default_factory=list)  # recipes the study prunes and scores itself
+    sweep_candidates: list[str] = field(default_factory=list)  # candidates that are sweep rows: scored from the sweep's metrics
+    baselines: list[str] = field(default_factory=lambda: ["obc", "obc+fc", "flap"])  # sweep rows the choice is confirmed against
+
+    def validate(self) -> None:
+        from .choices import parse_recipe
+
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"recipe.seed={self.seed!r} must be an integer")
+        _check_rows("recipe", self.baselines + self.sweep_candidates, self.sparsities)
+        _check_list("recipe.confirm_sparsities", self.confirm_sparsities, float)
+        _check_list("recipe.candidates", self.candidates, str)
+        require(self.candidates or self.sweep_candidates, "recipe: no candidate (recipe.candidates and recipe.sweep_candidates are empty)")
+        require(self.baselines, "recipe.baselines is empty: the choice must be confirmed against something")
+        for spec in self.candidates:
+            try:
+                name = parse_recipe(spec).name
+            except FangError as exc:
+                raise FangError(f"recipe.candidates: {exc}") from None
+            require(name == spec, f"recipe.candidates: write {spec!r} as {name!r} (its canonical name: one output folder per recipe)")
+        both = sorted(set(self.candidates) & set(self.sweep_candidates + self.baselines))
+        require(not both, f"recipe: {both} listed as a new candidate and as a sweep row; list each once")
+        missing = sorted(set(self.sparsities) - set(self.confirm_sparsities))
+        require(not missing, f"recipe.confirm_sparsities must include every search sparsity (missing {missing})")
+        bad = [s for s in self.confirm_sparsities if not (0.0 <= s < 1.0)]
+        require(not bad, f"recipe.confirm_sparsities {bad} out of range: each must be in [0, 1)")
+
+
 def _check_list(key: str, values: list, kind: type) -> None:
     """Every entry of a study list of the right type (no `false` as a sparsity: YAML's bools are ints) and listed once."""
     for v in values:
@@ -389,6 +424,7 @@ BLOCKS: dict[str, type] = {
     "allocate": AllocateParams,
     "sweep": SweepParams,
     "bias": BiasParams,
+    "recipe": RecipeParams,
     "screen": ScreenParams,
     "attribute": AttributeParams,
     "ica": IcaParams,

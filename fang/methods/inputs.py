@@ -16,7 +16,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..core.choices import parse_variant, resolve_allocation
+from ..core.choices import parse_recipe, resolve_allocation
 from ..core.errors import require
 from ..core.params import PruneParams
 from ..core.paths import CalibrationArtifacts
@@ -67,11 +67,13 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts, blocks: dict | None = None) -> dict:
-    """The manifest of one sweep row (a method or a variant such as "obc+fc"): the prune keys it reads
+    """The manifest of one sweep row (a method, a variant such as "obc+fc", or a recipe such as
+    "o_fang+layer,tau=3"): the prune keys it reads
     with their values, its effective allocation and compensation, the keys of other params blocks
     its registry line names (values from `blocks`, the params.yaml blocks, or the defaults), and its
     artifacts' hashes."""
-    v = parse_variant(spec, params.allocation, params.compensation)
+    recipe = parse_recipe(spec, params.allocation, params.compensation)
+    v, params = recipe.variant, recipe.apply(params)  # a recipe's own settings are the values its cell reads
     read = {f"prune.{k}": getattr(params, k) for k in keys_read(v.method)}
     read["allocation"] = resolve_allocation(v.method, v.allocation)
     if method_spec(v.method).compensations:  # a method with a choice of refit (o_fang)
