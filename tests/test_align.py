@@ -200,3 +200,48 @@ def test_plan_checks_align_against_the_model(cap):
     method = method_class("obc")("obc", PruneOptions(align=128))
     with pytest.raises(FangError, match="prune.align=128 is larger than the FFN width 120"):
         plan_pruning(model, store, method, 0.3, "kv_group", PruneOptions(align=128))
+
+
+# ------------------------------------------------------------------------------------- the speed diagnostic
+
+
+def test_align_speed_builds_the_shapes_it_times(tmp_path):
+    import json
+
+    from fang.tools.bench.align import load_inputs, measure_align_speed, render_table, report_widths
+
+    cfg = tiny_config(6, 3, 3)
+    cfg.intermediate_size = FFN
+    report = {"layers": [{"ffn": 85, "kv_heads": 2, "heads": 4}, {"ffn": 77, "kv_heads": 3, "heads": 6},
+                         {"ffn": 69, "ffn_unaligned": 70, "kv_heads": 1, "heads": 2}]}
+    ffn, heads = report_widths(report)
+    assert ffn == [85, 77, 70] and heads == [(2, 4), (3, 6), (1, 2)]  # an aligned report gives its unaligned widths
+    result = measure_align_speed(cfg, ffn, heads, [8, 32], ["float32"], prompt_len=8, repeats=2)
+    rows = result["dtypes"]["float32"]
+    assert list(rows) == ["dense", "pruned", "pruned, align 8", "pruned, align 32"]
+    assert rows["dense"]["ffn"] == [FFN] * 3 and rows["pruned"]["ffn"] == ffn
+    assert rows["pruned, align 8"]["ffn"] == align_widths(ffn, [FFN] * 3, 8)
+    assert all(w % 32 == 0 for w in rows["pruned, align 32"]["ffn"])
+    assert rows["pruned"]["kv_heads"] == [2, 3, 1] and rows["dense"]["kv_heads"] == [3, 3, 3]
+    # the models timed have the planned shapes: block parameters follow the widths and heads
+    neuron, head = 3 * HIDDEN, 2 * 8 * HIDDEN  # a query head: its q rows and o columns (head_dim 8)
+    kv_head = 2 * 8 * HIDDEN  # its k and v rows
+    dense = rows["dense"]["block_params"]
+    removed = sum(FFN - w for w in ffn) * neuron + sum(6 - q for _, q in heads) * head + sum(3 - k for k, _ in heads) * kv_head
+    assert rows["pruned"]["block_params"] == dense - removed
+    for r in rows.values():
+        assert len(r["runs"]) == 2 and r["tokens_per_s"] > 0 and r["cpu_ms_per_token"] >= 0
+    assert rows["dense"]["speedup_wall"] == 1.0
+    json.dumps(result)  # what the tool writes
+    assert "| float32 | pruned, align 32 |" in render_table(result)
+
+    (tmp_path / "cfg").mkdir()
+    cfg.save_pretrained(tmp_path / "cfg")
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    got_cfg, got_ffn, _ = load_inputs(tmp_path / "r.json", tmp_path / "cfg" / "config.json")
+    assert got_cfg.intermediate_size == FFN and got_ffn == ffn
+    (tmp_path / "r.json").write_text(json.dumps({"layers": report["layers"][:2]}))
+    with pytest.raises(FangError, match="has 2 blocks"):
+        load_inputs(tmp_path / "r.json", tmp_path / "cfg")
+    with pytest.raises(FangError, match="no per-block layers"):
+        report_widths({"layers": []})
