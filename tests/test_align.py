@@ -245,3 +245,17 @@ def test_align_speed_builds_the_shapes_it_times(tmp_path):
         load_inputs(tmp_path / "r.json", tmp_path / "cfg")
     with pytest.raises(FangError, match="no per-block layers"):
         report_widths({"layers": []})
+
+
+@pytest.mark.parametrize("method", ["f_fang", "o_fang"])
+def test_fang_rounds_above_its_shared_group(method, cap):
+    store, calib = cap
+    # blocks this sparse ask for fewer neurons than FANG keeps (its shared group, 30 of 120, and one neuron a
+    # group): unaligned it keeps those 33; aligned, the first multiple above them, not a width it cannot reach
+    case = (method, {"tau": 1.0}, [0.9, 0.95, 0.3])
+    _, base = _run(case, 1, store, calib)
+    model, report = _run(case, 16, store, calib)
+    assert [e["ffn"] for e in base.layers][:2] == [33, 33]
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert widths[:2] == [48, 48] and all(w % 16 == 0 for w in widths)
+    assert [e["ffn"] for e in report.layers] == widths

@@ -178,18 +178,22 @@ def param_matched_structure(
     return keep_attn, keep_mlp
 
 
-def _legal_widths(n: int, align: int) -> list[int]:
+def _legal_widths(n: int, align: int, floor: int = 1) -> list[int]:
     """The widths a block of dense FFN width `n` may keep under `align`: every multiple of `align` from
-    one multiple up to `n`, and `n` itself (a block left dense keeps its width, aligned or not)."""
-    return sorted(set(range(align, n + 1, align)) | {n})
+    the first one at or above `floor` (at least one multiple) up to `n`, and `n` itself (a block left dense
+    keeps its width, aligned or not)."""
+    start = max(align, -(-floor // align) * align)
+    return sorted(set(range(start, n + 1, align)) | {n})
 
 
-def align_widths(keep: Sequence[int], widths: Sequence[int], align: int) -> list[int]:
+def align_widths(keep: Sequence[int], widths: Sequence[int], align: int,
+                 floors: Sequence[int] | None = None) -> list[int]:
     """Kept FFN widths rounded to multiples of `align` with their total as close as possible to `sum(keep)`.
 
     `keep[l]` is block l's planned width (what the allocation asked for), `widths[l]` its dense width.
     1. Every block that is pruned (keep < width) rounds to its nearest legal width (`_legal_widths`:
-       a multiple of `align`, at least one multiple, at most the dense width; ties round up); a block
+       a multiple of `align`, at least one multiple and at least `floors[l]`, the fewest neurons the
+       method can keep there, at most the dense width; ties round up); a block
        the plan leaves dense stays dense.
     2. The total is repaired by moving whole multiples between pruned blocks, one at a time and only
        while a move brings the total closer to `sum(keep)`: when too many neurons are kept, the block
@@ -212,7 +216,9 @@ def align_widths(keep: Sequence[int], widths: Sequence[int], align: int) -> list
     narrow = [li for li, n in enumerate(widths) if n < align]
     require(not narrow, f"prune.align={align} is larger than the FFN width {widths[narrow[0]] if narrow else 0} "
                         f"of block {narrow[0] if narrow else 0}: use an align of at most {min(widths)}")
-    legal = [_legal_widths(n, align) for n in widths]
+    floors = [1] * len(widths) if floors is None else [int(f) for f in floors]
+    require(len(floors) == len(widths), f"align_widths: {len(floors)} floors for {len(widths)} blocks")
+    legal = [_legal_widths(n, align, f) for n, f in zip(widths, floors)]
     movable = [li for li in range(len(keep)) if keep[li] < widths[li]]
     out = list(keep)
     for li in movable:
@@ -328,7 +334,7 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
             [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params
         )
     align = int(options.align)
-    aligned = align_widths(keep_mlp, n_ffns, align)
+    aligned = align_widths(keep_mlp, n_ffns, align, method.ffn_floors(n_ffns) if align > 1 else None)
     if own_plan is not None and aligned != list(keep_mlp):
         method.adopt_widths(aligned)
     return Plan(allocation, block_sparsity, units, keep_attn, aligned, n_ffns, align,
