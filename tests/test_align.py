@@ -259,3 +259,23 @@ def test_fang_rounds_above_its_shared_group(method, cap):
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
     assert widths[:2] == [48, 48] and all(w % 16 == 0 for w in widths)
     assert [e["ffn"] for e in report.layers] == widths
+
+
+@pytest.mark.parametrize("method", ["gprune", "ica_fn_ranked"])
+def test_the_study_methods_keep_aligned_widths_too(method, cap):
+    from test_ica_gprune_methods import _gprune_inputs
+
+    store, calib = cap
+    scores = torch.rand(LAYERS, FFN, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 6
+
+    def run(align):
+        inputs = _gprune_inputs(LAYERS, n=FFN) if method == "gprune" else IcaInputs(scores.clone())
+        model = model_()
+        return model, prune_model(model, store, method, SPARSITY, batch_size=4, inputs=inputs,
+                                  options=PruneOptions(align=align))
+
+    _, base = run(1)
+    model, report = run(32)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(w % 32 == 0 for w in widths) and [e["ffn_unaligned"] for e in report.layers] == [e["ffn"] for e in base.layers]
+    assert abs(sum(widths) - sum(e["ffn"] for e in base.layers)) <= 16
