@@ -227,7 +227,8 @@ def test_align_speed_builds_the_shapes_it_times(tmp_path):
     neuron, head = 3 * HIDDEN, 2 * 8 * HIDDEN  # a query head: its q rows and o columns (head_dim 8)
     kv_head = 2 * 8 * HIDDEN  # its k and v rows
     dense = rows["dense"]["block_params"]
-    removed = sum(FFN - w for w in ffn) * neuron + sum(6 - q for _, q in heads) * head + sum(3 - k for k, _ in heads) * kv_head
+    removed = (sum(FFN - w for w in ffn) * neuron + sum(6 - q for _, q in heads) * head
+               + sum(3 - k for k, _ in heads) * kv_head)
     assert rows["pruned"]["block_params"] == dense - removed
     for r in rows.values():
         assert len(r["runs"]) == 2 and r["tokens_per_s"] > 0 and r["cpu_ms_per_token"] >= 0
@@ -277,5 +278,6 @@ def test_the_study_methods_keep_aligned_widths_too(method, cap):
     _, base = run(1)
     model, report = run(32)
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
-    assert all(w % 32 == 0 for w in widths) and [e["ffn_unaligned"] for e in report.layers] == [e["ffn"] for e in base.layers]
+    assert all(w % 32 == 0 for w in widths)
+    assert [e["ffn_unaligned"] for e in report.layers] == [e["ffn"] for e in base.layers]
     assert abs(sum(widths) - sum(e["ffn"] for e in base.layers)) <= 16

@@ -199,9 +199,9 @@ def align_widths(keep: Sequence[int], widths: Sequence[int], align: int,
        while a move brings the total closer to `sum(keep)`: when too many neurons are kept, the block
        rounded up the most gives one back (among equals, the one the allocation made the sparsest);
        when too few, the block rounded down the most takes one (among equals, the densest). That is
-       largest-remainder rounding of the allocation's own counts, so each block stays within one
-       multiple of what the allocation gave it, and the total within half a multiple when the bounds
-       allow.
+       largest-remainder rounding of the allocation's own counts: the total lands within half a
+       multiple of the allocation's when the bounds allow, and, when no floor binds, each block
+       within one multiple of what the allocation gave it (a floor can make another block give more).
     The attention is not touched, and every FFN neuron costs the same parameters (3 x hidden), so the
     total of kept neurons is the decoder-block parameter budget. `align=1` returns `keep` unchanged.
     """
@@ -213,9 +213,9 @@ def align_widths(keep: Sequence[int], widths: Sequence[int], align: int,
         require(1 <= k <= n, f"align_widths: block {li} keeps {k} of {n} neurons")
     if align == 1:
         return keep
-    narrow = [li for li, n in enumerate(widths) if n < align]
-    require(not narrow, f"prune.align={align} is larger than the FFN width {widths[narrow[0]] if narrow else 0} "
-                        f"of block {narrow[0] if narrow else 0}: use an align of at most {min(widths)}")
+    narrow = min(range(len(widths)), key=lambda li: widths[li])
+    require(widths[narrow] >= align, f"prune.align={align} is larger than the FFN width {widths[narrow]} of block "
+                                     f"{narrow}: use an align of at most {widths[narrow]}")
     floors = [1] * len(widths) if floors is None else [int(f) for f in floors]
     require(len(floors) == len(widths), f"align_widths: {len(floors)} floors for {len(widths)} blocks")
     legal = [_legal_widths(n, align, f) for n, f in zip(widths, floors)]
@@ -225,25 +225,22 @@ def align_widths(keep: Sequence[int], widths: Sequence[int], align: int,
         out[li] = min(legal[li], key=lambda v, t=keep[li]: (abs(v - t), -v))
     pos = {li: legal[li].index(out[li]) for li in movable}
     target = sum(keep)
+
+    def preference(li: int, down: bool) -> tuple[int, float, int]:
+        # the remainder keep - out (negative: rounded up), then the allocation's kept fraction, then block order
+        return keep[li] - out[li], keep[li] / widths[li], li if down else -li
+
     while sum(out) != target:
         total = sum(out)
         down = total > target
         step = -1 if down else 1
-        cands = []
-        for li in movable:
-            j = pos[li] + step
-            if not 0 <= j < len(legal[li]):
-                continue
-            if abs(total - out[li] + legal[li][j] - target) < abs(total - target):
-                cands.append(li)
+        cands = [li for li in movable if 0 <= pos[li] + step < len(legal[li])
+                 and abs(total - out[li] + legal[li][pos[li] + step] - target) < abs(total - target)]
         if not cands:
             break
-        # remainder keep - out: negative when rounded up; ties by the allocation's kept fraction, then block order
-        def key(li: int) -> tuple[float, float, int]:
-            return keep[li] - out[li], keep[li] / widths[li], li if down else -li
-        li = min(cands, key=key) if down else max(cands, key=key)
-        pos[li] += step
-        out[li] = legal[li][pos[li]]
+        pick = (min if down else max)(cands, key=lambda li: preference(li, down))
+        pos[pick] += step
+        out[pick] = legal[pick][pos[pick]]
     return out
 
 

@@ -159,7 +159,8 @@ def measure_align_speed(
 def render_table(result: dict) -> str:
     """Markdown: one row per dtype and variant."""
     lines = [
-        "| dtype | model | block params (vs dense) | prompt tok/s (vs dense) | CPU ms/token (speedup) | load1 during runs |",
+        "| dtype | model | block params (vs dense) | prompt tok/s (vs dense) | CPU ms/token (speedup) "
+        "| load1 during runs |",
         "|---|---|---:|---:|---:|---|",
     ]
     for dtype, rows in result["dtypes"].items():
