@@ -123,3 +123,12 @@ def test_stage_writes_the_manifest_and_names_an_unknown_key(art, tmp_path):
     (tmp_path / "params.yaml").write_text("prune:\n  tua: 7.0\n")
     with pytest.raises(FangError, match="unknown key\\(s\\) in params block 'prune': tua"):
         run(str(tmp_path / "params.yaml"), "o_fang", str(tmp_path / "m.json"))
+
+
+def test_align_reaches_every_method_and_is_silent_at_one(art):
+    base = PruneParams()
+    assert all("align" in mi.keys_read(m) for m in mi.READS)
+    before = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert all("prune.align" not in before[m]["params"] for m in mi.READS)  # at 1: the manifests locked before it
+    aligned = {m: mi.method_inputs(m, dataclasses.replace(base, align=32), art) for m in mi.READS}
+    assert all(aligned[m]["params"]["prune.align"] == 32 and aligned[m] != before[m] for m in mi.READS)

@@ -110,6 +110,7 @@ class PruneParams:
     reweighting: str = "ours"  # FANG token-cluster weights: ours | uniform | reverse | only_matched (Table 6)
     allocation: str = "auto"  # keep counts per block: auto (each paper's own) | uniform | fc | taylor | flap_search
     compensation: str = "group"  # O-FANG refit: group (paper's Eq. 7) | layer (group-wise selection, whole-layer OBC refit)
+    align: int = 1  # every pruned block keeps a multiple of this many FFN neurons (8, 32, 64: fast kernels); 1 = any width
 
     def validate(self) -> None:
         require(
@@ -131,6 +132,14 @@ class PruneParams:
                 f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
         require(self.compensation in COMPENSATIONS,
                 f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}")
+        check_align(self.align)
+
+
+def check_align(align) -> None:
+    """prune.align: a whole number of FFN neurons >= 1 (whether it fits the model's FFN width is checked when
+    planning, `fang.methods.plan.align_widths`, where the width is known)."""
+    require(isinstance(align, int) and not isinstance(align, bool) and align >= 1,
+            f"prune.align={align!r} must be an integer >= 1 (1 = any width; e.g. 8, 32 or 64)")
 
 
 PERPLEXITY_ONLY = -1  # a task_limit that runs no lm-eval task: perplexity by topic only
