@@ -236,6 +236,7 @@ def plan_sizes(
     from .core.progress import console
     from .data.paper_tasks import PAPER_TASKS
     from .evaluation.paired import average_halfwidth, difference_variance, limit_for_halfwidth
+    from .evaluation.report import reported_metric
 
     ma, mb = (json.loads(Path(x).read_text()) for x in (a, b))
     manifest = json.loads((paths.TASKS / "tasks.json").read_text())
@@ -245,7 +246,7 @@ def plan_sizes(
         raise FangError(f"plan-sizes needs the seven paper tasks in both metrics and the task folder; missing {missing}")
     variance, pilot_n = {}, {}
     for t in PAPER_TASKS:
-        metric = "acc_norm" if ma["tasks"][t].get("acc_norm") is not None else "acc"
+        metric = reported_metric(ma["tasks"][t])
         variance[t] = difference_variance(ma["tasks"][t]["per_example"], mb["tasks"][t]["per_example"], metric, t)
         pilot_n[t] = len(ma["tasks"][t]["per_example"]["doc_id"])
     limit = limit_for_halfwidth(variance, available, target / 100)

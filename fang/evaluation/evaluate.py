@@ -418,12 +418,12 @@ def zero_shot(
 def _manifest_entries(task_dir: Path, kind: str) -> list[dict]:
     from ..data.task_files import MANIFEST
 
+    from ..core.atomic import read_json
+
     path = task_dir / MANIFEST
     if not path.is_file():
         return []
-    import json
-
-    return [e for e in json.loads(path.read_text()).get("tasks", []) if e.get("kind") == kind]
+    return [e for e in read_json(path).get("tasks", []) if e.get("kind") == kind]
 
 
 def _local_split(path: str, split: str, **_ignored) -> Any:
