@@ -79,37 +79,36 @@ def params(offload: str) -> dict:
     }
 
 
-# every stage of the pipeline that loads the model, in dvc.yaml's order (bench and the screen run by hand)
-MODEL_STAGES = ("capture", "taylor", "prune", "evaluate", "ica", "gprune_modules", "attribute", "screen_tasks", "bench")
+def pipeline_steps(root: Path) -> list[tuple[str, object]]:
+    """(stage, call) for every stage from calibrate to the bench, each reading root's params.yaml; run them in root."""
+    from stages import (allocate, attribute, bench, calibrate, capture, cluster, evaluate, gprune_modules, group, ica,
+                        prune, screen_tasks, taylor)
+
+    return [
+        ("calibrate", lambda: calibrate.run("params.yaml")),
+        ("capture", lambda: capture.run("params.yaml")),
+        ("cluster", lambda: cluster.run("params.yaml")),
+        ("taylor", lambda: taylor.run("params.yaml")),
+        ("group", lambda: group.run("params.yaml")),
+        ("allocate", lambda: allocate.run("params.yaml")),
+        ("prune", lambda: prune.run("params.yaml")),
+        ("evaluate", lambda: evaluate.run("params.yaml", model_dir="artifacts/pruned", out="artifacts/metrics/pruned.json")),
+        ("ica", lambda: ica.run("params.yaml")),
+        ("gprune_modules", lambda: gprune_modules.run("params.yaml")),
+        ("attribute", lambda: attribute.run("params.yaml")),
+        ("screen_tasks", lambda: screen_tasks.run("params.yaml")),
+        ("bench", lambda: bench.run("params.yaml", parts="pipeline,inference", max_seqs=2, prompt_len=8, new_tokens=2,
+                                    repeats=1, batch_sizes="1")),
+    ]
 
 
 def run_pipeline(root: Path, offload: str, log=None) -> None:
     """Every stage from calibrate to the bench in `root`, with model.offload=`offload`."""
-    from stages import (allocate, attribute, bench, calibrate, capture, cluster, evaluate, gprune_modules, group, ica,
-                        prune, screen_tasks, taylor)
-
     cwd = os.getcwd()
     os.chdir(root)
     try:
         Path("params.yaml").write_text(yaml.safe_dump(params(offload)))
-        steps = [
-            ("calibrate", lambda: calibrate.run("params.yaml")),
-            ("capture", lambda: capture.run("params.yaml")),
-            ("cluster", lambda: cluster.run("params.yaml")),
-            ("taylor", lambda: taylor.run("params.yaml")),
-            ("group", lambda: group.run("params.yaml")),
-            ("allocate", lambda: allocate.run("params.yaml")),
-            ("prune", lambda: prune.run("params.yaml")),
-            ("evaluate", lambda: evaluate.run("params.yaml", model_dir="artifacts/pruned",
-                                              out="artifacts/metrics/pruned.json")),
-            ("ica", lambda: ica.run("params.yaml")),
-            ("gprune_modules", lambda: gprune_modules.run("params.yaml")),
-            ("attribute", lambda: attribute.run("params.yaml")),
-            ("screen_tasks", lambda: screen_tasks.run("params.yaml")),
-            ("bench", lambda: bench.run("params.yaml", parts="pipeline,inference", max_seqs=2, prompt_len=8,
-                                        new_tokens=2, repeats=1, batch_sizes="1")),
-        ]
-        for name, step in steps:
+        for name, step in pipeline_steps(root):
             step()
             if log is not None:
                 log(name)

@@ -9,13 +9,15 @@ needs only one block's weights at once. With `model.offload`:
         runs and dropped from it after. Host RAM: the whole model in the dtype it is loaded in.
   disk  only the embeddings, final norm and LM head are loaded; a block's tensors are read from the
         memory-mapped safetensors file(s) when it runs and dropped after. Host RAM: one block
-        while it is read, plus every block a method modified (prune keeps the pruned blocks on the
-        host until they are saved), plus the page cache, which the kernel can reclaim.
+        while it is read, plus the page cache, which the kernel can reclaim. A block a method
+        modified (prune) is written to a spill directory as it leaves the device (`spill`), or,
+        without one, waits on the host.
 
 Either way, while a block is not running its module holds meta tensors (shapes only, no memory),
 so "at most one block on the device" is a property tests can check (`resident_blocks`). A block a
-method changed (prune: compensation, shrinking) is copied back to the host when it leaves the device
-(`keep=True`), and `gather_blocks` puts the whole model back on the host for saving.
+method changed (prune: compensation, shrinking) is kept when it leaves the device (`keep=True`: to the
+spill directory or the host), and `save_pruned` writes a streamed model one block at a time
+(`BlockStream.block_state`); `gather_blocks` would put the whole model back on the host.
 
 The weights that run are the same bits as without streaming (copies between host and device are
 exact, and disk mode converts each tensor to the load dtype as `from_pretrained` does), so results
