@@ -1,5 +1,6 @@
 """prune: structured pruning of the dense model (heads + FFN neurons), saved really shrunk."""
 
+import contextlib
 import dataclasses
 import tempfile
 from pathlib import Path
@@ -55,9 +56,10 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
     # the host, and save_pruned reads them back one at a time (beside out_dir: the same disk, not a RAM /tmp)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.blocks-") as spill:
-        model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload,
-                                                spill=spill if offload == "disk" else None)
+    spill_dir = (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.blocks-")
+                 if offload == "disk" else contextlib.nullcontext())
+    with spill_dir as spill:
+        model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload, spill=spill)
         report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
                              options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
         save_pruned(model, tokenizer, out_dir)  # a streamed model: in shards, one block at a time

@@ -36,7 +36,7 @@ from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
 from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, tied_names
-from .offload import layers_prefix, block_stream, load_dense_offloaded, stream_from_disk, stream_from_host
+from .offload import block_stream, layers_prefix, load_dense_offloaded, stream_from_disk, stream_from_host
 from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
