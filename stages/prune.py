@@ -1,6 +1,8 @@
 """prune: structured pruning of the dense model (heads + FFN neurons), saved really shrunk."""
 
+import contextlib
 import dataclasses
+import tempfile
 from pathlib import Path
 
 from fang.analysis.capture import open_capture
@@ -15,7 +17,7 @@ from fang.core.progress import console
 from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
 from fang.methods.units import PruneOptions, attention_units
-from fang.model.offload import gather_blocks, load_dense_offloaded
+from fang.model.offload import load_dense_offloaded
 from fang.model.shrink import save_pruned
 
 
@@ -54,11 +56,16 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     capture = open_capture(art.capture)
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
-    model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload)
-    report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
-    gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving
-    save_pruned(model, tokenizer, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
+    # the host, and save_pruned reads them back one at a time (beside out_dir: the same disk, not a RAM /tmp)
+    spill_dir = (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.blocks-")
+                 if offload == "disk" else contextlib.nullcontext())
+    with spill_dir as spill:
+        model, tokenizer = load_dense_offloaded(paths.MODEL, device, offload=offload, spill=spill)
+        report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
+                             options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
+        save_pruned(model, tokenizer, out_dir)  # a streamed model: in shards, one block at a time
     write_json(report_file, report.as_dict())
     console.print(
         f"{recipe.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
