@@ -156,9 +156,12 @@ def evaluate(
         "sweep.task_limit / bias.task_limit so the quick main job and the comparisons can differ"),
     dtype: Optional[str] = typer.Option(
         None, help="float32 | bfloat16 | float16; default evaluate.dtype. For `fang compare-precision`"),
+    questions: Optional[str] = typer.Option(
+        None, help="a question split JSON (`fang recipe-split`): score only the questions of --half, instead of --task-limit"),
+    half: Optional[str] = typer.Option(None, help="with --questions: tuning | confirmation"),
 ) -> None:
     """Perplexity on the test split (overall and per topic) and zero-shot accuracy (lm-eval) of one model."""
-    _stage("evaluate").run(params, model, out, task_limit, dtype)
+    _stage("evaluate").run(params, model, out, task_limit, dtype, questions, half)
 
 
 @app.command("compare-precision")
@@ -233,6 +236,7 @@ def plan_sizes(
     from .core.progress import console
     from .data.paper_tasks import PAPER_TASKS
     from .evaluation.paired import average_halfwidth, difference_variance, limit_for_halfwidth
+    from .evaluation.report import reported_metric
 
     ma, mb = (json.loads(Path(x).read_text()) for x in (a, b))
     manifest = json.loads((paths.TASKS / "tasks.json").read_text())
@@ -242,7 +246,7 @@ def plan_sizes(
         raise FangError(f"plan-sizes needs the seven paper tasks in both metrics and the task folder; missing {missing}")
     variance, pilot_n = {}, {}
     for t in PAPER_TASKS:
-        metric = "acc_norm" if ma["tasks"][t].get("acc_norm") is not None else "acc"
+        metric = reported_metric(ma["tasks"][t])
         variance[t] = difference_variance(ma["tasks"][t]["per_example"], mb["tasks"][t]["per_example"], metric, t)
         pilot_n[t] = len(ma["tasks"][t]["per_example"]["doc_id"])
     limit = limit_for_halfwidth(variance, available, target / 100)
@@ -271,6 +275,34 @@ def report(
 ) -> None:
     """Table of every method x sparsity in the sweep (Markdown, CSV) and a PNG of accuracy/perplexity vs sparsity."""
     _stage("report").run(params, results, readme)
+
+
+@app.command("recipe-split")
+def recipe_split(
+    params: str = ParamsOpt,
+    dense: str = typer.Option("artifacts/sweep/dense.metrics.json", help="metrics JSON whose questions are split (the sweep's dense evaluation)"),
+    out: str = typer.Option("artifacts/recipe/halves.json", help="question split JSON to write"),
+) -> None:
+    """Cut the dev questions into a tuning half and a confirmation half, per task, seeded by recipe.seed."""
+    _stage("recipe_split").run(params, dense, out)
+
+
+@app.command("recipe-select")
+def recipe_select(
+    params: str = ParamsOpt,
+    out: str = typer.Option("artifacts/recipe/search.json", help="search table and choice JSON to write"),
+) -> None:
+    """Score every recipe.candidates / sweep_candidates on the tuning half, paired against recipe.baselines; choose one."""
+    _stage("recipe_select").run(params, out)
+
+
+@app.command("recipe-confirm")
+def recipe_confirm(
+    params: str = ParamsOpt,
+    out: str = typer.Option("artifacts/recipe/confirmation.json", help="confirmation verdicts JSON to write"),
+) -> None:
+    """The chosen recipe against every baseline at recipe.confirm_sparsities, paired, on the confirmation half."""
+    _stage("recipe_confirm").run(params, out)
 
 
 @app.command("bias-report")

@@ -1,4 +1,4 @@
-"""attribute: one streaming forward pass over the calibration set, hooks on every down_proj input,
+"""attribute: one block-by-block pass over the calibration set, hooks on every down_proj input,
 -> artifacts/attribution.zarr (topic selectivity, labels, top contexts) + artifacts/attribution.json.
 
 attribute-removed: which of those neurons a pruned model removed, per topic, beside its evaluation.
@@ -37,7 +37,7 @@ KIND = "attribution"
 
 def run(params_path: str = "params.yaml") -> None:
     from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
-    from fang.model.modeling import load_dense
+    from fang.model.offload import load_dense_offloaded
 
     p = load_block("attribute", path=params_path)
     take_lock(paths.ATTRIBUTION)  # one writer at a time (fang.core.outputs)
@@ -46,8 +46,9 @@ def run(params_path: str = "params.yaml") -> None:
     cfg = read_config(paths.MODEL)  # float32 values + int64 indices per layer, top_k and neuron: allocated at once
     check_fits(cfg.get("num_hidden_layers", 0) * p.top_k * cfg.get("intermediate_size", 0) * 12,
                "the top contexts of every neuron", f"attribute.top_k={p.top_k}")
-    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
-    model, tokenizer = load_dense(paths.MODEL, device, dtype)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # run block by block
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
     acc = stream_activations(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)

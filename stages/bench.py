@@ -15,7 +15,7 @@ from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import FangError, require
 from fang.core.params import load_block
 from fang.core.progress import console
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded
 from fang.tools.bench.floor import measure_floor, profile_call, subsample
 from fang.tools.bench.inference import find_models, measure_inference
 from fang.tools.bench.machine import machine_info
@@ -60,6 +60,10 @@ def run(
     require(bool(wanted) and not unknown, f"--parts={parts!r}: choose from {', '.join(PARTS)}")
     sizes = _ints(batch_sizes, "--batch-sizes")
     device = pick_device()
+    # model.offload: the floor's forward, the profile's capture and taylor and the inference runs stream the blocks
+    offload = load_block("model", path=params_path).offload
+    # model.compute_dtype: the floor and the profile run the blocks in what the stages ran them in
+    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
     # the bench's own entries are not pipeline stages
     timings = [e for e in read_timings(TIMINGS) if e["stage"] not in NOT_PIPELINE]
     result: dict = {
@@ -79,7 +83,7 @@ def run(
         taylor_batch = load_block("taylor", path=params_path).batch_size
         input_ids = load_calibration()
         # the floor runs in the dtype the stages ran their blocks in (model.compute_dtype)
-        model, _ = load_dense(paths.MODEL, device, resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device))
+        model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=offload)
         floor = measure_floor(model, input_ids, capture_batch, taylor_batch, device, max_seqs, tokens)
         del model
         result["pipeline"] = {"timings_file": str(TIMINGS), "stages": timings, "floor": floor,
@@ -99,10 +103,10 @@ def run(
         if len(entries) == 1:
             console.print("[yellow]bench: no pruned model found (artifacts/pruned, artifacts/sweep/*); "
                           "measuring the dense model only[/yellow]")
-        result["inference"] = measure_inference(entries, sizes, prompt_len, new_tokens, repeats, device)
+        result["inference"] = measure_inference(entries, sizes, prompt_len, new_tokens, repeats, device, offload=offload)
 
     if "profile" in wanted:
-        result["profile"] = _profile(params_path, device, max_seqs or 8)
+        result["profile"] = _profile(params_path, device, max_seqs or 8, offload)
 
     if keep:
         _keep_previous(result, measured, wanted)
@@ -142,7 +146,7 @@ def _keep_previous(result: dict, measured: dict, wanted: list[str]) -> None:
             measured[part] = previous.get("measured", {}).get(part, previous["time"])
 
 
-def _profile(params_path: str, device, n_seqs: int) -> dict:
+def _profile(params_path: str, device, n_seqs: int, offload: str = "none") -> dict:
     """cProfile of capture and taylor on the first `n_seqs` calibration sequences (where a missed target's time goes)."""
     import tempfile
 
@@ -158,7 +162,8 @@ def _profile(params_path: str, device, n_seqs: int) -> dict:
     ids = subsample(load_calibration(), max_seqs=n_seqs)
     clusters = open_store(paths.CLUSTER, "cluster", "cluster")
     labels = torch.from_numpy(clusters["token_clusters"][:, : ids.numel()]).long()
-    model, _ = load_dense(paths.MODEL, device, resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device))
+    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=offload)
     runs = {}
     with tempfile.TemporaryDirectory(dir=paths.ARTIFACTS) as tmp:
         pca_dim = load_block("cluster", path=params_path).pca_dim  # as the stage runs it: PCA, slim store

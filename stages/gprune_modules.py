@@ -24,7 +24,7 @@ from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.data.sources import shard_sources, source_index, token_topics
 from fang.model.mlp_stream import stream_mlp
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -54,8 +54,9 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     n_ffn = read_config(paths.MODEL).get("intermediate_size", 0)
     require(p.n_modules <= n_ffn, f"gprune.n_modules={p.n_modules} is more than the {n_ffn} FFN neurons of a layer: "
                                   f"give at most {n_ffn}")
-    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
-    model, _ = load_dense(paths.MODEL, device, dtype)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # stream_mlp runs one block at a time
     cfg = model.config
     consumer = GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
     t0 = time.perf_counter()

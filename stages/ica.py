@@ -19,7 +19,7 @@ from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
 from fang.model.mlp_stream import stream_mlp
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     from fang.data.corpus import load_calibration
@@ -28,8 +28,9 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     take_lock(paths.calibration_artifacts(source).ica)  # one writer at a time (fang.core.outputs)
     ids = load_calibration(source)
     device = pick_device()
-    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
-    model, _ = load_dense(paths.MODEL, device, dtype)
+    model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
+    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
+    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # stream_mlp runs one block at a time
     cfg = model.config
     n_tok, n_ffn, n_layers = ids.numel(), cfg.intermediate_size, cfg.num_hidden_layers
     consumer = IcaConsumer(p, n_tok, n_layers, n_ffn)

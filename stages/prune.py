@@ -1,12 +1,14 @@
 """prune: structured pruning of the dense model (heads + FFN neurons), saved really shrunk."""
 
+import contextlib
 import dataclasses
+import tempfile
 from pathlib import Path
 
 from fang.analysis.capture import open_capture
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.choices import parse_variant
+from fang.core.choices import parse_recipe
 from fang.core.device import pick_device, resolve_compute_dtype
 from fang.core.errors import FangError
 from fang.core.outputs import guard_output
@@ -15,7 +17,7 @@ from fang.core.progress import console
 from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
 from fang.methods.units import PruneOptions, attention_units
-from fang.model.offload import gather_blocks, load_dense_offloaded
+from fang.model.offload import load_dense_offloaded
 from fang.model.shrink import save_pruned
 
 
@@ -29,14 +31,18 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
         out: str | None = None, source: str | None = None) -> None:
     """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweeps), from the
     main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
-    `method+allocation+compensation` (e.g. "obc+fc"); parts not named come from params.yaml."""
+    `method+allocation+compensation` (e.g. "obc+fc") followed by prune settings of its own
+    (a recipe-study candidate, "o_fang+layer,tau=3"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    variant = parse_variant(p.method if method is None else method, p.allocation, p.compensation)
+    offload = model_p.offload
+    recipe = parse_recipe(p.method if method is None else method, p.allocation, p.compensation)
+    variant = recipe.variant
     method = variant.method
     sparsity = p.sparsity if sparsity is None else sparsity
-    # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
-    dataclasses.replace(p, method=method, sparsity=sparsity).validate()
+    # a recipe's own settings ("o_fang+layer,tau=3") replace the params block's values
+    p = dataclasses.replace(recipe.apply(p), sparsity=sparsity)
+    p.validate()  # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
     extra = [a for a in method_spec(method).artifacts if a not in MAIN_JOB_ARTIFACTS]
     if not out and source is None and extra:
         raise FangError(
@@ -51,16 +57,21 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     capture = open_capture(art.capture)
     inputs = method_class(method).load_inputs(art, sparsity, params_path)
     device = pick_device()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
+    # the host, and save_pruned reads them back one at a time (beside out_dir: the same disk, not a RAM /tmp)
+    spill_dir = (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.blocks-")
+                 if offload == "disk" else contextlib.nullcontext())
     # the pruned model is saved in the dtype it was pruned in (model.compute_dtype, resolved)
     dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
-    report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                         options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
-    gather_blocks(model)  # a streamed model's pruned blocks wait on the host: put them back for saving
-    save_pruned(model, tokenizer, out_dir)
+    with spill_dir as spill:
+        model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=offload, spill=spill)
+        report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
+                             options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
+        save_pruned(model, tokenizer, out_dir)  # a streamed model: in shards, one block at a time
     write_json(report_file, report.as_dict())
     console.print(
-        f"{variant.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
+        f"{recipe.name}: target sparsity {sparsity:.3f}, achieved {report.achieved_sparsity:.3f} "
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
     gap = report.achieved_sparsity - sparsity

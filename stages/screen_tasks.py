@@ -32,7 +32,7 @@ from fang.evaluation.task_screen import (
     markdown,
     score,
 )
-from fang.model.modeling import load_dense
+from fang.model.offload import load_dense_offloaded, streamed_forward
 
 README_START = "<!-- screen:start -->"
 README_END = "<!-- screen:end -->"
@@ -72,7 +72,8 @@ def evaluation_tokens(tokenizer, questions: list[str], choices: list[list[str]])
 def _evaluate(model, tokenizer, task_dir: Path, lm_names: dict[str, str], limit: int | None, batch: int) -> dict:
     from fang.evaluation.evaluate import zero_shot
 
-    return zero_shot(model, tokenizer, task_dir, list(lm_names.values()), limit, batch)
+    with streamed_forward(model):  # a streamed model (model.offload): each block fetched as the forward reaches it
+        return zero_shot(model, tokenizer, task_dir, list(lm_names.values()), limit, batch)
 
 
 def _scored(results: dict, lm_name: str, rows_of: dict[str, list[dict]]) -> dict:
@@ -99,7 +100,10 @@ def run(params_path: str = "params.yaml", readme: str | None = None) -> None:
                         "local folder of <task>/task.json (the default dev set, the paper's seven tasks, needs no screen)")
     source = read_bigbench_source(data.bigbench)
     device = pick_device()
-    model, tokenizer = load_dense(paths.MODEL, device, precision)
+    # model.offload: lm-eval runs the unmodified Hugging Face forward, so a streamed model fetches each block as
+    # that forward reaches it (streamed_forward, as `fang evaluate` does): one block on the device at a time
+    offload = load_block("model", path=params_path).offload
+    model, tokenizer = load_dense_offloaded(paths.MODEL, device, precision, offload)
     candidates, examples_of = bigbench_candidates(source)
     test_rows = read_jsonl(paths.DATA / "test.jsonl")
     ns = Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)  # sizes filled from the built task below

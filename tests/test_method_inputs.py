@@ -44,7 +44,7 @@ def test_manifest_changes_only_for_the_methods_that_read_a_change(art):
     after_tau = {m: mi.method_inputs(m, dataclasses.replace(base, tau=7.0), art) for m in mi.READS}
     assert {m for m in mi.READS if before[m] != after_tau[m]} == {"f_fang", "o_fang"}
     after_damp = {m: mi.method_inputs(m, dataclasses.replace(base, damp=0.1), art) for m in mi.READS}
-    assert {m for m in mi.READS if before[m] != after_damp[m]} == {"obc", "obc_iter", "o_fang"}
+    assert {m for m in mi.READS if before[m] != after_damp[m]} == {"obc", "obc_iter", "o_fang", "sobp"}
 
     (art.cluster / "arr" / "0").write_bytes(b"\x00\x02")  # new clusters: only FANG reads them
     after_cluster = {m: mi.method_inputs(m, base, art) for m in mi.READS}
@@ -123,3 +123,12 @@ def test_stage_writes_the_manifest_and_names_an_unknown_key(art, tmp_path):
     (tmp_path / "params.yaml").write_text("prune:\n  tua: 7.0\n")
     with pytest.raises(FangError, match="unknown key\\(s\\) in params block 'prune': tua"):
         run(str(tmp_path / "params.yaml"), "o_fang", str(tmp_path / "m.json"))
+
+
+def test_align_reaches_every_method_and_is_silent_at_one(art):
+    base = PruneParams()
+    assert all("align" in mi.keys_read(m) for m in mi.READS)
+    before = {m: mi.method_inputs(m, base, art) for m in mi.READS}
+    assert all("prune.align" not in before[m]["params"] for m in mi.READS)  # at 1: the manifests locked before it
+    aligned = {m: mi.method_inputs(m, dataclasses.replace(base, align=32), art) for m in mi.READS}
+    assert all(aligned[m]["params"]["prune.align"] == 32 and aligned[m] != before[m] for m in mi.READS)

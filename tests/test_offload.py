@@ -24,8 +24,8 @@ from fang.methods.driver import PruneOptions, prune_model
 from fang.model.layerwise import BlockRunner
 from fang.model.mlp_stream import stream_mlp
 from fang.model.modeling import decoder_layers, load_dense
-from fang.model.offload import gather_blocks, load_dense_offloaded, place_model, resident_blocks
-from fang.model.shrink import save_pruned
+from fang.model.offload import block_stream, gather_blocks, load_dense_offloaded, place_model, resident_blocks
+from fang.model.shrink import INDEX_FILE, load_pruned, save_pruned
 
 MODES = ("host", "disk")
 N_LAYERS = 3
@@ -166,7 +166,11 @@ PRUNE_CASES = [c for c in CASES if c[0] in ("flap", "magnitude", "obc", "o_fang"
 @pytest.mark.parametrize("case", PRUNE_CASES, ids=[c[0] for c in PRUNE_CASES])
 def test_prune_saves_the_same_checkpoint_with_streaming(case, checkpoint, tmp_path):
     """flap reads every block's weights for its global search; magnitude runs no forward pass; obc and
-    o_fang compensate the kept weights: the saved pruned checkpoints are the same files, byte for byte."""
+    o_fang compensate the kept weights: the saved pruned checkpoints are the same files, byte for byte.
+
+    A streamed model is saved as it is, in shards, one block at a time (no gather_blocks); in disk mode
+    with a spill directory its pruned blocks wait there, not on the host. The in-memory model saved
+    with shards=True writes the same files, and its single-file save holds the same tensors."""
     name, method, scheme, opts, fang_sparsity = case
     dense, _ = load_dense(checkpoint)
     capture_features(dense, calibration(), tmp_path / "cap.zarr", batch_size=3, dtype="float32")
@@ -178,13 +182,25 @@ def test_prune_saves_the_same_checkpoint_with_streaming(case, checkpoint, tmp_pa
         kw["inputs"] = make_fang_inputs(cap, fang_sparsity)
     reports = {}
     for mode in ("none", *MODES):
-        model, tokenizer = load_dense_offloaded(checkpoint, offload=mode)
+        spill = tmp_path / f"spill-{mode}" if mode == "disk" else None
+        model, tokenizer = load_dense_offloaded(checkpoint, offload=mode, spill=spill)
         probe = ResidencyProbe(model) if mode != "none" else None
         report = prune_model(model, cap, method, SPARSITY, scheme, batch_size=4, options=PruneOptions(**opts), **kw)
         if probe and method != "magnitude":
             probe.check(runs_per_block=2 * 2)  # 2 batches, before and after pruning the block
+        if mode == "disk":  # every pruned block waits in the spill directory, none in host RAM
+            stream = block_stream(model)
+            assert stream.host == {} and sorted(stream.spilled) == list(range(N_LAYERS))
+            assert sorted(p.name for p in spill.iterdir()) == [f"block-{i:05d}.safetensors" for i in range(N_LAYERS)]
         reports[mode] = report.as_dict()
-        save_pruned(gather_blocks(model), tokenizer, tmp_path / mode)
+        save_pruned(model, tokenizer, tmp_path / mode, shards=True if mode == "none" else None)
+        if mode != "none":
+            assert resident_blocks(model) == []  # written one block at a time, none left behind
+        else:
+            save_pruned(model, tokenizer, tmp_path / "single")
+    assert (tmp_path / "none" / INDEX_FILE).exists() and not (tmp_path / "single" / INDEX_FILE).exists()
+    sharded, single = load_pruned(tmp_path / "none")[0].state_dict(), load_pruned(tmp_path / "single")[0].state_dict()
+    assert sharded.keys() == single.keys() and all(torch.equal(sharded[k], single[k]) for k in single)
     for mode in MODES:
         assert reports[mode] == reports["none"], mode
         files = sorted(p.relative_to(tmp_path / "none") for p in (tmp_path / "none").rglob("*") if p.is_file())
@@ -221,8 +237,9 @@ def test_offload_is_validated(checkpoint):
 
 
 def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
-    """End to end through the stages: model.offload=disk in params.yaml gives the capture store and the
-    saved pruned checkpoint of the default run, file for file."""
+    """End to end through the stages: model.offload=disk in params.yaml gives the capture store of the
+    default run file for file, and the same pruned model, written in shards (one block at a time)
+    instead of one file, with no spill directory left behind."""
     import json
 
     import yaml
@@ -259,8 +276,17 @@ def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
         wanted = [*root.joinpath("capture.zarr").rglob("*"), *root.joinpath(f"pruned-{mode}").rglob("*")]
         files[mode] = {str(p.relative_to(root)).replace(f"pruned-{mode}", "pruned"): p.read_bytes()
                        for p in wanted if p.is_file()}
-    assert files["disk"].keys() == files["none"].keys() and any("model.safetensors" in k for k in files["none"])
-    assert files["disk"] == files["none"]
+    weights = lambda name: name.endswith((".safetensors", ".index.json")) or name.endswith("structure.json")  # noqa: E731
+    assert "pruned/model.safetensors" in files["none"] and "pruned/model.safetensors.index.json" in files["disk"]
+    same = {k: v for k, v in files["none"].items() if not weights(k)}
+    assert same and same == {k: v for k, v in files["disk"].items() if not weights(k)}
+    assert {k for k in files["disk"] if "capture.zarr" in k} == {k for k in files["none"] if "capture.zarr" in k}
+    structures = [json.loads(files[m]["pruned/structure.json"]) for m in ("none", "disk")]
+    assert [{k: v for k, v in s.items() if k != "weights_sha256"} for s in structures] == \
+        [{k: v for k, v in structures[0].items() if k != "weights_sha256"}] * 2
+    a, b = load_pruned("artifacts/pruned-none")[0].state_dict(), load_pruned("artifacts/pruned-disk")[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(Path("artifacts").glob(".pruned-*.blocks-*"))  # the spill directory is gone
     assert streamed == [("capture", False), ("prune", False), ("capture", True), ("prune", True)]
 
 
@@ -268,7 +294,8 @@ def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
 def test_evaluation_forwards_are_identical_with_streaming(checkpoint, tmp_path, mode):
     """`fang evaluate` with model.offload: a plain forward (perplexity) and the shared-context
     scoring (lm-eval, with its KV cache) run inside `streamed_forward` with one block at a time, and
-    give the same numbers; a pruned checkpoint streams from host RAM in both modes."""
+    give the same numbers; a pruned checkpoint streams from host RAM ("host") or, block by block in
+    its pruned shapes, from its safetensors file ("disk")."""
     from fang.evaluation.shared_context import score_continuations
     from fang.model.offload import streamed_forward
     from fang.model.shrink import load_any
@@ -298,7 +325,10 @@ def test_evaluation_forwards_are_identical_with_streaming(checkpoint, tmp_path, 
     save_pruned(dense, tok, tmp_path / "pruned")
     ref, _ = load_any(tmp_path / "pruned", "cpu", "float32")
     want = (ref(ids).logits, score_continuations(ref, contexts, conts))
-    got = forwards(load_any(tmp_path / "pruned", "cpu", "float32", mode)[0])
+    streamed = load_any(tmp_path / "pruned", "cpu", "float32", mode)[0]
+    if mode == "disk":
+        assert block_stream(streamed).host == {} and block_stream(streamed).disk is not None
+    got = forwards(streamed)
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
 
 

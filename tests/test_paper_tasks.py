@@ -208,3 +208,22 @@ def test_check_sources_command_fails_naming_the_gone_pin(monkeypatch, capsys):
     out = capsys.readouterr()
     text = out.out + out.err
     assert "a==1: served" in text and "error: pinned embedded source(s) no longer served as pinned: b==2" in text
+
+
+def test_zero_shot_scores_exactly_the_questions_of_a_half(task_folder):
+    """`samples` (a half of the recipe study's split) scores those doc ids, with the same per-question
+    scores as a run over every question: the halves of one evaluation and of two line up."""
+    from fang.evaluation.evaluate import zero_shot
+    from fang.evaluation.halves import lm_eval_samples
+
+    out, _ = task_folder
+    model, tok = tiny_model(4, 4, 2), tiny_tokenizer()
+    whole = zero_shot(model, tok, out, SEVEN, 6, 4)
+    half = {t: [1, 3, 4] for t in SEVEN}
+    part = zero_shot(model, tok, out, SEVEN, None, 4, samples=lm_eval_samples(half, SEVEN))
+    for t in SEVEN:
+        pe, ref = part[t]["per_example"], whole[t]["per_example"]
+        assert pe["doc_id"] == [1, 3, 4] and part[t]["n"] == 3
+        assert pe["acc"] == [ref["acc"][i] for i in (1, 3, 4)]
+    with pytest.raises(FangError, match=r"no questions for task\(s\) \['piqa'\]"):
+        lm_eval_samples({"boolq": [0]}, ["boolq", "piqa"])

@@ -11,7 +11,7 @@ A pruned model removed some neurons; per topic we count the fraction of that top
 neurons it removed and the share of the topic's activation mass (sum of mean |h|) they carried,
 and correlate both with the topic's perplexity increase across topics.
 Arrays are numpy (analysis) or torch (the streaming accumulator, filled by one forward pass in
-`stream_activations`); `calibration_topics` and `kept_neurons` read the calibration set's articles and a
+`stream_activations`, block by block); `calibration_topics` and `kept_neurons` read the calibration set's articles and a
 pruned checkpoint's kept neurons.
 """
 
@@ -29,7 +29,9 @@ from ..core.atomic import read_json
 from ..core.errors import FangError, require
 from ..core.progress import progress
 from ..data.corpus import article_tokens, read_jsonl
-from ..model.layerwise import batch_slices, input_hooks
+from ..model.layerwise import BlockRunner, batch_slices, embed_tokens, input_hooks
+from ..model.modeling import decoder_layers
+from ..model.offload import place_model
 
 NO_LABEL = -1
 
@@ -138,27 +140,40 @@ class Accumulator:
 @torch.no_grad()
 def stream_activations(model, input_ids: torch.Tensor, owner: np.ndarray, n_articles: int, batch_size: int,
                        top_k: int, device) -> Accumulator:
-    """One forward pass of `model` over `input_ids` [N, L] with a hook on every down_proj input: each
+    """One pass of `model`'s blocks over `input_ids` [N, L] with a hook on every down_proj input: each
     token's |activation| summed per article (`owner` [N, L], -1 = no article) and the top-k contexts per
-    neuron (`Accumulator`)."""
-    layers = model.model.layers
+    neuron (`Accumulator`).
+
+    Block by block, like capture: every block's input for the whole calibration set (N·L·d float32)
+    waits on the host, and block l runs over every batch before block l+1, so a streamed model
+    (model.offload) reads each block once. The accumulator sees the same batches of each layer in the
+    same order as a whole-model forward per batch would give it, so the result is the same."""
+    device = torch.device(device)
+    place_model(model, device)
+    layers = decoder_layers(model)
     cfg = model.config
     acc = Accumulator(len(layers), cfg.intermediate_size, n_articles, top_k)
     n, seq_len = input_ids.shape
     owner_t = torch.as_tensor(owner)
     flat = torch.arange(n * seq_len).view(n, seq_len)
+    runner = BlockRunner(model, device)
+    hidden = embed_tokens(model, input_ids, batch_size, device)  # block 0's input, float32 on the host
     current: dict[str, slice] = {}
 
     def sink(name: str, x: torch.Tensor) -> None:
         sl = current["batch"]
         acc.add(int(name), x, owner_t[sl], flat[sl])
 
-    with input_hooks({str(i): layer.mlp.down_proj for i, layer in enumerate(layers)}, sink), progress() as bar:
-        task = bar.add_task("attribute", total=n)
-        for sl in batch_slices(n, batch_size):
-            current["batch"] = sl
-            model.model(input_ids=input_ids[sl].to(device), use_cache=False)  # no LM head: only the blocks matter
-            bar.advance(task, sl.stop - sl.start)
+    with progress() as bar:
+        task = bar.add_task("attribute", total=len(layers) * n)
+        for li, layer in enumerate(layers):
+            with runner.on_device(li), input_hooks({str(li): layer.mlp.down_proj}, sink):
+                for sl in batch_slices(n, batch_size):
+                    current["batch"] = sl
+                    out = runner(layer, hidden[sl])
+                    if li + 1 < len(layers):  # the last block's output feeds only the final norm and head
+                        hidden[sl] = out.float().cpu()
+                    bar.advance(task, sl.stop - sl.start)
     return acc
 
 
@@ -341,10 +356,11 @@ def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.
     """Dense indices of each layer's kept neurons, from structure.json or (older checkpoints) the weights."""
     from safetensors import safe_open
 
-    from fang.model.shrink import KEPT_ATTR, WEIGHTS_FILE, read_structure
+    from fang.model.shrink import KEPT_ATTR, read_structure, weight_files
 
     layers = read_structure(model_dir)["layers"]
     kept, source = [], "structure.json"
+    files = None
     for li, spec in enumerate(layers):
         if KEPT_ATTR in spec:
             require(len(spec[KEPT_ATTR]) == int(spec["intermediate_size"]),
@@ -355,7 +371,11 @@ def kept_neurons(model_dir: Path, dense_dir: Path, n_ffn: int) -> tuple[list[np.
             kept.append(np.arange(n_ffn))
         else:
             name = f"model.layers.{li}.mlp.gate_proj.weight"
-            with safe_open(str(model_dir / WEIGHTS_FILE), "np") as fp, safe_open(str(dense_dir / WEIGHTS_FILE), "np") as fd:
+            if files is None:  # tensor -> file of both checkpoints (one file or shards), read once
+                files = weight_files(model_dir), weight_files(dense_dir)
+            pruned_files, dense_files = files
+            require(name in pruned_files and name in dense_files, f"{name} is missing from {model_dir} or {dense_dir}")
+            with safe_open(str(pruned_files[name]), "np") as fp, safe_open(str(dense_files[name]), "np") as fd:
                 kept.append(match_rows(fd.get_tensor(name), fp.get_tensor(name)))
             source = "gate_proj rows matched to the dense model"
     return kept, source

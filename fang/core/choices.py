@@ -7,7 +7,8 @@ and what each accepts come from the declarative registry (`fang.core.registry`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .errors import FangError, require
 from .registry import REGISTRY, method_spec
@@ -96,3 +97,69 @@ def resolve_allocation(method: str, allocation: str) -> str:
     require(not m.fixed_allocation or allocation == "auto",
             f"prune.allocation={allocation!r}: {method} chooses its keep counts itself ({m.allocation})")
     return m.allocation if allocation == "auto" else allocation
+
+
+# prune.* keys a recipe may set after its variant ("o_fang+layer,tau=3"): FANG's and OBC's numeric and
+# switch knobs. Each is accepted only for a method whose registry line reads it, so a recipe never
+# names a setting its method would silently ignore.
+RECIPE_KEYS: dict[str, type] = {"tau": float, "damp": float, "reweighting": str, "shared_group": bool,
+                                "function_aware": bool}
+
+
+def _setting_value(key: str, text: str, spec: str) -> Any:
+    kind = RECIPE_KEYS[key]
+    if kind is bool:
+        require(text in ("true", "false"), f"{spec!r}: {key}={text!r} must be true or false")
+        return text == "true"
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise FangError(f"{spec!r}: {key}={text!r} is not a number") from None
+    return text
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A variant with prune.* settings of its own: one candidate of the recipe study
+    ("o_fang+flap_search+layer,tau=3"). Its name is canonical (settings in key order), so two
+    spellings of the same recipe share one output folder."""
+
+    variant: Variant
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return ",".join([self.variant.name] + [f"{k}={_setting_text(v)}" for k, v in self.settings])
+
+    def apply(self, params):
+        """`params` (a PruneParams) with this recipe's method, allocation, compensation and settings."""
+        v = self.variant
+        return replace(params, method=v.method, allocation=v.allocation, compensation=v.compensation,
+                       **dict(self.settings))
+
+
+def parse_recipe(spec: str, allocation: str = "auto", compensation: str = "group") -> Recipe:
+    """`method[+allocation][+compensation][,key=value...]` with keys from RECIPE_KEYS, e.g.
+    "o_fang+layer,tau=3" or "f_fang,reweighting=uniform". A key its method does not read, a key
+    given twice, or a malformed setting is a one-line error."""
+    head, *parts = str(spec).split(",")
+    variant = parse_variant(head, allocation, compensation)
+    reads = method_spec(variant.method).reads
+    settings: dict[str, Any] = {}
+    for part in parts:
+        key, eq, text = part.partition("=")
+        require(eq == "=" and key and text, f"{spec!r}: {part!r} is not a key=value setting")
+        require(key in RECIPE_KEYS, f"{spec!r}: {key!r} cannot be set in a recipe; use one of {', '.join(RECIPE_KEYS)}")
+        require(key in reads, f"{spec!r}: {variant.method} does not read prune.{key}")
+        require(key not in settings, f"{spec!r} sets {key} twice")
+        settings[key] = _setting_value(key, text, spec)
+    return Recipe(variant, tuple(sorted(settings.items())))

@@ -89,6 +89,9 @@ KINDS: dict[str, Kind] = {
     "method_inputs": Kind("method-inputs", "a method-inputs manifest", False, _json_with("method", "params", "artifacts")),
     "attribution": Kind("attribute-removed", "an attribute-removed JSON", False, _json_with("model", "removed_fraction")),
     "precision": Kind("compare-precision", "a precision comparison JSON", False, _json_with("comparisons")),
+    "question_split": Kind("recipe-split", "a question split JSON", False, _json_with("seed", "halves")),
+    "recipe_search": Kind("recipe-select", "a recipe search JSON", False, _json_with("table", "choice")),
+    "recipe_confirmation": Kind("recipe-confirm", "a recipe confirmation JSON", False, _json_with("recipe", "verdicts")),
     "gguf": Kind("export", "a GGUF file", False, _magic(b"GGUF")),
     "png": Kind("inspect", "a folder of PNG plots", True, _only_plots),
 }

@@ -115,6 +115,7 @@ class PruneParams:
     reweighting: str = "ours"  # FANG token-cluster weights: ours | uniform | reverse | only_matched (Table 6)
     allocation: str = "auto"  # keep counts per block: auto (each paper's own) | uniform | fc | taylor | flap_search
     compensation: str = "group"  # O-FANG refit: group (paper's Eq. 7) | layer (group-wise selection, whole-layer OBC refit)
+    align: int = 1  # every pruned block keeps a multiple of this many FFN neurons (8, 32, 64: fast kernels); 1 = any width
 
     def validate(self) -> None:
         require(
@@ -136,6 +137,14 @@ class PruneParams:
                 f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
         require(self.compensation in COMPENSATIONS,
                 f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}")
+        check_align(self.align)
+
+
+def check_align(align) -> None:
+    """prune.align: a whole number of FFN neurons >= 1 (whether it fits the model's FFN width is checked when
+    planning, `fang.methods.plan.align_widths`, where the width is known)."""
+    require(isinstance(align, int) and not isinstance(align, bool) and align >= 1,
+            f"prune.align={align!r} must be an integer >= 1 (1 = any width; e.g. 8, 32 or 64)")
 
 
 PERPLEXITY_ONLY = -1  # a task_limit that runs no lm-eval task: perplexity by topic only
@@ -229,6 +238,41 @@ class SweepParams:
     def validate(self) -> None:
         _check_task_limit("sweep", self.task_limit)
         _check_rows("sweep", self.methods, self.sparsities)
+
+
+@dataclass
+class RecipeParams:
+    """The recipe study (studies/recipe/dvc.yaml): FANG recipes chosen on a tuning half of the sweep's dev
+    questions, confirmed once on the other half against the baselines (fang.evaluation.recipe)."""
+
+    seed: int = 0  # the question split's seed (artifacts/recipe/halves.json)
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.4])  # where candidates are scored and chosen
+    confirm_sparsities: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # where the choice is confirmed
+    candidates: list[str] = field(default_factory=list)  # recipes the study prunes and scores itself
+    sweep_candidates: list[str] = field(default_factory=list)  # candidates that are sweep rows: scored from the sweep's metrics
+    baselines: list[str] = field(default_factory=lambda: ["obc", "obc+fc", "flap"])  # sweep rows the choice is confirmed against
+
+    def validate(self) -> None:
+        from .choices import parse_recipe
+
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"recipe.seed={self.seed!r} must be an integer")
+        _check_rows("recipe", self.baselines + self.sweep_candidates, self.sparsities)
+        _check_list("recipe.confirm_sparsities", self.confirm_sparsities, float)
+        _check_list("recipe.candidates", self.candidates, str)
+        require(self.candidates or self.sweep_candidates, "recipe: no candidate (recipe.candidates and recipe.sweep_candidates are empty)")
+        require(self.baselines, "recipe.baselines is empty: the choice must be confirmed against something")
+        for spec in self.candidates:
+            try:
+                name = parse_recipe(spec).name
+            except FangError as exc:
+                raise FangError(f"recipe.candidates: {exc}") from None
+            require(name == spec, f"recipe.candidates: write {spec!r} as {name!r} (its canonical name: one output folder per recipe)")
+        both = sorted(set(self.candidates) & set(self.sweep_candidates + self.baselines))
+        require(not both, f"recipe: {both} listed as a new candidate and as a sweep row; list each once")
+        missing = sorted(set(self.sparsities) - set(self.confirm_sparsities))
+        require(not missing, f"recipe.confirm_sparsities must include every search sparsity (missing {missing})")
+        bad = [s for s in self.confirm_sparsities if not (0.0 <= s < 1.0)]
+        require(not bad, f"recipe.confirm_sparsities {bad} out of range: each must be in [0, 1)")
 
 
 def _check_list(key: str, values: list, kind: type) -> None:
@@ -396,6 +440,7 @@ BLOCKS: dict[str, type] = {
     "allocate": AllocateParams,
     "sweep": SweepParams,
     "bias": BiasParams,
+    "recipe": RecipeParams,
     "screen": ScreenParams,
     "attribute": AttributeParams,
     "ica": IcaParams,

@@ -71,6 +71,8 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("ica_fn", "ica_fn:IcaFaithful", ("batch_size",), ("ica",), allocation="ica_threshold",
                fixed_allocation=True, baseline="flap"),
     MethodSpec("ica_fn_ranked", "ica_fn:IcaRanked", ("gqa", "batch_size"), ("ica",), baseline="flap"),
+    # SoBP (Wei et al., EMNLP 2024): its `auto` allocation is its own global first-order ranking
+    MethodSpec("sobp", "sobp:Sobp", ("gqa", "batch_size", "damp"), allocation="first_order", baseline="obc"),
     MethodSpec("gprune", "gprune:GPrune", ("gqa", "batch_size"), ("gprune",),
                params=("gprune.module_gamma", "gprune.max_sparsity"), baseline="wanda_sp"),
 )}

@@ -332,6 +332,7 @@ def zero_shot(
     limit: int | None,
     batch_size: int,
     shared_context: bool = True,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, dict]:
     """Zero-shot lm-eval accuracy of the in-memory model on `tasks` (names from tasks.json).
 
@@ -339,7 +340,8 @@ def zero_shot(
     same log-likelihoods up to float rounding); False uses lm-eval's HFLM scoring unchanged.
 
     Local tasks come from `task_dir` (a folder written by fang.data.tasks); other names are lm-eval's
-    built-in tasks (their data needs the network). `limit` caps examples per task (0/None = all).
+    built-in tasks (their data needs the network). `limit` caps examples per task (0/None = all);
+    `samples` ({task: sorted doc ids}, fang.evaluation.halves) scores exactly those questions instead.
     Returns {task or group: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, groups included
     with their subtasks; metrics a task lacks are None.
     """
@@ -376,7 +378,8 @@ def zero_shot(
         out = simple_evaluate(
             model=lm,
             tasks=[configured.get(t, t) for t in tasks],
-            limit=limit or None,
+            limit=None if samples else (limit or None),
+            samples=samples or None,  # keyed by task name (a protocol config's "task" is its name)
             task_manager=manager,
             log_samples=True,  # per-example correctness, for paired comparisons between models
             bootstrap_iters=1000,  # acc/acc_norm stderr are closed form (mean); this only bounds other metrics
@@ -415,12 +418,12 @@ def zero_shot(
 def _manifest_entries(task_dir: Path, kind: str) -> list[dict]:
     from ..data.task_files import MANIFEST
 
+    from ..core.atomic import read_json
+
     path = task_dir / MANIFEST
     if not path.is_file():
         return []
-    import json
-
-    return [e for e in json.loads(path.read_text()).get("tasks", []) if e.get("kind") == kind]
+    return [e for e in read_json(path).get("tasks", []) if e.get("kind") == kind]
 
 
 def _local_split(path: str, split: str, **_ignored) -> Any:
@@ -506,3 +509,57 @@ def pooled_accuracy(members: list[dict]) -> dict:
         else:
             out[key], out[f"{key}_stderr"] = None, None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# one model, end to end: what `fang evaluate` writes
+
+
+def evaluate_model(model_dir: str | os.PathLike, p, offload: str = "none", limit: int | None = None,
+                   questions: dict[str, list[int]] | None = None) -> dict:
+    """Perplexity by topic on the test split and zero-shot accuracy on the dev tasks of the model in
+    `model_dir` -> evaluate's metrics dict. `p` is the evaluate params block; `limit` the questions per task
+    (0 = all, -1 = perplexity only); `questions` ({task: doc ids}, a half of fang.evaluation.halves)
+    scores exactly those questions instead."""
+    import time
+
+    from ..core import paths
+    from ..core.atomic import read_json
+    from ..core.device import pick_device
+    from ..core.params import PERPLEXITY_ONLY
+    from ..data.corpus import read_jsonl
+    from ..data.task_files import verify_task_folder
+    from ..model.modeling import count_block_params
+    from ..model.offload import streamed_forward
+    from ..model.shrink import load_any
+    from .halves import lm_eval_samples
+
+    device = pick_device()
+    manifest = read_json(paths.TASKS / "tasks.json")
+    verify_task_folder(paths.TASKS)  # before lm-eval imports anything from it
+    model, tokenizer = load_any(str(model_dir), device, p.dtype, offload)
+    require(tokenizer is not None, f"{model_dir} has no tokenizer (tokenizer.json, tokenizer_config.json): "
+                                   f"copy them from {paths.MODEL} or prune it again")
+    tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
+    samples = lm_eval_samples(questions, tasks) if questions is not None else None
+    with streamed_forward(model):
+        t0 = time.perf_counter()
+        ppl = perplexity_by_topic(
+            model, tokenizer, read_jsonl(paths.DATA / "test.jsonl"), p.ppl_seq_len, p.ppl_max_windows_per_topic, p.batch_size, device
+        )
+        t1 = time.perf_counter()
+        acc = ({} if limit == PERPLEXITY_ONLY and samples is None  # perplexity only: the bias study's default
+               else zero_shot(model, tokenizer, paths.TASKS, tasks, None if samples else limit or None, p.batch_size,
+                              p.shared_context, samples=samples))
+        t2 = time.perf_counter()
+    return {
+        "model": str(model_dir),
+        "block_params": count_block_params(model),
+        "ppl": ppl["overall"],
+        "ppl_by_topic": ppl["by_topic"],
+        "ppl_windows": {"nll": ppl["window_nll"], "tokens_per_window": ppl["window_tokens"]},
+        "tasks": acc,
+        "task_limit": None if samples else limit,
+        "dtype": p.dtype,
+        "seconds": {"perplexity": round(t1 - t0, 1), "zero_shot": round(t2 - t1, 1)},
+    }

@@ -64,12 +64,16 @@ def paper_reference_table() -> str:
     return markdown_table(["the paper's Table 1", "Avg7 30%", "retention 30%", "Avg7 40%", "retention 40%"], rows)
 
 
+def reported_metric(entry: dict) -> str:
+    """The metric a task's row reports, as the pruning literature does with lm-eval: acc_norm where
+    lm-eval gives it, else acc. The one place that rule lives (tables, paired comparisons, plan-sizes)."""
+    return "acc_norm" if entry.get("acc_norm") is not None else "acc"
+
+
 def task_accuracy(entry: dict) -> tuple[float | None, float | None]:
-    """The task's accuracy and standard error: acc_norm where lm-eval reports it, else acc."""
-    for key in ("acc_norm", "acc"):
-        if entry.get(key) is not None:
-            return entry[key], entry.get(f"{key}_stderr")
-    return None, None
+    """The task's accuracy and standard error in its reported metric (`reported_metric`)."""
+    key = reported_metric(entry)
+    return (entry[key], entry.get(f"{key}_stderr")) if entry.get(key) is not None else (None, None)
 
 
 def average(values: list[tuple[float | None, float | None]]) -> tuple[float | None, float | None]:
@@ -217,7 +221,7 @@ def paired_examples(metrics: dict) -> tuple[dict[str, dict], dict[str, str]]:
     examples, metric_of = {}, {}
     for task in headline_tasks(metrics):
         entry = tasks[task]
-        metric = "acc_norm" if entry.get("acc_norm") is not None else "acc"
+        metric = reported_metric(entry)
         if "per_example" in entry:
             examples[task] = entry["per_example"]
         else:  # a group: pool its subtasks, doc ids made unique per subtask

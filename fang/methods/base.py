@@ -108,6 +108,17 @@ class PruningMethod:
         """Its own keep counts (attention units, neurons) per block, or None to use the allocation's."""
         return None
 
+    def ffn_floors(self, n_ffns: list[int]) -> list[int] | None:
+        """The fewest FFN neurons each block can keep with this method (None: one), so that `prune.align`
+        rounds to a width the method can reach (FANG never removes its shared group)."""
+        return None
+
+    def adopt_widths(self, keep_mlp: list[int]) -> None:
+        """`prune.align` changed the FFN widths of the method's own `plan` to `keep_mlp` (per block): a method
+        whose plan fixes which neurons go (not only how many) must follow. The default refuses."""
+        raise FangError(f"prune.method={self.name} chooses its own FFN widths and cannot follow prune.align; "
+                        "use prune.align: 1")
+
     def attention(self, ctx: LayerContext) -> UnitPruner:
         raise NotImplementedError
 

@@ -261,5 +261,8 @@ def prune_model(
         start_hidden = embed_tokens(model, token_ids, batch_size, device)
     report.layers = prune_sequential(model, start_hidden, pruning, plan.keep_attn, plan.keep_mlp, plan.units,
                                      batch_size, device)
+    if plan.unaligned_mlp is not None:  # prune.align > 1: what the allocation asked before rounding
+        for entry, width in zip(report.layers, plan.unaligned_mlp):
+            entry["ffn_unaligned"] = int(width)
     report.pruned_block_params = count_block_params(model)
     return report

@@ -498,6 +498,16 @@ class FunctionAware(PruningMethod):
     def block_sparsity(self) -> list[float]:
         return self.inputs.sparsity
 
+    def ffn_floors(self, n_ffns: list[int]) -> list[int]:
+        """Per block: the shared group when it is exempt, plus the one neuron every group keeps (`plan_groups`
+        caps the removal there)."""
+        k, out = self.inputs.k, []
+        for li, n in enumerate(n_ffns):
+            groups = plan_groups(self.inputs.neuron_groups[li], k, torch.eye(k, dtype=torch.float64), n,
+                                 self.options.shared_group, self.options.function_aware)
+            out.append(n - sum(g.n_remove for g in groups))
+        return out
+
     def attention(self, ctx: LayerContext) -> UnitPruner:
         n = ctx.layer.self_attn.o_proj.in_features
         if self.base == "flap":

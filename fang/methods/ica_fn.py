@@ -164,6 +164,18 @@ class IcaFaithful(_Ica):
             self.keep, self.threshold = faithful_masks(scores, n_remove)
         return [units.count] * n_layers, [int(k.sum()) for k in self.keep]
 
+    def adopt_widths(self, keep_mlp: list[int]) -> None:
+        """`prune.align`: each block keeps its `keep_mlp` top neurons by the same score the threshold cuts
+        (a neuron is key at T exactly when its score exceeds T), so the aligned masks are the key sets at
+        one threshold per block, next to the global T; the dense edge blocks stay dense."""
+        scores = self.inputs.neuron_score
+        require(len(keep_mlp) == scores.shape[0], f"ica_fn: {len(keep_mlp)} widths for {scores.shape[0]} blocks")
+        keep = torch.zeros_like(self.keep)
+        for li, k in enumerate(keep_mlp):
+            order = torch.sort(scores[li], descending=True, stable=True).indices
+            keep[li, order[:k]] = True
+        self.keep = keep
+
     def attention(self, ctx: LayerContext) -> KeepAll:
         return KeepAll(ctx.where("o_proj"))
 

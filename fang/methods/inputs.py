@@ -16,7 +16,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from ..core.choices import parse_variant, resolve_allocation
+from ..core.choices import parse_recipe, resolve_allocation
 from ..core.errors import require
 from ..core.params import PruneParams
 from ..core.paths import CalibrationArtifacts
@@ -24,7 +24,13 @@ from ..core.registry import REGISTRY, method_spec
 
 # The prune keys each method reads, from its registry line (e.g. magnitude runs no forward pass, so no
 # batch_size; only the OBC family uses the Hessian dampening; FANG adds its own knobs to its base's).
-READS: dict[str, tuple[str, ...]] = {name: spec.reads for name, spec in REGISTRY.items()}
+# prune.align rounds the kept FFN widths of every method (fang.methods.plan.align_widths).
+EVERY_METHOD = ("align",)
+READS: dict[str, tuple[str, ...]] = {name: spec.reads + EVERY_METHOD for name, spec in REGISTRY.items()}
+# Keys added after sweep cells were locked, with the value that reproduces what those cells ran: at that
+# value a key is left out of the manifest, so adding it left every locked manifest byte-identical (no cell
+# stale for a setting that changes nothing); any other value is recorded and reruns the method's cells.
+SILENT_DEFAULTS = {"align": 1}
 # Keys every cell passes on its command line instead of reading them from params.yaml.
 CELL_KEYS = ("method", "sparsity")
 # Keys a variant ("obc+fc", "o_fang+layer") may fix itself; the manifest records their effective values.
@@ -67,12 +73,15 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def method_inputs(spec: str, params: PruneParams, art: CalibrationArtifacts, blocks: dict | None = None) -> dict:
-    """The manifest of one sweep row (a method or a variant such as "obc+fc"): the prune keys it reads
+    """The manifest of one sweep row (a method, a variant such as "obc+fc", or a recipe such as
+    "o_fang+layer,tau=3"): the prune keys it reads
     with their values, its effective allocation and compensation, the keys of other params blocks
     its registry line names (values from `blocks`, the params.yaml blocks, or the defaults), and its
     artifacts' hashes."""
-    v = parse_variant(spec, params.allocation, params.compensation)
-    read = {f"prune.{k}": getattr(params, k) for k in keys_read(v.method)}
+    recipe = parse_recipe(spec, params.allocation, params.compensation)
+    v, params = recipe.variant, recipe.apply(params)  # a recipe's own settings are the values its cell reads
+    read = {f"prune.{k}": getattr(params, k) for k in keys_read(v.method)
+            if k not in SILENT_DEFAULTS or getattr(params, k) != SILENT_DEFAULTS[k]}
     read["allocation"] = resolve_allocation(v.method, v.allocation)
     if method_spec(v.method).compensations:  # a method with a choice of refit (o_fang)
         read["compensation"] = v.compensation

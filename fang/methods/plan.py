@@ -10,6 +10,13 @@ The keep counts come from the allocation (`prune.allocation`, `auto` = the metho
   (given, or read from the calibration set's allocate.json), or the method's own
   (`PruningMethod.block_sparsity`, FANG's allocation). Heads (GQA units) are rounded to that fraction
   and the FFN neurons absorb the rounding (`param_matched_structure`).
+
+Then `prune.align` (`PruneOptions.align`, default 1 = no rounding) rounds every block's kept FFN width
+to a multiple of `align` (`align_widths`), whatever the source of the counts, before any layer is
+touched: each method then *selects* that many neurons, so the alignment is planned, not cut after the
+selection. Heads are not rounded: a head is `head_dim` columns (64 on the default model), so every
+attention width is already a multiple of any `align` dividing `head_dim`; for a larger `align` the
+attention widths stay multiples of `head_dim` only (see docs/methods.md "Aligned widths").
 """
 
 from __future__ import annotations
@@ -171,6 +178,72 @@ def param_matched_structure(
     return keep_attn, keep_mlp
 
 
+def _legal_widths(n: int, align: int, floor: int = 1) -> list[int]:
+    """The widths a block of dense FFN width `n` may keep under `align`: every multiple of `align` from
+    the first one at or above `floor` (at least one multiple) up to `n`, and `n` itself (a block left dense
+    keeps its width, aligned or not)."""
+    start = max(align, -(-floor // align) * align)
+    return sorted(set(range(start, n + 1, align)) | {n})
+
+
+def align_widths(keep: Sequence[int], widths: Sequence[int], align: int,
+                 floors: Sequence[int] | None = None) -> list[int]:
+    """Kept FFN widths rounded to multiples of `align` with their total as close as possible to `sum(keep)`.
+
+    `keep[l]` is block l's planned width (what the allocation asked for), `widths[l]` its dense width.
+    1. Every block that is pruned (keep < width) rounds to its nearest legal width (`_legal_widths`:
+       a multiple of `align`, at least one multiple and at least `floors[l]`, the fewest neurons the
+       method can keep there, at most the dense width; ties round up); a block
+       the plan leaves dense stays dense.
+    2. The total is repaired by moving whole multiples between pruned blocks, one at a time and only
+       while a move brings the total closer to `sum(keep)`: when too many neurons are kept, the block
+       rounded up the most gives one back (among equals, the one the allocation made the sparsest);
+       when too few, the block rounded down the most takes one (among equals, the densest). That is
+       largest-remainder rounding of the allocation's own counts: the total lands within half a
+       multiple of the allocation's when the bounds allow, and, when no floor binds, each block
+       within one multiple of what the allocation gave it (a floor can make another block give more).
+    The attention is not touched, and every FFN neuron costs the same parameters (3 x hidden), so the
+    total of kept neurons is the decoder-block parameter budget. `align=1` returns `keep` unchanged.
+    """
+    keep, widths = [int(k) for k in keep], [int(n) for n in widths]
+    require(len(keep) == len(widths), f"align_widths: {len(keep)} kept widths for {len(widths)} blocks")
+    require(isinstance(align, int) and not isinstance(align, bool) and align >= 1,
+            f"prune.align={align!r} must be an integer >= 1")
+    for li, (k, n) in enumerate(zip(keep, widths)):
+        require(1 <= k <= n, f"align_widths: block {li} keeps {k} of {n} neurons")
+    if align == 1:
+        return keep
+    narrow = min(range(len(widths)), key=lambda li: widths[li])
+    require(widths[narrow] >= align, f"prune.align={align} is larger than the FFN width {widths[narrow]} of block "
+                                     f"{narrow}: use an align of at most {widths[narrow]}")
+    floors = [1] * len(widths) if floors is None else [int(f) for f in floors]
+    require(len(floors) == len(widths), f"align_widths: {len(floors)} floors for {len(widths)} blocks")
+    legal = [_legal_widths(n, align, f) for n, f in zip(widths, floors)]
+    movable = [li for li in range(len(keep)) if keep[li] < widths[li]]
+    out = list(keep)
+    for li in movable:
+        out[li] = min(legal[li], key=lambda v, t=keep[li]: (abs(v - t), -v))
+    pos = {li: legal[li].index(out[li]) for li in movable}
+    target = sum(keep)
+
+    def preference(li: int, down: bool) -> tuple[int, float, int]:
+        # the remainder keep - out (negative: rounded up), then the allocation's kept fraction, then block order
+        return keep[li] - out[li], keep[li] / widths[li], li if down else -li
+
+    while sum(out) != target:
+        total = sum(out)
+        down = total > target
+        step = -1 if down else 1
+        cands = [li for li in movable if 0 <= pos[li] + step < len(legal[li])
+                 and abs(total - out[li] + legal[li][pos[li] + step] - target) < abs(total - target)]
+        if not cands:
+            break
+        pick = (min if down else max)(cands, key=lambda li: preference(li, down))
+        pos[pick] += step
+        out[pick] = legal[pick][pos[pick]]
+    return out
+
+
 def flap_plan_from_capture(
     model: nn.Module, capture, sparsity: float, units: AttentionUnits
 ) -> tuple[list[int], list[int]]:
@@ -207,8 +280,10 @@ class Plan:
     block_sparsity: list[float] | None  # the allocation's per-block sparsity (None: searched, or the method's own)
     units: AttentionUnits
     keep_attn: list[int]  # attention units kept per block
-    keep_mlp: list[int]  # FFN neurons kept per block
+    keep_mlp: list[int]  # FFN neurons kept per block (aligned to `align`)
     n_ffns: list[int]  # the dense FFN widths
+    align: int = 1  # prune.align: every pruned block's kept width is a multiple of it
+    unaligned_mlp: list[int] | None = None  # the allocation's widths before `align_widths` (None: align 1)
 
     @property
     def removes_nothing(self) -> bool:
@@ -222,6 +297,8 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
 
     The per-block sparsity of uniform, fc and taylor is `options.block_sparsity` when given, else read
     from the calibration set `art` (`paths.CalibrationArtifacts`: its allocate.json), else `sparsity`.
+    The FFN widths are then aligned to `options.align` (`align_widths`); a method with its own plan is
+    told the aligned widths (`PruningMethod.adopt_widths`).
     """
     layers = decoder_layers(model)
     n_layers = len(layers)
@@ -253,4 +330,9 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
         keep_attn, keep_mlp = param_matched_structure(
             [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params
         )
-    return Plan(allocation, block_sparsity, units, keep_attn, keep_mlp, n_ffns)
+    align = int(options.align)
+    aligned = align_widths(keep_mlp, n_ffns, align, method.ffn_floors(n_ffns) if align > 1 else None)
+    if own_plan is not None and aligned != list(keep_mlp):
+        method.adopt_widths(aligned)
+    return Plan(allocation, block_sparsity, units, keep_attn, aligned, n_ffns, align,
+                None if align == 1 else list(keep_mlp))

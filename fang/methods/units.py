@@ -17,6 +17,7 @@ from torch import Tensor
 from ..analysis.cluster import RELEVANCE_MODES
 from ..core.choices import ALLOCATIONS, COMPENSATIONS
 from ..core.errors import require
+from ..core.params import check_align
 from ..model.modeling import attention_geometry
 
 
@@ -119,6 +120,7 @@ class PruneOptions:
     block_sparsity: Sequence[float] | None = None
     allocation: str = "auto"  # how keep counts per block are chosen (ALLOCATIONS); "flap_search" = FLAP's AL-AM
     compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7) or from the whole layer's kept columns
+    align: int = 1  # every pruned block keeps a multiple of this many FFN neurons (plan.align_widths); 1 = any width
 
     @classmethod
     def from_params(cls, p, variant=None) -> "PruneOptions":
@@ -126,7 +128,8 @@ class PruneOptions:
         compensation (its parts not named already hold the block's)."""
         allocation, compensation = (p.allocation, p.compensation) if variant is None else (
             variant.allocation, variant.compensation)
-        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, None, allocation, compensation)
+        return cls(p.tau, p.damp, p.shared_group, p.function_aware, p.reweighting, None, allocation, compensation,
+                   p.align)
 
     def validate(self) -> None:
         number = isinstance(self.tau, (int, float)) and not isinstance(self.tau, bool)
@@ -150,9 +153,12 @@ class PruneOptions:
             self.compensation in COMPENSATIONS,
             f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}",
         )
+        check_align(self.align)
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if d["align"] == 1:  # the default leaves the report as it was before prune.align existed (same bytes, same DVC hash)
+            del d["align"]
         if d["block_sparsity"] is not None:
             d["block_sparsity"] = [float(s) for s in d["block_sparsity"]]
         return d

@@ -9,13 +9,15 @@ needs only one block's weights at once. With `model.offload`:
         runs and dropped from it after. Host RAM: the whole model in the dtype it is loaded in.
   disk  only the embeddings, final norm and LM head are loaded; a block's tensors are read from the
         memory-mapped safetensors file(s) when it runs and dropped after. Host RAM: one block
-        while it is read, plus every block a method modified (prune keeps the pruned blocks on the
-        host until they are saved), plus the page cache, which the kernel can reclaim.
+        while it is read, plus the page cache, which the kernel can reclaim. A block a method
+        modified (prune) is written to a spill directory as it leaves the device (`spill`), or,
+        without one, waits on the host.
 
 Either way, while a block is not running its module holds meta tensors (shapes only, no memory),
 so "at most one block on the device" is a property tests can check (`resident_blocks`). A block a
-method changed (prune: compensation, shrinking) is copied back to the host when it leaves the device
-(`keep=True`), and `gather_blocks` puts the whole model back on the host for saving.
+method changed (prune: compensation, shrinking) is kept when it leaves the device (`keep=True`: to the
+spill directory or the host), and `save_pruned` writes a streamed model one block at a time
+(`BlockStream.block_state`); `gather_blocks` would put the whole model back on the host.
 
 The weights that run are the same bits as without streaming (copies between host and device are
 exact, and disk mode converts each tensor to the load dtype as `from_pretrained` does), so results
@@ -47,19 +49,34 @@ class BlockStream:
     """The blocks of one model: which one is on the device now, and where the others wait."""
 
     def __init__(self, model: nn.Module, device: torch.device, host: dict[int, State],
-                 disk: "SafetensorsBlocks | None" = None, dtype: torch.dtype | None = None):
+                 disk: "SafetensorsBlocks | None" = None, dtype: torch.dtype | None = None,
+                 spill: Path | None = None):
         self.layers = decoder_layers(model)
         self.device = device
-        self.host = host  # blocks whose weights wait in host RAM (all of them in host mode; modified ones in disk mode)
+        self.host = host  # blocks whose weights wait in host RAM (all of them in host mode; modified ones in disk mode without spill)
         self.disk = disk  # the checkpoint the other blocks are read from (disk mode)
         self.dtype = dtype  # disk mode: the dtype the model is loaded in (load_dense's dtype)
+        # disk mode with a spill directory: a modified block (prune) is written there as it leaves the device,
+        # instead of waiting in host RAM, and read back from there (save_pruned reads it one block at a time)
+        self.spill = None if spill is None else Path(spill)
+        self.spilled: dict[int, Path] = {}
         self.current: int | None = None
 
-    def _state(self, index: int) -> State:
+    def _state(self, index: int, device: torch.device | None = None) -> State:
+        device = self.device if device is None else device
         if index in self.host:
-            return {k: v.to(self.device) for k, v in self.host[index].items()}
+            return {k: v.to(device) for k, v in self.host[index].items()}
+        if index in self.spilled:  # written by this stream: already in the model's dtype
+            return _read_file(self.spilled[index], device)
         require(self.disk is not None, f"block {index}'s weights are nowhere: neither on the host nor on disk")
-        return self.disk.read(index, self.device, self.dtype)
+        return self.disk.read(index, device, self.dtype)
+
+    def block_state(self, index: int) -> State:
+        """Block `index`'s weights on the host, wherever they wait (`save_pruned` writes them one block at a time)."""
+        layer = self.layers[index]
+        if self.current == index:
+            return {k: v.detach().to("cpu") for k, v in layer.state_dict().items()}
+        return self._state(index, torch.device("cpu"))
 
     def fetch(self, index: int) -> nn.Module:
         """Block `index` with its weights on the device."""
@@ -76,7 +93,13 @@ class BlockStream:
         """Drop block `index` from the device; `keep` first copies its (modified) weights to the host."""
         layer = self.layers[index]
         if keep:
-            self.host[index] = {k: v.detach().to("cpu") for k, v in layer.state_dict().items()}
+            state = {k: v.detach().to("cpu") for k, v in layer.state_dict().items()}
+            if self.spill is not None:
+                self.spilled[index] = _write_file(state, self.spill / f"block-{index:05d}.safetensors")
+                self.host.pop(index, None)
+            else:
+                self.host[index] = state
+            del state
         layer.to("meta")  # shapes stay for parameter counts and the structure; the memory goes
         if self.current == index:
             self.current = None
@@ -204,9 +227,10 @@ def stream_from_host(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 def gather_blocks(model: nn.Module) -> nn.Module:
-    """End streaming: every block back in its module, the whole model on the host (for `save_pruned`).
+    """End streaming: every block back in its module, the whole model on the host.
 
-    Host RAM: the whole model as it is now (after a prune, the pruned model)."""
+    Host RAM: the whole model as it is now (after a prune, the pruned model). `save_pruned` does not
+    need it: it writes a streamed model one block at a time."""
     stream = block_stream(model)
     if stream is None:
         return model
@@ -215,6 +239,7 @@ def gather_blocks(model: nn.Module) -> nn.Module:
     for i, layer in enumerate(stream.layers):
         layer.load_state_dict(stream._state(i), strict=True, assign=True)
         stream.host.pop(i, None)
+        stream.spilled.pop(i, None)
     del model.__dict__[_ATTR]
     return model.to(cpu).eval()
 
@@ -263,16 +288,18 @@ class SafetensorsBlocks:
         return out
 
 
-def _layers_prefix(model: nn.Module) -> str:
+def layers_prefix(model: nn.Module) -> str:
     layers = decoder_layers(model)
     return next(name for name, m in model.named_modules() if m is layers)
 
 
 def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32",
-                         offload: str = "none"):
+                         offload: str = "none", spill: str | os.PathLike | None = None):
     """`load_dense` with model.offload: "none" is load_dense itself (the whole model on `device`);
     "host" loads it into host RAM and streams the blocks; "disk" loads only the non-block weights and
-    reads each block from the safetensors files when it runs. Returns (model, tokenizer)."""
+    reads each block from the safetensors files when it runs. `spill` (disk mode, for a pass that
+    modifies blocks: prune) is a directory where modified blocks are written as they leave the
+    device instead of waiting in host RAM. Returns (model, tokenizer)."""
     # the names fang.core.params.OFFLOADS validates (not imported: it would make every stage that runs
     # blocks, summary included, depend on params.py; tests/test_offload.py checks the two agree)
     require(offload in ("none", "host", "disk"), f"model.offload={offload!r}: use one of none, host, disk")
@@ -289,7 +316,7 @@ def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "
     check_supported(config)
     check_dense_weights(path, config, check_safetensors_dir(path))
     try:
-        model = _load_outside_blocks(path, device, dtype)
+        model = _load_outside_blocks(path, device, dtype, spill)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise FangError(f"could not load the model at {path}: {str(exc).strip().splitlines()[0][:300]}") from None
@@ -297,28 +324,39 @@ def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "
     return model, tokenizer
 
 
-def _load_outside_blocks(path: Path, device: torch.device | str, dtype: str) -> nn.Module:
+def _load_outside_blocks(path: Path, device: torch.device | str, dtype: str,
+                         spill: str | os.PathLike | None = None) -> nn.Module:
     """The dense model of checkpoint `path` with only its non-block weights loaded (on `device`), its
     blocks streamed from the safetensors files."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     # parameters on meta (no memory, no random init); buffers stay real: the rotary inv_freq is
     # computed in __init__ and is not in the checkpoint
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPE_BY_NAME[dtype])
+    return stream_from_disk(model, path, device, DTYPE_BY_NAME[dtype], spill=spill)
+
+
+def stream_from_disk(model: nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype,
+                     tied: dict[str, str] | None = None, spill: str | os.PathLike | None = None) -> nn.Module:
+    """Stream the blocks of `model`, a skeleton whose parameters are on meta with the checkpoint's shapes
+    (a dense one, or a pruned one reshaped by its structure.json), from the safetensors file(s) of `path`:
+    the non-block weights are read (converted to `dtype`) and moved to `device`, each block is read when it runs."""
+    from transformers import GenerationConfig
+
+    device = torch.device(device)
     _check_streamable(model)
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     layers = decoder_layers(model)
     names = [list(layer.state_dict()) for layer in layers]
     disk = SafetensorsBlocks(path, prefix, names)
-    tied = tied_names(model)
+    tied = tied_names(model) if tied is None else tied
     wanted = [k for k in model.state_dict() if not k.startswith(prefix + ".") and k not in tied]
     missing = [k for k in wanted if k not in disk.file_of]
     require(not missing, f"{path}: the checkpoint has no tensors {missing[:3]} (embeddings / norm / head)")
-    outside = _read_tensors(disk.file_of, wanted, DTYPE_BY_NAME[dtype])
+    outside = _read_tensors(disk.file_of, wanted, dtype)
     model.load_state_dict(outside, strict=False, assign=True)
     for alias, source in tied.items():  # e.g. lm_head.weight is embed_tokens.weight
         module_name, _, attr = alias.rpartition(".")
@@ -326,7 +364,7 @@ def _load_outside_blocks(path: Path, device: torch.device | str, dtype: str) -> 
     if (path / "generation_config.json").exists():  # what from_pretrained attaches, so a saved prune matches
         model.generation_config = GenerationConfig.from_pretrained(path)
     _move_outside_blocks(model, device)
-    model.__dict__[_ATTR] = BlockStream(model, device, {}, disk, DTYPE_BY_NAME[dtype])
+    model.__dict__[_ATTR] = BlockStream(model, device, {}, disk, dtype, spill)
     return model.eval()
 
 
@@ -342,3 +380,21 @@ def _read_tensors(file_of: dict[str, Path], keys: list[str], dtype: torch.dtype)
                     out[k] = t.to(dtype) if t.is_floating_point() else t
     return out
 
+
+
+def _write_file(state: State, path: Path) -> Path:
+    """`state` as one safetensors file at `path`, written to a temp name and renamed."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def _read_file(path: Path, device: torch.device) -> State:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k).to(device) for k in fh.keys()}

@@ -1,7 +1,11 @@
 """Physically shrinking LLaMA-style blocks (smaller nn.Linear shapes, not masks) and the pruned-model format.
 
 A pruned checkpoint is a directory holding:
-- `model.safetensors`: the pruned state dict (safetensors only; tied weights stored once);
+- `model.safetensors`: the pruned state dict (safetensors only; tied weights stored once), or, when
+  the model was streamed (model.offload) or `save_pruned(shards=True)`, Hugging Face's sharded layout:
+  one `model-0000i-of-0000n.safetensors` per decoder block, the last one with the embeddings, final
+  norm and head, and `model.safetensors.index.json` mapping every tensor to its file (written one
+  block at a time: the whole state dict is never on the host);
 - `config.json` (+ `generation_config.json`): the *dense* architecture it came from;
 - the tokenizer files;
 - `structure.json`: the per-layer shapes that turn the dense architecture into the pruned one;
@@ -32,11 +36,12 @@ from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
 from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, tied_names
-from .offload import load_dense_offloaded, stream_from_host
+from .offload import block_stream, layers_prefix, load_dense_offloaded, stream_from_disk, stream_from_host
 from .portable import write_portable_code
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # the sharded layout's tensor -> file map (Hugging Face's name)
 STRUCTURE_FORMAT = 1
 KEPT_ATTR = "kept_neurons"  # MLP attribute and optional structure.json layer key: dense indices of the kept neurons
 
@@ -245,23 +250,27 @@ def apply_structure(layer: nn.Module, spec: dict, index: int) -> None:
 # save / load
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, shards: bool | None = None) -> Path:
     """Write a pruned model as safetensors + dense config + tokenizer + structure.json, atomically.
 
-    Weights are written with safetensors directly rather than `save_pretrained`, so the file holds
+    Weights are written with safetensors directly rather than `save_pretrained`, so the files hold
     exactly the state-dict names `load_pruned` expects (transformers may rename keys on save for
-    some architectures) in a single file whatever the model size. Tied aliases are stored once
-    and listed under "tied" in structure.json.
+    some architectures). Tied aliases are stored once and listed under "tied" in structure.json.
+
+    `shards` (default: whether the model streams its blocks, model.offload): one file per decoder
+    block plus one for the rest, with `model.safetensors.index.json` (Hugging Face's sharded layout,
+    which `from_pretrained` reads too); a streamed model's blocks are then read back and written one
+    at a time, so the host never holds more than one block. Otherwise one `model.safetensors`.
+    Both layouts hold the same tensors, and a streamed and an in-memory model write the same files.
     """
     from safetensors.torch import save_file
 
+    stream = block_stream(model)
+    shards = stream is not None if shards is None else shards
+    require(shards or stream is None, "save_pruned: a streamed model (model.offload) is written in shards, one block "
+                                      "at a time: give shards=True, or gather_blocks(model) first")
     out_dir = Path(out_dir)
     tied = tied_names(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    require(
-        all(t.device.type != "meta" for t in state.values()),
-        "save_pruned: the model still has weights on the meta device (not loaded)",
-    )
     structure = {
         "format": STRUCTURE_FORMAT,
         "layers": model_structure(model),
@@ -272,9 +281,15 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
         "tied": tied,
     }
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        # flipped bytes in a tensor load without complaint: load_pruned compares this checksum
-        structure["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
+        if shards:
+            structure["weights_sha256"] = _save_shards(model, tied, tmp)
+        else:
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+            _require_loaded(state)
+            save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            del state
+            # flipped bytes in a tensor load without complaint: load_pruned compares this checksum
+            structure["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)
         model.config.save_pretrained(tmp)
         write_portable_code(tmp, structure["layers"])
         generation_config = getattr(model, "generation_config", None)
@@ -286,6 +301,80 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path
             json.dump(structure, fh, indent=2)
             fh.write("\n")
     return out_dir
+
+
+def _require_loaded(state: dict[str, Tensor]) -> None:
+    require(all(t.device.type != "meta" for t in state.values()),
+            "save_pruned: the model still has weights on the meta device (not loaded)")
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _save_shards(model: nn.Module, tied: dict[str, str], out: Path) -> dict[str, str]:
+    """Shard i < n_layers: block i; shard n_layers: everything else. Writes the index; returns {file: sha256}."""
+    from safetensors.torch import save_file
+
+    stream = block_stream(model)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    n_files = len(layers) + 1
+    weight_map: dict[str, str] = {}
+    sha: dict[str, str] = {}
+    total = 0
+
+    def write(i: int, state: dict[str, Tensor]) -> None:
+        nonlocal total
+        _require_loaded(state)
+        name = shard_name(i, n_files)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / name),
+                  metadata={"format": "pt"})
+        total += sum(v.numel() * v.element_size() for v in state.values())
+        weight_map.update(dict.fromkeys(state, name))
+        sha[name] = file_sha256(out / name)
+
+    for i, layer in enumerate(layers):
+        local = stream.block_state(i) if stream is not None else layer.state_dict()
+        write(i, {f"{prefix}.{i}.{k}": v for k, v in local.items() if f"{prefix}.{i}.{k}" not in tied})
+        del local  # one block on the host at a time
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".") and k not in tied}
+    write(len(layers), rest)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return sha
+
+
+def weight_files(path: str | os.PathLike, structure: dict | None = None) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of a checkpoint directory (one file or the sharded layout),
+    each file checked (complete; its recorded sha256 when `structure` lists one)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            require(isinstance(weight_map, dict) and weight_map, "empty weight_map")
+        except (ValueError, KeyError, TypeError, FangError):
+            raise FangError(f"{index_path} is not a valid index (a JSON object with a 'weight_map')") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        require((path / WEIGHTS_FILE).exists(), f"{path} is incomplete: {WEIGHTS_FILE} is missing")
+        files, weight_map = [WEIGHTS_FILE], None
+    expected = (structure or {}).get("weights_sha256")  # absent in checkpoints saved before it was recorded
+    for name in files:
+        f = path / name
+        require(f.exists(), f"{path} is incomplete: {name} (listed in {INDEX_FILE}) is missing")
+        check_safetensors(f)
+        want = expected.get(name) if isinstance(expected, dict) else expected
+        if want is not None and file_sha256(f) != want:
+            raise FangError(f"{f} is corrupt: its sha256 checksum differs from the one in {STRUCTURE_FILE} "
+                            "(re-create it with `fang prune`)")
+    if weight_map is None:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as fh:
+            return dict.fromkeys(fh.keys(), path / WEIGHTS_FILE)
+    return {k: path / v for k, v in weight_map.items()}
 
 
 def read_structure(path: str | os.PathLike) -> dict:
@@ -307,18 +396,12 @@ def read_structure(path: str | os.PathLike) -> dict:
     return structure
 
 
-def load_pruned(path: str | os.PathLike):
-    """Load a directory written by `save_pruned` -> (model on CPU in eval mode, tokenizer or None)."""
+def _pruned_skeleton(path: Path, structure: dict) -> nn.Module:
+    """The pruned model of `path` with every parameter on meta, reshaped by its structure.json."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    structure = read_structure(path)
-    weights_path = path / WEIGHTS_FILE
-    require(weights_path.exists(), f"{path} is incomplete: {WEIGHTS_FILE} is missing")
     require((path / "config.json").exists(), f"{path} is incomplete: config.json is missing")
-
     check_supported(read_config(path))
     config = AutoConfig.from_pretrained(path)
     check_supported(config)
@@ -333,25 +416,43 @@ def load_pruned(path: str | os.PathLike):
     )
     for i, (layer, spec) in enumerate(zip(layers, structure["layers"])):
         apply_structure(layer, spec, i)
+    return model
 
-    check_safetensors(weights_path)
-    expected = structure.get("weights_sha256")  # absent in checkpoints saved before it was recorded
-    if expected is not None and file_sha256(weights_path) != expected:
-        raise FangError(f"{weights_path} is corrupt: its sha256 checksum differs from the one in {STRUCTURE_FILE} "
-                        "(re-create it with `fang prune`)")
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except Exception as exc:  # SafetensorError derives from Exception only
-        raise FangError(f"could not read {weights_path}: {str(exc).strip()[:300]}") from None
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(path)
+    return None
+
+
+def load_pruned(path: str | os.PathLike):
+    """Load a directory written by `save_pruned` (one file or shards) -> (model on CPU in eval mode, tokenizer or None)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    structure = read_structure(path)
+    if not (path / INDEX_FILE).exists():
+        require((path / WEIGHTS_FILE).exists(), f"{path} is incomplete: {WEIGHTS_FILE} is missing")
+    model = _pruned_skeleton(path, structure)
+    files = sorted(set(weight_files(path, structure).values()))
     tied = structure.get("tied", {})
+    state: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f), device="cpu"))
+        except Exception as exc:  # SafetensorError derives from Exception only
+            raise FangError(f"could not read {f}: {str(exc).strip()[:300]}") from None
+    where = files[0] if len(files) == 1 else path / INDEX_FILE
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # torch reports shape mismatches this way
-        raise FangError(f"{weights_path} does not match {STRUCTURE_FILE}: {str(exc).strip()[:500]}") from None
+        raise FangError(f"{where} does not match {STRUCTURE_FILE}: {str(exc).strip()[:500]}") from None
     missing = sorted(set(missing) - set(tied))
     if missing or unexpected:
         raise FangError(
-            f"{weights_path} does not match {STRUCTURE_FILE}: "
+            f"{where} does not match {STRUCTURE_FILE}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -361,11 +462,27 @@ def load_pruned(path: str | os.PathLike):
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     require(not still_meta, f"{path}: weights never loaded for {still_meta[:5]}")
     model.eval()
+    return model, _tokenizer(path)
 
-    tokenizer = None
-    if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+
+def load_pruned_streamed(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32"):
+    """A pruned checkpoint with its blocks streamed from its safetensors file(s) (model.offload=disk): only the
+    embeddings, final norm and head are loaded; each block is read, in its pruned shapes, when it runs.
+    The same weights and buffers as `load_any(path, device, dtype)`."""
+    path = Path(path)
+    structure = read_structure(path)
+    model = _pruned_skeleton(path, structure)
+    weight_files(path, structure)  # complete and checksummed before anything is read
+    # load_pruned builds the model in float32 and casts it (buffers included, e.g. the rotary inv_freq)
+    # to `dtype`: the same here for everything outside the blocks (which hold no buffers)
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList()
+    try:
+        model.to(dtype=DTYPE_BY_NAME[dtype])
+    finally:
+        model.model.layers = layers
+    model = stream_from_disk(model, path, device, DTYPE_BY_NAME[dtype], tied=structure.get("tied", {}))
+    return model, _tokenizer(path)
 
 
 def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32",
@@ -373,12 +490,13 @@ def load_any(path: str | os.PathLike, device: torch.device | str = "cpu", dtype:
     """Load either a dense checkpoint or a pruned one (detected by its structure file), cast to `dtype`.
 
     `offload` (model.offload) streams the decoder blocks (fang.model.offload; run forwards inside
-    `streamed_forward`): a dense checkpoint from host RAM or from its safetensors files; a pruned
-    one from host RAM for both "host" and "disk" (its single file holds blocks of their own shapes,
-    which the disk reader does not map yet)."""
+    `streamed_forward`), from host RAM ("host") or from the checkpoint's safetensors file(s) ("disk"),
+    dense or pruned (a pruned block is read in its own shapes)."""
     require(Path(path).is_dir(), f"model {path} is not a model folder (config.json, model.safetensors, tokenizer): "
                                  "give the folder, e.g. artifacts/pruned")
     if (Path(path) / STRUCTURE_FILE).exists():
+        if offload == "disk":
+            return load_pruned_streamed(path, device, dtype)
         model, tokenizer = load_pruned(path)
         if offload != "none":
             return stream_from_host(model.to(dtype=DTYPE_BY_NAME[dtype]), device), tokenizer

@@ -13,6 +13,7 @@ from torch import nn
 from ...core.errors import require
 from ...core.progress import progress
 from ...model.layerwise import batch_slices
+from ...model.offload import block_stream, place_model, streamed_forward
 
 # ------------------------------------------------------------------------------------------------------------
 # compute floor
@@ -73,9 +74,16 @@ def measure_floor(
     ratio is slightly flattered on large-vocabulary models). The backward computes activation
     gradients only (weights frozen, graph started at the input embeddings), which is all `taylor`
     needs; weight gradients would add work no stage does and make the floor too generous.
+
+    A streamed model (model.offload) runs the forward with one block on the device at a time
+    (`streamed_forward`: every block is fetched once per batch, so the floor includes those reads). Its
+    forward+backward is not measured (None, with the reason): a whole-model backward keeps every
+    block's weights alive in its graph until the backward reaches them, which is what streaming
+    avoids; taylor gets its gradients block by block instead.
     """
     device = torch.device(device)
-    model.to(device).eval()
+    place_model(model, device)
+    streamed = block_stream(model) is not None
     n_seq, seq_len = input_ids.shape
     ids = subsample(input_ids, max_seqs, max_tokens)
     tokens = ids.numel()
@@ -83,7 +91,8 @@ def measure_floor(
 
     @torch.no_grad()
     def forward(batch: torch.Tensor) -> None:
-        model(input_ids=batch, use_cache=False)
+        with streamed_forward(model):
+            model(input_ids=batch, use_cache=False)
 
     embed = model.get_input_embeddings()
 
@@ -93,14 +102,16 @@ def measure_floor(
         loss.backward()
 
     fwd = _timed_passes(forward, ids, forward_batch, device, "floor: forward")
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        fwd_bwd = _timed_passes(forward_backward, ids, backward_batch, device, "floor: forward+backward")
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
+    fwd_bwd = None
+    if not streamed:
+        requires = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            fwd_bwd = _timed_passes(forward_backward, ids, backward_batch, device, "floor: forward+backward")
+        finally:
+            for p, r in zip(model.parameters(), requires):
+                p.requires_grad_(r)
 
     def entry(seconds: float, batch: int) -> dict:
         per_token = seconds / tokens
@@ -114,8 +125,10 @@ def measure_floor(
         "sequences_measured": ids.shape[0],
         "tokens_measured": tokens,
         "forward": entry(fwd, forward_batch),
-        "forward_backward": {**entry(fwd_bwd, backward_batch),
-                             "backward": "activation gradients only (weights frozen), as taylor computes"},
+        "forward_backward": None if fwd_bwd is None else {
+            **entry(fwd_bwd, backward_batch), "backward": "activation gradients only (weights frozen), as taylor computes"},
+        **({"forward_backward_skipped": "model.offload streams the blocks: a whole-model backward would keep every "
+                                        "block's weights in its graph"} if streamed else {}),
     }
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ...core.errors import require
 from ...core.progress import progress
 from ...model.modeling import count_block_params
+from ...model.offload import streamed_forward
 from .floor import _sync
 
 # ------------------------------------------------------------------------------------------------------------
@@ -76,6 +77,13 @@ def checkpoint_bytes(path: Path) -> int:
 
 @torch.no_grad()
 def prefill_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """`_prefill_decode`; a streamed model (model.offload) fetches each block as the forward reaches it, so its
+    speed includes one read of every block per forward (transfer-bound: not the speed of a model that fits)."""
+    with streamed_forward(model):
+        return _prefill_decode(model, prompt, new_tokens, device)
+
+
+def _prefill_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
     """Seconds of the prefill of `prompt` [b, P] and of `new_tokens` greedy decode steps with the KV cache.
 
     The prefill computes logits for the last position only, as `generate` does. Decoding never
@@ -97,10 +105,10 @@ def prefill_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, devi
     return prefill, time.perf_counter() - t0
 
 
-def _load(entry: ModelEntry, device: torch.device) -> nn.Module:
+def _load(entry: ModelEntry, device: torch.device, offload: str = "none") -> nn.Module:
     from ...model.shrink import load_any
 
-    model, _ = load_any(entry.path, device)
+    model, _ = load_any(entry.path, device, offload=offload)
     return model
 
 
@@ -119,6 +127,7 @@ def measure_inference(
     device: torch.device | str = "cpu",
     seed: int = 0,
     keep_loaded: bool | None = None,
+    offload: str = "none",
 ) -> dict:
     """Prefill and decode tokens/s of every model, interleaved round by round, median of `repeats`.
 
@@ -143,7 +152,7 @@ def measure_inference(
     def get(entry: ModelEntry) -> nn.Module:
         if entry.name in loaded:
             return loaded[entry.name]
-        model = _load(entry, device)
+        model = _load(entry, device, offload)
         if entry.name not in info:
             info[entry.name] = {
                 "block_params": count_block_params(model),
@@ -197,7 +206,7 @@ def measure_inference(
             r["prefill_speedup"] = r["prefill_tok_s"] / base[r["batch_size"]]["prefill_tok_s"]
             r["decode_speedup"] = r["decode_tok_s"] / base[r["batch_size"]]["decode_tok_s"]
     return {"dense": dense, "prompt_len": prompt_len, "new_tokens": new_tokens, "batch_sizes": list(batch_sizes),
-            "repeats": repeats, "statistic": "median", "models_kept_loaded": keep_loaded, "models": models}
+            "repeats": repeats, **({"offload": offload} if offload != "none" else {}), "statistic": "median", "models_kept_loaded": keep_loaded, "models": models}
 
 
 def _prune_summary(entry: ModelEntry) -> dict:

@@ -112,10 +112,11 @@ def render_markdown(result: dict) -> str:
         floor = pipe.get("floor")
         if floor:
             f, fb = floor["forward"], floor["forward_backward"]
+            fb_text = (f"{fb['seconds_full']:.1f} s (batch {fb['batch_size']}, {fb['backward']})" if fb
+                       else f"not measured ({floor.get('forward_backward_skipped', 'no data')})")
             out += [f"Compute floor over the {floor['calib_tokens']:,} calibration tokens ({floor['calib_sequences']} × "
                     f"{floor['seq_len']}), measured on {floor['tokens_measured']:,} tokens and scaled per token: "
-                    f"forward {f['seconds_full']:.1f} s (batch {f['batch_size']}), forward+backward "
-                    f"{fb['seconds_full']:.1f} s (batch {fb['batch_size']}, {fb['backward']}).", ""]
+                    f"forward {f['seconds_full']:.1f} s (batch {f['batch_size']}), forward+backward {fb_text}.", ""]
         if pipe["stages"]:
             fwd = floor["forward"]["seconds_full"] if floor else None
             rows = [[e["label"], f"{e['seconds']:.1f}", _num(e["seconds"] / fwd if fwd else None, ".2f"),
@@ -164,7 +165,7 @@ def render_fragment(result: dict) -> str:
         floor = pipe.get("floor")
         if floor:
             out += [f"**Pipeline cost**{_kept(result, 'pipeline')} against the compute floor (forward {floor['forward']['seconds_full']:.1f} s, "
-                    f"forward+backward {floor['forward_backward']['seconds_full']:.1f} s over "
+                    f"forward+backward {_floor_seconds(floor, 'forward_backward')} over "
                     f"{floor['calib_tokens']:,} calibration tokens):", ""]
         else:
             out += [f"**Pipeline cost**{_kept(result, 'pipeline')}:", ""]
@@ -185,3 +186,9 @@ def render_fragment(result: dict) -> str:
 def update_readme(readme_path: str | os.PathLike, fragment: str) -> None:
     """Replace the text between the bench markers of a page (docs/results.md) with `fragment` (see `fang.core.markdown`)."""
     replace_between_markers(readme_path, fragment, README_START, README_END)
+
+
+def _floor_seconds(floor: dict, name: str) -> str:
+    """'12.3 s', or 'not measured' for a floor a streamed bench skipped (forward+backward)."""
+    entry = floor.get(name)
+    return "not measured" if entry is None else f"{entry['seconds_full']:.1f} s"

@@ -125,7 +125,7 @@ def check_targets(timings: list[dict], floor: dict | None) -> list[dict]:
         return entries[-1] if entries else None  # stages run without arguments have one entry
 
     fwd = floor["forward"]["seconds_full"] if floor else None
-    fwd_bwd = floor["forward_backward"]["seconds_full"] if floor else None
+    fwd_bwd = floor["forward_backward"]["seconds_full"] if floor and floor.get("forward_backward") else None
     rows: list[dict] = []
 
     def add(name: str, stages: dict[str, dict | None], denom: float | None, denom_name: str, limit: float,

@@ -1,0 +1,342 @@
+"""SoBP: Structured Optimal Brain Pruning (Wei et al., EMNLP 2024), as tensor functions and the method.
+
+The paper's three steps (abstract: "global first-order information to select pruning structures, then
+refines them with a local greedy approach, and finally adopts module-wise reconstruction"); what the
+paper leaves open, or what could not be read here, is chosen and marked in docs/methods.md ("SoBP"):
+
+1. **Global first-order selection** (`first_order_scores`, `first_order_plan`): one forward+backward pass
+   of the dense model over the calibration tokens gives, for every attention unit and FFN neuron of
+   every block, the first-order Taylor estimate of the change of the mean calibration loss when its
+   mask goes from 1 to 0, |dL/dm| = |sum_t sum_(c in unit) a_tc * dL/da_tc| / T (a: the input of o_proj
+   or down_proj). Every structure of every block is ranked in one pool by that loss change per removed
+   parameter, and the pool is cut at the target sparsity (`plan.structure_search`, the search FLAP's
+   allocation uses, here on SoBP's scores): this fixes how many units and neurons each block keeps
+   (a heterogeneous allocation).
+2. **Local greedy refinement** (`SobpPruner.select`): within each block, which units go is chosen again
+   by greedy Optimal Brain Surgeon on the layer's Hessian (`obc.obc_prune_iterative`: remove the unit
+   whose removal with optimal compensation costs least, update H^-1, rescore), at the count of step 1.
+3. **Module-wise reconstruction** (`module_target_weight`): the kept columns of o_proj / down_proj are
+   refit so the module reproduces the *dense* model's module output on the *pruned* model's inputs,
+   min ||Y_dense - W'_K X_K||^2, instead of the layer's own output on those inputs (what OBC does).
+   With W* = argmin ||Y_dense - W X||^2 over all columns, the cost splits exactly into
+   ||Y_dense - W* X||^2 + ||W* X - W'_K X_K||^2 (the first residual is orthogonal to every column of X),
+   so step 2 run on W* instead of W minimises the module-wise objective: the OBS machinery is unchanged.
+   Dampening (prune.damp, as OBC) makes W* = W + (C - W H)(H + lambda I)^-1 with C = Y_dense X^T, the
+   ridge solution shrunk towards the dense weight; with the dense model's own inputs C = W H and W* = W.
+
+The dense stream (the dense model's hidden states and module outputs over the calibration tokens) is
+run by the method itself, one block ahead of the driver's pruned stream, while each block is still dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..analysis.taylor import loss_grad
+from ..core.errors import FangError, require
+from ..model.layerwise import BlockRunner, batch_slices, embed_tokens
+from ..model.modeling import decoder_layers
+from .base import LayerContext, PruningMethod, Selection, checked_units
+from .obc import HessianAccumulator, inverse_hessian, obc_prune_iterative
+from .plan import structure_search
+from .units import AttentionUnits
+
+
+# ----------------------------------------------------------------------------- step 1: global first order
+
+
+def mask_gradient(x: Tensor, grad: Tensor, units: Tensor | None = None) -> Tensor:
+    """sum over tokens of x * dL/dx per input channel, summed over each unit's columns -> [n_units] float64.
+
+    That is dL/dm for a mask m multiplying the unit's columns of a Linear input x [..., C] (at m = 1);
+    `units` [n_units, width] column ids, None = every column its own unit. Signed: sum over batches
+    before taking the magnitude (`first_order_scores`).
+    """
+    require(x.shape == grad.shape, f"mask_gradient: input {tuple(x.shape)} and gradient {tuple(grad.shape)} differ")
+    c = x.shape[-1]
+    per_col = (x.reshape(-1, c).double() * grad.reshape(-1, c).double()).sum(0).cpu()
+    if units is None:
+        return per_col
+    return per_col[units.cpu()].sum(1)
+
+
+def _block_graph(runner: BlockRunner, layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_in, x_out, o_proj input, down_proj input) of one block run with grad on, the inputs with their graph."""
+    x_in = x.to(runner.device).detach().requires_grad_(True)
+    caught: dict[str, Tensor] = {}
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: caught.__setitem__("o", a[0])),
+             layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: caught.__setitem__("d", a[0]))]
+    try:
+        with torch.enable_grad():
+            x_out = runner(layer, x_in)
+    finally:
+        for h in hooks:
+            h.remove()
+    return x_in, x_out, caught["o"], caught["d"]
+
+
+def first_order_scores(model: nn.Module, input_ids: Tensor, unit_columns: Tensor, batch_size: int,
+                       device: torch.device | str) -> tuple[list[Tensor], list[Tensor]]:
+    """|dL/dm| of every attention unit and FFN neuron of every block -> ([n_units] per block, [n_ffn] per block).
+
+    L is the mean next-token loss over the calibration tokens `input_ids` [N, L]; m a mask on the unit's
+    o_proj input columns (`unit_columns` [n_units, width]) or on the neuron's down_proj input. The
+    backward runs block by block from stored block inputs, as `fang.analysis.taylor` does (memory of one
+    block's graph, not the model's depth); the signed gradients are summed over the whole calibration
+    set before the magnitude is taken (the first-order Taylor term of the loss, not a sum of per-token
+    magnitudes).
+    """
+    require(input_ids.dim() == 2 and input_ids.numel() > 0,
+            f"first_order_scores: token ids must be [N, L], got {tuple(input_ids.shape)}")
+    require(input_ids.shape[1] >= 2, "first_order_scores: sequences need at least 2 tokens (one prediction)")
+    require(batch_size > 0, f"first_order_scores: batch_size={batch_size} must be positive")
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    attn = [torch.zeros(unit_columns.shape[0], dtype=torch.float64) for _ in range(n_layers)]
+    mlp = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # only activation gradients are needed
+    runner = BlockRunner(model, device)
+    try:
+        for sl in batch_slices(input_ids.shape[0], batch_size):
+            ids = input_ids[sl].to(device)
+            with torch.no_grad():
+                hidden = runner.embed(ids)
+                inputs = []
+                for li, layer in enumerate(layers):
+                    inputs.append(hidden.cpu())
+                    with runner.on_device(li):
+                        hidden = runner(layer, hidden)
+            grad = loss_grad(model, hidden, ids)
+            del hidden
+            for li in reversed(range(n_layers)):
+                with runner.on_device(li):
+                    x_in, x_out, a, h = _block_graph(runner, layers[li], inputs.pop())
+                    grad_in, grad_a, grad_h = torch.autograd.grad(x_out, (x_in, a, h), grad)
+                attn[li] += mask_gradient(a.detach(), grad_a, unit_columns)
+                mlp[li] += mask_gradient(h.detach(), grad_h)
+                grad = grad_in
+                del x_in, x_out, a, h, grad_a, grad_h
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    n_pred = input_ids.shape[0] * (input_ids.shape[1] - 1)  # loss_grad's sum over predicted tokens -> mean
+    attn = [(s / n_pred).abs() for s in attn]
+    mlp = [(s / n_pred).abs() for s in mlp]
+    for kind, scores in (("attention", attn), ("FFN", mlp)):
+        if not all(bool(torch.isfinite(s).all()) for s in scores):
+            raise FangError(f"sobp: first-order {kind} scores are not finite "
+                            "(NaN/Inf loss gradients on the calibration data)")
+    return attn, mlp
+
+
+def first_order_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float, attn_unit_params: int,
+                     neuron_params: int) -> tuple[list[int], list[int]]:
+    """Keep counts per block from one global pool of every unit and neuron, ranked by estimated loss change
+    per parameter it removes, cut where the kept parameters are closest to (1 - sparsity) of the total
+    (`plan.structure_search`; every block keeps at least one unit and one neuron)."""
+    require(attn_unit_params > 0 and neuron_params > 0, "first_order_plan: unit parameter costs must be positive")
+    return structure_search([s / attn_unit_params for s in attn_scores], [s / neuron_params for s in mlp_scores],
+                            sparsity, attn_unit_params, neuron_params)
+
+
+def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float:
+    """The fraction of the prunable pool (attention units and neurons) to remove so that `sparsity` of the
+    blocks' parameters goes: the pool leaves out the norms and, with query slots (prune.gqa), the K and V
+    projections, so cutting the pool at `sparsity` itself would remove less than asked."""
+    require(0 < pool_params <= block_params,
+            f"pool_sparsity: pool of {pool_params} in blocks of {block_params} parameters")
+    s = float(sparsity) * block_params / pool_params
+    require(s < 1.0, f"prune.sparsity={sparsity} asks for {s:.1%} of the prunable heads and neurons: no block could "
+                     "keep one; lower it (or use prune.gqa: kv_group, which can remove K and V too)")
+    return s
+
+
+# ------------------------------------------------------------------- steps 2 and 3: local greedy + module-wise
+
+
+def module_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, hinv: Tensor) -> Tensor:
+    """W* = W + (C - W H) H_damp^-1: the weight whose output on the pruned inputs best matches the dense
+    module output, min ||Y - W X||^2 + lambda ||W - W_dense||^2 (in H^-1's dtype).
+
+    `hessian` H = mean x x^T and `cross` C = mean y x^T over the same tokens (y: the dense module's output
+    for the token whose pruned-model input is x); `hinv` = (H + lambda I)^-1 (`obc.inverse_hessian`).
+    The residual C - W H is formed in float64: it is small where the streams agree, and float32 would
+    lose it to cancellation.
+    """
+    require(weight.dim() == 2 and cross.shape == weight.shape,
+            f"module_target_weight: weight {tuple(weight.shape)} and cross moment {tuple(cross.shape)} differ")
+    n = weight.shape[1]
+    require(hessian.shape == (n, n) and hinv.shape == (n, n),
+            f"module_target_weight: Hessian {tuple(hessian.shape)} / inverse {tuple(hinv.shape)} for {n} input columns")
+    w64 = weight.detach().to(device=hinv.device, dtype=torch.float64)
+    h64 = hessian.to(device=hinv.device, dtype=torch.float64)
+    resid = cross.to(device=hinv.device, dtype=torch.float64) - w64 @ h64
+    return (w64 + resid @ hinv.to(torch.float64)).to(hinv.dtype)
+
+
+class SobpPruner:
+    """One Linear input (o_proj or down_proj) of one block: the Hessian of its pruned-stream inputs, their
+    cross moment with the dense module outputs (`targets`, the driver's token order), then greedy OBS
+    (step 2) on the module-wise target weight (step 3)."""
+
+    def __init__(self, n_channels: int, damp: float, where: str, device: torch.device | str,
+                 targets: Tensor | None = None) -> None:
+        self.n_channels, self.damp, self.where = n_channels, damp, where
+        self.hessian = HessianAccumulator(n_channels, device)
+        self.targets = targets  # [T, out] float32 host, or None: reconstruct the layer's own output (OBC)
+        self.cross: Tensor | None = None  # sum over tokens of y x^T, float64 [out, C]
+        self.cursor = 0
+
+    def add_batch(self, x: Tensor) -> None:
+        if self.targets is not None:
+            rows = x.detach().reshape(-1, self.n_channels)
+            end = self.cursor + rows.shape[0]
+            require(end <= self.targets.shape[0],
+                    f"{self.where}: the driver streamed more tokens than SoBP's dense stream holds "
+                    f"({self.targets.shape[0]}): the calibration token ids differ")
+            y = self.targets[self.cursor:end].to(device=rows.device, dtype=torch.float64)
+            part = y.T @ rows.double()
+            self.cross = part if self.cross is None else self.cross + part
+            self.cursor = end
+        self.hessian.add_batch(x)
+
+    def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
+        units = checked_units(weight, self.n_channels, n_keep, units, self.where)
+        hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
+        w = weight.detach()
+        if self.targets is not None:
+            require(self.cursor == self.targets.shape[0],
+                    f"{self.where}: the driver streamed {self.cursor} tokens, SoBP's dense stream holds "
+                    f"{self.targets.shape[0]}: the calibration token ids differ")
+            cross = self.cross / self.hessian.n_tokens  # the Hessian is the unweighted mean over the same tokens
+            w = module_target_weight(w, self.hessian.hessian, cross, hinv)
+        single = units.shape[1] == 1 and torch.equal(units[:, 0], torch.arange(self.n_channels))
+        keep, new_w = obc_prune_iterative(w, hinv, units.shape[0] - n_keep, None if single else units, where=self.where)
+        return Selection(keep.cpu(), weight=new_w)
+
+
+@dataclass
+class SobpInputs:
+    """What SoBP reads besides the model: the calibration token ids the driver prunes on (the capture's)
+    and the batch size of its own passes (prune.batch_size)."""
+
+    token_ids: Tensor  # [N, L] long
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        require(self.token_ids.dim() == 2 and self.token_ids.numel() > 0,
+                f"sobp: calibration token ids must be [N, L], got {tuple(self.token_ids.shape)}")
+        require(self.batch_size > 0, f"sobp: batch_size={self.batch_size} must be positive")
+
+
+def _execution_device(model: nn.Module) -> torch.device:
+    # the embeddings stay on the execution device whether or not the blocks stream (fang.model.offload)
+    return model.get_input_embeddings().weight.device
+
+
+class Sobp(PruningMethod):
+    """SoBP on heads (or GQA units, prune.gqa) and FFN neurons: first-order global allocation (its `auto`),
+    greedy OBS within each block, module-wise reconstruction against the dense model's module outputs."""
+
+    # False: reconstruct each layer's own output on its pruned inputs (OBC's target), for the ablation
+    module_wise: bool = True
+
+    def __init__(self, name, options, inputs=None) -> None:
+        super().__init__(name, options, inputs)
+        self._model: nn.Module | None = None
+        self._dense: Tensor | None = None  # the dense model's hidden states entering the next block [N, L, d]
+        self._next_layer = 0
+        self._mlp_targets: Tensor | None = None
+        self.first_order: tuple[list[Tensor], list[Tensor]] | None = None  # step 1's scores, when it ran
+
+    @classmethod
+    def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml") -> SobpInputs:
+        from ..analysis.capture import open_capture
+        from ..core.params import load_block
+
+        cap = open_capture(art.capture)
+        return SobpInputs(torch.from_numpy(cap["token_ids"][:].astype("int64")),
+                          load_block("prune", path=params_path).batch_size)
+
+    def check(self, model: nn.Module) -> None:
+        require(isinstance(self.inputs, SobpInputs),
+                "prune.method=sobp needs the calibration token ids "
+                "(SobpInputs: `Sobp.load_inputs` reads the capture's)")
+        self.inputs.validate()
+        require(int(self.inputs.token_ids.max()) < model.config.vocab_size,
+                f"sobp: calibration token ids reach {int(self.inputs.token_ids.max())}, the model's vocabulary has "
+                f"{model.config.vocab_size} entries")
+        self._model = model
+
+    def plan(self, model: nn.Module, sparsity: float, units: AttentionUnits) -> tuple[list[int], list[int]] | None:
+        layers = decoder_layers(model)
+        if sparsity == 0:
+            return [units.count] * len(layers), [layer.mlp.down_proj.in_features for layer in layers]
+        self.first_order = first_order_scores(model, self.inputs.token_ids, units.unit_columns(),
+                                              self.inputs.batch_size, _execution_device(model))
+        pool = sum(units.count * units.params + layer.mlp.down_proj.in_features * units.neuron_params
+                   for layer in layers)
+        blocks = sum(p.numel() for layer in layers for p in layer.parameters())
+        return first_order_plan(*self.first_order, pool_sparsity(sparsity, blocks, pool), units.params,
+                                units.neuron_params)
+
+    # the dense stream, one block ahead of the driver's pruned one
+
+    def _dense_targets(self, ctx: LayerContext) -> tuple[Tensor, Tensor]:
+        """The dense block's o_proj and down_proj outputs over the calibration tokens ([T, d] each), run on
+        the dense model's own hidden states while the block is still dense; advances the dense stream."""
+        require(self._model is not None, "sobp: check(model) must run before the blocks are pruned")
+        require(ctx.index == self._next_layer, f"sobp: blocks must be pruned in order (got {ctx.index}, "
+                                               f"expected {self._next_layer})")
+        ids, bs = self.inputs.token_ids, self.inputs.batch_size
+        if self._dense is None:
+            self._dense = embed_tokens(self._model, ids, bs, ctx.device)
+        runner = BlockRunner(self._model, ctx.device)
+        d = self._model.config.hidden_size
+        n_tok = ids.numel()
+        outs = {"o": torch.empty(n_tok, d), "d": torch.empty(n_tok, d)}
+        at = {"o": 0, "d": 0}
+
+        def keep(name):
+            def hook(_m, _a, out):
+                rows = out.detach().reshape(-1, d).float().cpu()
+                outs[name][at[name]:at[name] + rows.shape[0]] = rows
+                at[name] += rows.shape[0]
+            return hook
+
+        attn, mlp = ctx.layer.self_attn, ctx.layer.mlp
+        hooks = [attn.o_proj.register_forward_hook(keep("o")), mlp.down_proj.register_forward_hook(keep("d"))]
+        try:
+            with torch.no_grad():
+                for sl in batch_slices(ids.shape[0], bs):
+                    self._dense[sl] = runner(ctx.layer, self._dense[sl]).float().cpu()
+        finally:
+            for h in hooks:
+                h.remove()
+        self._next_layer += 1
+        return outs["o"], outs["d"]
+
+    def attention(self, ctx: LayerContext) -> SobpPruner:
+        o_targets = None
+        if self.module_wise:
+            o_targets, self._mlp_targets = self._dense_targets(ctx)
+        return SobpPruner(ctx.layer.self_attn.o_proj.in_features, self.options.damp, ctx.where("o_proj"), ctx.device,
+                          o_targets)
+
+    def ffn(self, ctx: LayerContext) -> SobpPruner:
+        targets, self._mlp_targets = self._mlp_targets, None
+        return SobpPruner(ctx.n_ffn, self.options.damp, ctx.where("down_proj"), ctx.device, targets)
+
+    def finish_layer(self, ctx: LayerContext, ffn: Selection) -> None:
+        if self.first_order is not None:
+            attn, mlp = self.first_order
+            ctx.entry["first_order_loss_change"] = {"attention": round(float(attn[ctx.index].sum()), 8),
+                                                    "ffn": round(float(mlp[ctx.index].sum()), 8)}
+        if self.module_wise and ctx.index == len(decoder_layers(self._model)) - 1:
+            self._dense = None  # the dense stream is no longer needed

@@ -1,0 +1,115 @@
+"""The recipe study's pieces: recipe grammar, the question split, the tuning-half search and the confirmation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fang.core.choices import parse_recipe
+from fang.core.errors import FangError
+from fang.core.params import PruneParams, RecipeParams
+from fang.data.paper_tasks import PAPER_TASKS
+from fang.evaluation.halves import evaluated_questions, restrict, split_questions
+from fang.evaluation.recipe import choose, confirm, search_table, seven_task_average
+
+N = 200  # questions per task in the synthetic evaluations
+
+
+def test_recipe_names_are_canonical_and_apply_their_settings():
+    r = parse_recipe("o_fang+flap_search+layer,tau=3.0")
+    assert r.name == "o_fang+flap_search+layer,tau=3"
+    p = r.apply(PruneParams(method="flap", tau=9.0))
+    assert (p.method, p.allocation, p.compensation, p.tau) == ("o_fang", "flap_search", "layer", 3.0)
+    assert parse_recipe("f_fang,shared_group=false,reweighting=uniform").name == "f_fang,reweighting=uniform,shared_group=false"
+    assert parse_recipe("obc").apply(PruneParams(tau=9.0)).tau == 9.0  # no setting: the params' value
+    for spec, message in [("obc,tau=3", "obc does not read prune.tau"), ("o_fang,tau=x", "not a number"),
+                          ("o_fang,tau", "not a key=value"), ("o_fang,sparsity=0.5", "cannot be set in a recipe"),
+                          ("o_fang,tau=1,tau=2", "sets tau twice"), ("f_fang,shared_group=no", "true or false")]:
+        with pytest.raises(FangError, match=message):
+            parse_recipe(spec)
+
+
+def test_recipe_params_refuse_a_non_canonical_or_doubled_candidate():
+    ok = RecipeParams(candidates=["o_fang,tau=3"], sweep_candidates=["o_fang"])
+    ok.validate()
+    for bad, message in [(dict(candidates=["o_fang,tau=3.0"]), "write 'o_fang,tau=3.0' as 'o_fang,tau=3'"),
+                         (dict(candidates=["o_fang"], sweep_candidates=["o_fang"]), "listed as a new candidate and as a sweep row"),
+                         (dict(confirm_sparsities=[0.2, 0.3]), "must include every search sparsity"),
+                         (dict(baselines=[]), "baselines is empty")]:
+        with pytest.raises(FangError, match=message):
+            dataclasses.replace(ok, **bad).validate()
+
+
+def test_split_is_seeded_per_task_balanced_and_disjoint():
+    ids = {"boolq": list(range(11)), "piqa": list(range(100, 140))}
+    a, b = split_questions(ids, seed=0), split_questions(ids, seed=0)
+    assert a == b  # reproducible across calls (and processes: the per-task seed is a sha256, not hash())
+    assert split_questions(ids, seed=1) != a
+    for task, all_ids in ids.items():
+        t, c = a["tuning"][task], a["confirmation"][task]
+        assert sorted(t + c) == all_ids and not set(t) & set(c)
+        assert len(t) - len(c) in (0, 1) and t == sorted(t)
+    with pytest.raises(FangError, match="cannot be split"):
+        split_questions({"boolq": [3]}, 0)
+
+
+def _metrics(p_correct: float, seed: int, ppl: float = 20.0, doc_offset: int = 0) -> dict:
+    """A synthetic evaluate JSON: per-question 0/1 scores on the seven tasks and perplexity windows."""
+    rng = np.random.default_rng(seed)
+    tasks = {}
+    for t in PAPER_TASKS:
+        acc = (rng.random(N) < p_correct).astype(float).tolist()
+        metric = "acc" if t == "boolq" else "acc_norm"
+        pe = {"doc_id": list(range(doc_offset, doc_offset + N)), "acc": acc}
+        if metric == "acc_norm":
+            pe["acc_norm"] = acc
+        tasks[t] = {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc)) if metric == "acc_norm" else None,
+                    "n": N, "per_example": pe}
+    nll = (np.log(ppl) * 100 + rng.normal(0, 1, 16)).tolist()
+    return {"model": f"m{seed}", "ppl": ppl, "tasks": tasks, "ppl_windows": {"nll": {"Cats": nll}, "tokens_per_window": 100}}
+
+
+def test_restrict_recomputes_accuracy_on_the_half_and_refuses_foreign_questions():
+    m = _metrics(0.5, 0)
+    half = split_questions(evaluated_questions(m), 0)["tuning"]
+    cut = restrict(m, half)
+    for t in PAPER_TASKS:
+        pe = cut["tasks"][t]["per_example"]
+        assert pe["doc_id"] == half[t] and cut["tasks"][t]["n"] == len(half[t])
+        assert cut["tasks"][t]["acc"] == pytest.approx(np.mean(pe["acc"]))
+    assert m["tasks"]["boolq"]["n"] == N  # the input is left alone
+    with pytest.raises(FangError, match="were not evaluated"):
+        restrict(m, {"boolq": [N + 5]})
+
+
+def test_search_chooses_on_the_tuning_half_and_confirmation_judges_on_the_other():
+    dense_ids = evaluated_questions(_metrics(0.5, 0))
+    halves = split_questions(dense_ids, 0)
+    # candidate "good" answers better than the baseline; "same" is the baseline's twin (same scores)
+    base = {s: _metrics(0.45, 10 + i) for i, s in enumerate((0.3, 0.4))}
+    good = {s: _metrics(0.75, 20 + i, ppl=25.0) for i, s in enumerate((0.3, 0.4))}
+    cands = {("good", s): good[s] for s in good} | {("same", s): base[s] for s in base}
+    table = search_table(cands, {("obc", s): base[s] for s in base}, halves["tuning"])
+    assert len(table) == 4 and {r["recipe"] for r in table} == {"good", "same"}
+    same = next(r for r in table if r["recipe"] == "same")
+    assert same["vs"]["obc"]["estimate"] == 0.0 and same["vs"]["obc"]["verdict"] == "no detectable difference"
+    avg, se = seven_task_average(restrict(good[0.3], halves["tuning"]))
+    row = next(r for r in table if r["recipe"] == "good" and r["sparsity"] == 0.3)
+    assert row["avg7"] == pytest.approx(avg) and 0 < se < 0.05
+    choice = choose(table, [0.3, 0.4])
+    assert choice["recipe"] == "good" and choice["ranking"] == ["good", "same"]
+    result = confirm("good", good, {("obc", s): base[s] for s in base}, halves["confirmation"])
+    assert [v["sparsity"] for v in result["verdicts"]] == [0.3, 0.4]
+    assert all(v["avg7"]["verdict"] == "better" for v in result["verdicts"]) and result["wins_everywhere"]
+    assert all(v["ppl"]["verdict"] == "worse" for v in result["verdicts"])  # ppl 25 against 20, same windows
+    n_conf = sum(len(v) for v in halves["confirmation"].values())
+    assert result["verdicts"][0]["avg7"]["n"] == n_conf  # judged on the confirmation questions only
+    with pytest.raises(FangError, match="no candidate was scored at every search sparsity"):
+        choose([r for r in table if r["sparsity"] == 0.3], [0.3, 0.4])
+
+
+def test_choose_breaks_ties_by_calibration_domain_perplexity():
+    rows = [{"recipe": r, "sparsity": s, "avg7": 0.4, "ppl": ppl} for r, ppl in (("a", 30.0), ("b", 25.0)) for s in (0.3, 0.4)]
+    assert choose(rows, [0.3, 0.4])["recipe"] == "b"

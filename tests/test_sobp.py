@@ -1,0 +1,281 @@
+"""SoBP (fang/methods/sobp.py): its three steps on small tensors against closed forms and brute force, and the
+whole method on tiny random LLaMA models (sparsity, reload, reconstruction against magnitude)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import assert_reloads_identically, captured, tiny_model
+from fang.core.errors import FangError
+from fang.methods.driver import PruneOptions, prune_model
+from fang.methods.obc import inverse_hessian
+from fang.methods.plan import structure_search
+from fang.methods.sobp import (
+    Sobp, SobpInputs, SobpPruner, first_order_plan, first_order_scores, mask_gradient, module_target_weight,
+    pool_sparsity,
+)
+from fang.methods.units import attention_units
+from fang.model.modeling import decoder_layers
+
+
+def _token_ids(cap) -> torch.Tensor:
+    return torch.from_numpy(cap["token_ids"][:].astype("int64"))
+
+
+def _prune_sobp(model, cap, sparsity=0.3, scheme="kv_group", **opts):
+    return prune_model(model, cap, "sobp", sparsity, scheme, batch_size=4, options=PruneOptions(**opts),
+                       inputs=SobpInputs(_token_ids(cap), 4))
+
+
+# ------------------------------------------------------------------------------------------ step 1
+
+
+def test_first_order_scores_equal_the_mask_gradients_of_the_full_model(model, calib):
+    """|dL/dm| from the block-by-block backward equals autograd of the mean loss through explicit masks."""
+    units = attention_units(model.config, "kv_group")
+    cols = units.unit_columns()
+    layers = decoder_layers(model)
+    masks_o = [torch.ones(units.count, requires_grad=True) for _ in layers]
+    masks_d = [torch.ones(layer.mlp.down_proj.in_features, requires_grad=True) for layer in layers]
+
+    def mask_o(m):
+        def hook(_mod, args):
+            col_mask = torch.ones(args[0].shape[-1])
+            scale = col_mask.index_put((cols.reshape(-1),), m[:, None].expand_as(cols).reshape(-1))
+            return (args[0] * scale,)
+        return hook
+
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(mask_o(m)) for layer, m in zip(layers, masks_o)]
+    hooks += [layer.mlp.down_proj.register_forward_pre_hook(lambda _mod, a, m=m: (a[0] * m,))
+              for layer, m in zip(layers, masks_d)]
+    try:
+        loss = model(calib, labels=calib).loss  # mean over the N * (L - 1) predicted tokens
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    attn, mlp = first_order_scores(model, calib, cols, batch_size=4, device="cpu")
+    for li in range(len(layers)):
+        torch.testing.assert_close(attn[li], masks_o[li].grad.double().abs(), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(mlp[li], masks_d[li].grad.double().abs(), rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no weight gradients; flags restored
+
+
+def test_mask_gradient_sums_units_before_the_magnitude():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, -2.0, 0.0, 1.0]])
+    g = torch.tensor([[1.0, 1.0, 1.0, -1.0], [1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(mask_gradient(x, g), torch.tensor([2.0, 0.0, 3.0, -3.0], dtype=torch.float64))
+    torch.testing.assert_close(mask_gradient(x, g, torch.tensor([[0, 1], [2, 3]])),
+                               torch.tensor([2.0, 0.0], dtype=torch.float64))
+
+
+def test_first_order_plan_ranks_loss_change_per_parameter_globally():
+    # block 1's neurons barely change the loss: the global cut takes them first, not an equal share per block
+    attn = [torch.tensor([5.0, 6.0]), torch.tensor([5.0, 6.0])]
+    mlp = [torch.full((10,), 1.0), torch.full((10,), 1e-3)]
+    keep_attn, keep_mlp = first_order_plan(attn, mlp, 0.2, attn_unit_params=5, neuron_params=1)
+    assert keep_attn == [2, 2] and keep_mlp == [10, 1]  # 8 of 40 cost units go, all from block 1 (floor: 1 neuron)
+    # it is FLAP's structure search on scores per parameter
+    assert (keep_attn, keep_mlp) == structure_search([a / 5 for a in attn], list(mlp), 0.2, 5, 1)
+    # per parameter: a head whose removal changes the loss 6x more than a neuron's, at 10x the cost, goes first
+    keep_attn, keep_mlp = first_order_plan([torch.tensor([3.0, 100.0])], [torch.full((10,), 0.5)], 1 / 3, 10, 1)
+    assert keep_attn == [1] and keep_mlp == [9]  # FLAP's cut also drops the unit at the threshold
+
+
+def test_pool_sparsity_removes_the_asked_share_of_block_parameters():
+    # 100 block parameters of which 80 are prunable units: 30 of them must go for 30% of the blocks
+    assert pool_sparsity(0.3, 100, 80) == pytest.approx(0.375)
+    assert pool_sparsity(0.3, 80, 80) == pytest.approx(0.3)
+    with pytest.raises(FangError, match="no block could keep one"):
+        pool_sparsity(0.9, 100, 80)
+
+
+# --------------------------------------------------------------------------------------- steps 2, 3
+
+
+def _layer(seed=0, out=5, c=6, t=200):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, c, generator=g, dtype=torch.float64) @ torch.randn(c, c, generator=g, dtype=torch.float64)
+    w = torch.randn(out, c, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(c, out, generator=g, dtype=torch.float64) * 0.5 + x @ w.T  # dense outputs: a different map
+    return w, x, y
+
+
+def _pruner(x, y, damp, units_width=1):
+    p = SobpPruner(x.shape[1], damp, "test", "cpu", targets=y.float() if y is not None else None)
+    p.hessian.hessian = p.hessian.hessian.double()  # float64 throughout for the exact comparisons
+    for chunk in x.split(64):
+        p.add_batch(chunk)
+    p.cross = None if y is None else y.T @ x  # the exact float64 cross moment (targets are kept in float32)
+    return p
+
+
+def test_module_target_weight_is_the_ridge_refit_towards_the_dense_weight():
+    w, x, y = _layer()
+    t, damp = x.shape[0], 0.05
+    h, cross = x.T @ x / t, y.T @ x / t
+    hinv = inverse_hessian(h, damp)
+    lam = damp * float(h.diagonal().mean())
+    # argmin_W ||Y - X W^T||^2 / T + lam ||W - W_dense||^2  <=>  W (H + lam I) = C + lam W_dense
+    expected = torch.linalg.solve(h + lam * torch.eye(h.shape[0], dtype=h.dtype), (cross + lam * w).T).T
+    torch.testing.assert_close(module_target_weight(w, h, cross, hinv), expected)
+    # when the dense outputs are the layer's own outputs on these inputs nothing changes
+    torch.testing.assert_close(module_target_weight(w, h, w @ h, hinv), w)
+
+
+def test_greedy_obs_on_the_target_weight_is_the_module_wise_least_squares_refit():
+    w, x, y = _layer(1)
+    p = _pruner(x, y, damp=0.0)
+    sel = p.select(w, n_keep=4)
+    kept = sel.keep
+    # the kept columns hold the least-squares fit of the dense outputs from the kept inputs
+    lstsq = torch.linalg.lstsq(x[:, kept], y).solution.T
+    torch.testing.assert_close(sel.weight[:, kept], lstsq, rtol=1e-6, atol=1e-8)
+    gone = torch.ones(x.shape[1], dtype=torch.bool)
+    gone[kept] = False
+    assert bool((sel.weight[:, gone] == 0).all())
+    # and the objective splits into the full refit's residual plus the OBS cost on W* (the docstring's claim)
+    w_star = torch.linalg.lstsq(x, y).solution.T
+    total = (y - x[:, kept] @ sel.weight[:, kept].T).square().sum()
+    split = (y - x @ w_star.T).square().sum() + (x @ w_star.T - x[:, kept] @ sel.weight[:, kept].T).square().sum()
+    torch.testing.assert_close(total, split)
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_one_greedy_step_is_the_brute_force_best_removal(width):
+    """Removing one unit (a column, or a block of 2 as a head), the choice is the best of all candidates for
+    the module-wise objective; a second removal is the best given the first (greedy)."""
+    w, x, y = _layer(2, c=6)
+    units = torch.arange(6).reshape(-1, width)
+
+    def error(kept_units):
+        cols = units[list(kept_units)].reshape(-1)
+        fit = torch.linalg.lstsq(x[:, cols], y).solution
+        return float((y - x[:, cols] @ fit).square().sum())
+
+    n = units.shape[0]
+    sel = _pruner(x, y, 0.0).select(w, n - 1, None if width == 1 else units)
+    best = min(itertools.combinations(range(n), n - 1), key=error)
+    assert tuple(sel.keep.tolist()) == best
+    sel2 = _pruner(x, y, 0.0).select(w, n - 2, None if width == 1 else units)
+    assert set(sel2.keep.tolist()) < set(best)
+    given_first = min((k for k in itertools.combinations(best, n - 2)), key=error)
+    assert tuple(sel2.keep.tolist()) == given_first
+
+
+def test_pruner_refuses_a_token_stream_that_does_not_match_its_targets():
+    w, x, y = _layer(3)
+    p = SobpPruner(x.shape[1], 0.01, "layer 0 down_proj", "cpu", targets=y[:100].float())
+    p.add_batch(x[:100])
+    with pytest.raises(FangError, match="calibration token ids differ"):
+        p.add_batch(x[100:])
+    short = SobpPruner(x.shape[1], 0.01, "layer 0 down_proj", "cpu", targets=y.float())
+    short.add_batch(x[:100])
+    with pytest.raises(FangError, match="streamed 100 tokens"):
+        short.select(w.float(), 4)
+
+
+# ------------------------------------------------------------------------------------------ method
+
+
+@pytest.mark.parametrize("scheme", ["kv_group", "query_slot"])
+def test_sobp_hits_the_sparsity_and_the_pruned_model_reloads(model, calib, input_ids, tmp_path, scheme):
+    cap = captured(model, calib, tmp_path)
+    report = _prune_sobp(model, cap, 0.3, scheme)
+    d = report.as_dict()
+    unit = attention_units(model.config, scheme).unit_fraction(report.dense_block_params)
+    assert abs(report.achieved_sparsity - 0.3) <= unit
+    assert d["options"]["allocation"] == "first_order"
+    assert all("first_order_loss_change" in e for e in d["layers"])
+    assert_reloads_identically(model, input_ids, tmp_path)
+
+
+def test_sobp_takes_the_shared_allocations(calib, tmp_path):
+    model = tiny_model(6, 3, layers=3)
+    cap = captured(model, calib, tmp_path)
+    report = _prune_sobp(model, cap, 0.3, allocation="uniform")
+    assert report.options["allocation"] == "uniform"
+    assert {e["ffn"] for e in report.layers} == {report.layers[0]["ffn"]}  # the same count in every block
+
+
+def _final_hidden(model, ids):
+    with torch.no_grad():
+        return model.model(ids).last_hidden_state.double()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_sobp_reconstructs_better_than_magnitude_on_the_calibration_data(calib, tmp_path, sparsity):
+    dense = tiny_model(6, 3, layers=3)
+    target = _final_hidden(dense, calib)
+    errors = {}
+    for name in ("sobp", "magnitude", "obc_iter"):
+        m = tiny_model(6, 3, layers=3)
+        cap = captured(m, calib, tmp_path / name)
+        if name == "sobp":
+            _prune_sobp(m, cap, sparsity)
+        else:
+            prune_model(m, cap, name, sparsity, "kv_group", batch_size=4)
+        errors[name] = float((_final_hidden(m, calib) - target).square().sum() / target.square().sum())
+    assert errors["sobp"] < errors["magnitude"], errors
+
+
+def test_without_module_wise_targets_sobp_is_greedy_obc(calib, tmp_path, monkeypatch):
+    """Step 3 switched off and the same allocation: the greedy OBS of step 2 is obc_iter's, weight for weight."""
+    from fang.methods import driver
+
+    class NoTargets(Sobp):
+        module_wise = False
+
+    original = driver.method_class
+    monkeypatch.setattr(driver, "method_class", lambda name: NoTargets if name == "sobp" else original(name))
+    a, b = tiny_model(6, 3, layers=3), tiny_model(6, 3, layers=3)
+    cap = captured(a, calib, tmp_path / "a")
+    prune_model(a, cap, "sobp", 0.3, "kv_group", batch_size=4, options=PruneOptions(allocation="uniform"),
+                inputs=SobpInputs(_token_ids(cap), 4))
+    prune_model(b, captured(b, calib, tmp_path / "b"), "obc_iter", 0.3, "kv_group", batch_size=4,
+                options=PruneOptions(allocation="uniform"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sobp_bad_inputs_are_one_line_errors(calib, tmp_path):
+    model = tiny_model(6, 3, layers=3)
+    cap = captured(model, calib, tmp_path)
+    with pytest.raises(FangError, match="needs the calibration token ids"):
+        prune_model(model, cap, "sobp", 0.3, "kv_group", batch_size=4)
+    with pytest.raises(FangError, match="vocabulary"):
+        prune_model(model, cap, "sobp", 0.3, "kv_group", batch_size=4,
+                    inputs=SobpInputs(torch.full((2, 8), 500), 4))
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_sobp_with_streamed_blocks_saves_the_same_checkpoint(calib, tmp_path, mode):
+    """Step 1's backward and the dense stream both run each block inside its turn on the device (model.offload):
+    the pruned checkpoint is the same files, byte for byte, as without streaming."""
+    from fang.model.modeling import load_dense
+    from fang.model.offload import gather_blocks, load_dense_offloaded
+    from fang.model.shrink import save_pruned
+    from helpers_tokenizer import tiny_tokenizer
+
+    ckpt = tmp_path / "model"
+    tiny_model(6, 3, layers=3).save_pretrained(ckpt)
+    tiny_tokenizer().save_pretrained(ckpt)
+    dense, _ = load_dense(ckpt)
+    cap = captured(dense, calib, tmp_path)
+    reports = {}
+    for m in ("none", mode):
+        model, tokenizer = load_dense_offloaded(ckpt, offload=m)
+        reports[m] = _prune_sobp(model, cap, 0.3).as_dict()
+        save_pruned(gather_blocks(model), tokenizer, tmp_path / m)
+    assert reports[mode] == reports["none"]
+    files = sorted(p.relative_to(tmp_path / "none") for p in (tmp_path / "none").rglob("*") if p.is_file())
+    assert files
+    assert files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / mode / f).read_bytes() == (tmp_path / "none" / f).read_bytes(), f
