@@ -368,3 +368,27 @@ def test_stages_read_compute_dtype_from_params(tmp_path, monkeypatch):
     res = _diagnostic().compare(root / "pruned-float32", root / "pruned-bfloat16")
     assert res["b"]["weights_dtype"] == "bfloat16" and res["b"]["prune"]["compute_dtype"] == "bfloat16"
     assert res["units"]["summary"]["ffn"]["agreement"] >= AGREEMENT
+
+
+def test_bfloat16_prune_with_disk_streaming_saves_the_same_weights(tmp_path):
+    """obc in bfloat16 with model.offload=disk (blocks read in bfloat16, pruned blocks spilled to disk, saved
+    shard by shard) gives the weights of the same prune with every block in memory."""
+    from fang.model.shrink import load_pruned, save_pruned
+
+    path = tmp_path / "model"
+    _model(torch.float32).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    dense, _ = load_dense_offloaded(path, "cpu", "float32")
+    capture_features(dense, _calib(), tmp_path / "cap.zarr", batch_size=4, dtype="float32")
+    cap = open_capture(tmp_path / "cap.zarr")
+    states = {}
+    for mode in ("none", "disk"):
+        model, tok = load_dense_offloaded(path, "cpu", "bfloat16", offload=mode,
+                                          spill=tmp_path / "spill" if mode == "disk" else None)
+        report = prune_model(model, cap, "obc", 0.3, batch_size=4)
+        assert report.compute_dtype == "bfloat16"
+        save_pruned(model, tok, tmp_path / f"pruned-{mode}")
+        states[mode] = load_pruned(tmp_path / f"pruned-{mode}")[0].state_dict()
+    assert states["none"].keys() == states["disk"].keys()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, states["disk"][k]) for k, v in states["none"].items()
+               if v.is_floating_point() and "inv_freq" not in k)
