@@ -24,6 +24,8 @@ def test_llama2_7b_shape_counts_its_released_parameters():
     f = scale.features(d)
     assert f["fwd_flops"] == 2 * 32 * 1 * d["block_params"] + 2 * 32 * 1 * 1 * 4096
     assert f["cubic_flops"] == 32 * (4096 ** 3 + 11008 ** 3)
+    untied = scale.features(scale.shape_dims(scale.SHAPES["llama2-7b"], 32, 1, 1, vocab=32000, tied=False))
+    assert untied["weight_bytes"] == 4 * (6_738_415_616 - norms)  # float32 bytes of every matrix
 
 
 def test_bad_shapes_and_options_are_one_line_errors(tmp_path):

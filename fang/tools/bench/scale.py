@@ -92,7 +92,7 @@ TARGET_SECONDS = 900.0  # ours: < 15 min
 # shapes and features
 
 
-def shape_dims(shape: dict, n_layers: int, n_seqs: int, seq_len: int, vocab: int = VOCAB) -> dict:
+def shape_dims(shape: dict, n_layers: int, n_seqs: int, seq_len: int, vocab: int = VOCAB, tied: bool = True) -> dict:
     """Every dimension the features use, for one configuration."""
     h, f, nh, nkv = shape["hidden_size"], shape["intermediate_size"], shape["n_heads"], shape["n_kv_heads"]
     require(h % nh == 0 and nh % nkv == 0, f"shape {shape}: hidden must split into heads, heads into KV groups")
@@ -101,7 +101,7 @@ def shape_dims(shape: dict, n_layers: int, n_seqs: int, seq_len: int, vocab: int
     block_params = h * (q + 2 * kv) + q * h + 3 * h * f
     return {"n_layers": n_layers, "n_seqs": n_seqs, "seq_len": seq_len, "tokens": n_seqs * seq_len,
             "hidden_size": h, "intermediate_size": f, "n_heads": nh, "n_kv_heads": nkv, "head_dim": hd,
-            "vocab_size": vocab, "block_params": block_params}
+            "vocab_size": vocab, "tie_word_embeddings": tied, "block_params": block_params}
 
 
 def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)) -> dict[str, float]:
@@ -112,7 +112,7 @@ def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)
     gram_flops: 2 · n · T · (h² + f²) (accumulating h×h and f×f Gram matrices: the PCA covariance, the Hessians);
     cubic_flops: n · (h³ + f³) (eigendecompositions, Cholesky factors and inverses, per layer);
     kmeans_flops: 2 · n · T · pca_dim · k · niter (Lloyd iterations on the projected tokens; `kmeans`);
-    weight_bytes: float32 weights of the blocks and the embeddings; layer_tokens: n · T (per-token work that does
+    weight_bytes: float32 weights of the blocks, the embeddings and an untied LM head; layer_tokens: n · T (per-token work that does
     not grow with width: k-means on the fixed PCA width); layers: n; const: 1.
     Memory terms: hidden_bytes T · h · 4 (one block's hidden states for every token), act_bytes one batch's
     activations in one block (b · L · (4h + q + 2kv + 3f) · 4), hessian_bytes (h² + f²) · 4.
@@ -126,7 +126,7 @@ def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)
         "gram_flops": 2.0 * n * T * (h * h + f * f),
         "cubic_flops": float(n) * (h ** 3 + f ** 3),
         "kmeans_flops": 2.0 * n * T * kmeans[0] * kmeans[1] * kmeans[2],
-        "weight_bytes": 4.0 * (n * d["block_params"] + d["vocab_size"] * h),
+        "weight_bytes": 4.0 * (n * d["block_params"] + d["vocab_size"] * h * (1 if d.get("tie_word_embeddings", True) else 2)),
         "layer_tokens": float(n * T),
         "layers": float(n),
         "const": 1.0,
@@ -228,7 +228,7 @@ def estimate(cpu_fits: dict[str, dict], rss_fits: dict[str, dict], cpu_gemm_flop
     out = []
     for name, t in (targets or TARGETS).items():
         for cal_name, n_seqs, seq_len in calibrations or CALIBRATIONS:
-            d = shape_dims(SHAPES[t["shape"]], t["n_layers"], n_seqs, seq_len, t["vocab_size"])
+            d = shape_dims(SHAPES[t["shape"]], t["n_layers"], n_seqs, seq_len, t["vocab_size"], tied=False)
             feats = features(d, batch)
             stages = {}
             for stage, fit in cpu_fits.items():
