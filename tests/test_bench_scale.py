@@ -23,7 +23,7 @@ def test_llama2_7b_shape_counts_its_released_parameters():
     assert 32 * d["block_params"] + 2 * 32000 * 4096 + norms == 6_738_415_616  # LLaMA-2-7B as released
     f = scale.features(d)
     assert f["fwd_flops"] == 2 * 32 * 1 * d["block_params"] + 2 * 32 * 1 * 1 * 4096
-    assert f["cubic_flops"] == 32 * (4096 ** 3 + 11008 ** 3)
+    assert f["cubic_f_flops"] == 32 * 11008 ** 3 and f["gram_h_flops"] == 2 * 32 * 4096 ** 2
     untied = scale.features(scale.shape_dims(scale.SHAPES["llama2-7b"], 32, 1, 1, vocab=32000, tied=False))
     assert untied["weight_bytes"] == 4 * (6_738_415_616 - norms)  # float32 bytes of every matrix
 
@@ -50,7 +50,7 @@ def _rows(truth: dict[str, float]) -> list[dict]:
 
 def test_fit_recovers_known_coefficients():
     # 25 GFLOP/s on the forward, 5 GFLOP/s on the Gram terms, 1 GFLOP/s on the factorisations, 2 s fixed
-    truth = {"fwd_flops": 1 / 25e9, "gram_flops": 1 / 5e9, "cubic_flops": 1 / 1e9, "const": 2.0}
+    truth = {"fwd_flops": 1 / 25e9, "gram_f_flops": 1 / 5e9, "cubic_f_flops": 1 / 1e9, "const": 2.0}
     fit = scale.fit_terms(_rows(truth), tuple(truth), "y")
     for t, c in truth.items():
         assert fit["coefficients"][t] == pytest.approx(c, rel=1e-6)

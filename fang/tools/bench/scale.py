@@ -17,8 +17,8 @@ process CPU time (one torch thread) is the single-core work. It is still inflate
 bandwidth contention under load.
 
 Fits: per stage, CPU seconds = sum_k c_k x_k with x_k counted from the shapes (`features`): FLOPs of the
-block forward (matmuls + attention), of the LM head, of Gram/Hessian accumulations (2 T (h^2 + f^2) per layer),
-of cubic factorisations (h^3 + f^3 per layer), bytes of weights, and a constant. Non-negative least squares
+block forward (matmuls + attention), of the LM head, of Gram/Hessian accumulations (2 T h^2 or 2 T f^2 per
+layer), of cubic factorisations (h^3 or f^3 per layer), of k-means, bytes of weights, and a constant. Non-negative least squares
 (`nnls`) on the terms the stage is expected to have, minimising relative residuals; 1/c_k is the term's achieved FLOP/s on this core.
 Peak RSS growth is fitted the same way on byte counts (weights, hidden states, a batch's activations, Hessians).
 """
@@ -109,8 +109,9 @@ def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)
 
     fwd_flops: block forward, 2 · n · T · block_params (matmuls) + 2 · n · T · L · q (causal attention scores and
     values: L/2 keys on average, 2 matmuls, 2 FLOPs per multiply-add); head_flops: 2 · T · h · vocab;
-    gram_flops: 2 · n · T · (h² + f²) (accumulating h×h and f×f Gram matrices: the PCA covariance, the Hessians);
-    cubic_flops: n · (h³ + f³) (eigendecompositions, Cholesky factors and inverses, per layer);
+    gram_h_flops / gram_f_flops: 2 · n · T · h² and 2 · n · T · f² (accumulating an h×h or f×f Gram matrix per
+    layer: capture's PCA covariance of the MLP inputs is h×h, the down_proj Hessian of OBC/O-FANG f×f);
+    cubic_h_flops / cubic_f_flops: n · h³ and n · f³ (an eigendecomposition, Cholesky factor or inverse per layer);
     kmeans_flops: 2 · n · T · pca_dim · k · niter (Lloyd iterations on the projected tokens; `kmeans`);
     weight_bytes: float32 weights of the blocks, the embeddings and an untied LM head; layer_tokens: n · T (per-token work that does
     not grow with width: k-means on the fixed PCA width); layers: n; const: 1.
@@ -123,8 +124,10 @@ def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)
     return {
         "fwd_flops": 2.0 * n * T * d["block_params"] + 2.0 * n * T * L * q,
         "head_flops": 2.0 * T * h * d["vocab_size"],
-        "gram_flops": 2.0 * n * T * (h * h + f * f),
-        "cubic_flops": float(n) * (h ** 3 + f ** 3),
+        "gram_h_flops": 2.0 * n * T * h * h,
+        "gram_f_flops": 2.0 * n * T * f * f,
+        "cubic_h_flops": float(n) * h ** 3,
+        "cubic_f_flops": float(n) * f ** 3,
         "kmeans_flops": 2.0 * n * T * kmeans[0] * kmeans[1] * kmeans[2],
         "weight_bytes": 4.0 * (n * d["block_params"] + d["vocab_size"] * h * (1 if d.get("tie_word_embeddings", True) else 2)),
         "layer_tokens": float(n * T),
@@ -138,17 +141,18 @@ def features(d: dict, batch: int = 8, kmeans: tuple[int, int, int] = (64, 7, 25)
 
 # the terms each stage's CPU time is fitted on (what the stage computes), and its peak RSS growth
 CPU_TERMS: dict[str, tuple[str, ...]] = {
-    "capture": ("fwd_flops", "gram_flops", "cubic_flops", "const"),
+    "capture": ("fwd_flops", "gram_h_flops", "cubic_h_flops", "const"),  # the PCA of the h-wide MLP inputs
     "cluster": ("kmeans_flops", "const"),
     "taylor": ("fwd_flops", "head_flops", "const"),
-    "group": ("cubic_flops", "layers", "const"),
+    "group": ("cubic_f_flops", "layers", "const"),  # an assignment of the f neurons per layer
     "allocate": ("layers", "const"),
-    "prune:o_fang": ("fwd_flops", "gram_flops", "cubic_flops", "weight_bytes", "const"),
+    # the down_proj (f×f) Hessians dominate; o_proj's h×h one (1/7 of it at f/h = 2.7) is folded into their terms
+    "prune:o_fang": ("fwd_flops", "gram_f_flops", "cubic_f_flops", "weight_bytes", "const"),
     "prune:flap": ("fwd_flops", "weight_bytes", "const"),
 }
 RSS_TERMS = ("weight_bytes", "hidden_bytes", "act_bytes", "hessian_bytes", "const")
 # terms that are FLOPs (the rest, bytes and counts, are not moved to a GPU's FLOP rate)
-FLOP_TERMS = ("fwd_flops", "head_flops", "gram_flops", "cubic_flops", "kmeans_flops")
+FLOP_TERMS = ("fwd_flops", "head_flops", "gram_h_flops", "gram_f_flops", "cubic_h_flops", "cubic_f_flops", "kmeans_flops")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -238,6 +242,9 @@ def estimate(cpu_fits: dict[str, dict], rss_fits: dict[str, dict], cpu_gemm_flop
                           if k != "gpu_seconds"})
                 if stage in rss_fits:
                     s["host_rss_bytes"] = predict(rss_fits[stage], feats)
+                    # model.offload: disk: one block's weights (and the embeddings, head) instead of every block's
+                    one_block = {**feats, "weight_bytes": 4.0 * (d["block_params"] + 2 * d["vocab_size"] * d["hidden_size"])}
+                    s["host_rss_bytes_one_block"] = predict(rss_fits[stage], one_block)
                 stages[stage] = s
             # the pipeline: capture, cluster, taylor, group, allocate and one prune (o_fang, the default method)
             main = [s for s in stages if not s.startswith("prune:") or s == "prune:o_fang"]
@@ -596,27 +603,34 @@ def render_scale(result: dict, when: str, machine: str) -> str:
                 "each FLOP term's fitted CPU seconds × this core's matmul rate (the term's work in GEMM-equivalent "
                 f"FLOPs) ÷ (peak {ests[0]['peak_flops_s'] / 1e12:.1f} TFLOP/s × efficiency), plus the terms that are "
                 "not FLOPs (fixed start-up, weights read and written, the LAP per layer) at their CPU seconds. "
-                f"Pipeline = {', '.join(ests[0]['pipeline_stages'])}. Host RSS: the largest stage's fitted peak with the "
-                "whole float32 model resident (`model.offload: none`).", "",
+                f"Pipeline = {', '.join(ests[0]['pipeline_stages'])}. Host RSS: the largest stage's fitted peak in "
+                "float32, with every block resident (`model.offload: none`, as measured) or one block (the fit's weight "
+                "term applied to one block, embeddings and head: what `model.offload: disk` holds, on a GPU machine "
+                "split between host and device). Last two columns at 40% / 10%.", "",
                 "| model | calibration | pipeline, this core | GEMM-eq. PFLOP | "
                 + " | ".join(f"H100 at {float(e):.0%}" for e in effs)
-                + f" | largest stage at {float(effs[0]):.0%} | host RSS | < 1 h (paper) | < 15 min (ours) |",
-                "|---|---|---|---|" + "---|" * len(effs) + "---|---|---|---|"]
+                + f" | largest stage at {float(effs[0]):.0%} | host RSS, every block resident | host RSS, one block "
+                "resident | < 1 h (paper) | < 15 min (ours) |",
+                "|---|---|---|---|" + "---|" * len(effs) + "---|---|---|---|---|"]
         for e in ests:
             st = e["stages"]
             eq = sum(st[s]["gemm_equivalent_flops"] for s in e["pipeline_stages"])
             big = max(e["pipeline_stages"], key=lambda s: st[s]["gpu"][effs[0]])
             rss_stage = max(st, key=lambda s: st[s].get("host_rss_bytes", 0))
+            one_stage = max(st, key=lambda s: st[s].get("host_rss_bytes_one_block", 0))
             t = e["pipeline_gpu_seconds"]
             out.append(f"| {e['model']} | {e['calibration']} | {_dur(e['pipeline_cpu_seconds'])} | {eq / 1e15:,.2f} | "
                        + " | ".join(_dur(t[x]) for x in effs)
                        + f" | {big} ({_dur(st[big]['gpu'][effs[0]])}) | {st[rss_stage]['host_rss_bytes'] / 2**30:,.0f} GiB "
-                       f"({rss_stage}) | " + " / ".join(_yes(t[x], 3600) for x in effs) + " | "
+                       f"({rss_stage}) | {st[one_stage]['host_rss_bytes_one_block'] / 2**30:,.1f} GiB ({one_stage}) | " + " / ".join(_yes(t[x], 3600) for x in effs) + " | "
                        + " / ".join(_yes(t[x], 900) for x in effs) + " |")
         out += [""]
-    out += ["Approximate: the h²/f² and h³/f³ terms are fitted together (every measured shape has f/h ≈ 2.7, "
-            "LLaMA-2-70B 3.5); the fits are extrapolated up to 2× beyond the widest measured width (7B's, 2 layers) and "
-            "far beyond the measured token counts for the wide shapes; a FLOP term's GPU rate assumes the GPU keeps the "
+    out += ["Approximate: every measured shape has f/h ≈ 2.7, so h- and f-sized terms cannot be told apart by the "
+            "data, and a Gram/Hessian accumulation (T·f² per layer) grows like the forward's FLOPs: a zero coefficient "
+            "on it means the fit folded it into the forward term. LLaMA-2-70B has f/h = 3.5, where f² is 1.6× larger "
+            "against a block's parameters than at 7B, which the fit does not see; the fits are extrapolated 2× "
+            "beyond the widest measured width for 70B, and in tokens from at most 8,192 at the 1.1B width and 1,024 at "
+            "7B's to 32,768 (ours) and 262,144 (the paper's); a FLOP term's GPU rate assumes the GPU keeps the "
             "same share of its GEMM peak that the CPU kept of its own (false for Python- and memory-bound work); "
             "see docs/scale.md \"Cost growth, measured\"."]
     return "\n".join(out).rstrip() + "\n"
