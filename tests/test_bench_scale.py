@@ -95,7 +95,7 @@ def test_estimate_arithmetic_on_a_toy_case():
 def test_scale_part_end_to_end_on_two_tiny_shapes(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     page = tmp_path / "results.md"
-    page.write_text("# results\n\n<!-- scale:start -->\nold\n<!-- scale:end -->\ntail\n")
+    page.write_text("# results\n\n<!-- scale:start -->\nstale block\n<!-- scale:end -->\ntail\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FANG_NO_PROGRESS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "fang.cli", "bench", "--parts", "scale", "--scale-plan", "tiny",
@@ -113,7 +113,7 @@ def test_scale_part_end_to_end_on_two_tiny_shapes(tmp_path):
     models = {(e["model"], e["calibration"]) for e in out["estimates"]["float32"]}
     assert ("LLaMA-2-70B", "paper 128 × 2048") in models and len(models) == 4
     text = page.read_text()
-    assert "old" not in text and text.endswith("<!-- scale:end -->\ntail\n") and "LLaMA-2-7B" in text
+    assert "stale block" not in text and text.endswith("<!-- scale:end -->\ntail\n") and "LLaMA-2-7B" in text
     assert not any((tmp_path / "artifacts" / "bench" / "scale_work").iterdir())  # scratch projects removed
     # refit: the same measurements, fitted again, without running anything
     proc = subprocess.run([sys.executable, "-m", "fang.cli", "bench", "--parts", "scale", "--scale-refit"],
