@@ -323,7 +323,8 @@ def bench(
     params: str = ParamsOpt,
     parts: str = typer.Option("pipeline,memory,inference",
                               help="parts to run, comma-separated: pipeline, memory, inference, profile (cProfile of "
-                                   "capture and taylor on --max-seqs sequences, default 8)"),
+                                   "capture and taylor on --max-seqs sequences, default 8), scale (cost growth on random "
+                                   "models from 135M to 7B shapes: artifacts/bench/scale.json)"),
     tokens: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration tokens (whole sequences), scaled per token"),
     max_seqs: Optional[int] = typer.Option(None, help="compute floor on at most this many calibration sequences"),
     models: Optional[str] = typer.Option(None, help="pruned models to time, comma-separated shell patterns (pruned, flap-0.3, 'o_fang-*'); dense is always timed"),
@@ -334,12 +335,19 @@ def bench(
     results: Optional[str] = typer.Option(None, help="also replace the text between the bench markers of this page (docs/results.md)"),
     keep: bool = typer.Option(False, "--keep", help="keep the parts not rerun from the previous artifacts/bench/bench.json "
                                                     "(same machine), each labelled with when it was measured"),
+    scale_plan: str = typer.Option("default", help="scale part: the configurations to measure (default: 135M to 7B shapes, "
+                                                   "~15 CPU-min; tiny: two tiny shapes, seconds)"),
+    scale_dtypes: str = typer.Option("float32", help="scale part: compute dtypes, comma-separated (bfloat16 needs model.compute_dtype)"),
+    scale_jobs: int = typer.Option(1, help="scale part: configurations measured at once (CPU time is per process either way)"),
+    scale_refit: bool = typer.Option(False, "--scale-refit", help="scale part: no measurement; refit and re-estimate the "
+                                                                  "saved artifacts/bench/scale.json"),
 ) -> None:
     """Benchmark: stage cost vs the compute floor, memory (and a LLaMA-2-7B estimate), inference speed of pruned vs dense models.
 
     Writes artifacts/bench/bench.json, bench.md and readme_fragment.md. Run it after `dvc repro`.
     """
-    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, results, keep)
+    _stage("bench").run(params, parts, tokens, max_seqs, models, batch_sizes, prompt_len, new_tokens, repeats, results, keep,
+                        scale_plan, scale_dtypes, scale_jobs, scale_refit)
 
 
 @app.command()

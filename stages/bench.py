@@ -25,8 +25,9 @@ from fang.tools.bench.timings import NOT_PIPELINE, check_targets, read_timings
 
 BENCH = paths.ARTIFACTS / "bench"
 TIMINGS = paths.ARTIFACTS / "timings.jsonl"
-PARTS = ("pipeline", "memory", "inference", "profile")
+PARTS = ("pipeline", "memory", "inference", "profile", "scale")
 DEFAULT_PARTS = ("pipeline", "memory", "inference")  # profile is opt-in: it reruns capture and taylor on a subset
+# scale is opt-in too (random models at several sizes, ~15 CPU-minutes); it writes its own scale.json and block
 
 
 def _names(text: str | None) -> list[str]:
@@ -54,10 +55,19 @@ def run(
     repeats: int = 3,
     results: str | None = None,
     keep: bool = False,
+    scale_plan: str = "default",
+    scale_dtypes: str = "float32",
+    scale_jobs: int = 1,
+    scale_refit: bool = False,
 ) -> None:
     wanted = _names(parts)
     unknown = [p for p in wanted if p not in PARTS]
     require(bool(wanted) and not unknown, f"--parts={parts!r}: choose from {', '.join(PARTS)}")
+    if "scale" in wanted:
+        run_scale_part(params_path, scale_plan, _names(scale_dtypes), scale_jobs, results, scale_refit)
+        wanted = [p for p in wanted if p != "scale"]
+        if not wanted:  # bench.json holds the other parts: left as it is
+            return
     sizes = _ints(batch_sizes, "--batch-sizes")
     device = pick_device()
     # model.offload: the floor's forward, the profile's capture and taylor and the inference runs stream the blocks
@@ -127,6 +137,40 @@ def run(
     if "inference" in result:
         summary.append(f"{len(result['inference']['models'])} models timed")
     console.print(f"bench: {', '.join(summary) or 'done'} -> {BENCH}/bench.md" + (f", {results} updated" if results else ""))
+
+
+def run_scale_part(params_path: str, plan: str, dtypes: list[str], jobs: int, results: str | None,
+                   refit: bool = False) -> dict:
+    """`--parts scale`: measure, fit and estimate (fang.tools.bench.scale); artifacts/bench/scale.json, scale.md, and
+    the scale block of `results` (docs/results.md) when given. `refit`: no measurement, the fits and estimates of
+    the saved scale.json's measurements are recomputed (after a change of the fitted terms or the assumptions)."""
+    from fang.core.markdown import replace_between_markers
+    from fang.tools.bench.machine import machine_line
+    from fang.tools.bench.scale import SCALE_END, SCALE_FORMAT, SCALE_START, analyse, render_scale, run_scale
+
+    if refit:
+        path = BENCH / "scale.json"
+        require(path.exists(), f"bench --scale-refit: no {path}; run `fang bench --parts scale` first")
+        result = read_json(path)
+        require(result.get("format") == SCALE_FORMAT, f"bench --scale-refit: {path} has format {result.get('format')}, "
+                                                      f"expected {SCALE_FORMAT}; measure again")
+        analyse(result)
+        when = result["time"]
+    else:
+        require(bool(dtypes), "--scale-dtypes is empty: give float32 (and bfloat16 where model.compute_dtype exists)")
+        when = time.strftime("%Y-%m-%dT%H:%M:%S")
+        work = BENCH / "scale_work"
+        result = run_scale(params_path, work, plan, tuple(dtypes), jobs, log=console.print)
+        result.update(time=when, machine=machine_info(pick_device()))
+    write_json(BENCH / "scale.json", result)
+    block = render_scale(result, when, machine_line(result["machine"]))
+    with atomic_file(BENCH / "scale.md") as fh:
+        fh.write("# fang bench: cost growth\n\n" + block)
+    if results:
+        replace_between_markers(results, block, SCALE_START, SCALE_END)
+    console.print(f"bench scale: {len(result['configs'])} configurations, "
+                  f"{result['total_cpu_seconds'] / 60:.1f} CPU-min -> {BENCH}/scale.json" + (f", {results} updated" if results else ""))
+    return result
 
 
 def _keep_previous(result: dict, measured: dict, wanted: list[str]) -> None:
