@@ -58,15 +58,17 @@ class _Timed:
         log = Path("artifacts") / "timings.jsonl"
         if log.parent.is_dir():
             import os
-
-            import torch
+            import sys
 
             from .core.timings import record_timing
 
-            # the load average and thread count say whether the wall time shared the cores with other work
+            # the load average and thread count say whether the wall time shared the cores with other work; a
+            # stage that never needed torch (a manifest, a report) is not made to import it (seconds) to say so
+            torch = sys.modules.get("torch")
             record_timing(log, {"stage": self.name, "args": [str(a) for a in args[1:]], "seconds": round(seconds, 2),
                                 "peak_rss_mib": round(peak_mib), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "load_avg": [round(x, 2) for x in os.getloadavg()], "threads": torch.get_num_threads()})
+                                "load_avg": [round(x, 2) for x in os.getloadavg()],
+                                "threads": torch.get_num_threads() if torch is not None else None})
 
 
 def _stage(name: str) -> _Timed:

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -62,7 +63,15 @@ def tiny_params(root: Path) -> dict:
 def dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "FANG_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    started, cpu = time.time(), os.times()
     proc = subprocess.run(["dvc", *args], cwd=root, capture_output=True, text=True, env=env)
+    if os.environ.get("FANG_TEST_DVC_LOG"):  # where the end-to-end tests spend their time (docs/testing.md)
+        done = os.times()
+        with open(os.environ["FANG_TEST_DVC_LOG"], "a") as log:
+            log.write(json.dumps({"args": args, "wall_s": round(time.time() - started, 1),
+                                  "cpu_s": round(done.children_user + done.children_system - cpu.children_user
+                                                 - cpu.children_system, 1),
+                                  "ran": sorted(stage_names(proc.stdout))}) + "\n")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

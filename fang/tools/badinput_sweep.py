@@ -17,7 +17,9 @@ itself) and is judged:
 
 Cases run in children forked from one server process that imported fang once, so the sweep costs
 seconds per case less than a `python -m fang.cli` each (`--spawn` runs one such process per case;
-interrupt cases always do). `--code` runs another checkout of fang (e.g. the base commit) to
+interrupt cases always do). The server first builds the tiny project the same way (each stage in a
+child) and runs a few refused commands in itself (`WARM_UP`), so that what a first command sets up
+lazily is inherited by every child. `--code` runs another checkout of fang (e.g. the base commit) to
 measure a "before". tests/test_badinput_sweep.py runs it and requires every case to be clear or
 handled. The tiny project's helpers live in the checkout's tests/ (conftest, helpers_*).
 """
@@ -87,8 +89,9 @@ def fang(code: Path, cwd: Path, *argv: str, env: dict[str, str] | None = None, *
                           env=_env(code, env), **kw)
 
 
-def build_project(code: Path, root: Path) -> None:
-    """A tiny project whose every artifact was made by the CLI under test, with the pipelines' dvc.yaml."""
+def build_project(code: Path, root: Path, server: "ForkServer | None" = None) -> None:
+    """A tiny project whose every artifact was made by the CLI under test, with the pipelines' dvc.yaml
+    (each stage in a child of `server` when given, else in a `python -m fang.cli` of its own)."""
     sys.path.insert(0, str(TESTS))
     from conftest import tiny_model
     from helpers_tokenizer import tiny_tokenizer
@@ -108,9 +111,13 @@ def build_project(code: Path, root: Path) -> None:
         (root / pipeline.relative_to(code)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(pipeline, root / pipeline.relative_to(code))
     for stage in ("fetch-model", "fetch-data", "calibrate", "capture", "cluster", "taylor", "group", "allocate", "prune"):
-        proc = fang(code, root, stage)
-        if proc.returncode != 0:
-            raise SystemExit(f"building the sweep project failed at `fang {stage}`:\n{proc.stderr[-3000:]}")
+        if server is not None:
+            rc, err = server.run(root, [stage], {})
+        else:
+            proc = fang(code, root, stage)
+            rc, err = proc.returncode, proc.stderr
+        if rc != 0:
+            raise SystemExit(f"building the sweep project failed at `fang {stage}`:\n{err[-3000:]}")
 
 
 # ------------------------------------------------------------------------------------------- edits
@@ -571,6 +578,39 @@ for name in ("lm_eval", "fang.evaluation.evaluate", "fang.model.export_gguf", "f
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
+    if "warm" in req:
+        # run commands here, in the server (their outcome is not judged): what a first command imports
+        # and sets up lazily is then inherited by every child instead of costing each about a second
+        os.chdir(req["cwd"])
+        saved = os.dup(1), os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        own = []  # exit handlers fang registers (locks, temps); libraries' own, registered on import, are fine
+        register = atexit.register
+        def recording(func, *args, **kwargs):
+            if getattr(func, "__module__", "").split(".")[0] in ("fang", "stages", "shutil", "os", "posix"):
+                own.append(getattr(func, "__qualname__", repr(func)))
+            return register(func, *args, **kwargs)
+        atexit.register = recording
+        try:
+            for argv in req["warm"]:
+                try:
+                    cli.main(argv)
+                except BaseException:
+                    pass
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in (null, *saved):
+                os.close(fd)
+            os.chdir(os.path.dirname(os.path.abspath(cli.__file__)))
+            atexit.register = register
+        # a warm-up command that left an exit handler (a lock, a temp) would run it in every child
+        print(json.dumps({"warm": not own, "own": own}), flush=True)
+        continue
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -630,6 +670,14 @@ for line in sys.stdin:
                 os.kill(pid, signal.SIGKILL)
                 rc = self._read(60)["rc"]
             return rc, Path(err.name).read_text()
+
+    def warm(self, cwd: Path, commands: list[list[str]], timeout: float = 600) -> None:
+        """Run `commands` in the server itself (in `cwd`, output discarded) before forking children from it."""
+        self.proc.stdin.write(json.dumps({"warm": commands, "cwd": str(cwd)}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(timeout)
+        if not answer["warm"]:
+            raise SystemExit(f"a warm-up command left exit handlers {answer['own']} in the sweep's fork server: {commands}")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -724,6 +772,13 @@ def summarize(results: list[Result]) -> dict:
     return {"cases": len(results), **{v: sum(r.verdict == v for r in results) for v in VERDICTS}}
 
 
+# Commands the fork server runs in itself before the cases, each refused before it writes anything: the
+# CLI's and the stages' first-call setup (lazy imports, typer's command tables) is then done once.
+WARM_UP = [["prune", "--out", ""], ["evaluate", "--model", "artifacts/pruned", "--out", ""], ["export", "--gguf", ""],
+           ["inspect", "clusters", "--png", "."], ["cluster", "--params", "nope.yaml"], ["calibrate", "--source", "a/b"],
+           ["method-inputs", "--method", "flap", "--out", "."], ["fetch-model", "--params", "nope.yaml"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code", default=str(REPO), help="fang checkout to run (PYTHONPATH)")
@@ -742,9 +797,15 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         golden = work / "_golden"
-        if not golden.exists():
-            build_project(code, golden)
         server = None if args.spawn else ForkServer(code)
+        if not golden.exists():
+            build_project(code, golden, server)
+        if server is not None:
+            warm = work / "_warm" / "project"
+            shutil.rmtree(warm.parent, ignore_errors=True)
+            shutil.copytree(golden, warm, symlinks=True)
+            server.warm(warm, WARM_UP)
+            shutil.rmtree(warm.parent, ignore_errors=True)
         results = []
         for case in selected:
             r = run_case(code, golden, work, case, server)
