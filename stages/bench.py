@@ -215,3 +215,26 @@ def _profile(params_path: str, device, n_seqs: int, offload: str = "none") -> di
                                                                 cap.dtype, device, pca_dim=pca_dim, keep=cap.keep))
     runs["taylor"] = profile_call(lambda: taylor_scores(model, ids, labels, clusters.attrs["k"], tay.batch_size, device))
     return {"sequences": int(ids.shape[0]), "runs": runs}
+
+
+# ------------------------------------------------------------------------------ `--parts scale`: the server's stages
+
+
+def run_stage_by_name(stage: str, params: str) -> None:
+    """Run one pipeline stage in the scale bench's forked child: "capture", "taylor", ..., or "prune:<method>"."""
+    import importlib
+
+    name, _, method = stage.partition(":")
+    module = importlib.import_module(f"stages.{name}")
+    if name == "prune":
+        module.run(params, method=method, out=f"artifacts/scale_pruned/{method}")
+    else:
+        module.run(params)
+
+
+def serve_scale() -> None:
+    """fang.tools.bench.scale's per-configuration server, with the stages it measures imported once before it forks."""
+    import stages.allocate, stages.capture, stages.cluster, stages.group, stages.prune, stages.taylor  # noqa: E401,F401
+    from fang.tools.bench.scale import serve
+
+    serve(run_stage_by_name)

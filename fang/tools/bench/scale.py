@@ -6,7 +6,7 @@ grows, and LLaMA-2-7B / 70B estimates on one H100 from those fits.
 How a configuration is measured: a scratch project folder gets a random `LlamaForCausalLM` of the shape
 (artifacts/model, with a character tokenizer built in code), random calibration token ids
 (artifacts/calib/calib.safetensors) and the project's params.yaml with the measurement's batch sizes. One
-server process (`python -c ... serve()`, fresh interpreter, imports done once, one thread) then forks a child per
+server process (`SERVER`, fresh interpreter, imports done once, one thread) then forks a child per
 stage, in pipeline order; the child calls the stage's `run()` exactly as `fang <stage>` does and reports the CPU
 time (`time.process_time`) and wall time of that call, the 1-minute load average, its RSS before the call and
 its peak RSS (`ru_maxrss`). A forked child starts from the server's pages (the imports, ~250 MiB), which is
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -326,17 +327,6 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _run_stage(stage: str, params: str) -> None:
-    import importlib
-
-    name, _, method = stage.partition(":")
-    module = importlib.import_module(f"stages.{name}")
-    if name == "prune":
-        module.run(params, method=method, out=f"artifacts/scale_pruned/{method}")
-    else:
-        module.run(params)
-
-
 def _forked(fn, result_path: Path) -> dict:
     """Run `fn()` in a forked child; its measurements (or its error) come back through `result_path`."""
     pid = os.fork()
@@ -362,14 +352,19 @@ def _forked(fn, result_path: Path) -> dict:
     return json.loads(result_path.read_text())
 
 
-def serve() -> None:
-    """The per-configuration server: `python -c 'from fang.tools.bench.scale import serve; serve()' SPEC.json`,
-    started in the scratch project folder. Builds the project, then forks one child per stage."""
+# The server's command: the stage layer (stages/bench.py) hands it the function that runs one stage by name,
+# so this library module never imports a stage (a stage sits above the tools it calls).
+SERVER = "from stages.bench import serve_scale; serve_scale()"
+
+
+def serve(run_stage: Callable[[str, str], None]) -> None:
+    """The per-configuration server (`SERVER`, started in the scratch project folder with SPEC.json as its
+    argument): builds the project, then forks one child per stage, each calling `run_stage(stage, params)`.
+    `run_stage` has imported every stage module before the first fork."""
     import torch
 
     spec = read_json(sys.argv[1])
     torch.set_num_threads(1)
-    import stages.allocate, stages.capture, stages.cluster, stages.group, stages.prune, stages.taylor  # noqa: E401,F401
     # what every stage imports lazily (transformers' LLaMA code, the tokenizer classes, scipy, faiss): imported
     # once here, so the children measure the stage's work, not the interpreter's first import of its libraries
     import faiss  # noqa: F401
@@ -384,7 +379,7 @@ def serve() -> None:
         results["error"] = f"build: {build['error']}"
     else:
         for stage in spec["stages"]:
-            r = _forked(lambda s=stage: _run_stage(s, "params.yaml"), root / f"{stage.replace(':', '_')}.result.json")
+            r = _forked(lambda s=stage: run_stage(s, "params.yaml"), root / f"{stage.replace(':', '_')}.result.json")
             results["stages"][stage] = r
             if "error" in r:
                 results["error"] = f"{stage}: {r['error']}"
@@ -406,7 +401,7 @@ def measure_config(shape_name: str, n_layers: int, n_seqs: int, seq_len: int, pa
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     try:
-        proc = subprocess.run([sys.executable, "-c", "from fang.tools.bench.scale import serve; serve()",
+        proc = subprocess.run([sys.executable, "-c", SERVER,
                                str(root / "spec.json")], cwd=root, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not (root / "result.json").exists():
             raise FangError(f"bench scale: {config} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
