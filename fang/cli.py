@@ -289,22 +289,29 @@ def recipe_split(
     _stage("recipe_split").run(params, dense, out)
 
 
-@app.command("recipe-select")
-def recipe_select(
-    params: str = ParamsOpt,
-    out: str = typer.Option("artifacts/recipe/search.json", help="search table and choice JSON to write"),
-) -> None:
-    """Score every recipe.candidates / sweep_candidates on the tuning half, paired against recipe.baselines; choose one."""
-    _stage("recipe_select").run(params, out)
+# The recipe study's decision stages: params and one output each (docs/studies.md, "Recipe study").
+RECIPE_STAGES = {
+    "recipe-select": ("artifacts/recipe/search.json", "search table and choice JSON to write",
+                      "Score every recipe.candidates / sweep_candidates on the tuning half, paired against "
+                      "recipe.baselines; choose one."),
+    "recipe-confirm": ("artifacts/recipe/confirmation.json", "confirmation verdicts JSON to write",
+                       "The chosen recipe against every baseline at recipe.confirm_sparsities, paired, on the "
+                       "confirmation half."),
+}
 
 
-@app.command("recipe-confirm")
-def recipe_confirm(
-    params: str = ParamsOpt,
-    out: str = typer.Option("artifacts/recipe/confirmation.json", help="confirmation verdicts JSON to write"),
-) -> None:
-    """The chosen recipe against every baseline at recipe.confirm_sparsities, paired, on the confirmation half."""
-    _stage("recipe_confirm").run(params, out)
+def _recipe_stage(command: str, default_out: str, out_help: str, doc: str) -> None:
+    name = command.replace("-", "_")
+
+    def run(params: str = ParamsOpt, out: str = typer.Option(default_out, help=out_help)) -> None:
+        _stage(name).run(params, out)
+
+    run.__name__, run.__doc__ = name, doc
+    app.command(command)(run)
+
+
+for _command, (_out, _help, _doc) in RECIPE_STAGES.items():
+    _recipe_stage(_command, _out, _help, _doc)
 
 
 @app.command("bias-report")
