@@ -113,3 +113,45 @@ def test_search_chooses_on_the_tuning_half_and_confirmation_judges_on_the_other(
 def test_choose_breaks_ties_by_calibration_domain_perplexity():
     rows = [{"recipe": r, "sparsity": s, "avg7": 0.4, "ppl": ppl} for r, ppl in (("a", 30.0), ("b", 25.0)) for s in (0.3, 0.4)]
     assert choose(rows, [0.3, 0.4])["recipe"] == "b"
+
+
+def test_the_study_stages_split_select_and_confirm_from_the_files_they_read(tmp_path, monkeypatch):
+    """recipe_split -> recipe_select -> recipe_confirm on synthetic evaluations laid out as the sweep and the study
+    write them (no model: the chosen recipe is a sweep row, so confirming needs no evaluation)."""
+    import json
+
+    import yaml
+
+    from stages import recipe_confirm, recipe_select, recipe_split
+
+    monkeypatch.chdir(tmp_path)
+    sweep, cells = tmp_path / "artifacts/sweep", tmp_path / "artifacts/recipe/cells"
+    sweep.mkdir(parents=True)
+    cells.mkdir(parents=True)
+    (sweep / "dense.metrics.json").write_text(json.dumps(_metrics(0.6, 0)))
+    for i, s in enumerate((0.3, 0.4)):
+        (sweep / f"obc-{s}.metrics.json").write_text(json.dumps(_metrics(0.45, 10 + i)))
+        (sweep / f"o_fang-{s}.metrics.json").write_text(json.dumps(_metrics(0.75, 20 + i)))
+        # the study's own candidate, scored on the tuning half only (what `fang evaluate --half tuning` writes)
+        (cells / f"o_fang,tau=3-{s}.tuning.json").write_text(json.dumps(_metrics(0.5, 30 + i)))
+    params = {"recipe": {"seed": 0, "sparsities": [0.3, 0.4], "confirm_sparsities": [0.3, 0.4],
+                         "candidates": ["o_fang,tau=3"], "sweep_candidates": ["o_fang"], "baselines": ["obc"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    recipe_split.run()
+    halves = json.loads((tmp_path / "artifacts/recipe/halves.json").read_text())
+    # the candidate file holds every question; select must cut it to the tuning half
+    tuning = halves["halves"]["tuning"]
+    recipe_select.run()
+    search = json.loads((tmp_path / "artifacts/recipe/search.json").read_text())
+    assert search["choice"]["recipe"] == "o_fang" and len(search["table"]) == 4
+    assert search["table"][0]["vs"]["obc"]["n"] == sum(len(v) for v in tuning.values())
+    recipe_confirm.run()
+    result = json.loads((tmp_path / "artifacts/recipe/confirmation.json").read_text())
+    assert result["recipe"] == "o_fang" and result["wins_everywhere"]
+    n_conf = sum(len(v) for v in halves["halves"]["confirmation"].values())
+    assert [v["avg7"]["n"] for v in result["verdicts"]] == [n_conf, n_conf]
+    assert json.loads((tmp_path / "artifacts/recipe/confirm/index.json").read_text()) == {"recipe": "o_fang", "evaluated": []}
+    # a missing sweep row is one line naming it and what to run
+    (sweep / "obc-0.4.metrics.json").unlink()
+    with pytest.raises(FangError, match=r"obc-0.4.metrics.json is missing: run `dvc repro studies/sweep/dvc.yaml`"):
+        recipe_select.run()
