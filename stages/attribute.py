@@ -36,8 +36,8 @@ KIND = "attribution"
 
 
 def run(params_path: str = "params.yaml") -> None:
-    from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
-    from fang.model.offload import load_dense_offloaded
+    from fang.core.device import dtype_record, pick_device
+    from fang.model.offload import load_for_block_passes
 
     p = load_block("attribute", path=params_path)
     take_lock(paths.ATTRIBUTION)  # one writer at a time (fang.core.outputs)
@@ -47,8 +47,7 @@ def run(params_path: str = "params.yaml") -> None:
     check_fits(cfg.get("num_hidden_layers", 0) * p.top_k * cfg.get("intermediate_size", 0) * 12,
                "the top contexts of every neuron", f"attribute.top_k={p.top_k}")
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # run block by block
+    model, tokenizer, dtype = load_for_block_passes(paths.MODEL, device, model_p)  # run block by block
     owner, article_topic, articles, topics = calibration_topics(input_ids, tokenizer)
     owner[:, : p.skip_first] = -1
     acc = stream_activations(model, input_ids, owner, len(articles), p.batch_size, p.top_k, device)

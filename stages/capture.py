@@ -2,14 +2,14 @@
 
 from fang.analysis.capture import capture_features, capture_ram_bytes
 from fang.core import paths
-from fang.core.device import pick_device, resolve_compute_dtype
+from fang.core.device import pick_device
 from fang.core.integrity import read_config
 from fang.core.memory import check_fits
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
 from fang.data.corpus import load_calibration
-from fang.model.offload import load_dense_offloaded
+from fang.model.offload import load_for_block_passes
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -29,7 +29,6 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
                f"{n_tok:,} calibration tokens' hidden states", f"{samples}={input_ids.shape[0]}")
     check_fits(capture_ram_bytes(n_tok, input_ids.shape[1], batch, hidden, n_ffn),
                f"{n_tok:,} calibration tokens' hidden states and a batch's features", f"capture.batch_size={p.batch_size}")
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
+    model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)
     info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device, pca_dim=pca_dim, keep=p.keep)
     console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")

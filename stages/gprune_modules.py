@@ -15,7 +15,7 @@ from fang.analysis.gprune import GPruneConsumer
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import read_json, write_json
-from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device
 from fang.core.errors import FangError, require
 from fang.core.integrity import read_config
 from fang.core.params import load_block
@@ -24,7 +24,7 @@ from fang.core.progress import console
 from fang.data.corpus import read_jsonl
 from fang.data.sources import shard_sources, source_index, token_topics
 from fang.model.mlp_stream import stream_mlp
-from fang.model.offload import load_dense_offloaded
+from fang.model.offload import load_for_block_passes
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -55,8 +55,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     require(p.n_modules <= n_ffn, f"gprune.n_modules={p.n_modules} is more than the {n_ffn} FFN neurons of a layer: "
                                   f"give at most {n_ffn}")
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # stream_mlp runs one block at a time
+    model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)  # stream_mlp runs one block at a time
     cfg = model.config
     consumer = GPruneConsumer(p, src, len(names), cfg.num_hidden_layers, cfg.intermediate_size)
     t0 = time.perf_counter()

@@ -14,12 +14,12 @@ from fang.analysis.ica import IcaConsumer, prunable_layers
 from fang.analysis.store import write_store
 from fang.core import paths
 from fang.core.atomic import write_json
-from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
 from fang.model.mlp_stream import stream_mlp
-from fang.model.offload import load_dense_offloaded
+from fang.model.offload import load_for_block_passes
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     from fang.data.corpus import load_calibration
@@ -29,8 +29,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     ids = load_calibration(source)
     device = pick_device()
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)  # stream_mlp runs one block at a time
+    model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)  # stream_mlp runs one block at a time
     cfg = model.config
     n_tok, n_ffn, n_layers = ids.numel(), cfg.intermediate_size, cfg.num_hidden_layers
     consumer = IcaConsumer(p, n_tok, n_layers, n_ffn)

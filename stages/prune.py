@@ -9,7 +9,7 @@ from fang.analysis.capture import open_capture
 from fang.core import paths
 from fang.core.atomic import write_json
 from fang.core.choices import parse_recipe
-from fang.core.device import pick_device, resolve_compute_dtype
+from fang.core.device import pick_device
 from fang.core.errors import FangError
 from fang.core.outputs import guard_output
 from fang.core.params import load_block
@@ -17,7 +17,7 @@ from fang.core.progress import console
 from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
 from fang.methods.units import PruneOptions, attention_units
-from fang.model.offload import load_dense_offloaded
+from fang.model.offload import load_for_block_passes
 from fang.model.shrink import save_pruned
 
 
@@ -35,7 +35,6 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     (a recipe-study candidate, "o_fang+layer,tau=3"); parts not named come from params.yaml."""
     p = load_block("prune", path=params_path)
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    offload = model_p.offload
     recipe = parse_recipe(p.method if method is None else method, p.allocation, p.compensation)
     variant = recipe.variant
     method = variant.method
@@ -61,11 +60,9 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
     # the host, and save_pruned reads them back one at a time (beside out_dir: the same disk, not a RAM /tmp)
     spill_dir = (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.blocks-")
-                 if offload == "disk" else contextlib.nullcontext())
-    # the pruned model is saved in the dtype it was pruned in (model.compute_dtype, resolved)
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    with spill_dir as spill:
-        model, tokenizer = load_dense_offloaded(paths.MODEL, device, dtype, offload=offload, spill=spill)
+                 if model_p.offload == "disk" else contextlib.nullcontext())
+    with spill_dir as spill:  # the pruned model is saved in the dtype it was pruned in (model.compute_dtype, resolved)
+        model, tokenizer, _ = load_for_block_passes(paths.MODEL, device, model_p, spill=spill)
         report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
                              options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
         save_pruned(model, tokenizer, out_dir)  # a streamed model: in shards, one block at a time

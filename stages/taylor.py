@@ -7,13 +7,13 @@ from fang.analysis.cluster import center_distances
 from fang.analysis.store import open_store, write_store
 from fang.analysis.taylor import taylor_scores
 from fang.core import paths
-from fang.core.device import dtype_record, pick_device, resolve_compute_dtype
+from fang.core.device import dtype_record, pick_device
 from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
 from fang.data.corpus import load_calibration
-from fang.model.offload import load_dense_offloaded
+from fang.model.offload import load_for_block_passes
 
 
 def run(params_path: str = "params.yaml", source: str | None = None) -> None:
@@ -27,8 +27,7 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     require(token_clusters.shape[1] == input_ids.numel(),
             f"{art.cluster} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")
     device = pick_device()
-    dtype = resolve_compute_dtype(model_p.compute_dtype, device)
-    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=model_p.offload)
+    model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)
     k = clusters.attrs["k"]
     res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights

@@ -24,7 +24,7 @@ from fang.methods.driver import PruneOptions, prune_model
 from fang.model.layerwise import BlockRunner
 from fang.model.mlp_stream import stream_mlp
 from fang.model.modeling import decoder_layers, load_dense
-from fang.model.offload import block_stream, gather_blocks, load_dense_offloaded, place_model, resident_blocks
+from fang.model.offload import block_stream, gather_blocks, load_dense_offloaded, load_for_block_passes, place_model, resident_blocks
 from fang.model.shrink import INDEX_FILE, load_pruned, save_pruned
 
 MODES = ("host", "disk")
@@ -257,13 +257,13 @@ def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
 
     def spy(stage):
         def load(*args, **kw):
-            model, tok = load_dense_offloaded(*args, **kw)
+            model, tok, dtype = load_for_block_passes(*args, **kw)
             streamed.append((stage, resident_blocks(model) == []))
-            return model, tok
+            return model, tok, dtype
         return load
 
-    monkeypatch.setattr(capture, "load_dense_offloaded", spy("capture"))
-    monkeypatch.setattr(prune, "load_dense_offloaded", spy("prune"))
+    monkeypatch.setattr(capture, "load_for_block_passes", spy("capture"))
+    monkeypatch.setattr(prune, "load_for_block_passes", spy("prune"))
     files = {}
     for mode in ("none", "disk"):
         params = {"model": {"offload": mode}, "calibrate": {"n_samples": 4, "seq_len": 16},

@@ -293,6 +293,18 @@ def layers_prefix(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is layers)
 
 
+def load_for_block_passes(path: str | os.PathLike, device: torch.device | str, model_params,
+                          spill: str | os.PathLike | None = None):
+    """The dense model as every block pass loads it (capture, taylor, prune, ica, gprune, attribute, the
+    bench): in model.compute_dtype resolved for `device`, its blocks waiting where model.offload says.
+    `model_params` is the params.yaml `model` block. Returns (model, tokenizer, dtype name)."""
+    from ..core.device import resolve_compute_dtype
+
+    dtype = resolve_compute_dtype(model_params.compute_dtype, device)
+    model, tokenizer = load_dense_offloaded(path, device, dtype, offload=model_params.offload, spill=spill)
+    return model, tokenizer, dtype
+
+
 def load_dense_offloaded(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: str = "float32",
                          offload: str = "none", spill: str | os.PathLike | None = None):
     """`load_dense` with model.offload: "none" is load_dense itself (the whole model on `device`);
