@@ -80,3 +80,25 @@ def main_job(tmp_path_factory):
     from helpers_project import build_main_job
 
     return build_main_job(tmp_path_factory.mktemp("main_job") / "project")
+
+
+def save_checkpoint(path, model: LlamaForCausalLM | None = None):
+    """A dense checkpoint as fetch_model writes it (weights + the tiny tokenizer) at `path`: `model`, or a
+    3-block GQA model (6 query / 3 KV heads)."""
+    from helpers_tokenizer import tiny_tokenizer
+
+    (model if model is not None else tiny_model(6, 3, layers=3)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def stage_project(root, model: LlamaForCausalLM | None = None) -> None:
+    """The inputs a stage test runs calibrate..prune on under `root`: artifacts/model (`save_checkpoint`) and a
+    30-article one-topic train split in artifacts/data."""
+    import json
+
+    save_checkpoint(root / "artifacts/model", model)
+    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
+            for i in range(30)]
+    (root / "artifacts/data").mkdir(parents=True)
+    (root / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

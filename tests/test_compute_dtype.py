@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_reloads_identically, tiny_model
+from conftest import assert_reloads_identically, stage_project, tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from fang.analysis.attribute import stream_activations
 from fang.analysis.capture import capture_features, open_capture
@@ -331,12 +331,7 @@ def test_stages_read_compute_dtype_from_params(tmp_path, monkeypatch):
     from fang.analysis.store import open_store
     from stages import attribute, calibrate, capture, cluster, gprune_modules, ica, prune, taylor
 
-    _model(torch.float32).save_pretrained(tmp_path / "artifacts/model")
-    tiny_tokenizer().save_pretrained(tmp_path / "artifacts/model")
-    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
-            for i in range(30)]
-    (tmp_path / "artifacts/data").mkdir(parents=True)
-    (tmp_path / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage_project(tmp_path, _model(torch.float32))
     monkeypatch.chdir(tmp_path)
     root = Path("artifacts")
     for name in ("float32", "bfloat16"):

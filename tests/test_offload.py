@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_checkpoint, stage_project, tiny_model
 from helpers_tokenizer import tiny_tokenizer
 from method_cases import CASES, SPARSITY, calibration
 
@@ -34,10 +34,7 @@ N_LAYERS = 3
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A dense 3-block GQA checkpoint (6 query / 3 KV heads) as fetch_model writes it."""
-    path = tmp_path_factory.mktemp("offload") / "model"
-    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_checkpoint(tmp_path_factory.mktemp("offload") / "model", tiny_model(6, 3, layers=N_LAYERS))
 
 
 class ResidencyProbe:
@@ -246,12 +243,7 @@ def test_the_capture_and_prune_stages_read_model_offload(tmp_path, monkeypatch):
 
     from stages import calibrate, capture, prune
 
-    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(tmp_path / "artifacts/model")
-    tiny_tokenizer().save_pretrained(tmp_path / "artifacts/model")
-    rows = [{"id": f"People {i}", "title": f"People {i}", "topic": "People", "text": f"Person {i} was {'ab' * (i % 5)}."}
-            for i in range(30)]
-    (tmp_path / "artifacts/data").mkdir(parents=True)
-    (tmp_path / "artifacts/data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage_project(tmp_path, tiny_model(6, 3, layers=N_LAYERS))
     monkeypatch.chdir(tmp_path)
     streamed = []  # (stage, whether its model streamed its blocks)
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from helpers_tokenizer import tiny_tokenizer
+from conftest import save_checkpoint, tiny_model
 from method_cases import SPARSITY, calibration
 
 from fang.analysis.attribute import stream_activations
@@ -33,10 +32,7 @@ N_LAYERS = 3
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("stream") / "model"
-    tiny_model(6, 3, layers=N_LAYERS).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_checkpoint(tmp_path_factory.mktemp("stream") / "model", tiny_model(6, 3, layers=N_LAYERS))
 
 
 def _one_block_at_a_time(model) -> list:
