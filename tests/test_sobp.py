@@ -78,12 +78,46 @@ def test_first_order_plan_ranks_loss_change_per_parameter_globally():
     attn = [torch.tensor([5.0, 6.0]), torch.tensor([5.0, 6.0])]
     mlp = [torch.full((10,), 1.0), torch.full((10,), 1e-3)]
     keep_attn, keep_mlp = first_order_plan(attn, mlp, 0.2, attn_unit_params=5, neuron_params=1)
-    assert keep_attn == [2, 2] and keep_mlp == [10, 1]  # 8 of 40 cost units go, all from block 1 (floor: 1 neuron)
-    # it is FLAP's structure search on scores per parameter
-    assert (keep_attn, keep_mlp) == structure_search([a / 5 for a in attn], list(mlp), 0.2, 5, 1)
+    assert keep_attn == [2, 2] and keep_mlp == [10, 2]  # 8 of 40 cost units go, all from block 1's neurons
+    # it is FLAP's structure search on scores per parameter, with the floors charged to the budget
+    assert (keep_attn, keep_mlp) == structure_search([a / 5 for a in attn], list(mlp), 0.2, 5, 1,
+                                                     floors_in_budget=True)
     # per parameter: a head whose removal changes the loss 6x more than a neuron's, at 10x the cost, goes first
     keep_attn, keep_mlp = first_order_plan([torch.tensor([3.0, 100.0])], [torch.full((10,), 0.5)], 1 / 3, 10, 1)
-    assert keep_attn == [1] and keep_mlp == [9]  # FLAP's cut also drops the unit at the threshold
+    assert keep_attn == [1] and keep_mlp == [10]  # 20 of 30 cost units kept, exactly the budget
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.4])
+def test_first_order_plan_hits_the_budget_when_the_floors_bind_in_most_blocks(sparsity):
+    # the default model's shape: 30 blocks of 3 GQA units (294,912 parameters each) and 1,536 neurons (1,728
+    # each); per parameter every unit's loss change is below every neuron's, as SoBP's scores are there, so
+    # the cut alone would empty most blocks' attention and the floor of one unit per block binds
+    g = torch.Generator().manual_seed(0)
+    attn = [torch.rand(3, generator=g) * 1e-3 for _ in range(30)]
+    mlp = [torch.rand(1536, generator=g) + 0.5 for _ in range(30)]
+    unit, neuron = 294_912, 1_728
+    total = 30 * (3 * unit + 1536 * neuron)
+    keep_attn, keep_mlp = first_order_plan([a * unit for a in attn], [m * neuron for m in mlp], sparsity, unit, neuron)
+    kept = sum(keep_attn) * unit + sum(keep_mlp) * neuron
+    assert min(keep_attn) == 1 and min(keep_mlp) >= 1
+    assert abs(kept - (1 - sparsity) * total) <= neuron / 2  # within half the smallest unit of the budget
+    # without charging the floors, the same ranking keeps a unit more per emptied block: the bug this fixes
+    old_attn, old_mlp = structure_search(attn, mlp, sparsity, unit, neuron)
+    old_kept = sum(old_attn) * unit + sum(old_mlp) * neuron
+    assert old_kept - (1 - sparsity) * total > 5 * unit
+
+
+def test_floors_in_budget_keeps_the_default_units_when_no_floor_binds():
+    g = torch.Generator().manual_seed(1)
+    attn = [torch.rand(4, generator=g) + 1.0 for _ in range(5)]  # every layer keeps heads: no floor binds
+    mlp = [torch.rand(50, generator=g) for _ in range(5)]
+    for sparsity in (0.1, 0.25, 0.4):
+        default = structure_search(attn, mlp, sparsity, 20, 1)
+        charged = structure_search(attn, mlp, sparsity, 20, 1, floors_in_budget=True)
+        # the same ranking: at most the threshold unit differs (FLAP's cut never keeps it; here it is kept
+        # when that lands closer to the budget)
+        extra = [c - d for kind in (0, 1) for c, d in zip(charged[kind], default[kind])]
+        assert min(extra) >= 0 and sum(extra) <= 1
 
 
 def test_pool_sparsity_removes_the_asked_share_of_block_parameters():

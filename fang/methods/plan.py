@@ -46,6 +46,7 @@ def structure_search(
     neuron_params: int,
     min_attn_units: int = 1,
     min_neurons: int = 1,
+    floors_in_budget: bool = False,
 ) -> tuple[list[int], list[int]]:
     """FLAP's adaptive structure search (AL-AM): how many attention units / neurons each layer keeps.
 
@@ -59,7 +60,16 @@ def structure_search(
 
     Each layer then keeps at least `min_attn_units` and `min_neurons` (both >= 1): a block with no
     attention head or no neuron would have zero-width projections, which neither attention nor
-    the loader can represent (FLAP has no such floor). The floors may keep slightly more.
+    the loader can represent (FLAP has no such floor). The floors may keep slightly more: each floored
+    layer keeps its floor on top of the budget.
+
+    `floors_in_budget=True` charges the floors to the budget instead: every layer's best `min_attn_units`
+    and `min_neurons` are kept first, and the rest of the pool is cut where the kept total (floors
+    included) is closest to (1 - sparsity) of the total, so the result is within half a unit of the budget
+    however many layers the floors hold (a ranking that would empty many layers' attention, as SoBP's
+    first-order scores per parameter do, otherwise under-prunes by a whole unit per such layer). When no
+    floor binds it keeps the same units as the default, up to the threshold unit (kept here when that is
+    closer to the budget).
 
     Returns (attention units kept per layer, neurons kept per layer).
     """
@@ -98,6 +108,9 @@ def structure_search(
     is_attn = torch.arange(pooled.numel()) < n_attn_total
 
     order = torch.sort(pooled, descending=True, stable=True).indices
+    if floors_in_budget and float(sparsity) > 0.0:
+        return _search_with_floors(order, cost, layer_of, is_attn, n_layers, float(sparsity),
+                                   min_attn_units, min_neurons)
     cum = torch.cumsum(cost[order], 0).to(torch.float64)
     target = (1.0 - float(sparsity)) * float(cum[-1])
     n_take = int(torch.argmin((cum - target).abs()))  # FLAP: the threshold unit itself is not kept
@@ -110,6 +123,29 @@ def structure_search(
     attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn[i].numel())) for i in range(n_layers)]
     mlp_counts = [max(int(mlp_keep[i]), min(min_neurons, mlp[i].numel())) for i in range(n_layers)]
     return attn_counts, mlp_counts
+
+
+def _search_with_floors(order: Tensor, cost: Tensor, layer_of: Tensor, is_attn: Tensor, n_layers: int,
+                        sparsity: float, min_attn_units: int, min_neurons: int) -> tuple[list[int], list[int]]:
+    """`structure_search` with the floors charged to the budget: each layer's best `min_attn_units` units
+    and `min_neurons` neurons (by the pool's ranking `order`) are kept first, then the rest of the ranking
+    is taken while it brings the kept cost closer to (1 - sparsity) of the total."""
+    rank_attn, rank_mlp = layer_of[order], is_attn[order]
+    floor = torch.zeros(order.numel(), dtype=torch.bool)  # by rank position
+    for attn_kind, minimum in ((True, min_attn_units), (False, min_neurons)):
+        for i in range(n_layers):
+            pos = torch.nonzero((rank_attn == i) & (rank_mlp == attn_kind)).reshape(-1)
+            floor[pos[:minimum]] = True
+    ranked_cost = cost[order].to(torch.float64)
+    committed = float(ranked_cost[floor].sum())
+    target = (1.0 - sparsity) * float(ranked_cost.sum())
+    rest = torch.nonzero(~floor).reshape(-1)
+    kept_cost = committed + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ranked_cost[rest], 0)])
+    n_rest = int(torch.argmin((kept_cost - target).abs()))  # ties: the smaller count (argmin's first)
+    kept = order[torch.cat([torch.nonzero(floor).reshape(-1), rest[:n_rest]])]
+    attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
+    mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
+    return [int(k) for k in attn_keep], [int(k) for k in mlp_keep]
 
 
 def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list[float]:
