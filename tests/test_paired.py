@@ -116,6 +116,9 @@ def test_comparison_pairs_and_missing_runs():
     assert ("f_fang", "flap") in pairs and ("f_fang", "flap+uniform") in pairs
     assert ("o_fang+layer", "obc+fc") in pairs and ("o_fang", "obc") in pairs
     assert not any(b == "wanda_sp" for _, b in pairs) and len(pairs) == 2 + 2 * 2
+    # every FANG row is also paired with every SoBP row, the seed paper's strongest baseline; sobp with obc
+    pairs = comparison_pairs(["obc", "o_fang+layer", "f_fang", "sobp"])
+    assert pairs == [("o_fang+layer", "obc"), ("o_fang+layer", "sobp"), ("f_fang", "sobp"), ("sobp", "obc")]
     # the seeds' methods pair with the baseline their registry line names
     assert comparison_pairs(["wanda_sp", "gprune", "flap+uniform", "ica_fn", "ica_fn_ranked+fc"]) == [
         ("gprune", "wanda_sp"), ("ica_fn", "flap+uniform"), ("ica_fn_ranked+fc", "flap+uniform")]

@@ -201,17 +201,22 @@ def base_method(name: str) -> str:
     return name.split("+")[0]
 
 
+# Besides its own baseline, every FANG row is paired with SoBP's: the seed paper's strongest Table 1
+# baseline (LLaMA-2-7B at 40%: 56.06 against O-FANG's 54.96), the one a FANG recipe must also beat (issue 28).
+RIVALS = {"o_fang": ("sobp",), "f_fang": ("sobp",)}
+
+
 def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
     """(method variant, baseline) pairs among the sweep's rows: every row of a method whose registry line
     names a baseline against every row of that baseline (f_fang* against flap*, o_fang* against obc*,
-    obc_iter excluded: another algorithm)."""
+    obc_iter excluded: another algorithm), then every FANG row against every SoBP row (`RIVALS`)."""
     from ..core.registry import REGISTRY
 
     pairs = []
     for m in methods:
         spec = REGISTRY.get(base_method(m))
-        if spec is not None and spec.baseline:
-            pairs += [(m, b) for b in methods if base_method(b) == spec.baseline]
+        against = ((spec.baseline,) if spec is not None and spec.baseline else ()) + RIVALS.get(base_method(m), ())
+        pairs += [(m, b) for rival in against for b in methods if base_method(b) == rival]
     return pairs
 
 
