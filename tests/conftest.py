@@ -3,9 +3,18 @@ per session for the end-to-end tests."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# pytest-xdist (`-n 2`): one thread per worker, for its own torch and for the fang/dvc subprocesses it starts.
+# Two 2-thread torch processes on 2 cores slow each other several times over (docs/testing.md).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def tiny_config(n_heads: int = 4, n_kv_heads: int = 4, layers: int = 2, vocab: int = 128) -> LlamaConfig:
