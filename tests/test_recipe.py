@@ -155,3 +155,18 @@ def test_the_study_stages_split_select_and_confirm_from_the_files_they_read(tmp_
     (sweep / "obc-0.4.metrics.json").unlink()
     with pytest.raises(FangError, match=r"obc-0.4.metrics.json is missing: run `dvc repro studies/sweep/dvc.yaml`"):
         recipe_select.run()
+
+
+def test_a_half_is_keyed_by_the_tasks_that_answer_questions_a_groups_subtasks():
+    from fang.evaluation.evaluate import leaf_tasks
+    from fang.evaluation.halves import lm_eval_samples
+
+    manifest = {"tasks": [{"name": "boolq", "lm_eval_tasks": ["boolq"]},
+                          {"name": "next_sentence", "lm_eval_tasks": ["next_sentence"],
+                           "subtasks": {"next_sentence_people": {}, "next_sentence_geography": {}}}]}
+    assert leaf_tasks(manifest) == ["boolq", "next_sentence_people", "next_sentence_geography"]
+    half = {"boolq": [5, 1], "next_sentence_people": [2], "next_sentence_geography": [0, 3]}
+    assert lm_eval_samples(half, leaf_tasks(manifest)) == {"boolq": [1, 5], "next_sentence_people": [2],
+                                                          "next_sentence_geography": [0, 3]}
+    with pytest.raises(FangError, match=r"no questions for task\(s\) \['next_sentence_geography'\]"):
+        lm_eval_samples({"boolq": [1], "next_sentence_people": [2]}, leaf_tasks(manifest))

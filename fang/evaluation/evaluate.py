@@ -515,6 +515,13 @@ def pooled_accuracy(members: list[dict]) -> dict:
 # one model, end to end: what `fang evaluate` writes
 
 
+def leaf_tasks(manifest: dict) -> list[str]:
+    """The tasks of a task-folder manifest that answer questions themselves: a group's subtasks (next-sentence's
+    one task per topic) instead of the group, which is what lm-eval's `samples` is keyed by."""
+    return [name for entry in manifest["tasks"]
+            for name in (list(entry["subtasks"]) if entry.get("subtasks") else entry["lm_eval_tasks"])]
+
+
 def evaluate_model(model_dir: str | os.PathLike, p, offload: str = "none", limit: int | None = None,
                    questions: dict[str, list[int]] | None = None) -> dict:
     """Perplexity by topic on the test split and zero-shot accuracy on the dev tasks of the model in
@@ -541,7 +548,8 @@ def evaluate_model(model_dir: str | os.PathLike, p, offload: str = "none", limit
     require(tokenizer is not None, f"{model_dir} has no tokenizer (tokenizer.json, tokenizer_config.json): "
                                    f"copy them from {paths.MODEL} or prune it again")
     tasks = [name for entry in manifest["tasks"] for name in entry["lm_eval_tasks"]]
-    samples = lm_eval_samples(questions, tasks) if questions is not None else None
+    # a half names the tasks that answer questions: a group's (next-sentence's) are its per-topic subtasks
+    samples = lm_eval_samples(questions, leaf_tasks(manifest)) if questions is not None else None
     with streamed_forward(model):
         t0 = time.perf_counter()
         ppl = perplexity_by_topic(
