@@ -271,3 +271,21 @@ def test_the_prune_stage_runs_o_fang_dense_from_the_pipelines_artifacts(tmp_path
     assert report["options"]["compensation"] == "dense"
     assert {e["compensation"] for e in report["layers"]} == {"dense"}
     assert abs(report["achieved_sparsity"] - 0.3) < 0.05
+
+
+def test_the_recipe_cells_manifest_records_the_dense_refit(tmp_path, monkeypatch):
+    """A recipe cell of o_fang+dense reruns when its compensation or the batch size of its dense stream changes."""
+    from fang.core.params import PruneParams
+    from fang.core.paths import calibration_artifacts
+    from fang.methods import inputs as mi
+
+    monkeypatch.chdir(tmp_path)
+    art = calibration_artifacts(None)
+    for d in (art.cluster, art.taylor, art.groups):
+        (d / "arr").mkdir(parents=True)
+        (d / "arr" / "0").write_bytes(b"\x00")
+    art.allocate.write_text('{"mode": "fc"}')
+    dense = mi.method_inputs("o_fang+dense", PruneParams(), art)
+    assert dense["params"]["compensation"] == "dense" and dense["params"]["prune.batch_size"] == 8
+    assert dense != mi.method_inputs("o_fang+layer", PruneParams(), art)
+    assert dense != mi.method_inputs("o_fang+dense", PruneParams(batch_size=4), art)
