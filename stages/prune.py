@@ -54,7 +54,8 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
                                "prune_report", "--out's report")
     art = paths.calibration_artifacts(source)
     capture = open_capture(art.capture)
-    inputs = method_class(method).load_inputs(art, sparsity, params_path)
+    options = PruneOptions.from_params(p, variant)
+    inputs = method_class(method).load_inputs(art, sparsity, params_path, options=options)
     device = pick_device()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
@@ -64,7 +65,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     with spill_dir as spill:  # the pruned model is saved in the dtype it was pruned in (model.compute_dtype, resolved)
         model, tokenizer, _ = load_for_block_passes(paths.MODEL, device, model_p, spill=spill)
         report = prune_model(model, capture, method, sparsity, p.gqa, p.batch_size, device,
-                             options=PruneOptions.from_params(p, variant), inputs=inputs, art=art)
+                             options=options, inputs=inputs, art=art)
         save_pruned(model, tokenizer, out_dir)  # a streamed model: in shards, one block at a time
     write_json(report_file, report.as_dict())
     console.print(

@@ -313,3 +313,106 @@ def test_sobp_with_streamed_blocks_saves_the_same_checkpoint(calib, tmp_path, mo
     assert files == sorted(p.relative_to(tmp_path / mode) for p in (tmp_path / mode).rglob("*") if p.is_file())
     for f in files:
         assert (tmp_path / mode / f).read_bytes() == (tmp_path / "none" / f).read_bytes(), f
+
+
+# --------------------------------------------------------------- the shared home (fang/methods/dense_target.py)
+
+
+class _PreRefactorPruner:
+    """SobpPruner as it was before it moved onto `dense_target.DenseTargetPruner`, inline: the float32 mean
+    Hessian, the float64 cross moment of the targets, W* and greedy OBS on it."""
+
+    def __init__(self, n_channels, damp, where, device, targets=None):
+        from fang.methods.obc import HessianAccumulator
+
+        self.n, self.damp, self.where, self.targets = n_channels, damp, where, targets
+        self.hessian = HessianAccumulator(n_channels, device)
+        self.cross, self.cursor = None, 0
+
+    def add_batch(self, x):
+        if self.targets is not None:
+            rows = x.detach().reshape(-1, self.n)
+            y = self.targets[self.cursor:self.cursor + rows.shape[0]].double()
+            part = y.T @ rows.double()
+            self.cross = part if self.cross is None else self.cross + part
+            self.cursor += rows.shape[0]
+        self.hessian.add_batch(x)
+
+    def select(self, weight, n_keep, units=None):
+        from fang.methods.base import Selection, default_units
+        from fang.methods.obc import obc_prune_iterative
+
+        units = default_units(self.n, units)
+        hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
+        w = weight.detach()
+        if self.targets is not None:
+            w = module_target_weight(w, self.hessian.hessian, self.cross / self.hessian.n_tokens, hinv)
+        single = units.shape[1] == 1 and torch.equal(units[:, 0], torch.arange(self.n))
+        keep, new_w = obc_prune_iterative(w, hinv, units.shape[0] - n_keep, None if single else units)
+        return Selection(keep.cpu(), weight=new_w)
+
+
+@pytest.mark.parametrize("width,n_keep", [(1, 4), (2, 2), (2, 3)])
+def test_the_shared_pruner_is_the_pre_refactor_math_bit_for_bit(width, n_keep):
+    w, x, y = _layer(4, c=6)
+    units = None if width == 1 else torch.arange(6).reshape(-1, width)
+    new = SobpPruner(6, 0.01, "test", "cpu", targets=y.float())
+    old = _PreRefactorPruner(6, 0.01, "test", "cpu", targets=y.float())
+    for chunk in x.float().split(64):
+        new.add_batch(chunk)
+        old.add_batch(chunk)
+    a, b = new.select(w.float(), n_keep, units), old.select(w.float(), n_keep, units)
+    assert torch.equal(a.keep, b.keep) and torch.equal(a.weight, b.weight)
+
+
+def test_sobp_on_a_tiny_model_is_the_pre_refactor_method_bit_for_bit(calib, tmp_path, monkeypatch):
+    """The whole method with its pruners replaced by the inline pre-refactor ones (the same dense stream feeds
+    both): the pruned weights are equal, not close."""
+    from fang.methods import driver
+
+    class PreRefactor(Sobp):
+        def attention(self, ctx):
+            o_targets, self._mlp_targets = self._stream.targets(ctx)
+            return _PreRefactorPruner(ctx.layer.self_attn.o_proj.in_features, self.options.damp, "o", ctx.device,
+                                      o_targets)
+
+        def ffn(self, ctx):
+            targets, self._mlp_targets = self._mlp_targets, None
+            return _PreRefactorPruner(ctx.n_ffn, self.options.damp, "d", ctx.device, targets)
+
+    a, b = tiny_model(6, 3, layers=3), tiny_model(6, 3, layers=3)
+    cap = captured(a, calib, tmp_path)
+    _prune_sobp(a, cap, 0.4)
+    original = driver.method_class
+    monkeypatch.setattr(driver, "method_class", lambda name: PreRefactor if name == "sobp" else original(name))
+    _prune_sobp(b, cap, 0.4)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_dense_stream_gives_the_dense_models_module_outputs(calib):
+    """DenseStream's targets, block by block, are the o_proj / down_proj outputs of a full dense forward."""
+    from fang.methods.base import LayerContext
+    from fang.methods.dense_target import DenseStream
+
+    model = tiny_model(6, 3, layers=3)
+    layers = decoder_layers(model)
+    caught = {}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, key=(li, name): caught.setdefault(key, []).append(out))
+             for li, layer in enumerate(layers) for name, m in (("o", layer.self_attn.o_proj), ("d", layer.mlp.down_proj))]
+    with torch.no_grad():
+        for sl in (slice(0, 4), slice(4, 6)):
+            model(calib[sl])
+    for h in hooks:
+        h.remove()
+    stream = DenseStream(model, calib, 4, "test")
+    units = attention_units(model.config, "kv_group")
+    for li, layer in enumerate(layers):
+        ctx = LayerContext(li, layer, units, PruneOptions(), torch.device("cpu"), units.count, 64, {})
+        o, d = stream.targets(ctx)
+        torch.testing.assert_close(o, torch.cat(caught[(li, "o")]).reshape(-1, 48), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d, torch.cat(caught[(li, "d")]).reshape(-1, 48), rtol=1e-5, atol=1e-5)
+    assert stream._hidden is None  # released after the last block
+    with pytest.raises(FangError, match="in order"):
+        stream.targets(LayerContext(0, layers[0], units, PruneOptions(), torch.device("cpu"), 1, 1, {}))

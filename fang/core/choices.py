@@ -19,9 +19,9 @@ METHODS = tuple(REGISTRY)
 # f_fang/o_fang, the same sparsity in every block for the rest. Any choice works with any method
 # whose registry line does not fix its own allocation.
 ALLOCATIONS = ("auto", "uniform", "fc", "taylor", "flap_search")
-# Refits a method may offer (registry `compensations`): O-FANG's per functional group (paper, Eq. 7)
-# or over the whole layer (OBC)
-COMPENSATIONS = ("group", "layer")
+# Refits a method may offer (registry `compensations`): O-FANG's per functional group (paper, Eq. 7),
+# over the whole layer (OBC), or over the whole layer towards the dense model's output (ours, `dense_target`)
+COMPENSATIONS = ("group", "layer", "dense")
 
 
 @dataclass(frozen=True)

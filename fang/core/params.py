@@ -114,7 +114,7 @@ class PruneParams:
     function_aware: bool = True  # FANG: prune per functional group with reweighted statistics (FAP ablation when false)
     reweighting: str = "ours"  # FANG token-cluster weights: ours | uniform | reverse | only_matched (Table 6)
     allocation: str = "auto"  # keep counts per block: auto (each paper's own) | uniform | fc | taylor | flap_search
-    compensation: str = "group"  # O-FANG refit: group (paper's Eq. 7) | layer (group-wise selection, whole-layer OBC refit)
+    compensation: str = "group"  # O-FANG refit: group (paper's Eq. 7) | layer (group-wise selection, whole-layer OBC refit) | dense (ours: whole-layer refit to the dense model's output)
     align: int = 1  # every pruned block keeps a multiple of this many FFN neurons (8, 32, 64: fast kernels); 1 = any width
 
     def validate(self) -> None:

@@ -67,7 +67,7 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("f_fang", "f_fang:FFang", ("gqa", "batch_size", *_FANG_KEYS), _FANG_ARTIFACTS, allocation="asa",
                baseline="flap"),
     MethodSpec("o_fang", "o_fang:OFang", ("gqa", "batch_size", "damp", *_FANG_KEYS), _FANG_ARTIFACTS,
-               allocation="asa", compensations=("group", "layer"), baseline="obc"),
+               allocation="asa", compensations=("group", "layer", "dense"), baseline="obc"),
     MethodSpec("ica_fn", "ica_fn:IcaFaithful", ("batch_size",), ("ica",), allocation="ica_threshold",
                fixed_allocation=True, baseline="flap"),
     MethodSpec("ica_fn_ranked", "ica_fn:IcaRanked", ("gqa", "batch_size"), ("ica",), baseline="flap"),

@@ -93,8 +93,10 @@ class PruningMethod:
         self.name, self.options, self.inputs = name, options, inputs
 
     @classmethod
-    def load_inputs(cls, art: "CalibrationArtifacts", sparsity: float, params_path: str = "params.yaml") -> Any:
-        """Read the method's analysis artifacts for one calibration set (None: it reads none)."""
+    def load_inputs(cls, art: "CalibrationArtifacts", sparsity: float, params_path: str = "params.yaml",
+                    options: "PruneOptions | None" = None) -> Any:
+        """Read the method's analysis artifacts for one calibration set (None: it reads none). `options`, the
+        settings it will prune with, when what it reads depends on them (o_fang+dense: the token ids)."""
         return None
 
     def check(self, model: "nn.Module") -> None:

@@ -16,6 +16,12 @@ Per decoder block l (paper: "Function-Aware Pruning Strategy", Appendix Eq. 11, 
 4. `function_aware=False` keeps step 2's shared-group exemption but prunes the rest of the layer as
    one unit with plain statistics (the Table 5 rows without FAP).
 
+O-FANG's refit of the kept neurons (`prune.compensation`): `group` (the paper's, below), `layer` (the
+plain layer Hessian over all kept columns, OBC's), or `dense` (ours): as `layer`, but towards the dense
+model's down_proj output on the pruned inputs, and heads by one-shot OBC on o_proj's dense-target weight
+(`fang.methods.dense_target`, shared with SoBP's module-wise reconstruction). The neurons are the same
+group-wise choice in all three.
+
 Group-wise OBC compensation. The objective of Eq. 7 is a sum over groups, each term
 sum_j alpha_gj ||(W - W')_{:, G_g} X_{G_g, C_j}||^2 = tr((W - W')_{:, G_g} H_g (W - W')_{:, G_g}^T),
 which involves only that group's columns. So the optimum decouples: each group's removed columns
@@ -47,6 +53,7 @@ from ..core.paths import CalibrationArtifacts
 from ..core.progress import warn
 from ..model.modeling import decoder_layers
 from .base import LayerContext, PruningMethod, Selection, UnitPruner, select_top
+from .dense_target import CrossMoment, DenseStream, DenseTargetPruner, module_target_weight
 from .flap import bias_compensation, flap_pruner
 from .obc import HessianAccumulator, ObcPruner, inverse_hessian, obc_compensate, obc_prune
 from .stats import InputStats
@@ -72,6 +79,9 @@ class FangInputs:
     center_distances [L, k, k]: distances between cluster centres at down_proj's input (Eq. 6's D).
     neuron_groups [L, n_ffn] int: 0..k-1 = functional group of that token cluster, k = shared group.
     sparsity [L]: block sparsity from the allocation stage (heads and FFN use the same value).
+    token_ids [N, L] long, optional: the calibration token ids the driver prunes on (the capture's), read
+    only for O-FANG's dense-target refit (prune.compensation: dense), whose dense stream runs them in
+    batches of `batch_size` (prune.batch_size).
     """
 
     pca_mean: Tensor
@@ -80,6 +90,8 @@ class FangInputs:
     center_distances: Tensor
     neuron_groups: Tensor
     sparsity: Tensor
+    token_ids: Tensor | None = None
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
         for name in FIELDS:
@@ -88,6 +100,8 @@ class FangInputs:
             setattr(self, name, getattr(self, name).float())
         self.neuron_groups = self.neuron_groups.long()
         self.sparsity = self.sparsity.double().reshape(-1)
+        if self.token_ids is not None:
+            self.token_ids = _tensor(self.token_ids, "token_ids").long()
 
     @property
     def k(self) -> int:
@@ -143,6 +157,10 @@ class FangInputs:
         s = self.sparsity
         require(bool(torch.isfinite(s).all()) and bool(((s >= 0) & (s < 1)).all()),
                 f"FangInputs.sparsity must be in [0, 1) per layer, got {s.tolist()}")
+        if self.token_ids is not None:
+            t = self.token_ids
+            require(t.dim() == 2 and t.numel() > 0, f"FangInputs.token_ids must be [N, L], got {tuple(t.shape)}")
+            require(self.batch_size > 0, f"FangInputs.batch_size={self.batch_size} must be positive")
 
 
 def label_tokens(ffn_in: Tensor, inputs: FangInputs, layer: int) -> Tensor:
@@ -307,7 +325,14 @@ class GroupHessians:
 
 
 class FangLayerPruner:
-    """One block's function-aware FFN pruning with base method "flap" or "obc"."""
+    """One block's function-aware FFN pruning with base method "flap" or "obc".
+
+    OBC's refit of the kept neurons (`compensation`): "group", per functional group with its reweighted
+    Hessian (Eq. 7); "layer", every kept column against the plain layer Hessian (OBC's Eq. 10); "dense"
+    (ours), every kept column against the plain layer Hessian towards the *dense* model's down_proj output
+    `targets` ([T, out], the driver's token order, `dense_target`): obc_compensate(W*, H^-1, removed).
+    The neurons are chosen group-wise in all three.
+    """
 
     def __init__(
         self,
@@ -319,9 +344,14 @@ class FangLayerPruner:
         where: str = "layer",
         device: torch.device | str = "cpu",
         compensation: str = "group",
+        targets: Tensor | None = None,
     ) -> None:
         require(base in ("flap", "obc"), f"FANG base method must be 'flap' or 'obc', got {base!r}")
-        require(compensation in ("group", "layer"), f"compensation={compensation!r}: use 'group' or 'layer'")
+        require(compensation in ("group", "layer", "dense"),
+                f"compensation={compensation!r}: use 'group', 'layer' or 'dense'")
+        dense = base == "obc" and compensation == "dense"
+        require(not dense or targets is not None,
+                f"{where}: compensation=dense needs the dense model's down_proj outputs (targets)")
         self.base, self.k, self.damp, self.where = base, k, damp, where
         self.compensation = compensation
         self.groups = list(groups)
@@ -332,9 +362,11 @@ class FangLayerPruner:
         todo = [g for g in self.groups if g.n_remove > 0]
         self.hessians = GroupHessians(todo, device) if base == "obc" else None
         # compensation "layer": neurons are chosen group-wise (above), then every kept column of the
-        # layer is refit against the plain, unweighted Hessian of the whole layer (OBC's Eq. 10)
-        use_layer = base == "obc" and compensation == "layer" and bool(todo)
+        # layer is refit against the plain, unweighted Hessian of the whole layer (OBC's Eq. 10);
+        # "dense": the same refit towards the dense model's output, so even a block losing nothing is refit
+        use_layer = base == "obc" and ((compensation == "layer" and bool(todo)) or dense)
         self.layer_hessian = HessianAccumulator(self.n_channels, device) if use_layer else None
+        self.moment = CrossMoment(targets, where) if dense else None
         self.cluster_counts = torch.zeros(k, dtype=torch.long)
 
     def add_batch(self, x: Tensor, labels: Tensor) -> None:
@@ -345,6 +377,8 @@ class FangLayerPruner:
             self.hessians.add_batch(x, labels)
         if self.layer_hessian is not None:
             self.layer_hessian.add_batch(x)
+        if self.moment is not None:
+            self.moment.add_batch(x)
 
     def _group_has_tokens(self, g: FfnGroup) -> bool:
         return float(g.alpha @ self.cluster_counts.double()) > 0
@@ -402,9 +436,12 @@ class FangLayerPruner:
                 new_w[:, cols] = w_g.to(device=new_w.device, dtype=new_w.dtype)
             keep = torch.nonzero(~pruned).reshape(-1)
             if self.layer_hessian is not None:
-                hinv = inverse_hessian(self.layer_hessian.hessian, self.damp, f"{self.where} (layer compensation)")
+                h = self.layer_hessian.hessian
+                hinv = inverse_hessian(h, self.damp, f"{self.where} ({self.compensation} compensation)")
                 gone = torch.nonzero(pruned).reshape(-1)
-                new_w = obc_compensate(w, hinv, gone.to(hinv.device), self.where)
+                # dense: OBS on W* = argmin ||Y_dense - W X||^2 is the refit of the kept columns to Y_dense
+                target = w if self.moment is None else module_target_weight(w, h, self.moment.mean(), hinv)
+                new_w = obc_compensate(target, hinv, gone.to(hinv.device), self.where)
         ids = self.group_ids
         info = {
             "groups_removed": [int((pruned & (ids == g)).sum()) for g in range(self.k)],
@@ -422,8 +459,11 @@ class FangLayerPruner:
 # ---------------------------------------------------------------------------------------------- the methods
 
 
-def load_fang_inputs(art: CalibrationArtifacts, sparsity: float) -> FangInputs:
-    """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`."""
+def load_fang_inputs(art: CalibrationArtifacts, sparsity: float, token_ids: bool = False,
+                     batch_size: int = 8) -> FangInputs:
+    """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`.
+    `token_ids`: also the capture's calibration token ids (the dense-target refit's dense stream, run in
+    batches of `batch_size`)."""
     clusters = open_store(art.cluster, "cluster", "cluster")
     taylor = open_store(art.taylor, "taylor", "taylor")
     groups = open_store(art.groups, "groups", "group")
@@ -437,7 +477,15 @@ def load_fang_inputs(art: CalibrationArtifacts, sparsity: float) -> FangInputs:
         center_distances=taylor["center_distances"][:],
         neuron_groups=groups["neuron_groups"][:],
         sparsity=per_block,
+        token_ids=_capture_token_ids(art) if token_ids else None,
+        batch_size=batch_size,
     )
+
+
+def _capture_token_ids(art: CalibrationArtifacts) -> Tensor:
+    from ..analysis.capture import open_capture
+
+    return torch.from_numpy(open_capture(art.capture)["token_ids"][:].astype("int64"))
 
 
 def own_cluster_weight(alpha: torch.Tensor, cluster_counts: torch.Tensor) -> list[float]:
@@ -479,10 +527,21 @@ class FunctionAware(PruningMethod):
     def __init__(self, name: str, options, inputs: FangInputs | None = None) -> None:
         super().__init__(name, options, inputs)
         self._alpha: dict[int, Tensor] = {}
+        self._stream: DenseStream | None = None  # compensation dense: the dense model's stream, one block ahead
+        self._mlp_targets: Tensor | None = None
+
+    @property
+    def dense_refit(self) -> bool:
+        return self.options.compensation == "dense"
 
     @classmethod
-    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml") -> FangInputs:
-        return load_fang_inputs(art, sparsity)
+    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml",
+                    options=None) -> FangInputs:
+        if options is None or options.compensation != "dense":
+            return load_fang_inputs(art, sparsity)
+        from ..core.params import load_block
+
+        return load_fang_inputs(art, sparsity, token_ids=True, batch_size=load_block("prune", path=params_path).batch_size)
 
     def check(self, model: nn.Module) -> None:
         require(
@@ -494,6 +553,16 @@ class FunctionAware(PruningMethod):
         n_ffns = [layer.mlp.down_proj.in_features for layer in decoder_layers(model)]
         require(len(set(n_ffns)) == 1, "FANG needs a dense model: the FFN widths differ between layers")
         self.inputs.validate(len(n_ffns), model.config.hidden_size, n_ffns[0])
+        if self.dense_refit:
+            require(self.base == "obc", f"{self.name}+dense: the dense-target refit is for O-FANG's OBC refit only "
+                                        f"(use o_fang+dense; {self.name} compensates by FLAP's bias)")
+            ids = self.inputs.token_ids
+            require(ids is not None, f"{self.name}+dense needs the calibration token ids for its dense stream "
+                                     "(FangInputs.token_ids: `load_fang_inputs(..., token_ids=True)` reads the capture's)")
+            require(int(ids.max()) < model.config.vocab_size and int(ids.min()) >= 0,
+                    f"{self.name}+dense: calibration token ids span {int(ids.min())}..{int(ids.max())}, the model's "
+                    f"vocabulary has {model.config.vocab_size} entries")
+            self._stream = DenseStream(model, ids, self.inputs.batch_size, f"{self.name}+dense")
 
     def block_sparsity(self) -> list[float]:
         return self.inputs.sparsity
@@ -512,7 +581,12 @@ class FunctionAware(PruningMethod):
         n = ctx.layer.self_attn.o_proj.in_features
         if self.base == "flap":
             return flap_pruner(n, ctx.where("o_proj"))
-        return ObcPruner(n, self.options.damp, ctx.where("o_proj"), ctx.device)
+        heads = ObcPruner(n, self.options.damp, ctx.where("o_proj"), ctx.device)
+        if not self.dense_refit:
+            return heads
+        require(self._stream is not None, f"{self.name}+dense: check(model) must run before the blocks are pruned")
+        o_targets, self._mlp_targets = self._stream.targets(ctx)  # the block's dense outputs, before pruning it
+        return DenseTargetPruner(heads, o_targets)  # one-shot OBC on W*: heads chosen and refit towards the dense output
 
     def ffn(self, ctx: LayerContext) -> FangFfnPruner:
         o, li = self.options, ctx.index
@@ -520,8 +594,9 @@ class FunctionAware(PruningMethod):
         group_ids = self.inputs.neuron_groups[li]
         n_remove = ctx.n_ffn - ctx.keep_mlp
         groups = plan_groups(group_ids, self.inputs.k, alpha, n_remove, o.shared_group, o.function_aware)
+        targets, self._mlp_targets = self._mlp_targets, None
         inner = FangLayerPruner(self.base, groups, group_ids, self.inputs.k, o.damp, ctx.where("down_proj"), ctx.device,
-                                compensation=o.compensation)
+                                compensation=o.compensation, targets=targets)
         ctx.entry.update(ffn_removed_target=n_remove)
         self._alpha[li] = alpha  # for finish_layer's diagnostics
         return FangFfnPruner(inner, self.inputs, li)

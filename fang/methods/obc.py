@@ -309,16 +309,25 @@ class ObcPruner:
                  device: torch.device | str = "cpu", iterative: bool = False) -> None:
         self.n_channels, self.damp, self.where, self.iterative = n_channels, damp, where, iterative
         self.hessian = HessianAccumulator(n_channels, device)
+        self._hinv: Tensor | None = None
 
     def add_batch(self, x: Tensor) -> None:
+        self._hinv = None
         self.hessian.add_batch(x)
+
+    def inverse(self) -> Tensor:
+        """(H + damp * mean(diag H) * I)^-1 of the inputs streamed so far (`inverse_hessian`), computed once
+        for a wrapper that needs it too (`dense_target.DenseTargetPruner`)."""
+        if self._hinv is None:
+            self._hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
+        return self._hinv
 
     def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
         units = checked_units(weight, self.n_channels, n_keep, units, self.where)
         n_units = units.shape[0]
         if n_keep == n_units:  # nothing to remove: no Hessian to invert
             return Selection(torch.arange(n_units))
-        hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
+        hinv = self.inverse()
         single = units.shape[1] == 1 and torch.equal(units[:, 0], torch.arange(self.n_channels))
         prune_fn = obc_prune_iterative if self.iterative else obc_prune
         keep, new_w = prune_fn(weight.detach(), hinv, n_units - n_keep, None if single else units, where=self.where)

@@ -15,7 +15,8 @@ paper leaves open, or what could not be read here, is chosen and marked in docs/
 2. **Local greedy refinement** (`SobpPruner.select`): within each block, which units go is chosen again
    by greedy Optimal Brain Surgeon on the layer's Hessian (`obc.obc_prune_iterative`: remove the unit
    whose removal with optimal compensation costs least, update H^-1, rescore), at the count of step 1.
-3. **Module-wise reconstruction** (`module_target_weight`): the kept columns of o_proj / down_proj are
+3. **Module-wise reconstruction** (`dense_target.module_target_weight`, shared with O-FANG's
+   `prune.compensation: dense`): the kept columns of o_proj / down_proj are
    refit so the module reproduces the *dense* model's module output on the *pruned* model's inputs,
    min ||Y_dense - W'_K X_K||^2, instead of the layer's own output on those inputs (what OBC does).
    With W* = argmin ||Y_dense - W X||^2 over all columns, the cost splits exactly into
@@ -25,7 +26,8 @@ paper leaves open, or what could not be read here, is chosen and marked in docs/
    ridge solution shrunk towards the dense weight; with the dense model's own inputs C = W H and W* = W.
 
 The dense stream (the dense model's hidden states and module outputs over the calibration tokens) is
-run by the method itself, one block ahead of the driver's pruned stream, while each block is still dense.
+run by the method itself (`dense_target.DenseStream`), one block ahead of the driver's pruned stream, while
+each block is still dense.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from torch import Tensor, nn
 
 from ..analysis.taylor import loss_grad
 from ..core.errors import FangError, require
-from ..model.layerwise import BlockRunner, batch_slices, embed_tokens
+from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
-from .base import LayerContext, PruningMethod, Selection, checked_units
-from .obc import HessianAccumulator, inverse_hessian, obc_prune_iterative
+from .base import LayerContext, PruningMethod, Selection
+from .dense_target import DenseStream, DenseTargetPruner
+from .dense_target import module_target_weight  # noqa: F401  (its home before dense_target; imported from here)
+from .obc import ObcPruner
 from .plan import structure_search
 from .units import AttentionUnits
 
@@ -163,65 +167,15 @@ def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float
 # ------------------------------------------------------------------- steps 2 and 3: local greedy + module-wise
 
 
-def module_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, hinv: Tensor) -> Tensor:
-    """W* = W + (C - W H) H_damp^-1: the weight whose output on the pruned inputs best matches the dense
-    module output, min ||Y - W X||^2 + lambda ||W - W_dense||^2 (in H^-1's dtype).
-
-    `hessian` H = mean x x^T and `cross` C = mean y x^T over the same tokens (y: the dense module's output
-    for the token whose pruned-model input is x); `hinv` = (H + lambda I)^-1 (`obc.inverse_hessian`).
-    The residual C - W H is formed in float64: it is small where the streams agree, and float32 would
-    lose it to cancellation.
-    """
-    require(weight.dim() == 2 and cross.shape == weight.shape,
-            f"module_target_weight: weight {tuple(weight.shape)} and cross moment {tuple(cross.shape)} differ")
-    n = weight.shape[1]
-    require(hessian.shape == (n, n) and hinv.shape == (n, n),
-            f"module_target_weight: Hessian {tuple(hessian.shape)} / inverse {tuple(hinv.shape)} for {n} input columns")
-    w64 = weight.detach().to(device=hinv.device, dtype=torch.float64)
-    h64 = hessian.to(device=hinv.device, dtype=torch.float64)
-    resid = cross.to(device=hinv.device, dtype=torch.float64) - w64 @ h64
-    return (w64 + resid @ hinv.to(torch.float64)).to(hinv.dtype)
-
-
-class SobpPruner:
+class SobpPruner(DenseTargetPruner):
     """One Linear input (o_proj or down_proj) of one block: the Hessian of its pruned-stream inputs, their
     cross moment with the dense module outputs (`targets`, the driver's token order), then greedy OBS
-    (step 2) on the module-wise target weight (step 3)."""
+    (step 2, `ObcPruner(iterative=True)`) on the module-wise target weight (step 3,
+    `dense_target.DenseTargetPruner`). `targets` None: reconstruct the layer's own output (greedy OBC)."""
 
     def __init__(self, n_channels: int, damp: float, where: str, device: torch.device | str,
                  targets: Tensor | None = None) -> None:
-        self.n_channels, self.damp, self.where = n_channels, damp, where
-        self.hessian = HessianAccumulator(n_channels, device)
-        self.targets = targets  # [T, out] float32 host, or None: reconstruct the layer's own output (OBC)
-        self.cross: Tensor | None = None  # sum over tokens of y x^T, float64 [out, C]
-        self.cursor = 0
-
-    def add_batch(self, x: Tensor) -> None:
-        if self.targets is not None:
-            rows = x.detach().reshape(-1, self.n_channels)
-            end = self.cursor + rows.shape[0]
-            require(end <= self.targets.shape[0],
-                    f"{self.where}: the driver streamed more tokens than SoBP's dense stream holds "
-                    f"({self.targets.shape[0]}): the calibration token ids differ")
-            y = self.targets[self.cursor:end].to(device=rows.device, dtype=torch.float64)
-            part = y.T @ rows.double()
-            self.cross = part if self.cross is None else self.cross + part
-            self.cursor = end
-        self.hessian.add_batch(x)
-
-    def select(self, weight: Tensor, n_keep: int, units: Tensor | None = None) -> Selection:
-        units = checked_units(weight, self.n_channels, n_keep, units, self.where)
-        hinv = inverse_hessian(self.hessian.hessian, self.damp, self.where)
-        w = weight.detach()
-        if self.targets is not None:
-            require(self.cursor == self.targets.shape[0],
-                    f"{self.where}: the driver streamed {self.cursor} tokens, SoBP's dense stream holds "
-                    f"{self.targets.shape[0]}: the calibration token ids differ")
-            cross = self.cross / self.hessian.n_tokens  # the Hessian is the unweighted mean over the same tokens
-            w = module_target_weight(w, self.hessian.hessian, cross, hinv)
-        single = units.shape[1] == 1 and torch.equal(units[:, 0], torch.arange(self.n_channels))
-        keep, new_w = obc_prune_iterative(w, hinv, units.shape[0] - n_keep, None if single else units, where=self.where)
-        return Selection(keep.cpu(), weight=new_w)
+        super().__init__(ObcPruner(n_channels, damp, where, device, iterative=True), targets)
 
 
 @dataclass
@@ -252,14 +206,12 @@ class Sobp(PruningMethod):
 
     def __init__(self, name, options, inputs=None) -> None:
         super().__init__(name, options, inputs)
-        self._model: nn.Module | None = None
-        self._dense: Tensor | None = None  # the dense model's hidden states entering the next block [N, L, d]
-        self._next_layer = 0
+        self._stream: DenseStream | None = None  # the dense model's stream, one block ahead (step 3)
         self._mlp_targets: Tensor | None = None
         self.first_order: tuple[list[Tensor], list[Tensor]] | None = None  # step 1's scores, when it ran
 
     @classmethod
-    def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml") -> SobpInputs:
+    def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml", options=None) -> SobpInputs:
         from ..analysis.capture import open_capture
         from ..core.params import load_block
 
@@ -275,7 +227,8 @@ class Sobp(PruningMethod):
         require(int(self.inputs.token_ids.max()) < model.config.vocab_size,
                 f"sobp: calibration token ids reach {int(self.inputs.token_ids.max())}, the model's vocabulary has "
                 f"{model.config.vocab_size} entries")
-        self._model = model
+        if self.module_wise:
+            self._stream = DenseStream(model, self.inputs.token_ids, self.inputs.batch_size, "sobp")
 
     def plan(self, model: nn.Module, sparsity: float, units: AttentionUnits) -> tuple[list[int], list[int]] | None:
         layers = decoder_layers(model)
@@ -289,46 +242,11 @@ class Sobp(PruningMethod):
         return first_order_plan(*self.first_order, pool_sparsity(sparsity, blocks, pool), units.params,
                                 units.neuron_params)
 
-    # the dense stream, one block ahead of the driver's pruned one
-
-    def _dense_targets(self, ctx: LayerContext) -> tuple[Tensor, Tensor]:
-        """The dense block's o_proj and down_proj outputs over the calibration tokens ([T, d] each), run on
-        the dense model's own hidden states while the block is still dense; advances the dense stream."""
-        require(self._model is not None, "sobp: check(model) must run before the blocks are pruned")
-        require(ctx.index == self._next_layer, f"sobp: blocks must be pruned in order (got {ctx.index}, "
-                                               f"expected {self._next_layer})")
-        ids, bs = self.inputs.token_ids, self.inputs.batch_size
-        if self._dense is None:
-            self._dense = embed_tokens(self._model, ids, bs, ctx.device)
-        runner = BlockRunner(self._model, ctx.device)
-        d = self._model.config.hidden_size
-        n_tok = ids.numel()
-        outs = {"o": torch.empty(n_tok, d), "d": torch.empty(n_tok, d)}
-        at = {"o": 0, "d": 0}
-
-        def keep(name):
-            def hook(_m, _a, out):
-                rows = out.detach().reshape(-1, d).float().cpu()
-                outs[name][at[name]:at[name] + rows.shape[0]] = rows
-                at[name] += rows.shape[0]
-            return hook
-
-        attn, mlp = ctx.layer.self_attn, ctx.layer.mlp
-        hooks = [attn.o_proj.register_forward_hook(keep("o")), mlp.down_proj.register_forward_hook(keep("d"))]
-        try:
-            with torch.no_grad():
-                for sl in batch_slices(ids.shape[0], bs):
-                    self._dense[sl] = runner(ctx.layer, self._dense[sl]).float().cpu()
-        finally:
-            for h in hooks:
-                h.remove()
-        self._next_layer += 1
-        return outs["o"], outs["d"]
-
     def attention(self, ctx: LayerContext) -> SobpPruner:
         o_targets = None
         if self.module_wise:
-            o_targets, self._mlp_targets = self._dense_targets(ctx)
+            require(self._stream is not None, "sobp: check(model) must run before the blocks are pruned")
+            o_targets, self._mlp_targets = self._stream.targets(ctx)  # the block's dense outputs, before pruning it
         return SobpPruner(ctx.layer.self_attn.o_proj.in_features, self.options.damp, ctx.where("o_proj"), ctx.device,
                           o_targets)
 
@@ -341,5 +259,3 @@ class Sobp(PruningMethod):
             attn, mlp = self.first_order
             ctx.entry["first_order_loss_change"] = {"attention": round(float(attn[ctx.index].sum()), 8),
                                                     "ffn": round(float(mlp[ctx.index].sum()), 8)}
-        if self.module_wise and ctx.index == len(decoder_layers(self._model)) - 1:
-            self._dense = None  # the dense stream is no longer needed

@@ -119,7 +119,7 @@ class PruneOptions:
     # None = `sparsity` in every block, or for FANG its own FangInputs.sparsity
     block_sparsity: Sequence[float] | None = None
     allocation: str = "auto"  # how keep counts per block are chosen (ALLOCATIONS); "flap_search" = FLAP's AL-AM
-    compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7) or from the whole layer's kept columns
+    compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7), from the whole layer's kept columns, or those towards the dense output
     align: int = 1  # every pruned block keeps a multiple of this many FFN neurons (plan.align_widths); 1 = any width
 
     @classmethod
