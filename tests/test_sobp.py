@@ -259,16 +259,11 @@ def test_sobp_reconstructs_better_than_magnitude_on_the_calibration_data(calib, 
 
 def test_without_module_wise_targets_sobp_is_greedy_obc(calib, tmp_path, monkeypatch):
     """Step 3 switched off and the same allocation: the greedy OBS of step 2 is obc_iter's, weight for weight."""
-    from fang.methods import driver
-
-    class NoTargets(Sobp):
-        module_wise = False
-
-    original = driver.method_class
-    monkeypatch.setattr(driver, "method_class", lambda name: NoTargets if name == "sobp" else original(name))
     a, b = tiny_model(6, 3, layers=3), tiny_model(6, 3, layers=3)
     cap = captured(a, calib, tmp_path / "a")
-    prune_model(a, cap, "sobp", 0.3, "kv_group", batch_size=4, options=PruneOptions(allocation="uniform"),
+    # sobp+layer: step 3 off through prune.compensation
+    prune_model(a, cap, "sobp", 0.3, "kv_group", batch_size=4,
+                options=PruneOptions(allocation="uniform", compensation="layer"),
                 inputs=SobpInputs(_token_ids(cap), 4))
     prune_model(b, captured(b, calib, tmp_path / "b"), "obc_iter", 0.3, "kv_group", batch_size=4,
                 options=PruneOptions(allocation="uniform"))

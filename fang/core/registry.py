@@ -72,7 +72,9 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                fixed_allocation=True, baseline="flap"),
     MethodSpec("ica_fn_ranked", "ica_fn:IcaRanked", ("gqa", "batch_size"), ("ica",), baseline="flap"),
     # SoBP (Wei et al., EMNLP 2024): its `auto` allocation is its own global first-order ranking
-    MethodSpec("sobp", "sobp:Sobp", ("gqa", "batch_size", "damp"), allocation="first_order", baseline="obc"),
+    # compensation: its default is step 3 (module-wise, to the dense outputs); sobp+layer refits to each layer's own
+    MethodSpec("sobp", "sobp:Sobp", ("gqa", "batch_size", "damp"), allocation="first_order",
+               compensations=("group", "layer"), baseline="obc"),
     MethodSpec("gprune", "gprune:GPrune", ("gqa", "batch_size"), ("gprune",),
                params=("gprune.module_gamma", "gprune.max_sparsity"), baseline="wanda_sp"),
 )}

@@ -201,8 +201,12 @@ class Sobp(PruningMethod):
     """SoBP on heads (or GQA units, prune.gqa) and FFN neurons: first-order global allocation (its `auto`),
     greedy OBS within each block, module-wise reconstruction against the dense model's module outputs."""
 
-    # False: reconstruct each layer's own output on its pruned inputs (OBC's target), for the ablation
-    module_wise: bool = True
+    @property
+    def module_wise(self) -> bool:
+        """Step 3 on (the default compensation): refit to the dense model's module outputs. `sobp+layer` turns it
+        off, each layer refit to its own output on its pruned inputs (OBC's target): the ablation that
+        separates step 3 from the first-order allocation and the greedy selection."""
+        return self.options.compensation != "layer"
 
     def __init__(self, name, options, inputs=None) -> None:
         super().__init__(name, options, inputs)
