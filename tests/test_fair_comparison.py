@@ -28,7 +28,7 @@ def test_parse_variant_and_defaults():
         parse_variant("obc+fastest")
     with pytest.raises(FangError, match="unknown method"):
         parse_variant("sparsegpt+fc")
-    with pytest.raises(FangError, match="o_fang only"):
+    with pytest.raises(FangError, match="applies to o_fang, sobp only"):
         parse_variant("obc+layer")
 
 

@@ -80,7 +80,7 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
                 f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "
                 f"nor a compensation ({', '.join(COMPENSATIONS)})"
             )
-    offered = [n for n, s in REGISTRY.items() if s.compensations]
+    offered = [n for n, s in REGISTRY.items() if compensation in s.compensations]  # who offers this refit
     require(
         compensation == "group" or compensation in m.compensations,
         f"{spec!r}: compensation {compensation!r} applies to {', '.join(offered)} only "
