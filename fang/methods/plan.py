@@ -109,15 +109,17 @@ def structure_search(
 
     order = torch.sort(pooled, descending=True, stable=True).indices
     if floors_in_budget and float(sparsity) > 0.0:
-        return _search_with_floors(order, cost, layer_of, is_attn, n_layers, float(sparsity),
-                                   min_attn_units, min_neurons)
-    cum = torch.cumsum(cost[order], 0).to(torch.float64)
-    target = (1.0 - float(sparsity)) * float(cum[-1])
-    n_take = int(torch.argmin((cum - target).abs()))  # FLAP: the threshold unit itself is not kept
-    if float(sparsity) == 0.0:
-        n_take = pooled.numel()
+        kept = _kept_with_floors(order, cost, layer_of, is_attn, n_layers, float(sparsity), min_attn_units,
+                                 min_neurons)
+    else:
+        cum = torch.cumsum(cost[order], 0).to(torch.float64)
+        target = (1.0 - float(sparsity)) * float(cum[-1])
+        n_take = int(torch.argmin((cum - target).abs()))  # FLAP: the threshold unit itself is not kept
+        if float(sparsity) == 0.0:
+            n_take = pooled.numel()
+        kept = order[:n_take]
 
-    kept = order[:n_take]
+    # per layer, with the floors (already among `kept` when they were charged to the budget)
     attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
     mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
     attn_counts = [max(int(attn_keep[i]), min(min_attn_units, attn[i].numel())) for i in range(n_layers)]
@@ -125,11 +127,11 @@ def structure_search(
     return attn_counts, mlp_counts
 
 
-def _search_with_floors(order: Tensor, cost: Tensor, layer_of: Tensor, is_attn: Tensor, n_layers: int,
-                        sparsity: float, min_attn_units: int, min_neurons: int) -> tuple[list[int], list[int]]:
-    """`structure_search` with the floors charged to the budget: each layer's best `min_attn_units` units
-    and `min_neurons` neurons (by the pool's ranking `order`) are kept first, then the rest of the ranking
-    is taken while it brings the kept cost closer to (1 - sparsity) of the total."""
+def _kept_with_floors(order: Tensor, cost: Tensor, layer_of: Tensor, is_attn: Tensor, n_layers: int,
+                      sparsity: float, min_attn_units: int, min_neurons: int) -> Tensor:
+    """The pool units `structure_search` keeps with the floors charged to the budget: each layer's best
+    `min_attn_units` units and `min_neurons` neurons (by the pool's ranking `order`) first, then the rest of
+    the ranking while it brings the kept cost closer to (1 - sparsity) of the total."""
     rank_attn, rank_mlp = layer_of[order], is_attn[order]
     floor = torch.zeros(order.numel(), dtype=torch.bool)  # by rank position
     for attn_kind, minimum in ((True, min_attn_units), (False, min_neurons)):
@@ -142,10 +144,7 @@ def _search_with_floors(order: Tensor, cost: Tensor, layer_of: Tensor, is_attn: 
     rest = torch.nonzero(~floor).reshape(-1)
     kept_cost = committed + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ranked_cost[rest], 0)])
     n_rest = int(torch.argmin((kept_cost - target).abs()))  # ties: the smaller count (argmin's first)
-    kept = order[torch.cat([torch.nonzero(floor).reshape(-1), rest[:n_rest]])]
-    attn_keep = torch.bincount(layer_of[kept[is_attn[kept]]], minlength=n_layers)
-    mlp_keep = torch.bincount(layer_of[kept[~is_attn[kept]]], minlength=n_layers)
-    return [int(k) for k in attn_keep], [int(k) for k in mlp_keep]
+    return order[torch.cat([torch.nonzero(floor).reshape(-1), rest[:n_rest]])]
 
 
 def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list[float]:
