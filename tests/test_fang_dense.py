@@ -221,7 +221,7 @@ def test_cross_moment_checks_the_token_count():
 
 def test_token_ids_are_loaded_only_for_the_dense_refit(calib, tmp_path, monkeypatch):
     """`FunctionAware.load_inputs` asks for the capture's token ids (and the prune batch size) only when the run's
-    compensation is dense; `_capture_token_ids` reads them from the capture."""
+    compensation is dense; `dense_target.capture_token_ids` reads them from the capture."""
     calls = []
     monkeypatch.setattr(function_aware, "load_fang_inputs", lambda art, s, **kw: calls.append(kw) or kw)
     params = tmp_path / "params.yaml"
@@ -235,10 +235,9 @@ def test_token_ids_are_loaded_only_for_the_dense_refit(calib, tmp_path, monkeypa
     cap_dir = tmp_path / "c"
     captured(model, calib, cap_dir)
 
-    class Art:
-        capture = cap_dir / "cap.zarr"
+    from fang.methods.dense_target import capture_token_ids
 
-    assert torch.equal(function_aware._capture_token_ids(Art()), calib)
+    assert torch.equal(capture_token_ids(cap_dir / "cap.zarr"), calib)
 
 
 def test_the_prune_stage_runs_o_fang_dense_from_the_pipelines_artifacts(tmp_path, monkeypatch):

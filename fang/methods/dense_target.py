@@ -22,6 +22,8 @@ hidden states plus one block's o_proj and down_proj targets, 3 x N x L x d float
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,21 @@ def module_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, hinv: T
     h64 = hessian.to(device=hinv.device, dtype=torch.float64)
     resid = cross.to(device=hinv.device, dtype=torch.float64) - w64 @ h64
     return (w64 + resid @ hinv.to(torch.float64)).to(hinv.dtype)
+
+
+def capture_token_ids(capture: str | Path) -> Tensor:
+    """The calibration token ids the driver prunes on, [N, L] long, read from the capture store: what a dense
+    stream (and SoBP's first-order pass) runs."""
+    from ..analysis.capture import open_capture
+
+    return torch.from_numpy(open_capture(capture)["token_ids"][:].astype("int64"))
+
+
+def check_token_ids(token_ids: Tensor, vocab_size: int, who: str) -> None:
+    """One line naming `who` when calibration token ids fall outside the model's vocabulary."""
+    lo, hi = int(token_ids.min()), int(token_ids.max())
+    require(lo >= 0 and hi < vocab_size, f"{who}: calibration token ids span {lo}..{hi}, the model's vocabulary has "
+                                         f"{vocab_size} entries")
 
 
 class CrossMoment:

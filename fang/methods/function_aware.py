@@ -53,7 +53,7 @@ from ..core.paths import CalibrationArtifacts
 from ..core.progress import warn
 from ..model.modeling import decoder_layers
 from .base import LayerContext, PruningMethod, Selection, UnitPruner, select_top
-from .dense_target import CrossMoment, DenseStream, DenseTargetPruner, module_target_weight
+from .dense_target import CrossMoment, DenseStream, DenseTargetPruner, capture_token_ids, check_token_ids, module_target_weight
 from .flap import bias_compensation, flap_pruner
 from .obc import HessianAccumulator, ObcPruner, inverse_hessian, obc_compensate, obc_prune
 from .stats import InputStats
@@ -477,15 +477,9 @@ def load_fang_inputs(art: CalibrationArtifacts, sparsity: float, token_ids: bool
         center_distances=taylor["center_distances"][:],
         neuron_groups=groups["neuron_groups"][:],
         sparsity=per_block,
-        token_ids=_capture_token_ids(art) if token_ids else None,
+        token_ids=capture_token_ids(art.capture) if token_ids else None,
         batch_size=batch_size,
     )
-
-
-def _capture_token_ids(art: CalibrationArtifacts) -> Tensor:
-    from ..analysis.capture import open_capture
-
-    return torch.from_numpy(open_capture(art.capture)["token_ids"][:].astype("int64"))
 
 
 def own_cluster_weight(alpha: torch.Tensor, cluster_counts: torch.Tensor) -> list[float]:
@@ -559,9 +553,7 @@ class FunctionAware(PruningMethod):
             ids = self.inputs.token_ids
             require(ids is not None, f"{self.name}+dense needs the calibration token ids for its dense stream "
                                      "(FangInputs.token_ids: `load_fang_inputs(..., token_ids=True)` reads the capture's)")
-            require(int(ids.max()) < model.config.vocab_size and int(ids.min()) >= 0,
-                    f"{self.name}+dense: calibration token ids span {int(ids.min())}..{int(ids.max())}, the model's "
-                    f"vocabulary has {model.config.vocab_size} entries")
+            check_token_ids(ids, model.config.vocab_size, f"{self.name}+dense")
             self._stream = DenseStream(model, ids, self.inputs.batch_size, f"{self.name}+dense")
 
     def block_sparsity(self) -> list[float]:

@@ -42,7 +42,7 @@ from ..core.errors import FangError, require
 from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
 from .base import LayerContext, PruningMethod, Selection
-from .dense_target import DenseStream, DenseTargetPruner
+from .dense_target import DenseStream, DenseTargetPruner, capture_token_ids, check_token_ids
 from .dense_target import module_target_weight  # noqa: F401  (its home before dense_target; imported from here)
 from .obc import ObcPruner
 from .plan import structure_search
@@ -216,21 +216,16 @@ class Sobp(PruningMethod):
 
     @classmethod
     def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml", options=None) -> SobpInputs:
-        from ..analysis.capture import open_capture
         from ..core.params import load_block
 
-        cap = open_capture(art.capture)
-        return SobpInputs(torch.from_numpy(cap["token_ids"][:].astype("int64")),
-                          load_block("prune", path=params_path).batch_size)
+        return SobpInputs(capture_token_ids(art.capture), load_block("prune", path=params_path).batch_size)
 
     def check(self, model: nn.Module) -> None:
         require(isinstance(self.inputs, SobpInputs),
                 "prune.method=sobp needs the calibration token ids "
                 "(SobpInputs: `Sobp.load_inputs` reads the capture's)")
         self.inputs.validate()
-        require(int(self.inputs.token_ids.max()) < model.config.vocab_size,
-                f"sobp: calibration token ids reach {int(self.inputs.token_ids.max())}, the model's vocabulary has "
-                f"{model.config.vocab_size} entries")
+        check_token_ids(self.inputs.token_ids, model.config.vocab_size, "sobp")
         if self.module_wise:
             self._stream = DenseStream(model, self.inputs.token_ids, self.inputs.batch_size, "sobp")
 
