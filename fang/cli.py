@@ -123,8 +123,8 @@ def prune(
     method: Optional[str] = typer.Option(
         None,
         help=f"override prune.method ({', '.join(REGISTRY)}); a variant "
-        "'method+allocation+compensation' also sets prune.allocation (uniform, fc, taylor, flap_search) and "
-        "prune.compensation (group, layer, dense), e.g. obc+fc, flap+uniform, o_fang+layer",
+        "'method+allocation+compensation' also sets prune.allocation (uniform, fc, taylor, flap_search; sobp also "
+        "first_order_split) and prune.compensation (group, layer, dense), e.g. obc+fc, flap+uniform, o_fang+layer",
     ),
     sparsity: Optional[float] = typer.Option(None, help="override prune.sparsity, in [0, 1)"),
     out: Optional[str] = typer.Option(None, help="output directory (default artifacts/pruned)"),

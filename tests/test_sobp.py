@@ -12,10 +12,11 @@ from conftest import assert_reloads_identically, captured, tiny_model
 from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
 from fang.methods.obc import inverse_hessian
-from fang.methods.plan import structure_search
+from fang.core.choices import parse_variant
+from fang.methods.plan import global_top_k, param_matched_structure, structure_search
 from fang.methods.sobp import (
-    Sobp, SobpInputs, SobpPruner, first_order_plan, first_order_scores, mask_gradient, module_target_weight,
-    pool_sparsity,
+    Sobp, SobpInputs, SobpPruner, first_order_plan, first_order_scores, first_order_split_plan, mask_gradient,
+    module_target_weight, pool_sparsity,
 )
 from fang.methods.units import attention_units
 from fang.model.modeling import decoder_layers
@@ -213,6 +214,35 @@ def test_pruner_refuses_a_token_stream_that_does_not_match_its_targets():
         short.select(w.float(), 4)
 
 
+def test_global_top_k_ranks_across_layers_with_a_floor_per_layer():
+    scores = [torch.tensor([9.0, 8.0, 7.0]), torch.tensor([0.1, 0.2]), torch.tensor([6.0, 5.0, 0.3])]
+    # floors: 9 (layer 0), 0.2 (layer 1), 6 (layer 2); then the best of the rest: 8, 7, 5
+    assert global_top_k(scores, 6) == [3, 1, 2]
+    assert global_top_k(scores, 3) == [1, 1, 1]  # only the floors
+    assert global_top_k(scores, 8) == [3, 2, 3]  # everything
+    with pytest.raises(FangError, match="keep 2 of 8"):
+        global_top_k(scores, 2)  # below the floors: one line, not a silent over-keep
+
+
+def test_first_order_split_plan_keeps_the_param_matched_totals_and_moves_units_by_score():
+    attn = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0]), torch.tensor([0.5, 0.6, 0.7])]
+    mlp = [torch.arange(8.0), torch.arange(8.0) + 100, torch.arange(8.0) + 50]
+    unit, neuron, blocks = 40, 3, [3 * 40 + 8 * 3 + 4] * 3
+    keep_attn, keep_mlp = first_order_split_plan(attn, mlp, 0.4, unit, neuron, blocks)
+    ref_attn, ref_mlp = param_matched_structure([3] * 3, [8] * 3, 0.4, unit, neuron, blocks)
+    assert sum(keep_attn) == sum(ref_attn) and sum(keep_mlp) == sum(ref_mlp)  # the same budget per kind
+    assert keep_attn[1] == 3 and keep_attn[2] == 1  # the high-loss-change block keeps its units
+    # 40% of a 148-parameter block is one unit (40) and 6 neurons (18): 6 neurons kept in all, one per block
+    # (the floors), the other 3 where the scores are highest (block 1's)
+    assert keep_mlp == [1, 4, 1]
+
+
+def test_first_order_split_is_a_sobp_allocation_only():
+    assert parse_variant("sobp+first_order_split+layer").allocation == "first_order_split"
+    with pytest.raises(FangError, match="neither an allocation of obc"):
+        parse_variant("obc+first_order_split")
+
+
 # ------------------------------------------------------------------------------------------ method
 
 
@@ -234,6 +264,19 @@ def test_sobp_takes_the_shared_allocations(calib, tmp_path):
     report = _prune_sobp(model, cap, 0.3, allocation="uniform")
     assert report.options["allocation"] == "uniform"
     assert {e["ffn"] for e in report.layers} == {report.layers[0]["ffn"]}  # the same count in every block
+
+
+def test_sobp_first_order_split_hits_the_sparsity_without_emptying_attention(calib, tmp_path):
+    model = tiny_model(6, 3, layers=3)
+    cap = captured(model, calib, tmp_path)
+    report = _prune_sobp(model, cap, 0.4, allocation="first_order_split", compensation="layer")
+    unit = attention_units(model.config, "kv_group").unit_fraction(report.dense_block_params)
+    assert abs(report.achieved_sparsity - 0.4) <= unit
+    assert report.options["allocation"] == "first_order_split"
+    # the parameter-matched split removes round(40% of 3) = 1 of each block's 3 KV groups: 6 kept in all,
+    # placed by the first-order ranking, every block keeping at least one
+    kept = [e["kv_heads"] for e in report.layers]
+    assert sum(kept) == 6 and min(kept) >= 1
 
 
 def _final_hidden(model, ids):

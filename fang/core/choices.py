@@ -19,6 +19,14 @@ METHODS = tuple(REGISTRY)
 # f_fang/o_fang, the same sparsity in every block for the rest. Any choice works with any method
 # whose registry line does not fix its own allocation.
 ALLOCATIONS = ("auto", "uniform", "fc", "taylor", "flap_search")
+# ... plus those one method computes itself (its registry line's `own_allocations`, e.g. sobp's first_order_split)
+OWN_ALLOCATIONS = tuple(dict.fromkeys(a for s in REGISTRY.values() for a in s.own_allocations))
+
+
+def allocations_for(method: str) -> tuple[str, ...]:
+    """The prune.allocation values `method` accepts: the shared ones and its own."""
+    return ALLOCATIONS + method_spec(method).own_allocations
+
 # Refits a method may offer (registry `compensations`): O-FANG's per functional group (paper, Eq. 7),
 # over the whole layer (OBC), or over the whole layer towards the dense model's output (ours, `dense_target`)
 COMPENSATIONS = ("group", "layer", "dense")
@@ -63,7 +71,7 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
         allocation = "auto"  # prune.allocation does not apply to a method that chooses its keep counts itself
     named_allocation = named_compensation = None
     for part in rest:
-        if part in ALLOCATIONS:
+        if part in allocations_for(method):
             require(named_allocation is None, f"{spec!r} names two allocations ({named_allocation}, {part}): "
                                               "give at most one, as method[+allocation][+compensation]")
             require(named_compensation is None, f"{spec!r}: the allocation {part!r} comes after the compensation "
@@ -77,7 +85,7 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
             compensation = named_compensation = part
         else:
             raise FangError(
-                f"{spec!r}: {part!r} is neither an allocation ({', '.join(ALLOCATIONS)}) "
+                f"{spec!r}: {part!r} is neither an allocation of {method} ({', '.join(allocations_for(method))}) "
                 f"nor a compensation ({', '.join(COMPENSATIONS)})"
             )
     offered = [n for n, s in REGISTRY.items() if compensation in s.compensations]  # who offers this refit
@@ -92,8 +100,9 @@ def parse_variant(spec: str, allocation: str = "auto", compensation: str = "grou
 def resolve_allocation(method: str, allocation: str) -> str:
     """The concrete allocation `auto` stands for with `method` (its registry line: FANG's is its
     allocate.mode, "asa"; flap's its global search, "flap_search")."""
-    require(allocation in ALLOCATIONS, f"prune.allocation={allocation!r}: use one of {', '.join(ALLOCATIONS)}")
     m = method_spec(method)
+    require(allocation in allocations_for(method),
+            f"prune.allocation={allocation!r}: {method} takes one of {', '.join(allocations_for(method))}")
     require(not m.fixed_allocation or allocation == "auto",
             f"prune.allocation={allocation!r}: {method} chooses its keep counts itself ({m.allocation})")
     return m.allocation if allocation == "auto" else allocation

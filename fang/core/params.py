@@ -131,10 +131,11 @@ class PruneParams:
         require(self.damp >= 0, f"prune.damp={self.damp} must be >= 0")
         require(self.reweighting in ("ours", "uniform", "reverse", "only_matched"),
                 f"prune.reweighting={self.reweighting!r}: use ours, uniform, reverse or only_matched")
-        from .choices import ALLOCATIONS, COMPENSATIONS
+        from .choices import COMPENSATIONS, allocations_for
 
-        require(self.allocation in ALLOCATIONS,
-                f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}")
+        require(self.allocation in allocations_for(self.method),
+                f"prune.allocation={self.allocation!r}: {self.method} takes one of "
+                f"{', '.join(allocations_for(self.method))}")
         require(self.compensation in COMPENSATIONS,
                 f"prune.compensation={self.compensation!r}: use one of {', '.join(COMPENSATIONS)}")
         check_align(self.align)

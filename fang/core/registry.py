@@ -35,6 +35,8 @@ class MethodSpec:
     allocation: what prune.allocation `auto` means for it: one of fang.core.choices.ALLOCATIONS, or a name of
       its own ("asa": FANG's allocated block sparsity; "ica_threshold": one global ICA threshold).
     fixed_allocation: it chooses its keep counts itself and accepts no other allocation.
+    own_allocations: further allocations of its own a variant may name (`method+name`), besides the shared
+      ones (fang.core.choices.ALLOCATIONS); the method's `plan` computes them.
     compensations: the choices of refit prune.compensation offers it (first = default); () = one refit.
     baseline: the method the report pairs it with (same heads, compensation and allocation family).
     """
@@ -46,6 +48,7 @@ class MethodSpec:
     params: tuple[str, ...] = ()
     allocation: str = "uniform"
     fixed_allocation: bool = False
+    own_allocations: tuple[str, ...] = ()
     compensations: tuple[str, ...] = ()
     baseline: str | None = None
 
@@ -72,9 +75,10 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                fixed_allocation=True, baseline="flap"),
     MethodSpec("ica_fn_ranked", "ica_fn:IcaRanked", ("gqa", "batch_size"), ("ica",), baseline="flap"),
     # SoBP (Wei et al., EMNLP 2024): its `auto` allocation is its own global first-order ranking
+    # (sobp+first_order_split: the same ranking, pooled per module type, docs/methods.md "SoBP");
     # compensation: its default is step 3 (module-wise, to the dense outputs); sobp+layer refits to each layer's own
     MethodSpec("sobp", "sobp:Sobp", ("gqa", "batch_size", "damp"), allocation="first_order",
-               compensations=("group", "layer"), baseline="obc"),
+               own_allocations=("first_order_split",), compensations=("group", "layer"), baseline="obc"),
     MethodSpec("gprune", "gprune:GPrune", ("gqa", "batch_size"), ("gprune",),
                params=("gprune.module_gamma", "gprune.max_sparsity"), baseline="wanda_sp"),
 )}

@@ -147,6 +147,33 @@ def _kept_with_floors(order: Tensor, cost: Tensor, layer_of: Tensor, is_attn: Te
     return order[torch.cat([torch.nonzero(floor).reshape(-1), rest[:n_rest]])]
 
 
+def global_top_k(scores: list[Tensor], keep_total: int, floor: int = 1) -> list[int]:
+    """Keep counts per layer from one pool of equal-cost units ranked across layers: every layer's best `floor`
+    units first, then the best of the rest, until `keep_total` are kept (ties broken by layer order, then unit).
+
+    The per-module half of a global ranking: with one pool per unit kind (attention units, FFN neurons), the
+    totals fix how much of each kind goes and the scores only decide *where*.
+    """
+    require(len(scores) > 0, "global_top_k: no layers given")
+    require(floor >= 1, "global_top_k: the floor must be >= 1 to keep layers runnable")
+    sizes = [int(s.numel()) for s in scores]
+    floors = [min(floor, n) for n in sizes]
+    require(sum(floors) <= keep_total <= sum(sizes),
+            f"global_top_k: keep {keep_total} of {sum(sizes)} units with {sum(floors)} held by the floors")
+    for i, s in enumerate(scores):
+        require(s.numel() > 0, f"global_top_k: layer {i} has no units")
+        require(bool(torch.isfinite(s).all()), f"global_top_k: layer {i} scores are not finite")
+    ranked = [torch.sort(s.detach().reshape(-1).to(torch.float64).cpu(), descending=True, stable=True).values
+              for s in scores]
+    counts = list(floors)
+    rest = torch.cat([r[f:] for r, f in zip(ranked, floors)])
+    layer_of = torch.cat([torch.full((n - f,), i, dtype=torch.int64) for i, (n, f) in enumerate(zip(sizes, floors))])
+    order = torch.sort(rest, descending=True, stable=True).indices[: keep_total - sum(floors)]
+    for i, extra in enumerate(torch.bincount(layer_of[order], minlength=len(scores)).tolist()):
+        counts[i] += extra
+    return counts
+
+
 def _per_layer(value: float | Sequence[float], n_layers: int, name: str) -> list[float]:
     if isinstance(value, (int, float)):
         values = [float(value)] * n_layers

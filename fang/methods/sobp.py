@@ -45,7 +45,7 @@ from .base import LayerContext, PruningMethod, Selection
 from .dense_target import DenseStream, DenseTargetPruner, capture_token_ids, check_token_ids
 from .dense_target import module_target_weight  # noqa: F401  (its home before dense_target; imported from here)
 from .obc import ObcPruner
-from .plan import structure_search
+from .plan import global_top_k, param_matched_structure, structure_search
 from .units import AttentionUnits
 
 
@@ -152,6 +152,26 @@ def first_order_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsi
                             sparsity, attn_unit_params, neuron_params, floors_in_budget=True)
 
 
+def first_order_split_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float,
+                           attn_unit_params: int, neuron_params: int, block_params: list[int]) -> tuple[list[int], list[int]]:
+    """Keep counts per block from the same first-order scores pooled per module type (`sobp+first_order_split`).
+
+    How many attention units and how many neurons go *in all* is the parameter-matched split every other row
+    uses (`plan.param_matched_structure` at `sparsity` in every block, summed); *where* they go is SoBP's
+    global first-order ranking, one pool of attention units and one of neurons across all blocks
+    (`plan.global_top_k`, every block keeps at least one of each). The joint pool (`first_order_plan`) ranks
+    a whole attention unit by its loss change per parameter against single neurons and so empties most
+    blocks' attention on SmolLM2-135M; this reading keeps SoBP's global, cross-layer selection without
+    letting the per-parameter exchange rate decide the attention/FFN split.
+    """
+    n_layers = len(attn_scores)
+    require(len(mlp_scores) == n_layers and len(block_params) == n_layers,
+            f"first_order_split_plan: {n_layers} attention, {len(mlp_scores)} FFN and {len(block_params)} block sizes")
+    keep_attn, keep_mlp = param_matched_structure([s.numel() for s in attn_scores], [s.numel() for s in mlp_scores],
+                                                  sparsity, attn_unit_params, neuron_params, block_params)
+    return global_top_k(attn_scores, sum(keep_attn)), global_top_k(mlp_scores, sum(keep_mlp))
+
+
 def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float:
     """The fraction of the prunable pool (attention units and neurons) to remove so that `sparsity` of the
     blocks' parameters goes: the pool leaves out the norms and, with query slots (prune.gqa), the K and V
@@ -235,9 +255,12 @@ class Sobp(PruningMethod):
             return [units.count] * len(layers), [layer.mlp.down_proj.in_features for layer in layers]
         self.first_order = first_order_scores(model, self.inputs.token_ids, units.unit_columns(),
                                               self.inputs.batch_size, _execution_device(model))
+        block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        if self.options.allocation == "first_order_split":
+            return first_order_split_plan(*self.first_order, sparsity, units.params, units.neuron_params, block_params)
         pool = sum(units.count * units.params + layer.mlp.down_proj.in_features * units.neuron_params
                    for layer in layers)
-        blocks = sum(p.numel() for layer in layers for p in layer.parameters())
+        blocks = sum(block_params)
         return first_order_plan(*self.first_order, pool_sparsity(sparsity, blocks, pool), units.params,
                                 units.neuron_params)
 

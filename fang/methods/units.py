@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..analysis.cluster import RELEVANCE_MODES
-from ..core.choices import ALLOCATIONS, COMPENSATIONS
+from ..core.choices import ALLOCATIONS, COMPENSATIONS, OWN_ALLOCATIONS
 from ..core.errors import require
 from ..core.params import check_align
 from ..model.modeling import attention_geometry
@@ -146,8 +146,8 @@ class PruneOptions:
             f"prune.reweighting={self.reweighting!r}: use one of {', '.join(RELEVANCE_MODES)}",
         )
         require(
-            self.allocation in ALLOCATIONS,
-            f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS)}",
+            self.allocation in ALLOCATIONS + OWN_ALLOCATIONS,
+            f"prune.allocation={self.allocation!r}: use one of {', '.join(ALLOCATIONS + OWN_ALLOCATIONS)}",
         )
         require(
             self.compensation in COMPENSATIONS,
