@@ -24,6 +24,13 @@ def test_recipe_names_are_canonical_and_apply_their_settings():
     assert (p.method, p.allocation, p.compensation, p.tau) == ("o_fang", "flap_search", "layer", 3.0)
     assert parse_recipe("f_fang,shared_group=false,reweighting=uniform").name == "f_fang,reweighting=uniform,shared_group=false"
     assert parse_recipe("obc").apply(PruneParams(tau=9.0)).tau == 9.0  # no setting: the params' value
+    # align is read by every method (registry EVERY_METHOD), so any recipe may set it; it stays a whole number
+    r = parse_recipe("obc+fc,align=32")
+    assert r.name == "obc+fc,align=32" and r.apply(PruneParams()).align == 32
+    with pytest.raises(FangError, match="not a whole number"):
+        parse_recipe("obc,align=3.5")
+    with pytest.raises(FangError, match="prune.align=0"):
+        parse_recipe("obc,align=0").apply(PruneParams()).validate()
     for spec, message in [("obc,tau=3", "obc does not read prune.tau"), ("o_fang,tau=x", "not a number"),
                           ("o_fang,tau", "not a key=value"), ("o_fang,sparsity=0.5", "cannot be set in a recipe"),
                           ("o_fang,tau=1,tau=2", "sets tau twice"), ("f_fang,shared_group=no", "true or false")]:

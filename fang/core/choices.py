@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import FangError, require
-from .registry import REGISTRY, method_spec
+from .registry import EVERY_METHOD, REGISTRY, method_spec
 
 METHODS = tuple(REGISTRY)
 # How each block's keep counts are chosen. auto = what each method's paper used (its registry line):
@@ -109,10 +109,10 @@ def resolve_allocation(method: str, allocation: str) -> str:
 
 
 # prune.* keys a recipe may set after its variant ("o_fang+layer,tau=3"): FANG's and OBC's numeric and
-# switch knobs. Each is accepted only for a method whose registry line reads it, so a recipe never
-# names a setting its method would silently ignore.
+# switch knobs, and the FFN width alignment. Each is accepted only for a method whose registry line reads it
+# (or that every method reads, EVERY_METHOD), so a recipe never names a setting its method would silently ignore.
 RECIPE_KEYS: dict[str, type] = {"tau": float, "damp": float, "reweighting": str, "shared_group": bool,
-                                "function_aware": bool}
+                                "function_aware": bool, "align": int}
 
 
 def _setting_value(key: str, text: str, spec: str) -> Any:
@@ -125,6 +125,9 @@ def _setting_value(key: str, text: str, spec: str) -> Any:
             return float(text)
         except ValueError:
             raise FangError(f"{spec!r}: {key}={text!r} is not a number") from None
+    if kind is int:
+        require(text.isdigit(), f"{spec!r}: {key}={text!r} is not a whole number")
+        return int(text)
     return text
 
 
@@ -168,7 +171,7 @@ def parse_recipe(spec: str, allocation: str = "auto", compensation: str = "group
         key, eq, text = part.partition("=")
         require(eq == "=" and key and text, f"{spec!r}: {part!r} is not a key=value setting")
         require(key in RECIPE_KEYS, f"{spec!r}: {key!r} cannot be set in a recipe; use one of {', '.join(RECIPE_KEYS)}")
-        require(key in reads, f"{spec!r}: {variant.method} does not read prune.{key}")
+        require(key in reads or key in EVERY_METHOD, f"{spec!r}: {variant.method} does not read prune.{key}")
         require(key not in settings, f"{spec!r} sets {key} twice")
         settings[key] = _setting_value(key, text, spec)
     return Recipe(variant, tuple(sorted(settings.items())))

@@ -20,6 +20,9 @@ from .errors import FangError
 
 # The analysis artifacts a method can read (fields of `fang.core.paths.CalibrationArtifacts`).
 ARTIFACTS = ("cluster", "taylor", "groups", "allocate", "ica", "gprune")
+# prune keys every method reads besides its own `reads`: prune.align rounds the kept FFN widths of every method
+# (fang.methods.plan.align_widths)
+EVERY_METHOD = ("align",)
 _FANG_KEYS = ("tau", "shared_group", "function_aware", "reweighting")
 _FANG_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
 

@@ -20,12 +20,11 @@ from ..core.choices import parse_recipe, resolve_allocation
 from ..core.errors import require
 from ..core.params import PruneParams
 from ..core.paths import CalibrationArtifacts
-from ..core.registry import REGISTRY, method_spec
+from ..core.registry import EVERY_METHOD, REGISTRY, method_spec
 
 # The prune keys each method reads, from its registry line (e.g. magnitude runs no forward pass, so no
 # batch_size; only the OBC family uses the Hessian dampening; FANG adds its own knobs to its base's).
-# prune.align rounds the kept FFN widths of every method (fang.methods.plan.align_widths).
-EVERY_METHOD = ("align",)
+# EVERY_METHOD: the keys all of them read (prune.align).
 READS: dict[str, tuple[str, ...]] = {name: spec.reads + EVERY_METHOD for name, spec in REGISTRY.items()}
 # Keys added after sweep cells were locked, with the value that reproduces what those cells ran: at that
 # value a key is left out of the manifest, so adding it left every locked manifest byte-identical (no cell
