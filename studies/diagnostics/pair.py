@@ -21,6 +21,12 @@ from fang.core.atomic import read_json, write_json  # noqa: E402
 from fang.core.errors import require  # noqa: E402
 from fang.evaluation.paired import perplexity_differences  # noqa: E402
 from fang.evaluation.recipe import paired_average, seven_task_average  # noqa: E402
+from fang.data.paper_tasks import PAPER_TASKS  # noqa: E402
+
+
+def has_tasks(metrics: dict) -> bool:
+    """Whether an evaluation scored the seven tasks (not a perplexity-only run)."""
+    return all(t in metrics.get("tasks", {}) for t in PAPER_TASKS)
 
 
 def main() -> None:
@@ -33,12 +39,17 @@ def main() -> None:
     for fa, fb in zip(a.files[::2], a.files[1::2]):
         ma, mb = read_json(fa), read_json(fb)
         ppl = perplexity_differences(ma["ppl_windows"], mb["ppl_windows"])["overall"].as_dict()
-        row = {"a": fa, "b": fb, "avg7_a": seven_task_average(ma), "avg7_b": seven_task_average(mb),
-               "ppl_a": ma["ppl"], "ppl_b": mb["ppl"], "avg7": paired_average(ma, mb), "ppl": ppl}
+        row = {"a": fa, "b": fb, "ppl_a": ma["ppl"], "ppl_b": mb["ppl"], "ppl": ppl}
+        # a perplexity-only evaluation (`fang evaluate --task-limit -1`) pairs on perplexity alone
+        if has_tasks(ma) and has_tasks(mb):
+            row |= {"avg7_a": seven_task_average(ma), "avg7_b": seven_task_average(mb), "avg7": paired_average(ma, mb)}
         rows.append(row)
-        d = row["avg7"]
-        print(f"{fb} vs {fa}: Avg7 {100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
-              f"{d['verdict']}; PPL {mb['ppl']:.2f} vs {ma['ppl']:.2f}, {ppl}")
+        words = f"PPL {mb['ppl']:.2f} vs {ma['ppl']:.2f}, {100 * ppl['estimate']:+.1f}% " \
+                f"[{100 * ppl['low']:+.1f}, {100 * ppl['high']:+.1f}] {ppl['verdict']}"
+        if "avg7" in row:
+            d = row["avg7"]
+            words = f"Avg7 {100 * d['estimate']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] {d['verdict']}; " + words
+        print(f"{fb} vs {fa}: {words}")
     write_json(Path(a.out), {"pairs": rows})
     print(f"-> {a.out}")
 
