@@ -93,3 +93,24 @@ def test_failed_background_write_fails_the_capture_and_leaves_nothing(model, inp
     with pytest.raises(OSError, match="disk full"):
         capture_features(model, input_ids, tmp_path / "cap.zarr", batch_size=1)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_float32_batches_match_float64(dtype):
+    """FLAP's per-channel moments: float32 per batch, merged in float64, agree with one float64 pass over all
+    tokens, also for channels whose mean is far larger than their spread (where a one-pass E[x^2] - E[x]^2
+    in float32 would lose every digit)."""
+    from fang.analysis.capture import _Moments
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 50, 40, generator=g) * torch.linspace(0.01, 5, 40) + torch.linspace(-300, 300, 40)
+               for _ in range(5)]
+    batches[-1] = batches[-1][:1]  # a short last batch, as when batch_size does not divide the set
+    batches = [b.to(dtype) for b in batches]
+    m = _Moments(40, torch.device("cpu"))
+    for b in batches:
+        m.add(b)
+    ref = torch.cat([b.reshape(-1, 40) for b in batches]).double()
+    assert m.n == ref.shape[0]
+    torch.testing.assert_close(m.mean, ref.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.variance, ref.var(0, unbiased=False), rtol=1e-5, atol=1e-9)

@@ -66,7 +66,11 @@ def require_array(group: zarr.Group, name: str, path: str | os.PathLike) -> zarr
 
 
 class _Moments:
-    """Per-channel mean and population variance, merged batch by batch (Chan et al.) in float64."""
+    """Per-channel mean and population variance: each batch's mean and centred sum of squares in float32
+    (two passes over the shifted batch, so no cancellation), merged batch by batch (Chan et al.) in float64.
+
+    A batch is one block's activations for batch_size x seq_len tokens; float32 keeps its statistics within
+    ~3e-7 of a float64 pass at a fifth of the cost (issue 26: float64 here was a fifth of capture's time)."""
 
     def __init__(self, channels: int, device: torch.device):
         self.n = 0
@@ -74,10 +78,15 @@ class _Moments:
         self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).float()
         nb = x.shape[0]
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
+        # shifted by the running mean (the first batch: its first token), so the float32 sums see values of
+        # the size of the spread, not of the mean: a channel with mean 300 and std 0.01 keeps its variance
+        shift = (self.mean if self.n else x[0].double()).float()
+        y = x - shift
+        my = y.mean(0)
+        m2b = ((y - my) ** 2).sum(0).double()
+        mb = shift.double() + my.double()
         delta = mb - self.mean
         total = self.n + nb
         self.mean += delta * nb / total
