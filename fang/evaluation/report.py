@@ -362,7 +362,9 @@ PAIRED_NOTE = (
     "in brackets; the word is read from the interval (better / worse / no detectable difference). "
     "PPL change = PPL_method / PPL_baseline - 1 (negative is better); accuracy in points. "
     f"{PAPER_AVG} = the seven paper tasks; the other averages are over the tasks in the table's Avg. In-domain = tasks built from the calibration corpus "
-    "(next-sentence); out-of-domain = the rest."
+    "(next-sentence); out-of-domain = the rest. The perplexity interval covers the text windows only: rebuilding "
+    "one recipe on another machine moved its perplexity by more than that interval (docs/pipeline.md, \"Rebuilding "
+    "on another machine\"), so a perplexity verdict of a few percent is weaker than its interval says."
 )
 
 
