@@ -82,7 +82,7 @@ class _Moments:
         nb = x.shape[0]
         # shifted by the running mean (the first batch: its first token), so the float32 sums see values of
         # the size of the spread, not of the mean: a channel with mean 300 and std 0.01 keeps its variance
-        shift = (self.mean if self.n else x[0].double()).float()
+        shift = self.mean.float() if self.n else x[0]
         y = x - shift
         my = y.mean(0)
         m2b = ((y - my) ** 2).sum(0).double()

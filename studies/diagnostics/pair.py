@@ -21,12 +21,7 @@ from fang.core.atomic import read_json, write_json  # noqa: E402
 from fang.core.errors import require  # noqa: E402
 from fang.evaluation.paired import perplexity_differences  # noqa: E402
 from fang.evaluation.recipe import paired_average, seven_task_average  # noqa: E402
-from fang.data.paper_tasks import PAPER_TASKS  # noqa: E402
-
-
-def has_tasks(metrics: dict) -> bool:
-    """Whether an evaluation scored the seven tasks (not a perplexity-only run)."""
-    return all(t in metrics.get("tasks", {}) for t in PAPER_TASKS)
+from fang.evaluation.report import paper_tasks_in  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +36,7 @@ def main() -> None:
         ppl = perplexity_differences(ma["ppl_windows"], mb["ppl_windows"])["overall"].as_dict()
         row = {"a": fa, "b": fb, "ppl_a": ma["ppl"], "ppl_b": mb["ppl"], "ppl": ppl}
         # a perplexity-only evaluation (`fang evaluate --task-limit -1`) pairs on perplexity alone
-        if has_tasks(ma) and has_tasks(mb):
+        if paper_tasks_in(list(ma.get("tasks", {}))) and paper_tasks_in(list(mb.get("tasks", {}))):
             row |= {"avg7_a": seven_task_average(ma), "avg7_b": seven_task_average(mb), "avg7": paired_average(ma, mb)}
         rows.append(row)
         words = f"PPL {mb['ppl']:.2f} vs {ma['ppl']:.2f}, {100 * ppl['estimate']:+.1f}% " \
