@@ -1,6 +1,6 @@
 """capture: one forward pass of the dense model over the calibration set, streamed block by block to Zarr."""
 
-from fang.analysis.capture import capture_features, capture_ram_bytes
+from fang.analysis.capture import capture_features, capture_ram_bytes, keep_residual, residual_bytes
 from fang.core import paths
 from fang.core.device import pick_device
 from fang.core.integrity import read_config
@@ -29,6 +29,8 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
                f"{n_tok:,} calibration tokens' hidden states", f"{samples}={input_ids.shape[0]}")
     check_fits(capture_ram_bytes(n_tok, input_ids.shape[1], batch, hidden, n_ffn),
                f"{n_tok:,} calibration tokens' hidden states and a batch's features", f"capture.batch_size={p.batch_size}")
+    residual = keep_residual(p.residual, residual_bytes(cfg.get("num_hidden_layers", 0), n_tok, hidden), out.parent)
     model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)
-    info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device, pca_dim=pca_dim, keep=p.keep)
+    info = capture_features(model, input_ids, out, p.batch_size, p.dtype, device, pca_dim=pca_dim, keep=p.keep,
+                             residual=residual)
     console.print(f"captured {info['tokens']:,} tokens x {info['layers']} layers -> {out} ({info['bytes'] / 2**20:.0f} MiB)")

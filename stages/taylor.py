@@ -3,6 +3,7 @@ centres at down_proj's input with their distance matrix (Eq. 6), measured in the
 
 import torch
 
+from fang.analysis.capture import capture_residual, open_capture
 from fang.analysis.cluster import center_distances
 from fang.analysis.store import open_store, write_store
 from fang.analysis.taylor import taylor_scores
@@ -29,7 +30,11 @@ def run(params_path: str = "params.yaml", source: str | None = None) -> None:
     device = pick_device()
     model, _, dtype = load_for_block_passes(paths.MODEL, device, model_p)
     k = clusters.attrs["k"]
-    res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks)
+    residual = capture_residual(open_capture(art.capture), input_ids, dtype)
+    console.print("taylor: block inputs " + ("read from capture's residual stream" if residual is not None else
+                  "recomputed (the capture has no residual stream in this compute dtype: capture.residual)"))
+    res = taylor_scores(model, input_ids, token_clusters, k, p.batch_size, device, graph_blocks=p.graph_blocks,
+                        residual=residual)
     # Eq. 6's distances between cluster centres at down_proj's input, for FANG's token weights
     res["center_distances"] = torch.stack([center_distances(c) for c in res["down_centers"]])
     write_store(art.taylor, "taylor", {name: t.numpy() for name, t in res.items()}, {"k": k, **dtype_record(dtype)})

@@ -114,3 +114,28 @@ def test_moments_float32_batches_match_float64(dtype):
     assert m.n == ref.shape[0]
     torch.testing.assert_close(m.mean, ref.mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m.variance, ref.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+
+
+def test_a_residual_stream_that_does_not_fit_on_disk_is_refused_or_left_out(tmp_path, monkeypatch):
+    """capture.residual: true refuses a stream the disk cannot hold, naming the size and the setting;
+    auto leaves out one that is over RESIDUAL_AUTO_GIB or over half the free disk."""
+    import shutil
+    from collections import namedtuple
+
+    import pytest
+
+    from fang.analysis.capture import RESIDUAL_AUTO_GIB, keep_residual, residual_bytes
+    from fang.core.errors import FangError
+
+    default = residual_bytes(30, 64 * 512, 576)
+    assert default == 31 * 64 * 512 * 576 * 4  # the default model and calibration: 2.2 GiB
+    usage = namedtuple("usage", "total used free")
+    free = {"bytes": 2**30}
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10 * 2**40, 0, free["bytes"]))
+    with pytest.raises(FangError, match=r"residual stream .* needs about 2.1\d GiB of disk, but only 1.00 GiB is free .*capture.residual: false"):
+        keep_residual(True, default, tmp_path / "not" / "yet")
+    assert not keep_residual("auto", default, tmp_path)  # more than half the free disk
+    assert not keep_residual(False, default, tmp_path)
+    free["bytes"] = 2**40
+    assert keep_residual(True, default, tmp_path) and keep_residual("auto", default, tmp_path)
+    assert not keep_residual("auto", RESIDUAL_AUTO_GIB * 2**30 + 1, tmp_path)  # LLaMA-2-7B at 128 x 2048: 132 GiB

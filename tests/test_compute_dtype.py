@@ -387,3 +387,20 @@ def test_bfloat16_prune_with_disk_streaming_saves_the_same_weights(tmp_path):
     assert states["none"].keys() == states["disk"].keys()
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, states["disk"][k]) for k, v in states["none"].items()
                if v.is_floating_point() and "inv_freq" not in k)
+
+
+def test_taylor_in_bfloat16_reads_the_residual_stream_of_a_bfloat16_capture(tmp_path):
+    """The stream is stored in float32 but holds bfloat16 values: taylor hands them back to the blocks
+    unchanged, so the scores match its own bfloat16 forward (same batches: the same rounding)."""
+    from fang.analysis.capture import capture_residual
+
+    ids = _calib()
+    clusters = torch.randint(0, 3, (N_LAYERS, ids.numel()), generator=torch.Generator().manual_seed(1))
+    model = _model(torch.bfloat16)
+    capture_features(model, ids, tmp_path / "cap.zarr", batch_size=4, keep=(), residual=True)
+    residual = capture_residual(open_capture(tmp_path / "cap.zarr"), ids, "bfloat16")
+    assert residual is not None and residual.dtype == np.float32
+    read = taylor_scores(model, ids, clusters, 3, batch_size=4, residual=residual)
+    own = taylor_scores(model, ids, clusters, 3, batch_size=4)
+    for name in ("scores", "block_sensitivity", "down_centers"):
+        torch.testing.assert_close(read[name], own[name], rtol=0, atol=0, msg=name)

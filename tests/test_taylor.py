@@ -204,3 +204,64 @@ def test_negative_graph_blocks_is_an_error(input_ids):
 
     with pytest.raises(FangError, match="graph_blocks"):
         taylor_scores(tiny_model(6, 3), input_ids, torch.zeros(2, input_ids.numel(), dtype=torch.long), 2, graph_blocks=-1)
+
+
+def _store_with_residual(model, ids, path, batch_size=2):
+    from fang.analysis.capture import capture_features, open_capture
+
+    capture_features(model, ids, path, batch_size=batch_size, keep=(), residual=True)
+    return open_capture(path)
+
+
+def test_capture_residual_is_the_stream_the_blocks_make(input_ids, tmp_path):
+    """residual[l] is block l's input and residual[n] the last block's output, in float32."""
+    model = tiny_model(6, 3, layers=3)
+    cap = _store_with_residual(model, input_ids, tmp_path / "cap.zarr")
+    with torch.no_grad():
+        states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    res = cap["residual"]
+    assert res.dtype == "float32" and res.shape == (4, input_ids.numel(), model.config.hidden_size)
+    for li in range(3):  # hidden_states[l] is block l's input (the last one is after the final norm)
+        torch.testing.assert_close(torch.from_numpy(res[li]), states[li].reshape(-1, 48), rtol=1e-5, atol=1e-6)
+
+
+def test_taylor_from_the_residual_stream_gives_the_recomputed_scores(input_ids, tmp_path):
+    """Reading block inputs from capture skips the first forward; scores, sensitivity, centres are unchanged."""
+    from fang.analysis.capture import capture_residual
+
+    k = 3
+    clusters = torch.randint(0, k, (4, input_ids.numel()), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(6, 3, layers=4)
+    cap = _store_with_residual(model, input_ids, tmp_path / "cap.zarr", batch_size=3)
+    residual = capture_residual(cap, input_ids, "float32")
+    assert residual is not None
+    base = taylor_scores(model, input_ids, clusters, k, batch_size=2)
+    res = taylor_scores(model, input_ids, clusters, k, batch_size=2, residual=residual, graph_blocks=2)
+    for name in base:
+        torch.testing.assert_close(res[name], base[name], rtol=1e-5, atol=1e-7, msg=name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.testing.assert_close(res["scores"], direct_scores(model, input_ids, clusters, k).float(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_residual_stream_from_other_tokens_or_dtype_is_not_used(input_ids, tmp_path):
+    import pytest
+
+    from fang.analysis.capture import capture_residual
+    from fang.core.errors import FangError
+
+    model = tiny_model(6, 3)
+    cap = _store_with_residual(model, input_ids, tmp_path / "cap.zarr")
+    assert capture_residual(cap, input_ids, "bfloat16") is None  # made in float32: taylor recomputes
+    with pytest.raises(FangError, match="other calibration tokens"):
+        capture_residual(cap, (input_ids + 1) % 128, "float32")
+    with pytest.raises(FangError, match="residual stream has shape"):
+        taylor_scores(model, input_ids[:2], torch.zeros(2, input_ids[:2].numel(), dtype=torch.long), 2,
+                      residual=cap["residual"])
+
+
+def test_a_capture_without_residual_leaves_taylor_to_recompute(input_ids, tmp_path):
+    from fang.analysis.capture import capture_features, capture_residual, open_capture
+
+    capture_features(tiny_model(6, 3), input_ids, tmp_path / "cap.zarr", batch_size=2, keep=())
+    assert capture_residual(open_capture(tmp_path / "cap.zarr"), input_ids, "float32") is None

@@ -12,7 +12,12 @@ Written only when named in `keep` (capture.keep), for people who inspect raw act
   block_io         [n_layers + 1, T, d]  block_io[l] is block l's input, block_io[l+1] its output
   ffn_in           [n_layers, T, d]      MLP input (after post_attention_layernorm)
   down_in          [n_layers, T, n_ffn]  down_proj input = neuron activations h = act(gate) * up
-in the store dtype (fp16 by default). FC and the PCA are computed from the hidden states rounded
+in the store dtype (fp16 by default). Written when `residual` is on (capture.residual, the default):
+  residual         fp32  [n_layers + 1, T, d]  the residual stream exactly as the blocks made it: residual[l]
+                   is block l's input, residual[n_layers] the last block's output. taylor reads it instead
+                   of running its own forward (its one-block backward then costs a recomputation and a
+                   backward, not two forwards and a backward). Stored uncompressed with a CRC32C checksum
+                   per chunk: (n_layers + 1) x T x d x 4 bytes, 2.3 GB for the default model and calibration. FC and the PCA are computed from the hidden states rounded
 to that dtype, in the same chunks, so they equal what the full arrays would give downstream.
 Arrays are chunked (1 layer, `batch x L` tokens, all features), so one layer reads without the rest.
 Peak RAM holds one block's hidden states for the calibration set (fp32) and its MLP inputs in the
@@ -33,6 +38,7 @@ from torch import nn
 
 from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
+from ..core.memory import check_disk, free_disk_bytes
 from ..core.progress import progress
 from ..model.layerwise import BlockRunner, batch_slices, input_hooks
 from ..model.modeling import attention_geometry, decoder_layers
@@ -44,6 +50,10 @@ from .store import compressors, open_checked, seal
 STORE_FORMAT = 2
 # per-token arrays a store can keep in full (capture.keep); nothing downstream needs them
 FULL_ARRAYS = ("block_io", "ffn_in", "down_in")
+RESIDUAL = "residual"  # the float32 residual stream that taylor reads (capture.residual)
+# capture.residual: auto keeps it up to this size: 2.2 GiB for the default model and calibration, 132 GiB
+# for LLaMA-2-7B at the paper's 128 x 2048 tokens (too much to hash and cache by default: docs/scale.md)
+RESIDUAL_AUTO_GIB = 8
 
 
 def open_capture(path: str | os.PathLike):
@@ -63,6 +73,18 @@ def require_array(group: zarr.Group, name: str, path: str | os.PathLike) -> zarr
         how = f"add {name} to capture.keep" if name in FULL_ARRAYS else "rerun the capture stage with cluster.pca_dim set"
         raise FangError(f"{path} has no {name} array: {how}")
     return group[name]
+
+
+def capture_residual(cap: zarr.Group, input_ids: torch.Tensor, compute_dtype: str | torch.dtype) -> zarr.Array | None:
+    """The store's residual stream if it was made from these tokens in this compute dtype, else None (taylor
+    then runs its own forward). A store from other tokens is an error: it belongs to another calibration set."""
+    if RESIDUAL not in cap:
+        return None
+    ids = cap["token_ids"][:]
+    require(ids.shape == tuple(input_ids.shape) and bool((ids == input_ids.numpy()).all()),
+            "the capture store was made from other calibration tokens: rerun capture")
+    made_in = cap.attrs.get("compute_dtype", "float32")
+    return cap[RESIDUAL] if made_in == str(compute_dtype).removeprefix("torch.") else None
 
 
 class _Moments:
@@ -109,6 +131,21 @@ def capture_ram_bytes(n_tok: int, seq_len: int, batch_size: int, hidden: int, n_
     return n_tok * hidden * 4 + batch_size * seq_len * (2 * hidden + n_ffn) * 8
 
 
+def residual_bytes(n_layers: int, n_tok: int, hidden: int) -> int:
+    """Disk the float32 residual stream takes (capture.residual): every block's input and the last output."""
+    return (n_layers + 1) * n_tok * hidden * 4
+
+
+def keep_residual(setting: bool | str, size: int, where: str | os.PathLike) -> bool:
+    """Whether capture writes the residual stream: capture.residual true (an error when the disk cannot
+    hold it), false, or auto: when it is at most RESIDUAL_AUTO_GIB and half the free disk at `where`."""
+    if setting is True:
+        check_disk(size, where, "the residual stream (capture.residual)",
+                   "free some, or set capture.residual: false (taylor then recomputes it)")
+        return True
+    return setting == "auto" and size <= RESIDUAL_AUTO_GIB * 2**30 and size <= free_disk_bytes(where) // 2
+
+
 def to_store_rows(x: torch.Tensor, np_dtype: type) -> np.ndarray:
     """[..., C] features as a fresh [rows, C] numpy array of the store's dtype.
 
@@ -131,11 +168,13 @@ def capture_features(
     *,
     pca_dim: int | None = None,
     keep: Sequence[str] = FULL_ARRAYS,
+    residual: bool = False,
 ) -> dict:
     """One forward pass of the dense model over `input_ids` [N, L], streamed block by block to Zarr.
 
     `pca_dim` (cluster.pca_dim) adds the per-block PCA and projected MLP inputs that `cluster`
-    reads; `keep` names the full per-token arrays to store as well (see the module docstring).
+    reads; `keep` names the full per-token arrays to store as well, `residual` the float32 residual stream
+    that taylor reads (see the module docstring).
     """
     device = torch.device(device)
     place_model(model, device)
@@ -176,6 +215,7 @@ def capture_features(
             # what the blocks ran in (model.compute_dtype); float32 is left out, so a float32 store keeps its bytes
             **({} if runner.dtype == torch.float32 else {"compute_dtype": str(runner.dtype).removeprefix("torch.")}),
             keep=list(keep),
+            residual=residual,
             pca_dim=pca_dim,
         )
         root.create_array("token_ids", data=input_ids.to(torch.int32).numpy(), chunks=(n_seq, seq_len),
@@ -186,6 +226,10 @@ def capture_features(
                                     chunks=(1, chunk_tok, widths[name][1]), dtype=np_dtype, compressors=compressors())
             for name in keep
         }
+        if residual:
+            # activations barely compress: a checksum only, so a read costs a copy, not a decompression
+            arrays[RESIDUAL] = root.create_array(RESIDUAL, shape=(n_layers + 1, n_tok, d), chunks=(1, chunk_tok, d),
+                                                 dtype=np.float32, compressors=zarr.codecs.Crc32cCodec())
         if pca_dim is not None:
             # compressed with a checksum like every other array, so damaged bytes fail on read
             arrays["ffn_proj"] = root.create_array("ffn_proj", shape=(n_layers, n_tok, pca_dim),
@@ -208,7 +252,7 @@ def capture_features(
 
         def put(name: str, layer: int, sl: slice, x: torch.Tensor) -> None:
             if name in arrays:
-                data = to_store_rows(x, np_dtype)
+                data = to_store_rows(x, np.float32 if name == RESIDUAL else np_dtype)
                 in_flight.append(writer.submit(arrays[name].__setitem__, (layer, rows(sl)), data))
 
         def drain() -> None:
@@ -223,6 +267,7 @@ def capture_features(
                 hidden[sl] = runner.embed(input_ids[sl]).float().cpu()
                 drain()
                 put("block_io", 0, sl, hidden[sl])
+                put(RESIDUAL, 0, sl, hidden[sl])
             # one block's MLP inputs in the store dtype, for the PCA fitted once the block has seen every token
             ffn_buf = torch.empty(n_tok, d, dtype=torch_store) if pca_dim is not None else None
 
@@ -249,6 +294,7 @@ def capture_features(
                             complexity.add_batch(stored(hidden[sl]), stored(out))
                             hidden[sl] = out
                             put("block_io", li + 1, sl, hidden[sl])
+                            put(RESIDUAL, li + 1, sl, hidden[sl])
                             bar.advance(task, sl.stop - sl.start)
                     stats["o_proj_in_mean"][li], stats["o_proj_in_var"][li] = o_mom.mean.cpu().numpy(), o_mom.variance.cpu().numpy()
                     stats["down_in_mean"][li], stats["down_in_var"][li] = d_mom.mean.cpu().numpy(), d_mom.variance.cpu().numpy()

@@ -16,7 +16,10 @@ their softmax and gradient. Here the backward runs block by block instead:
    `autograd.grad` call returns dL/dx_in (the next block's upstream gradient) and dL/dh.
 
 The gradients are exactly those of full backpropagation (the blocks form a chain); the price is
-one more forward of the blocks. `graph_blocks` buys part of it back with memory: the last
+one more forward of the blocks. Given capture's residual stream (`residual`, capture.residual), step 1
+is not run at all: every block input, and the last block's output, is read from it, so the whole pass
+costs one forward with grad and one backward, at the same one-block memory. Without it,
+`graph_blocks` buys part of the recomputation back with memory: the last
 `graph_blocks` blocks keep their graph from the first forward and are not recomputed, so memory
 grows by that many blocks' activations (a constant, not the model's depth). The same
 recomputation gives h with the clusters known, so the cluster centres at down_proj's input
@@ -29,6 +32,7 @@ block sensitivity and every sum are formed in float32 and accumulated in float64
 from __future__ import annotations
 
 import torch
+import zarr
 from torch import nn
 
 from ..core.errors import require
@@ -75,6 +79,21 @@ def loss_grad(model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, budget:
     return grad
 
 
+class _ResidualInputs:
+    """One batch's block inputs read from capture's residual stream, last block first (the list's `pop`)."""
+
+    def __init__(self, residual: zarr.Array, rows: slice, shape: tuple[int, int]):
+        self.residual, self.rows, self.shape = residual, rows, shape
+        self.next = residual.shape[0] - 1  # the last block's input comes after its output
+
+    def block_input(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.residual[index, self.rows]).view(*self.shape, -1)
+
+    def pop(self) -> torch.Tensor:
+        self.next -= 1
+        return self.block_input(self.next)
+
+
 def _block_with_graph(runner: BlockRunner, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(x_in, x_out, h) of one block run with grad on from input x; h is down_proj's input, graph attached."""
     x_in = x.to(runner.device).detach().requires_grad_(True)
@@ -96,6 +115,7 @@ def taylor_scores(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     graph_blocks: int = 0,
+    residual: zarr.Array | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-layer cluster-neuron scores [n_layers, k, n_ffn], block sensitivity [n_layers], cluster centres.
 
@@ -104,6 +124,8 @@ def taylor_scores(
     mean over tokens of |<x_out - x_in, dL/dx_out>|: the `taylor` sparsity-allocation mode.
     `down_centers` [n_layers, k, n_ffn] is the mean down_proj input of each cluster's tokens (zero
     for an empty cluster), from the model's own precision rather than the fp16 capture.
+    `residual` [n_layers + 1, N * L, d] is capture's float32 residual stream for these tokens: block
+    inputs are read from it instead of computed (`graph_blocks` then has nothing to save and is unused).
     """
     device = torch.device(device)
     place_model(model, device)
@@ -113,8 +135,13 @@ def taylor_scores(
     require(graph_blocks == 0 or block_stream(model) is None,
             "taylor.graph_blocks > 0 keeps those blocks' weights on the device with their graphs, which "
             "model.offload exists to avoid: set one of them to 0 / none")
-    first_graph = n_layers - min(graph_blocks, n_layers)  # blocks from here on keep their first-pass graph
     n_seq, seq_len = input_ids.shape
+    if residual is not None:
+        want = (n_layers + 1, n_seq * seq_len, model.config.hidden_size)
+        require(tuple(residual.shape) == want,
+                f"the residual stream has shape {tuple(residual.shape)}, these tokens need {want}: rerun capture")
+        graph_blocks = 0  # every block input is read: no first forward, so no graph to keep from it
+    first_graph = n_layers - min(graph_blocks, n_layers)  # blocks from here on keep their first-pass graph
     sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
     h_sums = torch.zeros(n_layers, k, n_ffn, dtype=torch.float64)
     sensitivity = torch.zeros(n_layers, dtype=torch.float64)
@@ -131,14 +158,20 @@ def taylor_scores(
                 ids = input_ids[sl].to(device)
                 clusters = clusters_all[:, sl].reshape(n_layers, -1).to(device)
                 counts += torch.stack([torch.bincount(c, minlength=k) for c in clusters.cpu()]).double()
-                with torch.no_grad():
-                    hidden = runner.embed(ids)
-                    inputs = []  # block inputs on the host: all that is kept across blocks
-                    for li, layer in enumerate(layers[:first_graph]):
-                        inputs.append(hidden.cpu())
-                        # with model.offload every block visits the device twice per batch: here and below
-                        with runner.on_device(li):
-                            hidden = runner(layer, hidden)
+                rows = slice(sl.start * seq_len, sl.stop * seq_len)
+                if residual is not None:
+                    inputs = _ResidualInputs(residual, rows, (sl.stop - sl.start, seq_len))
+                    # the last block's output, as the blocks would hand it over (device, compute dtype)
+                    hidden = inputs.block_input(n_layers).to(device=runner.device, dtype=runner.dtype)
+                else:
+                    with torch.no_grad():
+                        hidden = runner.embed(ids)
+                        inputs = []  # block inputs on the host: all that is kept across blocks
+                        for li, layer in enumerate(layers[:first_graph]):
+                            inputs.append(hidden.cpu())
+                            # with model.offload every block visits the device twice per batch: here and below
+                            with runner.on_device(li):
+                                hidden = runner(layer, hidden)
                 graphs = {}  # block -> (x_in, x_out, h) with the graph of the first pass
                 for li in range(first_graph, n_layers):
                     graphs[li] = _block_with_graph(runner, layers[li], hidden)

@@ -7,6 +7,8 @@ estimating the big arrays up front turns that into a one-line error.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from .errors import FangError
 
@@ -41,3 +43,23 @@ def check_fits(needed: int, what: str, parameter: str) -> None:
     if needed > have:
         raise FangError(f"{parameter} needs about {_size(needed)} of memory for {what}, but only "
                         f"{_size(have)} is available: lower {parameter.split('=')[0]}")
+
+
+def _existing(where: str | os.PathLike) -> Path:
+    path = Path(where).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def free_disk_bytes(where: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds `where` (its nearest existing parent)."""
+    return shutil.disk_usage(_existing(where)).free
+
+
+def check_disk(needed: int, where: str | os.PathLike, what: str, remedy: str) -> None:
+    """FangError when `needed` bytes will not fit on the filesystem holding `where` (its nearest existing parent)."""
+    free = free_disk_bytes(where)
+    if needed > free:
+        raise FangError(f"{what} needs about {_size(needed)} of disk, but only {_size(free)} is free at "
+                        f"{_existing(where)}: {remedy}")

@@ -94,9 +94,13 @@ class CaptureParams:
     dtype: str = "float16"  # storage dtype of captured features
     # full per-token arrays to store besides what later stages read (block_io, ffn_in, down_in): none by default
     keep: list[str] = field(default_factory=list)
+    # store the float32 residual stream (block inputs) that taylor reads instead of rerunning the forward:
+    # true | false | auto (when it takes at most RESIDUAL_AUTO_GIB of disk and half the free space)
+    residual: bool | str = "auto"
 
     def validate(self) -> None:
         require(self.batch_size > 0, "capture.batch_size must be positive")
+        require(self.residual in (True, False, "auto"), f"capture.residual={self.residual!r} must be true, false or auto")
         require(self.dtype in ("float16", "float32", "bfloat16"), f"capture.dtype={self.dtype!r} unsupported")
         bad = sorted(set(self.keep) - {"block_io", "ffn_in", "down_in"})
         require(not bad, f"capture.keep: unknown arrays {bad}; choose from block_io, ffn_in, down_in")
