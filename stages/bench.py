@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from fang.core import paths
 from fang.core.atomic import atomic_file, read_json, write_json
 from fang.core.device import pick_device, resolve_compute_dtype
@@ -75,7 +77,8 @@ def run(
     # model.compute_dtype: the floor and the profile run the blocks in what the stages ran them in
     dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
     # the bench's own entries are not pipeline stages
-    timings = [e for e in read_timings(TIMINGS) if e["stage"] not in NOT_PIPELINE]
+    # runs at the thread count the floor will be measured at (this process's), so every ratio compares like with like
+    timings = [e for e in read_timings(TIMINGS, threads=torch.get_num_threads()) if e["stage"] not in NOT_PIPELINE]
     result: dict = {
         "format": BENCH_FORMAT,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -379,3 +379,22 @@ def test_peak_rss_of_capture_prune_and_taylor_does_not_grow_with_depth(tmp_path)
     small, big = rss["taylor2"], rss["taylor8"]
     growth = big["maxrss"] - small["maxrss"]
     assert growth < 3 * (big["weight_bytes"] - small["weight_bytes"]) + retained / 4, (growth, retained)
+
+
+def test_runs_at_another_thread_count_than_the_floor_are_not_compared(tmp_path):
+    """A one-thread study lane is not a ratio to a two-thread floor; the latest same-thread run is used."""
+    def entry(stage, seconds, threads, *args):
+        return json.dumps({"stage": stage, "args": list(args), "seconds": seconds, "peak_rss_mib": 100,
+                           "time": "2026-01-01T00:00:00", "load_avg": [1.0, 1.0, 1.0], "threads": threads}) + "\n"
+
+    log = tmp_path / "timings.jsonl"
+    log.write_text(entry("capture", 1.2, 2) + entry("capture", 9.0, 1)
+                   + entry("prune", 5.0, 1, "obc", "0.3", "artifacts/sweep/obc-0.3")
+                   + entry("prune", 1.5, 2, "flap", "0.3", "artifacts/sweep/flap-0.3"))
+    floor = {"threads": 2, "forward": {"seconds_full": 1.0}, "forward_backward": {"seconds_full": 2.0}}
+    rows = {r["target"]: r for r in timings.check_targets(timings.read_timings(log, threads=2), floor)}
+    assert rows["capture ≤ 1.3× forward"]["ratio"] == 1.2
+    assert "prune flap 0.3 artifacts/sweep/flap-0.3 ≤ 2× forward" in rows
+    assert not any("obc" in target for target in rows)
+    # without a thread count every run is read, and the latest capture (one thread) wins
+    assert {e["label"]: e["seconds"] for e in timings.read_timings(log)}["capture"] == 9.0

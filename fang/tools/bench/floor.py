@@ -119,6 +119,7 @@ def measure_floor(
                 "seconds_full": round(per_token * full_tokens, 3)}
 
     return {
+        "threads": torch.get_num_threads(),  # a stage timed at another thread count is not compared with it
         "calib_sequences": n_seq,
         "seq_len": seq_len,
         "calib_tokens": full_tokens,

@@ -66,10 +66,12 @@ def _source(entry: dict) -> str | None:
     return raw[i] if i is not None and len(raw) > i and raw[i] != "None" else None
 
 
-def read_timings(path: str | os.PathLike) -> list[dict]:
+def read_timings(path: str | os.PathLike, threads: int | None = None) -> list[dict]:
     """The latest entry per (stage, arguments) of a timings.jsonl, in pipeline order.
 
     Unreadable lines (a run killed while appending) are skipped: the file is a log, not an artifact.
+    With `threads` (the floor's torch thread count) only runs at that count are read, where the run
+    recorded one: a one-thread study lane beside a two-thread floor is not a ratio of anything.
     """
     path = Path(path)
     if not path.exists():
@@ -84,6 +86,8 @@ def read_timings(path: str | os.PathLike) -> list[dict]:
             if not isinstance(entry, dict) or "stage" not in entry or "seconds" not in entry:
                 continue
             if _writes_outside_project(entry):
+                continue
+            if threads is not None and entry.get("threads") not in (None, threads):
                 continue
             args = _clean_args(entry.get("args", []))
             key = (entry["stage"], tuple(args))
