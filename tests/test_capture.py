@@ -116,6 +116,33 @@ def test_moments_float32_batches_match_float64(dtype):
     torch.testing.assert_close(m.variance, ref.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
 
 
+def test_moments_update_in_place_equals_the_plain_expression_bit_for_bit():
+    """The in-place centring and squaring is the same float32 arithmetic as ((y - my) ** 2).sum(0)."""
+    from fang.analysis.capture import _Moments
+
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randn(2, 64, 40, generator=g) * 3 + 50 for _ in range(3)]
+    m = _Moments(40, torch.device("cpu"))
+    mean = torch.zeros(40, dtype=torch.float64)
+    m2 = torch.zeros(40, dtype=torch.float64)
+    n = 0
+    for b in batches:
+        x = b.reshape(-1, 40)
+        shift = mean.float() if n else x[0]
+        y = x - shift
+        my = y.mean(0)
+        m2b = ((y - my) ** 2).sum(0).double()
+        delta = shift.double() + my.double() - mean
+        total = n + x.shape[0]
+        mean += delta * x.shape[0] / total
+        m2 += m2b + delta**2 * n * x.shape[0] / total
+        n = total
+        before = b.clone()
+        m.add(b)
+        assert torch.equal(b, before)  # the block's activation is left as it was
+    assert torch.equal(m.mean, mean) and torch.equal(m.m2, m2)
+
+
 def test_a_residual_stream_that_does_not_fit_on_disk_is_refused_or_left_out(tmp_path, monkeypatch):
     """capture.residual: true refuses a stream the disk cannot hold, naming the size and the setting;
     auto leaves out one that is over RESIDUAL_AUTO_GIB or over half the free disk."""

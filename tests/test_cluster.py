@@ -69,6 +69,16 @@ def test_pca_sign_is_deterministic_and_fp16_ok():
     assert torch.allclose((c16 * c1).sum(1), torch.ones(3), atol=1e-2)
 
 
+def test_pca_fit_project_is_the_fit_then_the_projection_bit_for_bit():
+    from fang.analysis.cluster import pca_fit_project
+
+    x = (torch.randn(300, 24, generator=torch.Generator().manual_seed(3)) * 2 + 5).half()
+    mean, comps, proj = pca_fit_project(x, 6)
+    ref_mean, ref_comps = pca_fit(x, 6)
+    assert torch.equal(mean, ref_mean) and torch.equal(comps, ref_comps)
+    assert torch.equal(proj, pca_project(x, ref_mean, ref_comps))
+
+
 def test_pca_errors():
     x = torch.randn(10, 5)
     with pytest.raises(FangError, match="exceeds the feature dimension"):

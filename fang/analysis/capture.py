@@ -44,7 +44,7 @@ from ..model.layerwise import BlockRunner, batch_slices, input_hooks
 from ..model.modeling import attention_geometry, decoder_layers
 from ..model.offload import place_model
 from .allocate import ComplexityStats
-from .cluster import pca_fit, pca_project
+from .cluster import pca_fit_project
 from .store import compressors, open_checked, seal
 
 STORE_FORMAT = 2
@@ -105,9 +105,10 @@ class _Moments:
         # shifted by the running mean (the first batch: its first token), so the float32 sums see values of
         # the size of the spread, not of the mean: a channel with mean 300 and std 0.01 keeps its variance
         shift = self.mean.float() if self.n else x[0]
-        y = x - shift
+        y = x - shift  # a new tensor: x is the block's own activation
         my = y.mean(0)
-        m2b = ((y - my) ** 2).sum(0).double()
+        # centred and squared in place: the values of ((y - my) ** 2) without two batch-sized temporaries
+        m2b = y.sub_(my).square_().sum(0).double()
         mb = shift.double() + my.double()
         delta = mb - self.mean
         total = self.n + nb
@@ -301,8 +302,8 @@ def capture_features(
                     fc[li] = complexity.value
                     if ffn_buf is not None:
                         x = ffn_buf.to(device).float()
-                        mean, comps = pca_fit(x, pca_dim)
-                        proj = pca_project(x, mean, comps).cpu().numpy()
+                        mean, comps, proj = pca_fit_project(x, pca_dim)
+                        proj = proj.cpu().numpy()
                         del x
                         pca["pca_mean"][li], pca["pca_components"][li] = mean.cpu().numpy(), comps.cpu().numpy()
                         drain()

@@ -40,7 +40,22 @@ def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:
 
 
 def pca_fit(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Exact PCA of the rows of `x` [T, d]: returns (mean [d], components [dim, d]), float32.
+    """Exact PCA of the rows of `x` [T, d]: returns (mean [d], components [dim, d]), float32 (see `pca_fit_project`)."""
+    mean, comps, _ = _pca(x, dim, project=False)
+    return mean, comps
+
+
+def pca_fit_project(x: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`pca_fit` and `pca_project` of the same rows in one pass: (mean, components, projections [T, dim]).
+
+    The centred rows of the fit are the ones the projection needs, so they are computed once; the result
+    equals `pca_project(x, *pca_fit(x, dim))` bit for bit.
+    """
+    return _pca(x, dim, project=True)
+
+
+def _pca(x: Tensor, dim: int, project: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Exact PCA of the rows of `x` [T, d]: (mean [d], components [dim, d], projections or None), float32.
 
     Components are the top-`dim` eigenvectors of the d x d covariance, ordered by decreasing
     variance. The covariance is accumulated in float32 (features arrive as fp16); the
@@ -64,8 +79,8 @@ def pca_fit(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     pivot = comps.abs().argmax(dim=1, keepdim=True)
     signs = torch.sign(comps.gather(1, pivot))
     signs[signs == 0] = 1.0
-    comps = comps * signs
-    return mean, comps.float()
+    comps = (comps * signs).float()
+    return mean, comps, (xc @ comps.T if project else None)
 
 
 def pca_project(x: Tensor, mean: Tensor, components: Tensor) -> Tensor:
