@@ -12,13 +12,15 @@ Written only when named in `keep` (capture.keep), for people who inspect raw act
   block_io         [n_layers + 1, T, d]  block_io[l] is block l's input, block_io[l+1] its output
   ffn_in           [n_layers, T, d]      MLP input (after post_attention_layernorm)
   down_in          [n_layers, T, n_ffn]  down_proj input = neuron activations h = act(gate) * up
-in the store dtype (fp16 by default). Written when `residual` is on (capture.residual, the default):
+in the store dtype (fp16 by default). Written when `residual` is on (capture.residual; `auto`, the
+default, keeps it when it is small enough: `keep_residual`):
   residual         fp32  [n_layers + 1, T, d]  the residual stream exactly as the blocks made it: residual[l]
                    is block l's input, residual[n_layers] the last block's output. taylor reads it instead
-                   of running its own forward (its one-block backward then costs a recomputation and a
-                   backward, not two forwards and a backward). Stored uncompressed with a CRC32C checksum
-                   per chunk: (n_layers + 1) x T x d x 4 bytes, 2.3 GB for the default model and calibration. FC and the PCA are computed from the hidden states rounded
-to that dtype, in the same chunks, so they equal what the full arrays would give downstream.
+                   of running its own forward (its one-block backward then costs a forward with grad and
+                   a backward, not two forwards and a backward). Stored uncompressed with a CRC32C checksum
+                   per chunk: (n_layers + 1) x T x d x 4 bytes, 2.3 GB for the default model and calibration.
+FC and the PCA are computed from the hidden states rounded
+to the store dtype, in the same chunks, so they equal what the full arrays would give downstream.
 Arrays are chunked (1 layer, `batch x L` tokens, all features), so one layer reads without the rest.
 Peak RAM holds one block's hidden states for the calibration set (fp32) and its MLP inputs in the
 store dtype (for the PCA), never the whole store.

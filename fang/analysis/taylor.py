@@ -84,7 +84,7 @@ class _ResidualInputs:
 
     def __init__(self, residual: zarr.Array, rows: slice, shape: tuple[int, int]):
         self.residual, self.rows, self.shape = residual, rows, shape
-        self.next = residual.shape[0] - 1  # the last block's input comes after its output
+        self.next = residual.shape[0] - 1  # the last block's output; each pop() steps down to a block's input
 
     def block_input(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.residual[index, self.rows]).view(*self.shape, -1)
