@@ -39,6 +39,7 @@ import zarr
 from torch import nn
 
 from ..core.atomic import atomic_dir
+from ..core.device import dtype_record
 from ..core.errors import FangError, require
 from ..core.memory import check_disk, free_disk_bytes
 from ..core.progress import progress
@@ -77,7 +78,7 @@ def require_array(group: zarr.Group, name: str, path: str | os.PathLike) -> zarr
     return group[name]
 
 
-def capture_residual(cap: zarr.Group, input_ids: torch.Tensor, compute_dtype: str | torch.dtype) -> zarr.Array | None:
+def capture_residual(cap: zarr.Group, input_ids: torch.Tensor, compute_dtype: str) -> zarr.Array | None:
     """The store's residual stream if it was made from these tokens in this compute dtype, else None (taylor
     then runs its own forward). A store from other tokens is an error: it belongs to another calibration set."""
     if RESIDUAL not in cap:
@@ -85,8 +86,9 @@ def capture_residual(cap: zarr.Group, input_ids: torch.Tensor, compute_dtype: st
     ids = cap["token_ids"][:]
     require(ids.shape == tuple(input_ids.shape) and bool((ids == input_ids.numpy()).all()),
             "the capture store was made from other calibration tokens: rerun capture")
-    made_in = cap.attrs.get("compute_dtype", "float32")
-    return cap[RESIDUAL] if made_in == str(compute_dtype).removeprefix("torch.") else None
+    # the store records its compute dtype by dtype_record's rule (nothing for float32): compare records
+    same_dtype = cap.attrs.get("compute_dtype") == dtype_record(compute_dtype).get("compute_dtype")
+    return cap[RESIDUAL] if same_dtype else None
 
 
 class _Moments:
@@ -216,7 +218,7 @@ def capture_features(
             seq_len=seq_len,
             dtype=dtype,
             # what the blocks ran in (model.compute_dtype); float32 is left out, so a float32 store keeps its bytes
-            **({} if runner.dtype == torch.float32 else {"compute_dtype": str(runner.dtype).removeprefix("torch.")}),
+            **dtype_record(str(runner.dtype).removeprefix("torch.")),
             keep=list(keep),
             residual=residual,
             pca_dim=pca_dim,
