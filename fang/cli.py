@@ -314,6 +314,20 @@ for _command, (_out, _help, _doc) in RECIPE_STAGES.items():
     _recipe_stage(_command, _out, _help, _doc)
 
 
+@app.command("recipe-report")
+def recipe_report(
+    results: Optional[str] = typer.Option(
+        None, help="also replace the text between <!-- recipe:start --> and <!-- recipe:end --> of this page "
+                   "(docs/results.md) with the search table and the confirmation verdicts"),
+    readme: Optional[str] = typer.Option(
+        None, help="also replace the text between <!-- recipe-headline:start --> and <!-- recipe-headline:end --> "
+                   "of this file (README.md) with the study's evidence for the default"),
+) -> None:
+    """Publish the recipe study: artifacts/recipe/recipe.md from search.json and confirmation.json (run it after
+    `dvc repro studies/recipe/dvc.yaml`)."""
+    _stage("recipe_report").run(results, readme)
+
+
 @app.command("bias-report")
 def bias_report(
     params: str = ParamsOpt,

@@ -158,6 +158,20 @@ def test_the_study_stages_split_select_and_confirm_from_the_files_they_read(tmp_
     n_conf = sum(len(v) for v in halves["halves"]["confirmation"].values())
     assert [v["avg7"]["n"] for v in result["verdicts"]] == [n_conf, n_conf]
     assert json.loads((tmp_path / "artifacts/recipe/confirm/index.json").read_text()) == {"recipe": "o_fang", "evaluated": []}
+    # the published study: the whole search table and every confirmation verdict, between the markers only
+    from stages import recipe_report
+
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    page.write_text("# Results\n<!-- recipe:start -->\nold\n<!-- recipe:end -->\nkept\n")
+    readme.write_text("intro\n<!-- recipe-headline:start -->\n<!-- recipe-headline:end -->\n")
+    recipe_report.run(str(page), str(readme))
+    text = page.read_text()
+    assert text.startswith("# Results\n<!-- recipe:start -->") and text.endswith("<!-- recipe:end -->\nkept\n")
+    assert "old" not in text and "| 30% | **o_fang** |" in text and "| 40% | o_fang,tau=3 |" in text
+    assert text.count("| obc |") == 2 and "better" in text
+    short = readme.read_text()
+    assert "- 30% vs obc: +" in short and "- 40% vs obc: +" in short
+    assert "detectably better than every baseline at 30% and 40%" in short
     # a missing sweep row is one line naming it and what to run
     (sweep / "obc-0.4.metrics.json").unlink()
     with pytest.raises(FangError, match=r"obc-0.4.metrics.json is missing: run `dvc repro studies/sweep/dvc.yaml`"):
