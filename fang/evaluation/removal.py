@@ -142,7 +142,7 @@ def _interval(c: dict) -> str:
 
 def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
     """Markdown lines of the attribution section of a report; [] when no model was attributed.
-    `per_cell=False` keeps the per-method table only (for a README block)."""
+    `per_cell=False` keeps the per-method table only (for a block of docs/results.md)."""
     if not section or not section["methods"]:
         return []
     from ..core.markdown import markdown_table
@@ -153,8 +153,8 @@ def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
              for c in section["cells"]]
     return ["### Does losing a topic's neurons predict losing the topic?", "",
             "Across topics, the correlation between the share of a topic's selective neurons a model removed (or the "
-            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, README \"Neuron "
-            "attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
+            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, docs/studies.md "
+            "\"Neuron attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
             "interval over topics].", "",
             markdown_table(["method", "models", "topics", "r, selective neurons removed", "r, activation mass lost"], rows),
             "", *([markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]
