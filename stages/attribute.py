@@ -30,7 +30,7 @@ from fang.core.outputs import guard_output, take_lock
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.data.corpus import load_calibration
-from fang.evaluation.removal import topic_correlation
+from fang.evaluation.removal import removal_result
 
 KIND = "attribution"
 
@@ -103,29 +103,16 @@ def run_removed(params_path: str, model: str, out: str | None = None, metrics: s
     require(len(kept) == int(store.attrs["n_layers"]),
             f"{model_dir} has {len(kept)} layers, the attribution {store.attrs['n_layers']}")
     removed = removed_mask(kept, int(store.attrs["n_ffn"]))
-    r = removal_by_topic(store["selective"][:], store["topic_mean_abs"][:], removed)
+    by_topic = removal_by_topic(store["selective"][:], store["topic_mean_abs"][:], removed)
     metrics_path, default_out = default_paths(model_dir)
     metrics_path = Path(metrics) if metrics else metrics_path
-    result = {
-        "model": str(model_dir), "kept_from": kept_from, "removed_fraction": float(r["removed_fraction"]),
-        "topics": {t: {"selective": int(r["selective"][k]), "selective_removed": int(r["selective_removed"][k]),
-                       "selective_removed_fraction": None if np.isnan(r["selective_removed_fraction"][k])
-                       else float(r["selective_removed_fraction"][k]),
-                       "mass_lost": float(r["mass_lost"][k])} for k, t in enumerate(topics)},
-        "removed_by_layer": [int(v) for v in removed.sum(1)],
-    }
     dense_path = Path(dense) if dense else paths.METRICS / "dense.json"
     require(metrics is None or metrics_path.exists(), f"--metrics {metrics_path} does not exist")
     require(dense is None or dense_path.exists(), f"--dense {dense_path} does not exist")
+    ppl = dense_ppl = None
     if metrics_path.exists() and dense_path.exists():
-        ppl, dense = read_json(metrics_path)["ppl_by_topic"], read_json(dense_path)["ppl_by_topic"]
-        y = np.array([[np.log(ppl[t] / dense[t]) if t in ppl and t in dense else np.nan for t in topics]])
-        result["ppl_log_ratio"] = {t: float(v) for t, v in zip(topics, y[0]) if np.isfinite(v)}
-        result["correlation"] = {
-            what: topic_correlation(np.array([[np.nan if v is None else v for v in
-                                               (result["topics"][t][key] for t in topics)]], dtype=float), y,
-                                    n_boot=p.n_boot, seed=p.seed)
-            for what, key in (("removed", "selective_removed_fraction"), ("mass_lost", "mass_lost"))}
+        ppl, dense_ppl = read_json(metrics_path)["ppl_by_topic"], read_json(dense_path)["ppl_by_topic"]
+    result = removal_result(str(model_dir), kept_from, topics, removed, by_topic, ppl, dense_ppl, p.n_boot, p.seed)
     out_path = Path(out) if out else default_out
     write_json(out_path, result)
     worst = max(topics, key=lambda t: result["topics"][t]["mass_lost"])

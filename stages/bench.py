@@ -12,37 +12,23 @@ import time
 import torch
 
 from fang.core import paths
-from fang.core.atomic import atomic_file, read_json, write_json
+from fang.core.atomic import atomic_file, write_json
 from fang.core.device import pick_device, resolve_compute_dtype
-from fang.core.errors import FangError, require
+from fang.core.errors import require
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.model.offload import load_dense_offloaded
-from fang.tools.bench.floor import measure_floor, profile_call, subsample
+from fang.tools.bench.floor import measure_floor
 from fang.tools.bench.inference import find_models, measure_inference
 from fang.tools.bench.machine import machine_info
-from fang.tools.bench.memory import capture_footprint, estimate_memory
+from fang.tools.bench.memory import capture_footprint, memory_part
+from fang.tools.bench.parts import DEFAULT_PARTS, chosen_parts, ints, keep_previous, names
 from fang.tools.bench.render import BENCH_FORMAT, render_fragment, render_markdown, update_readme
+from fang.tools.bench.stage_profile import profile_stages
 from fang.tools.bench.timings import NOT_PIPELINE, check_targets, read_timings
 
 BENCH = paths.ARTIFACTS / "bench"
 TIMINGS = paths.ARTIFACTS / "timings.jsonl"
-PARTS = ("pipeline", "memory", "inference", "profile", "scale")
-DEFAULT_PARTS = ("pipeline", "memory", "inference")  # profile is opt-in: it reruns capture and taylor on a subset
-# scale is opt-in too (random models at several sizes, ~15 CPU-minutes); it writes its own scale.json and block
-
-
-def _names(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(t) for t in _names(text)]
-    except ValueError:
-        raise FangError(f"{option}={text!r}: expected comma-separated integers, e.g. 1,8") from None
-    require(bool(values) and all(v > 0 for v in values), f"{option}={text!r}: give positive integers")
-    return values
 
 
 def run(
@@ -62,15 +48,13 @@ def run(
     scale_jobs: int = 1,
     scale_refit: bool = False,
 ) -> None:
-    wanted = _names(parts)
-    unknown = [p for p in wanted if p not in PARTS]
-    require(bool(wanted) and not unknown, f"--parts={parts!r}: choose from {', '.join(PARTS)}")
+    wanted = chosen_parts(parts)
     if "scale" in wanted:
-        run_scale_part(params_path, scale_plan, _names(scale_dtypes), scale_jobs, results, scale_refit)
+        run_scale_part(params_path, scale_plan, names(scale_dtypes), scale_jobs, results, scale_refit)
         wanted = [p for p in wanted if p != "scale"]
         if not wanted:  # bench.json holds the other parts: left as it is
             return
-    sizes = _ints(batch_sizes, "--batch-sizes")
+    sizes = ints(batch_sizes, "--batch-sizes")
     device = pick_device()
     # model.offload: the floor's forward, the profile's capture and taylor and the inference runs stream the blocks
     offload = load_block("model", path=params_path).offload
@@ -83,7 +67,7 @@ def run(
         "format": BENCH_FORMAT,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine_info(device),
-        "options": {"parts": wanted, "tokens": tokens, "max_seqs": max_seqs, "models": _names(models) or None,
+        "options": {"parts": wanted, "tokens": tokens, "max_seqs": max_seqs, "models": names(models) or None,
                     "batch_sizes": sizes, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats},
     }
     measured = {part: result["time"] for part in wanted}
@@ -103,26 +87,21 @@ def run(
                               "targets": check_targets(timings, floor)}
 
     if "memory" in wanted:
-        footprint = capture_footprint(paths.CAPTURE)
-        one_block = footprint["tokens"] * footprint["model"]["hidden_size"] * 4
-        streaming = [{"label": e["label"], "peak_rss_mib": e["peak_rss_mib"]} for e in timings
-                     if e["stage"] in ("capture", "cluster", "taylor", "prune") and e["peak_rss_mib"] is not None
-                     and e.get("source") is None]
-        result["memory"] = {"footprint": footprint, "one_block_bytes": one_block, "stage_rss": streaming,
-                            "estimate": estimate_memory(footprint, batch_size=load_block("capture", path=params_path).batch_size)}
+        result["memory"] = memory_part(capture_footprint(paths.CAPTURE), timings,
+                                       load_block("capture", path=params_path).batch_size)
 
     if "inference" in wanted:
-        entries = find_models(paths.ARTIFACTS, _names(models) or None)
+        entries = find_models(paths.ARTIFACTS, names(models) or None)
         if len(entries) == 1:
             console.print("[yellow]bench: no pruned model found (artifacts/pruned, artifacts/sweep/*); "
                           "measuring the dense model only[/yellow]")
         result["inference"] = measure_inference(entries, sizes, prompt_len, new_tokens, repeats, device, offload=offload)
 
     if "profile" in wanted:
-        result["profile"] = _profile(params_path, device, max_seqs or 8, offload)
+        result["profile"] = profile_stages(params_path, device, max_seqs or 8, offload)
 
     if keep:
-        _keep_previous(result, measured, wanted)
+        keep_previous(result, measured, wanted, BENCH / "bench.json")
     result["measured"] = measured
     write_json(BENCH / "bench.json", result)
     with atomic_file(BENCH / "bench.md") as fh:
@@ -149,15 +128,10 @@ def run_scale_part(params_path: str, plan: str, dtypes: list[str], jobs: int, re
     the saved scale.json's measurements are recomputed (after a change of the fitted terms or the assumptions)."""
     from fang.core.markdown import replace_between_markers
     from fang.tools.bench.machine import machine_line
-    from fang.tools.bench.scale import SCALE_END, SCALE_FORMAT, SCALE_START, analyse, render_scale, run_scale
+    from fang.tools.bench.scale import SCALE_END, SCALE_START, refit as refit_scale, render_scale, run_scale
 
     if refit:
-        path = BENCH / "scale.json"
-        require(path.exists(), f"bench --scale-refit: no {path}; run `fang bench --parts scale` first")
-        result = read_json(path)
-        require(result.get("format") == SCALE_FORMAT, f"bench --scale-refit: {path} has format {result.get('format')}, "
-                                                      f"expected {SCALE_FORMAT}; measure again")
-        analyse(result)
+        result = refit_scale(BENCH / "scale.json")
         when = result["time"]
     else:
         require(bool(dtypes), "--scale-dtypes is empty: give float32 (and bfloat16 where model.compute_dtype exists)")
@@ -174,50 +148,6 @@ def run_scale_part(params_path: str, plan: str, dtypes: list[str], jobs: int, re
     console.print(f"bench scale: {len(result['configs'])} configurations, "
                   f"{result['total_cpu_seconds'] / 60:.1f} CPU-min -> {BENCH}/scale.json" + (f", {results} updated" if results else ""))
     return result
-
-
-def _keep_previous(result: dict, measured: dict, wanted: list[str]) -> None:
-    """Carry the parts not rerun over from the previous bench.json, each with the time it was measured."""
-    if not (BENCH / "bench.json").exists():
-        console.print("[yellow]bench --keep: no previous artifacts/bench/bench.json; nothing to keep[/yellow]")
-        return
-    previous = read_json(BENCH / "bench.json")
-    require(previous.get("format") == BENCH_FORMAT,
-            f"bench --keep: {BENCH / 'bench.json'} has format {previous.get('format')}, expected {BENCH_FORMAT}; "
-            "rerun every part instead")
-    require(previous.get("machine", {}).get("cpu") == result["machine"]["cpu"],
-            "bench --keep: the previous bench.json was measured on another machine; rerun every part instead")
-    for part in PARTS:
-        if part not in wanted and part in previous:
-            result[part] = previous[part]
-            measured[part] = previous.get("measured", {}).get(part, previous["time"])
-
-
-def _profile(params_path: str, device, n_seqs: int, offload: str = "none") -> dict:
-    """cProfile of capture and taylor on the first `n_seqs` calibration sequences (where a missed target's time goes)."""
-    import tempfile
-
-    import torch
-
-    from fang.analysis.capture import capture_features
-    from fang.analysis.store import open_store
-    from fang.analysis.taylor import taylor_scores
-    from fang.data.corpus import load_calibration
-
-    cap = load_block("capture", path=params_path)
-    tay = load_block("taylor", path=params_path)
-    ids = subsample(load_calibration(), max_seqs=n_seqs)
-    clusters = open_store(paths.CLUSTER, "cluster", "cluster")
-    labels = torch.from_numpy(clusters["token_clusters"][:, : ids.numel()]).long()
-    dtype = resolve_compute_dtype(load_block("model", path=params_path).compute_dtype, device)
-    model, _ = load_dense_offloaded(paths.MODEL, device, dtype, offload=offload)
-    runs = {}
-    with tempfile.TemporaryDirectory(dir=paths.ARTIFACTS) as tmp:
-        pca_dim = load_block("cluster", path=params_path).pca_dim  # as the stage runs it: PCA, slim store
-        runs["capture"] = profile_call(lambda: capture_features(model, ids, f"{tmp}/capture.zarr", cap.batch_size,
-                                                                cap.dtype, device, pca_dim=pca_dim, keep=cap.keep))
-    runs["taylor"] = profile_call(lambda: taylor_scores(model, ids, labels, clusters.attrs["k"], tay.batch_size, device))
-    return {"sequences": int(ids.shape[0]), "runs": runs}
 
 
 # ------------------------------------------------------------------------------ `--parts scale`: the server's stages

@@ -1,26 +1,14 @@
 """fetch_data: corpus -> article-level train/validation/test JSONL; evaluation tasks -> local lm-eval folder."""
 
 import collections
-from pathlib import Path
 
 from fang.core import paths
 from fang.core.atomic import atomic_dir, write_json
 from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.outputs import take_lock
-from fang.data.corpus import SPLITS, read_wiki_summaries, split_rows, write_jsonl
-from fang.data.fetch import EMBEDDED_WIKI, embedded_wiki_json
-
-
-def corpus_rows(source: str) -> list[dict]:
-    """Rows of the corpus named by `data.corpus`: embedded wiki, a summaries JSON, or a hub/local HF dataset."""
-    if source == EMBEDDED_WIKI:
-        return read_wiki_summaries(embedded_wiki_json())
-    if source.endswith(".json") and Path(source).is_file():
-        return read_wiki_summaries(source)
-    from fang.evaluation.evaluate import load_text_rows
-
-    return load_text_rows(source)
+from fang.data.corpus import SPLITS, split_rows, write_jsonl
+from fang.data.text_sources import corpus_rows
 
 
 def run(params_path: str = "params.yaml") -> None:

@@ -470,7 +470,7 @@ def test_evaluate_with_task_limit_minus_one_runs_perplexity_only(tmp_path, monke
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["tasks"] == {} and metrics["task_limit"] == -1
     assert set(metrics["ppl_by_topic"]) == {"People", "Geography"} and metrics["ppl"] > 1
-    # model.offload: the same perplexity windows with the blocks streamed (README "Scale")
+    # model.offload: the same perplexity windows with the blocks streamed (docs/scale.md)
     full = yaml.safe_load((tmp_path / "params.yaml").read_text())
     full["model"]["offload"] = "disk"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(full))

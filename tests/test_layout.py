@@ -1,4 +1,4 @@
-"""The package layout shows the architecture, and no import runs upward (fang/ README "Package layout")."""
+"""The package layout shows the architecture, and no import runs upward (README.md#project-layout)."""
 
 from __future__ import annotations
 

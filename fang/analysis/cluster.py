@@ -119,7 +119,7 @@ def _nearest(x: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
     return idx, dist
 
 
-GPU_INSTALL_HINT = 'pip install -e ".[gpu]" (README "GPU")'
+GPU_INSTALL_HINT = 'pip install -e ".[gpu]" (docs/usage.md#gpu)'
 
 
 def kmeans_backend(faiss, cuda_available: bool | None = None) -> str:

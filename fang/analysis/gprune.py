@@ -1,7 +1,7 @@
 """GPrune-LLM (seed 002, Liu et al.): generalization-aware FFN pruning from several calibration sources.
 
 Only the abstract and figure captions are public. What they fix, and what is ours ("ours:" below
-and in the README):
+and in docs/methods.md):
 - neuron importance is an activation metric computed per calibration source (base metric a
   parameter); a neuron's rank drift across sources measures its distribution sensitivity;
 - neurons are partitioned per layer into modules by data-free parameter similarity and rank-drift

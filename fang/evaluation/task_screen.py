@@ -17,18 +17,23 @@ a z of 5 against 50% chance (fact_checker on SmolLM2-135M). Both the floor and t
 test therefore work on answer texts, never on choice indices.
 
 The dev set is then the kept tasks by strength of signal (z) until the per-model request budget is
-spent. Everything here is pure bookkeeping on numbers; `stages/screen_tasks.py` runs the model.
+spent. Everything here is bookkeeping on numbers, task rows and token counts; `stages/screen_tasks.py`
+runs the model.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from ..core.errors import require
+from ..data.next_sentence import NEXT_SENTENCE
 
 CONSTANT_ANSWER = 0.95  # share of questions answered with the same choice index above which a task is degenerate
+SCREEN_START = "<!-- screen:start -->"  # the block of docs/results.md (`fang screen-tasks --results`)
+SCREEN_END = "<!-- screen:end -->"
 
 
 @dataclass
@@ -127,11 +132,86 @@ def affordable(candidates: list[Candidate], min_examples: int, max_task_requests
     return out
 
 
+def bigbench_candidates(source) -> tuple[list[Candidate], dict[str, list[dict]]]:
+    """Every multiple-choice task of the source with its size, and its examples; chance is refined
+    from the built rows."""
+    names = source.mc_names()
+    tasks, _ = source.read(names)
+    out, examples_of = [], {}
+    for name in names:
+        examples = [e for e in tasks.get(name, {}).get("examples", []) if e.get("target_scores")]
+        if not examples:
+            continue
+        choices = [len(e["target_scores"]) for e in examples]
+        out.append(Candidate(name, len(examples), statistics.mean(choices), statistics.mean(1 / c for c in choices)))
+        examples_of[name] = examples
+    return out, examples_of
+
+
+def next_sentence_candidate() -> Candidate:
+    """The next-sentence task as a candidate: four choices, one right; its sizes are filled from the built task
+    (`size_from_task_folder`)."""
+    return Candidate(NEXT_SENTENCE, 0, 4.0, 0.25)
+
+
+def evaluation_tokens(tokenizer, questions: list[str], choices: list[list[str]]) -> tuple[int, int]:
+    """(tokens one full evaluation runs with shared contexts: every question once + every choice,
+    tokens of the longest question + its longest choice); the prompt template adds a few more."""
+    q = tokenizer([str(x) for x in questions], add_special_tokens=False)["input_ids"]
+    flat = [" " + str(a) for cs in choices for a in cs]
+    lens = [len(t) for t in tokenizer(flat, add_special_tokens=False)["input_ids"]] if flat else []
+    total, longest, at = 0, 0, 0
+    for qq, cs in zip(q, choices):
+        mine = lens[at: at + len(cs)]
+        at += len(cs)
+        total += len(qq) + sum(mine)
+        longest = max(longest, len(qq) + max(mine, default=0))
+    return total, longest
+
+
+def candidate_pool(candidates: list[Candidate], examples_of: dict[str, list[dict]], tokenizer, p) -> list[Candidate]:
+    """The BIG-bench candidates worth a probe under the screen block `p`: sizes first (free), then the
+    token length of what is left (tokenizing every BIG-bench task is slow)."""
+    sized = affordable(candidates, p.min_examples, p.max_task_requests, p.exclude)
+    for c in sized:
+        ex = examples_of[c.name]
+        c.tokens, c.max_tokens = evaluation_tokens(tokenizer, [e.get("input", "") for e in ex],
+                                                   [list(e["target_scores"]) for e in ex])
+    return affordable(sized, p.min_examples, p.max_task_requests, p.exclude, p.max_request_tokens,
+                      p.max_task_tokens)
+
+
+def size_from_task_folder(pool: list[Candidate], manifest: dict, rows_of: dict[str, list[dict]],
+                          tokenizer) -> dict[str, str]:
+    """Questions, chance and the majority floor of every pooled task from the task folder built for
+    them (its manifest, in pool order, and its rows per lm-eval task), and next-sentence's tokens;
+    returns task -> its lm-eval name."""
+    lm_names = {}
+    for c, entry in zip(pool, manifest["tasks"]):
+        c.n_examples, c.chance = int(entry["n_examples"]), float(entry["chance_acc"])
+        if c.name == NEXT_SENTENCE:
+            c.mean_choices = 4.0
+            rows = [r for leaf in sorted(rows_of) if leaf.startswith(NEXT_SENTENCE) for r in rows_of[leaf]]
+            c.tokens, c.max_tokens = evaluation_tokens(tokenizer, [r["context"] for r in rows],
+                                                       [r["choices"] for r in rows])
+        lm_names[c.name] = entry["lm_eval_tasks"][0]
+    for c in pool:  # the floor a constant answer reaches, from every question of the task
+        c.majority = majority_rate([r for leaf in leaf_tasks(rows_of, lm_names[c.name]) for r in rows_of[leaf]])
+    return lm_names
+
+
 def score(result: dict, preds: list[int] | None = None) -> dict:
     """{"n", "acc", "stderr"} of one lm-eval task result (acc_norm where reported), + constant share."""
     key = "acc_norm" if result.get("acc_norm") is not None else "acc"
     return {"n": int(result.get("n", 0)), "acc": float(result[key]), "stderr": result.get(f"{key}_stderr"),
             "metric": key, "constant_share": constant_share(preds)}
+
+
+def task_score(results: dict, lm_name: str, rows_of: dict[str, list[dict]]) -> dict:
+    """The task's score, with the constant-answer share over the answer texts given (the choices
+    of a BIG-bench question are shuffled, so indices would hide "always false")."""
+    texts = given_answers(results, lm_name, rows_of)
+    return score(results[lm_name], texts or None)
 
 
 def decide_probe(c: Candidate, probe: dict, probe_min_z: float) -> bool:
@@ -254,3 +334,26 @@ def markdown(result: dict, screened_only: bool = True) -> str:
     note = (f"{len(result['candidates'])} BIG-bench multiple-choice tasks considered; "
             + ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())) + "." if skipped else "")
     return "\n".join([note, "", *lines]) if note else "\n".join(lines)
+
+
+def results_note(result: dict) -> str:
+    """The screen's rules and its dev set in prose, above its table (screen.md, docs/results.md)."""
+    s = result["settings"]
+    precision = f" scored in {s['dtype']}" if s.get("dtype") else ""
+    return (f"Dense model `{result['model']}`{precision}. Candidates: BIG-bench multiple-choice tasks with at least "
+            f"{s['min_examples']} questions, at most {s['max_task_requests']} requests (questions × choices), "
+            f"no question + choice over {s['max_request_tokens']} tokens and at most {s['max_task_tokens']:,} tokens "
+            f"per evaluation (each question once + every choice), plus next-sentence. Probe on "
+            f"{s['probe_examples']} questions (kept if ≥ {s['probe_min_z']} standard errors above chance), then "
+            f"every question, by decreasing probe signal until the budget is filled: kept if ≥ {s['min_z']} "
+            f"standard errors above the better of chance and the majority answer (always giving the most common correct answer text) and not the same answer text on more than 95% of questions. Dev set = kept "
+            f"tasks by decreasing z within {s['max_total_tokens']:,} tokens per evaluated model: "
+            f"**{', '.join(result['dev_set']) or 'none'}** ({result.get('dev_set_tokens', 0):,} tokens, "
+            f"{result['dev_set_requests']} requests).")
+
+
+def results_block(result: dict, when: str) -> str:
+    """What `fang screen-tasks --results` puts between the screen markers of docs/results.md."""
+    return (f"<!-- generated by `fang screen-tasks --results` on {when} from "
+            f"artifacts/screen/screen.json; rerun it instead of editing -->\n\n"
+            + results_note(result) + "\n\n" + markdown(result))

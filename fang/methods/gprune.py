@@ -134,7 +134,8 @@ class ModulePruner:
     paper's contribution); the activation score that ranks neurons inside robust modules is measured
     here, on the sequential pass's inputs, like its baseline's (wanda_sp or flap: ours, the text does
     not say). Ranking by the dense model's scores instead, with no switch and every module at the
-    block's sparsity, gave 2.9x wanda_sp's perplexity at 30% on the default model (README "GPrune-LLM")."""
+    block's sparsity, gave 2.9x wanda_sp's perplexity at 30% on the default model (commit 1b0d9f4; the
+    method: docs/methods.md "Functional networks (ICA) and GPrune-LLM")."""
 
     def __init__(self, inputs: GPruneInputs, layer: int, where: str) -> None:
         self.inputs, self.layer, self.where = inputs, layer, where

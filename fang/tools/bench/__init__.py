@@ -1,7 +1,7 @@
 """Benchmarks (`fang bench`): stage cost against the compute floor, the memory footprint, inference speed of pruned models.
 
-Three parts, each usable alone (the `bench` stage runs them and writes JSON, Markdown and a README
-fragment):
+Three parts, each usable alone (the `bench` stage runs them and writes JSON, Markdown and a
+fragment of docs/results.md):
 
 - pipeline: the wall time and peak RSS of every stage (the latest artifacts/timings.jsonl entry per
   stage and arguments) next to the compute floor measured in the same bench run: one plain

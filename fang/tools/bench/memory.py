@@ -214,6 +214,17 @@ def estimate_memory(
     }
 
 
+def memory_part(footprint: dict, timings: list[dict], batch_size: int) -> dict:
+    """The bench's memory part: the capture store's `footprint`, one block's hidden states in bytes, the peak RSS
+    of the main job's streaming stages (from `timings`), and the estimate at capture's `batch_size`."""
+    one_block = footprint["tokens"] * footprint["model"]["hidden_size"] * 4
+    streaming = [{"label": e["label"], "peak_rss_mib": e["peak_rss_mib"]} for e in timings
+                 if e["stage"] in ("capture", "cluster", "taylor", "prune") and e["peak_rss_mib"] is not None
+                 and e.get("source") is None]
+    return {"footprint": footprint, "one_block_bytes": one_block, "stage_rss": streaming,
+            "estimate": estimate_memory(footprint, batch_size=batch_size)}
+
+
 def _feature_itemsize(footprint: dict) -> int:
     sizes = {e["itemsize"] for e in footprint["arrays"] if e["scales"] == "token_layer" and e["name"] in FULL_ARRAYS}
     if not sizes:  # a slim store: nothing in the store dtype to measure, the formula does not use it

@@ -513,6 +513,16 @@ def analyse(result: dict) -> dict:
     return result
 
 
+def refit(path: str | os.PathLike) -> dict:
+    """The saved scale.json at `path`, its fits and estimates recomputed from its measurements (`--scale-refit`:
+    after a change of the fitted terms or the assumptions), without measuring."""
+    require(Path(path).exists(), f"bench --scale-refit: no {path}; run `fang bench --parts scale` first")
+    result = read_json(path)
+    require(result.get("format") == SCALE_FORMAT, f"bench --scale-refit: {path} has format {result.get('format')}, "
+                                                  f"expected {SCALE_FORMAT}; measure again")
+    return analyse(result)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # rendering
 
