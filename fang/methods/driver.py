@@ -54,6 +54,9 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     compute_dtype: str = "float32"  # the dtype the blocks ran in (model.compute_dtype, resolved)
+    # the largest structure removed at once, as a fraction of the dense block parameters: the granularity the
+    # target is met within (`AttentionUnits.unit_fraction`); not written (the report's bytes stay as they were)
+    unit_fraction: float = 0.0
 
     @property
     def achieved_sparsity(self) -> float:
@@ -248,6 +251,7 @@ def prune_model(
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model),
                          compute_dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."))
     plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options, art)
+    report.unit_fraction = plan.units.unit_fraction(report.dense_block_params)
     report.options = {**options.as_dict(), "allocation": plan.allocation,
                       "block_sparsity": None if plan.block_sparsity is None else [float(s) for s in plan.block_sparsity]}
     if plan.removes_nothing:
