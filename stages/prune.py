@@ -55,7 +55,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     art = paths.calibration_artifacts(source)
     capture = open_capture(art.capture)
     options = PruneOptions.from_params(p, variant)
-    inputs = method_class(method).load_inputs(art, sparsity, params_path, options=options)
+    inputs = method_class(method).load_inputs(art, params_path, options=options)
     device = pick_device()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on

@@ -12,7 +12,8 @@ differs between methods is therefore only:
 - what statistics it streams per layer (`add_batch` of its pruners: means/variances, Hessians, none);
 - how it scores and selects units (`select`, usually a per-channel metric and `select_top`);
 - how it compensates (`Selection.bias`: FLAP's bias; `Selection.weight`: OBC's refit; neither);
-- optionally its own keep counts (`block_sparsity`, `plan`) and extra per-layer diagnostics.
+- optionally its own keep counts (`own_allocation`: the data FANG's allocation reads, which the plan computes;
+  `plan`) and extra per-layer diagnostics.
 
 `MetricPruner` covers every method that scores input channels by a metric and keeps the top units
 (FLAP, Wanda-sp, magnitude and the ranked ICA mode are each a metric function plus one line).
@@ -33,8 +34,11 @@ from ..core.errors import FangError, require
 from .stats import InputStats
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from torch import nn
 
+    from ..analysis.allocate import AllocationScores
     from ..core.paths import CalibrationArtifacts
     from .units import AttentionUnits, PruneOptions
 
@@ -93,17 +97,20 @@ class PruningMethod:
         self.name, self.options, self.inputs = name, options, inputs
 
     @classmethod
-    def load_inputs(cls, art: "CalibrationArtifacts", sparsity: float, params_path: str = "params.yaml",
+    def load_inputs(cls, art: "CalibrationArtifacts", params_path: str = "params.yaml",
                     options: "PruneOptions | None" = None) -> Any:
-        """Read the method's analysis artifacts for one calibration set (None: it reads none). `options`, the
-        settings it will prune with, when what it reads depends on them (o_fang+dense: the token ids)."""
+        """Read the method's analysis artifacts for one calibration set (None: it reads none), whatever the target
+        sparsity. `options`, the settings it will prune with, when what it reads depends on them (o_fang+dense:
+        the token ids)."""
         return None
 
     def check(self, model: "nn.Module") -> None:
         """Validate `inputs` against the model before anything is pruned (FangError naming the problem)."""
 
-    def block_sparsity(self) -> list[float] | None:
-        """Its own per-block sparsity (FANG's allocation), used when the allocation is its own."""
+    def own_allocation(self) -> "AllocationScores | Sequence[float] | None":
+        """What its own per-block allocation follows (FANG's "asa"): the calibration set's block scores, which the
+        plan turns into each block's sparsity at the target (`plan.allocated_sparsity`), or a per-block sparsity
+        given as is; None: it has none."""
         return None
 
     def plan(self, model: "nn.Module", sparsity: float, units: "AttentionUnits") -> tuple[list[int], list[int]] | None:

@@ -142,8 +142,7 @@ class MaskPruner:
 
 class _Ica(PruningMethod):
     @classmethod
-    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml",
-                    options=None) -> IcaInputs:
+    def load_inputs(cls, art: CalibrationArtifacts, params_path: str = "params.yaml", options=None) -> IcaInputs:
         return load_ica_inputs(art)
 
     def check(self, model: nn.Module) -> None:

@@ -6,10 +6,11 @@ The keep counts come from the allocation (`prune.allocation`, `auto` = the metho
 - `flap_search`: FLAP's global AL-AM structure search (`structure_search`) on the dense capture's
   statistics (`flap.al_am_scores`);
 - the method's own plan (`PruningMethod.plan`, e.g. ica_fn's one global threshold);
-- one sparsity per block: `sparsity` everywhere, the per-block list of `uniform`/`fc`/`taylor`
-  (given, or read from the calibration set's allocate.json), or the method's own
-  (`PruningMethod.block_sparsity`, FANG's allocation). Heads (GQA units) are rounded to that fraction
-  and the FFN neurons absorb the rounding (`param_matched_structure`).
+- one sparsity per block (`per_block_sparsity`, `allocated_sparsity`): `uniform` (`sparsity` everywhere),
+  `fc`/`taylor` (ASA's band on the calibration set's allocate.json scores), FANG's own `asa` (the same on
+  the scores of allocate.mode, which its inputs carry: `PruningMethod.own_allocation`), or the per-block
+  list given (`PruneOptions.block_sparsity`). Heads (GQA units) are rounded to that fraction and the FFN
+  neurons absorb the rounding (`param_matched_structure`).
 
 Then `prune.align` (`PruneOptions.align`, default 1 = no rounding) rounds every block's kept FFN width
 to a multiple of `align` (`align_widths`), whatever the source of the counts, before any layer is
@@ -28,14 +29,37 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..analysis.allocate import allocated_sparsity
+from ..analysis.allocate import AllocationScores, allocate_sparsity, read_allocation_scores
 from ..core.choices import ALLOCATIONS, resolve_allocation
-from ..core.errors import require
+from ..core.errors import FangError, require
 from ..model.modeling import decoder_layers
 from ..model.offload import block_on_device
 from . import flap
 from .base import PruningMethod
 from .units import AttentionUnits, PruneOptions, attention_units
+
+# The allocations that are one sparsity per block (`allocated_sparsity`); FANG's own, "asa", is one too.
+PER_BLOCK = ("uniform", "fc", "taylor")
+
+
+def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int,
+                       scores: AllocationScores | None = None) -> list[float]:
+    """Each block's sparsity under a per-block allocation: `uniform`, `sparsity` in every block; `fc` / `taylor`,
+    ASA's band around `sparsity` (`allocate.block_sparsity`) on the calibration set's functional complexity or
+    Taylor sensitivity; `asa` (FANG's own), the same on the scores of the set's allocate.mode."""
+    if allocation == "uniform":
+        return [float(sparsity)] * n_blocks
+    require(scores is not None, f"prune.allocation={allocation} needs the calibration set's allocation scores "
+                                "(allocate.json)")
+    if allocation == "asa":
+        return allocate_sparsity(scores.mode, scores.scores, sparsity, n_blocks=len(scores.functional_complexity),
+                                 max_sparsity=scores.max_sparsity)
+    values = scores.functional_complexity if allocation == "fc" else scores.taylor_sensitivity
+    if values is None:
+        raise FangError(f"prune.allocation=taylor: {scores.source} has no Taylor "
+                        "block sensitivity; rerun `fang allocate` (dvc repro allocate)")
+    return allocate_sparsity(allocation, values, sparsity, n_blocks=len(values), max_sparsity=scores.max_sparsity)
+
 
 
 def structure_search(
@@ -334,6 +358,29 @@ def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
     return values
 
 
+def per_block_sparsity(allocation: str, sparsity: float, n_layers: int, method: PruningMethod,
+                       given: Sequence[float] | None = None, art=None) -> tuple[list[float] | None, list[float]]:
+    """(the allocation's per-block sparsity as the report gives it, None for the method's own; each block's
+    sparsity) of a per-block allocation: `given` (`PruneOptions.block_sparsity`), else uniform/fc/taylor
+    computed from the calibration set `art`'s allocate.json, else the method's own allocation
+    (`PruningMethod.own_allocation`: FANG's block scores, computed here, or a list given as is), else `sparsity`."""
+    if given is not None:
+        return given, _block_sparsity(given, n_layers, "PruneOptions.block_sparsity")
+    own = method.own_allocation()
+    shared = art is not None and allocation in PER_BLOCK  # from the calibration set's allocate.json
+    if not shared and not isinstance(own, AllocationScores):  # a list the method gives as is, or none
+        if own is None:
+            return None, [float(sparsity)] * n_layers
+        return None, _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
+    if shared:
+        scores = None if allocation == "uniform" else read_allocation_scores(art.allocate)
+    else:
+        scores = own
+    values = allocated_sparsity(allocation, sparsity, n_layers, scores)
+    name = "PruneOptions.block_sparsity" if shared else f"{method.name}'s block sparsity"
+    return (values if shared else None), _block_sparsity(values, n_layers, name)
+
+
 @dataclass
 class Plan:
     """What every block keeps, before any is pruned."""
@@ -357,10 +404,9 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
     """Resolve the allocation, the attention units (`gqa_scheme`) and every block's keep counts of pruning
     `model` with `method` to `sparsity` (see the module's docstring for the sources of the counts).
 
-    The per-block sparsity of uniform, fc and taylor is `options.block_sparsity` when given, else read
-    from the calibration set `art` (`paths.CalibrationArtifacts`: its allocate.json), else `sparsity`.
-    The FFN widths are then aligned to `options.align` (`align_widths`); a method with its own plan is
-    told the aligned widths (`PruningMethod.adopt_widths`).
+    A per-block allocation's sparsity comes from `per_block_sparsity` (`options.block_sparsity`, the calibration
+    set `art`'s allocate.json scores, or the method's own). The FFN widths are then aligned to `options.align`
+    (`align_widths`); a method with its own plan is told the aligned widths (`PruningMethod.adopt_widths`).
     """
     layers = decoder_layers(model)
     n_layers = len(layers)
@@ -368,8 +414,6 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
     allocation = resolve_allocation(method.name, options.allocation)
     units = attention_units(model.config, gqa_scheme)
     block_sparsity = options.block_sparsity
-    if block_sparsity is None and art is not None:
-        block_sparsity = allocated_sparsity(allocation, sparsity, n_layers, art)
 
     own_plan = method.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
     if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
@@ -381,13 +425,7 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
             else ([units.count] * n_layers, list(n_ffns))
         )
     else:
-        own = method.block_sparsity()
-        if block_sparsity is not None:
-            per_block = _block_sparsity(block_sparsity, n_layers, "PruneOptions.block_sparsity")
-        elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
-            per_block = _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
-        else:
-            per_block = [float(sparsity)] * n_layers
+        block_sparsity, per_block = per_block_sparsity(allocation, sparsity, n_layers, method, block_sparsity, art)
         block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         keep_attn, keep_mlp = param_matched_structure(
             [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params

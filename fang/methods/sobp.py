@@ -235,7 +235,7 @@ class Sobp(PruningMethod):
         self.first_order: tuple[list[Tensor], list[Tensor]] | None = None  # step 1's scores, when it ran
 
     @classmethod
-    def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml", options=None) -> SobpInputs:
+    def load_inputs(cls, art, params_path: str = "params.yaml", options=None) -> SobpInputs:
         from ..core.params import load_block
 
         return SobpInputs(capture_token_ids(art.capture), load_block("prune", path=params_path).batch_size)
