@@ -16,7 +16,7 @@ from fang.core.params import load_block
 from fang.core.progress import console
 from fang.core.registry import method_spec
 from fang.methods.driver import method_class, prune_model
-from fang.methods.units import PruneOptions, attention_units
+from fang.methods.units import PruneOptions
 from fang.model.offload import load_for_block_passes
 from fang.model.shrink import save_pruned
 
@@ -55,7 +55,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     art = paths.calibration_artifacts(source)
     capture = open_capture(art.capture)
     options = PruneOptions.from_params(p, variant)
-    inputs = method_class(method).load_inputs(art, sparsity, params_path, options=options)
+    inputs = method_class(method).load_inputs(art, params_path, options=options)
     device = pick_device()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # model.offload=disk: each pruned block is written to this directory as it leaves the device, not kept on
@@ -73,7 +73,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
         f"({report.pruned_block_params:,} of {report.dense_block_params:,} block parameters kept) -> {out_dir}"
     )
     gap = report.achieved_sparsity - sparsity
-    unit = attention_units(model.config, p.gqa).unit_fraction(report.dense_block_params)
+    unit = report.unit_fraction
     if abs(gap) > unit:
         console.print(f"[yellow]warning: {method} achieved sparsity {report.achieved_sparsity:.3f}, "
                       f"{abs(gap):.3f} {'below' if gap < 0 else 'above'} the target {sparsity:.3f} (more than one "

@@ -138,3 +138,19 @@ def test_allocation_errors():
         block_sparsity([0.1, 0.2], 0.3, lo=1.2)
     with pytest.raises(FangError, match="allocation mode"):
         allocate_sparsity("owl", [0.1], 0.3)
+
+
+def test_the_plan_computes_every_per_block_allocation_from_the_scores():
+    """plan.allocated_sparsity: fc and taylor on their own scores, FANG's own (asa) on allocate.mode's, uniform
+    without scores; the same numbers as `allocate_sparsity` on allocate.json's fields (what FANG read before)."""
+    from fang.analysis.allocate import AllocationScores
+    from fang.methods.plan import allocated_sparsity
+
+    fc, taylor = [0.1, 0.4, 0.2, 0.3], [3.0, 1.0, 2.0, 0.5]
+    scores = AllocationScores("taylor", taylor, fc, taylor, 0.95, "x/allocate.json")
+    assert allocated_sparsity("uniform", 0.3, 4) == [0.3] * 4
+    assert allocated_sparsity("fc", 0.3, 4, scores) == allocate_sparsity("fc", fc, 0.3, n_blocks=4)
+    assert allocated_sparsity("taylor", 0.3, 4, scores) == allocate_sparsity("taylor", taylor, 0.3, n_blocks=4)
+    assert allocated_sparsity("asa", 0.3, 4, scores) == allocated_sparsity("taylor", 0.3, 4, scores)
+    with pytest.raises(FangError, match="x/allocate.json has no Taylor"):
+        allocated_sparsity("taylor", 0.3, 4, AllocationScores("fc", fc, fc, None, 0.95, "x/allocate.json"))

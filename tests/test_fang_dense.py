@@ -223,12 +223,12 @@ def test_token_ids_are_loaded_only_for_the_dense_refit(calib, tmp_path, monkeypa
     """`FunctionAware.load_inputs` asks for the capture's token ids (and the prune batch size) only when the run's
     compensation is dense; `dense_target.capture_token_ids` reads them from the capture."""
     calls = []
-    monkeypatch.setattr(function_aware, "load_fang_inputs", lambda art, s, **kw: calls.append(kw) or kw)
+    monkeypatch.setattr(function_aware, "load_fang_inputs", lambda art, **kw: calls.append(kw) or kw)
     params = tmp_path / "params.yaml"
     params.write_text("prune:\n  batch_size: 5\n")
     for comp in ("group", "layer", "dense"):
-        FunctionAware.load_inputs(None, 0.3, str(params), options=PruneOptions(compensation=comp))
-    FunctionAware.load_inputs(None, 0.3, str(params))
+        FunctionAware.load_inputs(None, str(params), options=PruneOptions(compensation=comp))
+    FunctionAware.load_inputs(None, str(params))
     assert calls == [{}, {}, {"token_ids": True, "batch_size": 5}, {}]
 
     model = tiny_model(6, 3, layers=3)

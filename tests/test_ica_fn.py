@@ -7,7 +7,8 @@ import torch
 
 from fang.analysis.ica import canica, key_neurons, neuron_score, prunable_layers, zscore_columns
 from fang.core.errors import FangError
-from fang.methods.ica_fn import bisect_threshold, faithful_masks, layer_decision
+from fang.methods.ica_fn import layer_decision
+from fang.methods.plan import bisect_threshold, faithful_masks
 
 
 def planted(n_tok: int = 600, n_ffn: int = 150, k: int = 4, seed: int = 0):
@@ -92,3 +93,23 @@ def test_layer_decision_modes():
     assert torch.equal(layer_decision("faithful", 4, 8, maps, 2.5), key_neurons(maps, 2.5))
     with pytest.raises(FangError, match="use faithful or ranked"):
         layer_decision("union", 4, 8, maps, 2.5)
+
+
+@pytest.mark.parametrize("n_remove", [0, 70])
+def test_the_threshold_plan_counts_the_faithful_masks_and_notes_each_block(n_remove):
+    """plan.ica_threshold_plan: every attention unit kept, each block's FFN count that of the faithful mask, and the
+    report note per block (dense edge, or the threshold); the method's per-block top neurons are that mask."""
+    from fang.methods.ica_fn import top_neurons
+    from fang.methods.plan import ica_threshold_plan
+
+    scores = torch.rand(8, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5
+    keep_attn, keep_mlp, notes = ica_threshold_plan(list(scores), n_remove, n_units=3)
+    assert keep_attn == [3] * 8
+    if n_remove == 0:
+        assert keep_mlp == [40] * 8 and [bool(n) for n in notes] == [True] * 3 + [False] * 3 + [True] * 2
+        return
+    keep, t = faithful_masks(scores, n_remove)
+    assert keep_mlp == keep.sum(1).tolist() and sum(keep_mlp) == 8 * 40 - n_remove
+    assert notes == [{"dense_edge": True}] * 3 + [{"ica_threshold": round(t, 6)}] * 3 + [{"dense_edge": True}] * 2
+    for li in range(8):
+        assert torch.equal(top_neurons(scores[li], keep_mlp[li]), keep[li])

@@ -12,7 +12,8 @@ from fang.core.choices import parse_variant, resolve_allocation
 from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
 from fang.methods.gprune import GPruneInputs, layer_keep, module_keep_counts
-from fang.methods.ica_fn import IcaInputs, neurons_to_remove
+from fang.methods.ica_fn import IcaInputs
+from fang.methods.plan import neurons_to_remove
 from fang.model.modeling import count_block_params
 
 

@@ -24,6 +24,10 @@ def test_flap_prunes_to_target_and_reloads(heads, scheme, calib, tmp_path):
     assert report.pruned_block_params == count_block_params(model) < dense
     # achieved within one attention unit of the target (units are coarse on a tiny model)
     assert abs(report.achieved_sparsity - 0.3) < 0.12
+    # the granularity the prune stage warns against, from the plan's units; not a key of the written report
+    units = AttentionUnits(scheme if heads == (6, 3) else "kv_group", heads[0], heads[1], 48 // heads[0], 48)
+    assert report.unit_fraction == units.unit_fraction(dense) > 0
+    assert "unit_fraction" not in report.as_dict()
     for layer, spec in zip(model.model.layers, report.layers):
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.q_proj.weight.shape[0] == spec["heads"] * 8 if heads == (6, 3) else spec["heads"] * 12

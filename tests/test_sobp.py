@@ -13,11 +13,10 @@ from fang.core.errors import FangError
 from fang.methods.driver import PruneOptions, prune_model
 from fang.methods.obc import inverse_hessian
 from fang.core.choices import parse_variant
-from fang.methods.plan import global_top_k, param_matched_structure, structure_search
-from fang.methods.sobp import (
-    Sobp, SobpInputs, SobpPruner, first_order_plan, first_order_scores, first_order_split_plan, mask_gradient,
-    module_target_weight, pool_sparsity,
+from fang.methods.plan import (
+    first_order_plan, first_order_split_plan, global_top_k, param_matched_structure, pool_sparsity, structure_search,
 )
+from fang.methods.sobp import Sobp, SobpInputs, SobpPruner, first_order_scores, mask_gradient, module_target_weight
 from fang.methods.units import attention_units
 from fang.model.modeling import decoder_layers
 

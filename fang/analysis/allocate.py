@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -187,17 +188,22 @@ def write_allocation(art, mode: str, max_sparsity: float, fc: list[float], taylo
     return by_target
 
 
-def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int, art) -> list[float] | None:
-    """Per-block sparsity for `allocation` (already resolved) from one calibration set's allocate.json
-    (`paths.CalibrationArtifacts`), or None where the method decides (flap_search searches; a method's
-    own allocation such as FANG's "asa" is in its inputs)."""
-    if allocation not in ("uniform", "fc", "taylor"):
-        return None
-    if allocation == "uniform":
-        return [float(sparsity)] * n_blocks
-    alloc = read_json(art.allocate)
-    scores = alloc["functional_complexity"] if allocation == "fc" else alloc.get("taylor_sensitivity")
-    if scores is None:
-        raise FangError(f"prune.allocation=taylor: {art.allocate} has no Taylor "
-                        "block sensitivity; rerun `fang allocate` (dvc repro allocate)")
-    return allocate_sparsity(allocation, scores, sparsity, n_blocks=len(scores), max_sparsity=alloc["max_sparsity"])
+@dataclass(frozen=True)
+class AllocationScores:
+    """What one calibration set's allocate.json holds, none of it depending on the target sparsity: the block
+    scores of every allocation and the cap. `fang.methods.plan.allocated_sparsity` turns them into each block's
+    sparsity at a target (fc, taylor, or FANG's own, which follows `mode`)."""
+
+    mode: str  # allocate.mode: the allocation FANG's own ("asa") follows, whose block scores are `scores`
+    scores: list[float]
+    functional_complexity: list[float]
+    taylor_sensitivity: list[float] | None
+    max_sparsity: float
+    source: str = "allocate.json"  # where they were read (named in errors)
+
+
+def read_allocation_scores(path) -> AllocationScores:
+    """allocate.json (`write_allocation`) as `AllocationScores`."""
+    alloc = read_json(path)
+    return AllocationScores(alloc["mode"], alloc["scores"], alloc["functional_complexity"],
+                            alloc.get("taylor_sensitivity"), alloc["max_sparsity"], str(path))

@@ -12,7 +12,9 @@ differs between methods is therefore only:
 - what statistics it streams per layer (`add_batch` of its pruners: means/variances, Hessians, none);
 - how it scores and selects units (`select`, usually a per-channel metric and `select_top`);
 - how it compensates (`Selection.bias`: FLAP's bias; `Selection.weight`: OBC's refit; neither);
-- optionally its own keep counts (`block_sparsity`, `plan`) and extra per-layer diagnostics.
+- optionally the data its own allocation reads (`own_allocation`: FANG's block scores; `global_scores`: the
+  unit scores SoBP's and ica_fn's global searches rank), which the plan (`fang.methods.plan`) turns into
+  keep counts, and extra per-layer diagnostics.
 
 `MetricPruner` covers every method that scores input channels by a metric and keeps the top units
 (FLAP, Wanda-sp, magnitude and the ranked ICA mode are each a metric function plus one line).
@@ -33,10 +35,13 @@ from ..core.errors import FangError, require
 from .stats import InputStats
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from torch import nn
 
+    from ..analysis.allocate import AllocationScores
     from ..core.paths import CalibrationArtifacts
-    from .units import AttentionUnits, PruneOptions
+    from .units import AttentionUnits, PruneOptions, UnitScores
 
 
 @dataclass
@@ -88,38 +93,39 @@ class PruningMethod:
 
     needs_data: ClassVar[bool] = True  # False: no calibration forward pass at all (magnitude)
     needs_ffn_input: ClassVar[bool] = False  # True: the FFN pruner also sees the MLP input (`add_ffn_input`)
+    # prune.align may move the FFN widths its own global search chose (ica_fn: it keeps each block's top-scored
+    # neurons at whatever width it is given); False: the plan refuses an align that would
+    aligns_own_search: ClassVar[bool] = False
 
     def __init__(self, name: str, options: "PruneOptions", inputs: Any = None) -> None:
         self.name, self.options, self.inputs = name, options, inputs
 
     @classmethod
-    def load_inputs(cls, art: "CalibrationArtifacts", sparsity: float, params_path: str = "params.yaml",
+    def load_inputs(cls, art: "CalibrationArtifacts", params_path: str = "params.yaml",
                     options: "PruneOptions | None" = None) -> Any:
-        """Read the method's analysis artifacts for one calibration set (None: it reads none). `options`, the
-        settings it will prune with, when what it reads depends on them (o_fang+dense: the token ids)."""
+        """Read the method's analysis artifacts for one calibration set (None: it reads none), whatever the target
+        sparsity. `options`, the settings it will prune with, when what it reads depends on them (o_fang+dense:
+        the token ids)."""
         return None
 
     def check(self, model: "nn.Module") -> None:
         """Validate `inputs` against the model before anything is pruned (FangError naming the problem)."""
 
-    def block_sparsity(self) -> list[float] | None:
-        """Its own per-block sparsity (FANG's allocation), used when the allocation is its own."""
+    def own_allocation(self) -> "AllocationScores | Sequence[float] | None":
+        """What its own per-block allocation follows (FANG's "asa"): the calibration set's block scores, which the
+        plan turns into each block's sparsity at the target (`plan.allocated_sparsity`), or a per-block sparsity
+        given as is; None: it has none."""
         return None
 
-    def plan(self, model: "nn.Module", sparsity: float, units: "AttentionUnits") -> tuple[list[int], list[int]] | None:
-        """Its own keep counts (attention units, neurons) per block, or None to use the allocation's."""
+    def global_scores(self, model: "nn.Module", units: "AttentionUnits") -> "UnitScores | None":
+        """The scores of every block's units that its own global search ranks (the registry allocation it names,
+        e.g. SoBP's first-order loss changes), computed when the plan runs that search (`plan.global_search`)."""
         return None
 
     def ffn_floors(self, n_ffns: list[int]) -> list[int] | None:
         """The fewest FFN neurons each block can keep with this method (None: one), so that `prune.align`
         rounds to a width the method can reach (FANG never removes its shared group)."""
         return None
-
-    def adopt_widths(self, keep_mlp: list[int]) -> None:
-        """`prune.align` changed the FFN widths of the method's own `plan` to `keep_mlp` (per block): a method
-        whose plan fixes which neurons go (not only how many) must follow. The default refuses."""
-        raise FangError(f"prune.method={self.name} chooses its own FFN widths and cannot follow prune.align; "
-                        "use prune.align: 1")
 
     def attention(self, ctx: LayerContext) -> UnitPruner:
         raise NotImplementedError

@@ -38,7 +38,7 @@ from ..model.modeling import count_block_params, decoder_layers
 from ..model.offload import block_on_device, place_model
 from ..model.shrink import shrink_attention, shrink_mlp
 from .base import LayerContext, PruningMethod, Selection
-from .plan import plan_pruning
+from .plan import Plan, plan_pruning
 from .units import AttentionUnits, PruneOptions
 
 # Calibration sequences on which the per-block reconstruction error is measured (bounds its memory).
@@ -54,6 +54,9 @@ class PruneReport:
     layers: list[dict] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     compute_dtype: str = "float32"  # the dtype the blocks ran in (model.compute_dtype, resolved)
+    # the largest structure removed at once, as a fraction of the dense block parameters: the granularity the
+    # target is met within (`AttentionUnits.unit_fraction`); not written (the report's bytes stay as they were)
+    unit_fraction: float = 0.0
 
     @property
     def achieved_sparsity(self) -> float:
@@ -140,13 +143,13 @@ def prune_sequential(
     model: nn.Module,
     start_hidden: torch.Tensor | None,
     method: PruningMethod,
-    keep_attn: list[int],
-    keep_mlp: list[int],
-    units: AttentionUnits,
+    plan: Plan,
     batch_size: int,
     device: torch.device,
 ) -> list[dict]:
-    """Prune every block in order with `method`, keeping `keep_attn[l]` attention units and `keep_mlp[l]` neurons."""
+    """Prune every block in order with `method`, keeping the `plan`'s `keep_attn[l]` attention units and
+    `keep_mlp[l]` neurons; each block's line of the report ends with the plan's note on it (`Plan.notes`)."""
+    keep_attn, keep_mlp, units = plan.keep_attn, plan.keep_mlp, plan.units
     layers = decoder_layers(model)
     uses_data = method.needs_data  # magnitude needs no activations, so no forward pass at all
     runner = BlockRunner(model, device) if uses_data else None
@@ -205,6 +208,8 @@ def prune_sequential(
                 if errors:
                     entry["relative_error"] = {name: round(v, 8) for name, v in errors.items()}
                 method.finish_layer(ctx, mlp_sel)
+                if plan.notes is not None:
+                    entry.update(plan.notes[li])
             out_layers.append(entry)
             bar.advance(task)
     return out_layers
@@ -228,10 +233,11 @@ def prune_model(
     `capture` is the dense capture store (`fang.analysis.capture.open_capture`): its token ids start the
     sequential pass (block 0's input recomputed in float32) and FLAP's structure search reads its
     statistics. `inputs` is what the method's `load_inputs` reads from its analysis artifacts
-    (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose per-block
-    sparsity replaces `sparsity`, which is then only the reported target). `art`, the calibration set's
-    artifacts (`fang.core.paths.CalibrationArtifacts`), gives the fc and taylor allocations' per-block
-    sparsity when `options.block_sparsity` does not.
+    (f_fang / o_fang: `FangInputs`, the cluster, grouping and allocation artifacts, whose block scores the
+    plan turns into each block's sparsity at `sparsity`). `art`, the calibration set's artifacts
+    (`fang.core.paths.CalibrationArtifacts`), gives the fc and taylor allocations' block scores when
+    `options.block_sparsity` does not give their per-block sparsity. Everything is planned in one call
+    (`fang.methods.plan.plan_pruning`) before the sequential pass.
     """
     method_spec(method)  # FangError naming the registered methods if unknown
     options = options or PruneOptions()
@@ -248,6 +254,7 @@ def prune_model(
     report = PruneReport(method, float(sparsity), dense_block_params=count_block_params(model),
                          compute_dtype=str(model.get_input_embeddings().weight.dtype).removeprefix("torch."))
     plan = plan_pruning(model, capture, pruning, float(sparsity), gqa_scheme, options, art)
+    report.unit_fraction = plan.units.unit_fraction(report.dense_block_params)
     report.options = {**options.as_dict(), "allocation": plan.allocation,
                       "block_sparsity": None if plan.block_sparsity is None else [float(s) for s in plan.block_sparsity]}
     if plan.removes_nothing:
@@ -259,8 +266,7 @@ def prune_model(
         # recomputed from the token ids in the model's precision: the store's copy would be fp16
         token_ids = torch.from_numpy(capture["token_ids"][:].astype("int64"))
         start_hidden = embed_tokens(model, token_ids, batch_size, device)
-    report.layers = prune_sequential(model, start_hidden, pruning, plan.keep_attn, plan.keep_mlp, plan.units,
-                                     batch_size, device)
+    report.layers = prune_sequential(model, start_hidden, pruning, plan, batch_size, device)
     if plan.unaligned_mlp is not None:  # prune.align > 1: what the allocation asked before rounding
         for entry, width in zip(report.layers, plan.unaligned_mlp):
             entry["ffn_unaligned"] = int(width)

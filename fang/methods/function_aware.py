@@ -44,10 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..analysis.allocate import allocate_sparsity
+from ..analysis.allocate import AllocationScores, read_allocation_scores
 from ..analysis.cluster import assign_clusters, relevance_weights
 from ..analysis.store import open_store
-from ..core.atomic import read_json
 from ..core.errors import FangError, require
 from ..core.paths import CalibrationArtifacts
 from ..core.progress import warn
@@ -58,7 +57,7 @@ from .flap import bias_compensation, flap_pruner
 from .obc import HessianAccumulator, ObcPruner, inverse_hessian, obc_compensate, obc_prune
 from .stats import InputStats
 
-FIELDS = ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups", "sparsity")
+FIELDS = ("pca_mean", "pca_components", "centroids", "center_distances", "neuron_groups")
 
 
 def _tensor(value, name: str) -> Tensor:
@@ -78,7 +77,9 @@ class FangInputs:
     (stage `cluster`) used to label tokens during pruning.
     center_distances [L, k, k]: distances between cluster centres at down_proj's input (Eq. 6's D).
     neuron_groups [L, n_ffn] int: 0..k-1 = functional group of that token cluster, k = shared group.
-    sparsity [L]: block sparsity from the allocation stage (heads and FFN use the same value).
+    allocation: the allocation stage's block scores (allocate.json), from which the plan computes each block's
+    sparsity at the target (FANG's own allocation, "asa": `plan.allocated_sparsity`); or, instead,
+    sparsity [L]: a block sparsity given as is, whatever the target (heads and FFN use the same value).
     token_ids [N, L] long, optional: the calibration token ids the driver prunes on (the capture's), read
     only for O-FANG's dense-target refit (prune.compensation: dense), whose dense stream runs them in
     batches of `batch_size` (prune.batch_size).
@@ -89,7 +90,8 @@ class FangInputs:
     centroids: Tensor
     center_distances: Tensor
     neuron_groups: Tensor
-    sparsity: Tensor
+    sparsity: Tensor | None = None
+    allocation: AllocationScores | None = None
     token_ids: Tensor | None = None
     batch_size: int = 8
 
@@ -99,7 +101,8 @@ class FangInputs:
         for name in FIELDS[:4]:
             setattr(self, name, getattr(self, name).float())
         self.neuron_groups = self.neuron_groups.long()
-        self.sparsity = self.sparsity.double().reshape(-1)
+        if self.sparsity is not None:
+            self.sparsity = _tensor(self.sparsity, "sparsity").double().reshape(-1)
         if self.token_ids is not None:
             self.token_ids = _tensor(self.token_ids, "token_ids").long()
 
@@ -123,8 +126,16 @@ class FangInputs:
         for name, (dims, shape) in shapes.items():
             require(len(shape) == dims, f"FangInputs.{name} must have {dims} dimensions, got shape {tuple(shape)}")
             require(shape[0] == n_layers, f"FangInputs.{name} has {shape[0]} layers, the model has {n_layers}")
-        n_s = self.sparsity.numel()
-        require(n_s == n_layers, f"FangInputs.sparsity has {n_s} layers, the model has {n_layers}")
+        require((self.sparsity is None) != (self.allocation is None),
+                "FangInputs needs one block allocation: `allocation` (the allocate stage's scores) or `sparsity` "
+                "(given per block)")
+        if self.sparsity is not None:
+            n_s = self.sparsity.numel()
+            require(n_s == n_layers, f"FangInputs.sparsity has {n_s} layers, the model has {n_layers}")
+        else:
+            n_s = len(self.allocation.scores)
+            require(n_s == n_layers, f"FangInputs.allocation ({self.allocation.source}) scores {n_s} blocks, the model "
+                                     f"has {n_layers}")
         p, k = self.pca_components.shape[1], self.k
         d_mean, d_comp = self.pca_mean.shape[1], self.pca_components.shape[2]
         require(d_mean == hidden, f"FangInputs.pca_mean has d={d_mean}, the model hidden size is {hidden}")
@@ -155,8 +166,8 @@ class FangInputs:
             f"match the centroids' k={k} (the shared group must be id k)",
         )
         s = self.sparsity
-        require(bool(torch.isfinite(s).all()) and bool(((s >= 0) & (s < 1)).all()),
-                f"FangInputs.sparsity must be in [0, 1) per layer, got {s.tolist()}")
+        require(s is None or (bool(torch.isfinite(s).all()) and bool(((s >= 0) & (s < 1)).all())),
+                f"FangInputs.sparsity must be in [0, 1) per layer, got {None if s is None else s.tolist()}")
         if self.token_ids is not None:
             t = self.token_ids
             require(t.dim() == 2 and t.numel() > 0, f"FangInputs.token_ids must be [N, L], got {tuple(t.shape)}")
@@ -459,24 +470,20 @@ class FangLayerPruner:
 # ---------------------------------------------------------------------------------------------- the methods
 
 
-def load_fang_inputs(art: CalibrationArtifacts, sparsity: float, token_ids: bool = False,
-                     batch_size: int = 8) -> FangInputs:
-    """The analysis artifacts FANG prunes with; block sparsity follows the allocation scores for `sparsity`.
+def load_fang_inputs(art: CalibrationArtifacts, token_ids: bool = False, batch_size: int = 8) -> FangInputs:
+    """The analysis artifacts FANG prunes with, the allocation's block scores among them (whatever the target).
     `token_ids`: also the capture's calibration token ids (the dense-target refit's dense stream, run in
     batches of `batch_size`)."""
     clusters = open_store(art.cluster, "cluster", "cluster")
     taylor = open_store(art.taylor, "taylor", "taylor")
     groups = open_store(art.groups, "groups", "group")
-    alloc = read_json(art.allocate)
-    per_block = allocate_sparsity(alloc["mode"], alloc["scores"], sparsity, n_blocks=len(alloc["functional_complexity"]),
-                                  max_sparsity=alloc["max_sparsity"])
     return FangInputs(
         pca_mean=clusters["pca_mean"][:],
         pca_components=clusters["pca_components"][:],
         centroids=clusters["centroids"][:],
         center_distances=taylor["center_distances"][:],
         neuron_groups=groups["neuron_groups"][:],
-        sparsity=per_block,
+        allocation=read_allocation_scores(art.allocate),
         token_ids=capture_token_ids(art.capture) if token_ids else None,
         batch_size=batch_size,
     )
@@ -529,13 +536,12 @@ class FunctionAware(PruningMethod):
         return self.options.compensation == "dense"
 
     @classmethod
-    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml",
-                    options=None) -> FangInputs:
+    def load_inputs(cls, art: CalibrationArtifacts, params_path: str = "params.yaml", options=None) -> FangInputs:
         if options is None or options.compensation != "dense":
-            return load_fang_inputs(art, sparsity)
+            return load_fang_inputs(art)
         from ..core.params import load_block
 
-        return load_fang_inputs(art, sparsity, token_ids=True, batch_size=load_block("prune", path=params_path).batch_size)
+        return load_fang_inputs(art, token_ids=True, batch_size=load_block("prune", path=params_path).batch_size)
 
     def check(self, model: nn.Module) -> None:
         require(
@@ -556,8 +562,9 @@ class FunctionAware(PruningMethod):
             check_token_ids(ids, model.config.vocab_size, f"{self.name}+dense")
             self._stream = DenseStream(model, ids, self.inputs.batch_size, f"{self.name}+dense")
 
-    def block_sparsity(self) -> list[float]:
-        return self.inputs.sparsity
+    def own_allocation(self) -> AllocationScores | Tensor:
+        """ASA: the allocate stage's block scores, or the per-block sparsity the inputs give instead."""
+        return self.inputs.allocation if self.inputs.sparsity is None else self.inputs.sparsity
 
     def ffn_floors(self, n_ffns: list[int]) -> list[int]:
         """Per block: the shared group when it is exempt, plus the one neuron every group keeps (`plan_groups`

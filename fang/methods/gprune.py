@@ -165,8 +165,7 @@ class ModulePruner:
 
 class GPrune(PruningMethod):
     @classmethod
-    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml",
-                    options=None) -> GPruneInputs:
+    def load_inputs(cls, art: CalibrationArtifacts, params_path: str = "params.yaml", options=None) -> GPruneInputs:
         return load_gprune_inputs(art, params_path)
 
     def check(self, model: nn.Module) -> None:

@@ -4,7 +4,7 @@ Two registry names, one per mode of the paper's method:
 
 - `ica_fn` (faithful): keep the union of key neurons, |z| > T in any component for the act or the up
   column (`analysis.ica.key_neurons`), with one T for every prunable block found by bisection so that
-  exactly the target number of FFN neurons goes (`faithful_masks` below; the paper hand-tunes T).
+  exactly the target number of FFN neurons goes (`plan.faithful_masks`; the paper hand-tunes T).
   The target is the sparsity as a fraction of the decoder-block parameters, removed from FFN
   neurons only (3 x hidden parameters each); blocks 0-2 and the last two stay dense; no head is
   pruned; FLAP-style bias compensation of down_proj (`flap.bias_compensation`) with the calibration
@@ -26,58 +26,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..analysis.ica import DENSE_HEAD, DENSE_TAIL, key_neurons, neuron_score, prunable_layers
+from ..analysis.ica import key_neurons, neuron_score, prunable_layers
 from ..analysis.store import open_store
-from ..core.errors import FangError, require
+from ..core.errors import require
 from ..core.paths import CalibrationArtifacts
-from ..model.modeling import count_block_params, decoder_layers
+from ..model.modeling import decoder_layers
 from .base import KeepAll, LayerContext, MetricPruner, PruningMethod, Selection
 from .flap import flap_bias, flap_pruner
 from .stats import InputStats
+from .units import UnitScores
 
 
 MODES = ("faithful", "ranked")
-
-
-def bisect_threshold(scores: Tensor, n_keep: int, max_iter: int = 200) -> float:
-    """Threshold T with exactly `n_keep` entries of `scores` (any shape) above it, found by bisection.
-
-    One T for all prunable layers, as the paper's hand-tuned T; bisection replaces the hand tuning.
-    """
-    flat = scores.detach().reshape(-1).double()
-    require(0 <= n_keep <= flat.numel(), f"cannot keep {n_keep} of {flat.numel()} neurons")
-    lo, hi = 0.0, float(flat.max()) + 1.0  # count(lo) >= n_keep >= count(hi) = 0
-    if int((flat > lo).sum()) < n_keep:
-        raise FangError(f"only {int((flat > lo).sum())} neurons have a non-zero ICA score; cannot keep {n_keep}")
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        count = int((flat > mid).sum())
-        if count == n_keep:
-            return mid
-        lo, hi = (mid, hi) if count > n_keep else (lo, mid)
-    raise FangError(f"no ICA threshold keeps exactly {n_keep} neurons: tied scores at the boundary near T={lo:.6g}")
-
-
-def faithful_masks(scores: Tensor, n_remove: int) -> tuple[Tensor, float]:
-    """Keep masks [layers, n] of the faithful mode removing exactly `n_remove` FFN neurons.
-
-    `scores` is `neuron_score` per layer [layers, n]; edge layers stay dense and every pruned
-    layer keeps at least the neurons above T (the key set), found by bisection on one global T.
-    """
-    n_layers, n = scores.shape
-    layers = prunable_layers(n_layers)
-    require(len(layers) > 0, f"ica_fn faithful: a model of {n_layers} blocks has no block outside the dense edges "
-                             f"(first {DENSE_HEAD}, last {DENSE_TAIL})")
-    pool = scores[layers]
-    require(0 <= n_remove < pool.numel(),
-            f"ica_fn faithful: removing {n_remove} neurons needs more than the {pool.numel()} in blocks "
-            f"{layers[0]}..{layers[-1]} (edge blocks stay dense); lower the sparsity or use mode ranked")
-    t = bisect_threshold(pool, pool.numel() - n_remove)
-    keep = torch.ones(n_layers, n, dtype=torch.bool)
-    keep[layers] = pool > t
-    empty = [layers[i] for i in range(len(layers)) if not keep[layers[i]].any()]
-    require(not empty, f"ica_fn faithful: threshold T={t:.3g} empties blocks {empty}; lower the sparsity")
-    return keep, t
 
 
 def layer_decision(mode: str, layer: int, n_layers: int, maps: Tensor, threshold: float | None = None) -> Tensor:
@@ -86,7 +46,7 @@ def layer_decision(mode: str, layer: int, n_layers: int, maps: Tensor, threshold
     require(mode in MODES, f"ica_fn mode {mode!r}: use {' or '.join(MODES)}")
     if mode == "ranked":
         return neuron_score(maps)
-    require(threshold is not None, "ica_fn faithful: a threshold is needed (see faithful_masks)")
+    require(threshold is not None, "ica_fn faithful: a threshold is needed (see plan.faithful_masks)")
     if layer not in prunable_layers(n_layers):
         return torch.ones(maps.shape[1] // 2, dtype=torch.bool)
     return key_neurons(maps, threshold)
@@ -115,11 +75,11 @@ def load_ica_inputs(art: CalibrationArtifacts) -> IcaInputs:
     return IcaInputs(open_store(art.ica, "ica", "ica")["neuron_score"][:])
 
 
-def neurons_to_remove(model: nn.Module, sparsity: float) -> int:
-    """FFN neurons whose gate/up rows and down column (3 x hidden parameters each) make up `sparsity`
-    of the decoder-block parameters, rounded to the nearest neuron."""
-    per_neuron = 3 * model.config.hidden_size
-    return int(sparsity * count_block_params(model) / per_neuron + 0.5)
+def top_neurons(scores: Tensor, n_keep: int) -> Tensor:
+    """Keep mask [n] of the `n_keep` highest `scores` (ties to the lower index)."""
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.sort(scores, descending=True, stable=True).indices[:n_keep]] = True
+    return keep
 
 
 class MaskPruner:
@@ -142,8 +102,7 @@ class MaskPruner:
 
 class _Ica(PruningMethod):
     @classmethod
-    def load_inputs(cls, art: CalibrationArtifacts, sparsity: float, params_path: str = "params.yaml",
-                    options=None) -> IcaInputs:
+    def load_inputs(cls, art: CalibrationArtifacts, params_path: str = "params.yaml", options=None) -> IcaInputs:
         return load_ica_inputs(art)
 
     def check(self, model: nn.Module) -> None:
@@ -153,29 +112,16 @@ class _Ica(PruningMethod):
 
 
 class IcaFaithful(_Ica):
-    """`ica_fn`: the paper's key-neuron union at one bisected threshold, dense edge blocks, FFN only."""
+    """`ica_fn`: the paper's key-neuron union at one bisected threshold, dense edge blocks, FFN only. The plan finds
+    the threshold (`plan.ica_threshold_plan`, allocation `ica_threshold`) on the scores this method gives."""
 
-    def plan(self, model: nn.Module, sparsity: float, units) -> tuple[list[int], list[int]]:
-        scores = self.inputs.neuron_score
-        n_layers, n = scores.shape
-        n_remove = neurons_to_remove(model, sparsity)
-        if n_remove == 0:
-            self.keep, self.threshold = torch.ones(n_layers, n, dtype=torch.bool), None
-        else:
-            self.keep, self.threshold = faithful_masks(scores, n_remove)
-        return [units.count] * n_layers, [int(k.sum()) for k in self.keep]
+    # a neuron is key at T exactly when its score exceeds T, so each block's `keep_mlp` top-scored neurons are its
+    # key set; under `prune.align` they are the key set at a threshold of the block's own, next to the global T
+    aligns_own_search = True
 
-    def adopt_widths(self, keep_mlp: list[int]) -> None:
-        """`prune.align`: each block keeps its `keep_mlp` top neurons by the same score the threshold cuts
-        (a neuron is key at T exactly when its score exceeds T), so the aligned masks are the key sets at
-        one threshold per block, next to the global T; the dense edge blocks stay dense."""
-        scores = self.inputs.neuron_score
-        require(len(keep_mlp) == scores.shape[0], f"ica_fn: {len(keep_mlp)} widths for {scores.shape[0]} blocks")
-        keep = torch.zeros_like(self.keep)
-        for li, k in enumerate(keep_mlp):
-            order = torch.sort(scores[li], descending=True, stable=True).indices
-            keep[li, order[:k]] = True
-        self.keep = keep
+    def global_scores(self, model: nn.Module, units) -> UnitScores:
+        """Every FFN neuron's ICA score; no attention unit is scored (none is pruned)."""
+        return UnitScores(None, list(self.inputs.neuron_score))
 
     def attention(self, ctx: LayerContext) -> KeepAll:
         return KeepAll(ctx.where("o_proj"))
@@ -183,14 +129,7 @@ class IcaFaithful(_Ica):
     def ffn(self, ctx: LayerContext) -> KeepAll | MaskPruner:
         if ctx.keep_mlp == ctx.n_ffn:  # a dense edge block, or one with no neuron below T: untouched
             return KeepAll(ctx.where("down_proj"))
-        return MaskPruner(self.keep[ctx.index], ctx.where("down_proj"))
-
-    def finish_layer(self, ctx: LayerContext, ffn: Selection) -> None:
-        n_layers = self.keep.shape[0]
-        if ctx.index not in prunable_layers(n_layers):
-            ctx.entry["dense_edge"] = True  # the paper's first three and last two blocks (ica_fn.prunable_layers)
-        elif self.threshold is not None:
-            ctx.entry["ica_threshold"] = round(self.threshold, 6)
+        return MaskPruner(top_neurons(self.inputs.neuron_score[ctx.index], ctx.keep_mlp), ctx.where("down_proj"))
 
 
 class IcaRanked(_Ica):

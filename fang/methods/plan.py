@@ -1,15 +1,18 @@
 """Planning a prune: how many attention units and FFN neurons every block keeps, resolved in one call
 (`plan_pruning`) before any layer is touched; the driver (`fang.methods.driver`) then only runs the
-sequential pass with these counts.
+sequential pass with these counts. Every allocation is computed here; a method only gives data (its scores).
 
 The keep counts come from the allocation (`prune.allocation`, `auto` = the method's registry line):
-- `flap_search`: FLAP's global AL-AM structure search (`structure_search`) on the dense capture's
-  statistics (`flap.al_am_scores`);
-- the method's own plan (`PruningMethod.plan`, e.g. ica_fn's one global threshold);
-- one sparsity per block: `sparsity` everywhere, the per-block list of `uniform`/`fc`/`taylor`
-  (given, or read from the calibration set's allocate.json), or the method's own
-  (`PruningMethod.block_sparsity`, FANG's allocation). Heads (GQA units) are rounded to that fraction
-  and the FFN neurons absorb the rounding (`param_matched_structure`).
+- one sparsity per block (`allocated_sparsity`): `uniform` (`sparsity` everywhere), `fc`/`taylor` (ASA's
+  band on the calibration set's allocate.json scores), FANG's own `asa` (the same on the scores of
+  allocate.mode, which its inputs carry: `PruningMethod.own_allocation`), or the per-block list given
+  (`PruneOptions.block_sparsity`). Heads (GQA units) are rounded to that fraction and the FFN neurons
+  absorb the rounding (`param_matched_structure`).
+- a global search over every unit of every block (`GLOBAL_SEARCHES`, `global_search`):
+  `flap_search`, FLAP's AL-AM structure search (`structure_search`) on the dense capture's statistics
+  (`flap.al_am_scores`); SoBP's `first_order` and `first_order_split` (`first_order_plan`,
+  `first_order_split_plan`) and ica_fn's `ica_threshold` (`ica_threshold_plan`: one global threshold) on
+  the scores the method gives (`PruningMethod.global_scores`).
 
 Then `prune.align` (`PruneOptions.align`, default 1 = no rounding) rounds every block's kept FFN width
 to a multiple of `align` (`align_widths`), whatever the source of the counts, before any layer is
@@ -28,14 +31,40 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..analysis.allocate import allocated_sparsity
+from ..analysis.allocate import AllocationScores, allocate_sparsity, read_allocation_scores
+from ..analysis.ica import DENSE_HEAD, DENSE_TAIL, prunable_layers
 from ..core.choices import ALLOCATIONS, resolve_allocation
-from ..core.errors import require
-from ..model.modeling import decoder_layers
+from ..core.errors import FangError, require
+from ..model.modeling import count_block_params, decoder_layers
 from ..model.offload import block_on_device
 from . import flap
 from .base import PruningMethod
 from .units import AttentionUnits, PruneOptions, attention_units
+
+# The allocations that are one sparsity per block (`allocated_sparsity`); FANG's own, "asa", is one too.
+PER_BLOCK = ("uniform", "fc", "taylor")
+# The allocations that search every unit of every block at once (`global_search`): FLAP's on the dense capture,
+# the others on the scores of the method whose own allocation they are (`PruningMethod.global_scores`).
+GLOBAL_SEARCHES = ("flap_search", "first_order", "first_order_split", "ica_threshold")
+
+
+def allocated_sparsity(allocation: str, sparsity: float, n_blocks: int,
+                       scores: AllocationScores | None = None) -> list[float]:
+    """Each block's sparsity under a per-block allocation: `uniform`, `sparsity` in every block; `fc` / `taylor`,
+    ASA's band around `sparsity` (`allocate.block_sparsity`) on the calibration set's functional complexity or
+    Taylor sensitivity; `asa` (FANG's own), the same on the scores of the set's allocate.mode."""
+    if allocation == "uniform":
+        return [float(sparsity)] * n_blocks
+    require(scores is not None, f"prune.allocation={allocation} needs the calibration set's allocation scores "
+                                "(allocate.json)")
+    if allocation == "asa":
+        return allocate_sparsity(scores.mode, scores.scores, sparsity, n_blocks=len(scores.functional_complexity),
+                                 max_sparsity=scores.max_sparsity)
+    values = scores.functional_complexity if allocation == "fc" else scores.taylor_sensitivity
+    if values is None:
+        raise FangError(f"prune.allocation=taylor: {scores.source} has no Taylor "
+                        "block sensitivity; rerun `fang allocate` (dvc repro allocate)")
+    return allocate_sparsity(allocation, values, sparsity, n_blocks=len(values), max_sparsity=scores.max_sparsity)
 
 
 def structure_search(
@@ -327,11 +356,175 @@ def flap_plan_from_capture(
     return structure_search(attn_scores, mlp_scores, sparsity, units.params, units.neuron_params)
 
 
+def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float:
+    """The fraction of the prunable pool (attention units and neurons) to remove so that `sparsity` of the
+    blocks' parameters goes: the pool leaves out the norms and, with query slots (prune.gqa), the K and V
+    projections, so cutting the pool at `sparsity` itself would remove less than asked."""
+    require(0 < pool_params <= block_params,
+            f"pool_sparsity: pool of {pool_params} in blocks of {block_params} parameters")
+    s = float(sparsity) * block_params / pool_params
+    require(s < 1.0, f"prune.sparsity={sparsity} asks for {s:.1%} of the prunable heads and neurons: no block could "
+                     "keep one; lower it (or use prune.gqa: kv_group, which can remove K and V too)")
+    return s
+
+
+def first_order_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float, attn_unit_params: int,
+                     neuron_params: int) -> tuple[list[int], list[int]]:
+    """SoBP's allocation (`first_order`): keep counts per block from one global pool of every unit and neuron,
+    ranked by estimated loss change per parameter it removes (`sobp.first_order_scores`), cut where the kept
+    parameters are closest to (1 - sparsity) of the total (`structure_search`). Every block keeps at least one unit
+    and one neuron, and those floors are charged to the budget: per parameter, a whole attention unit's
+    first-order loss change is small against a neuron's, so the pool empties the attention of most blocks, and
+    floors added on top of the cut under-pruned by a unit per such block (27.6% at a 30% target on the default
+    model)."""
+    require(attn_unit_params > 0 and neuron_params > 0, "first_order_plan: unit parameter costs must be positive")
+    return structure_search([s / attn_unit_params for s in attn_scores], [s / neuron_params for s in mlp_scores],
+                            sparsity, attn_unit_params, neuron_params, floors_in_budget=True)
+
+
+def first_order_split_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float,
+                           attn_unit_params: int, neuron_params: int, block_params: list[int]) -> tuple[list[int], list[int]]:
+    """Keep counts per block from SoBP's first-order scores pooled per module type (`sobp+first_order_split`).
+
+    How many attention units and how many neurons go *in all* is the parameter-matched split every other row
+    uses (`param_matched_structure` at `sparsity` in every block, summed); *where* they go is SoBP's global
+    first-order ranking, one pool of attention units and one of neurons across all blocks (`global_top_k`, every
+    block keeps at least one of each). The joint pool (`first_order_plan`) ranks a whole attention unit by its
+    loss change per parameter against single neurons and so empties most blocks' attention on SmolLM2-135M; this
+    reading keeps SoBP's global, cross-layer selection without letting the per-parameter exchange rate decide the
+    attention/FFN split.
+    """
+    n_layers = len(attn_scores)
+    require(len(mlp_scores) == n_layers and len(block_params) == n_layers,
+            f"first_order_split_plan: {n_layers} attention, {len(mlp_scores)} FFN and {len(block_params)} block sizes")
+    keep_attn, keep_mlp = param_matched_structure([s.numel() for s in attn_scores], [s.numel() for s in mlp_scores],
+                                                  sparsity, attn_unit_params, neuron_params, block_params)
+    return global_top_k(attn_scores, sum(keep_attn)), global_top_k(mlp_scores, sum(keep_mlp))
+
+
+def neurons_to_remove(model: nn.Module, sparsity: float) -> int:
+    """FFN neurons whose gate/up rows and down column (3 x hidden parameters each) make up `sparsity`
+    of the decoder-block parameters, rounded to the nearest neuron (ica_fn's target)."""
+    per_neuron = 3 * model.config.hidden_size
+    return int(sparsity * count_block_params(model) / per_neuron + 0.5)
+
+
+def bisect_threshold(scores: Tensor, n_keep: int, max_iter: int = 200) -> float:
+    """Threshold T with exactly `n_keep` entries of `scores` (any shape) above it, found by bisection.
+
+    One T for all prunable layers, as the ICA paper's hand-tuned T; bisection replaces the hand tuning.
+    """
+    flat = scores.detach().reshape(-1).double()
+    require(0 <= n_keep <= flat.numel(), f"cannot keep {n_keep} of {flat.numel()} neurons")
+    lo, hi = 0.0, float(flat.max()) + 1.0  # count(lo) >= n_keep >= count(hi) = 0
+    if int((flat > lo).sum()) < n_keep:
+        raise FangError(f"only {int((flat > lo).sum())} neurons have a non-zero ICA score; cannot keep {n_keep}")
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        count = int((flat > mid).sum())
+        if count == n_keep:
+            return mid
+        lo, hi = (mid, hi) if count > n_keep else (lo, mid)
+    raise FangError(f"no ICA threshold keeps exactly {n_keep} neurons: tied scores at the boundary near T={lo:.6g}")
+
+
+def faithful_masks(scores: Tensor, n_remove: int) -> tuple[Tensor, float]:
+    """Keep masks [layers, n] of ica_fn's faithful mode removing exactly `n_remove` FFN neurons.
+
+    `scores` is `analysis.ica.neuron_score` per layer [layers, n]; edge layers stay dense and every pruned
+    layer keeps at least the neurons above T (the key set), found by bisection on one global T.
+    """
+    n_layers, n = scores.shape
+    layers = prunable_layers(n_layers)
+    require(len(layers) > 0, f"ica_fn faithful: a model of {n_layers} blocks has no block outside the dense edges "
+                             f"(first {DENSE_HEAD}, last {DENSE_TAIL})")
+    pool = scores[layers]
+    require(0 <= n_remove < pool.numel(),
+            f"ica_fn faithful: removing {n_remove} neurons needs more than the {pool.numel()} in blocks "
+            f"{layers[0]}..{layers[-1]} (edge blocks stay dense); lower the sparsity or use mode ranked")
+    t = bisect_threshold(pool, pool.numel() - n_remove)
+    keep = torch.ones(n_layers, n, dtype=torch.bool)
+    keep[layers] = pool > t
+    empty = [layers[i] for i in range(len(layers)) if not keep[layers[i]].any()]
+    require(not empty, f"ica_fn faithful: threshold T={t:.3g} empties blocks {empty}; lower the sparsity")
+    return keep, t
+
+
+def ica_threshold_plan(scores: list[Tensor], n_remove: int, n_units: int) -> tuple[list[int], list[int], list[dict]]:
+    """ica_fn's allocation (`ica_threshold`): every block's attention units (`n_units`, none is pruned) and the
+    neurons above one global threshold on the ICA neuron scores (`faithful_masks`, removing `n_remove`), with each
+    block's report note: `dense_edge` for the edge blocks, else the threshold."""
+    stacked = torch.stack([s.detach() for s in scores])
+    n_layers, n = stacked.shape
+    if n_remove == 0:
+        keep, threshold = torch.ones(n_layers, n, dtype=torch.bool), None
+    else:
+        keep, threshold = faithful_masks(stacked, n_remove)
+    inner, notes = prunable_layers(n_layers), []
+    for li in range(n_layers):
+        if li not in inner:
+            notes.append({"dense_edge": True})  # the paper's first three and last two blocks
+        else:
+            notes.append({} if threshold is None else {"ica_threshold": round(threshold, 6)})
+    return [n_units] * n_layers, [int(k.sum()) for k in keep], notes
+
+
+def global_search(allocation: str, model: nn.Module, capture, method: PruningMethod, sparsity: float,
+                  units: AttentionUnits) -> tuple[list[int], list[int], list[dict] | None]:
+    """Keep counts (attention units, neurons) per block of one of the GLOBAL_SEARCHES, and what the search adds to
+    each block's line of the prune report (None: nothing). At sparsity 0 every block stays dense."""
+    layers = decoder_layers(model)
+    if sparsity == 0:
+        return [units.count] * len(layers), [layer.mlp.down_proj.in_features for layer in layers], None
+    if allocation == "flap_search":
+        return (*flap_plan_from_capture(model, capture, sparsity, units), None)
+    scores = method.global_scores(model, units)
+    require(scores is not None, f"prune.allocation={allocation}: {method.name} gives no scores to search")
+    if allocation == "ica_threshold":
+        return ica_threshold_plan(scores.ffn, neurons_to_remove(model, sparsity), units.count)
+    block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    if allocation == "first_order_split":
+        keep = first_order_split_plan(scores.attention, scores.ffn, sparsity, units.params, units.neuron_params,
+                                      block_params)
+    else:
+        pool = sum(units.count * units.params + layer.mlp.down_proj.in_features * units.neuron_params
+                   for layer in layers)
+        keep = first_order_plan(scores.attention, scores.ffn, pool_sparsity(sparsity, sum(block_params), pool),
+                                units.params, units.neuron_params)
+    # the loss change SoBP's first-order scores estimate for removing all of a block's units, per kind
+    notes = [{"first_order_loss_change": {"attention": round(float(a.sum()), 8), "ffn": round(float(m.sum()), 8)}}
+             for a, m in zip(scores.attention, scores.ffn)]
+    return (*keep, notes)
+
+
 def _block_sparsity(values, n_layers: int, name: str) -> list[float]:
     values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
     require(len(values) == n_layers, f"{name} has {len(values)} entries for {n_layers} layers")
     require(all(0.0 <= v < 1.0 for v in values), f"{name} values must be in [0, 1), got {values}")
     return values
+
+
+def per_block_sparsity(allocation: str, sparsity: float, n_layers: int, method: PruningMethod,
+                       given: Sequence[float] | None = None, art=None) -> tuple[list[float] | None, list[float]]:
+    """(the allocation's per-block sparsity as the report gives it, None for the method's own; each block's
+    sparsity) of a per-block allocation: `given` (`PruneOptions.block_sparsity`), else uniform/fc/taylor
+    computed from the calibration set `art`'s allocate.json, else the method's own allocation
+    (`PruningMethod.own_allocation`: FANG's block scores, computed here, or a list given as is), else `sparsity`."""
+    if given is not None:
+        return given, _block_sparsity(given, n_layers, "PruneOptions.block_sparsity")
+    own = method.own_allocation()
+    shared = art is not None and allocation in PER_BLOCK  # from the calibration set's allocate.json
+    if not shared and not isinstance(own, AllocationScores):  # a list the method gives as is, or none
+        if own is None:
+            return None, [float(sparsity)] * n_layers
+        return None, _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
+    if shared:
+        scores = None if allocation == "uniform" else read_allocation_scores(art.allocate)
+    else:
+        scores = own
+    values = allocated_sparsity(allocation, sparsity, n_layers, scores)
+    name = "PruneOptions.block_sparsity" if shared else f"{method.name}'s block sparsity"
+    return (values if shared else None), _block_sparsity(values, n_layers, name)
 
 
 @dataclass
@@ -346,6 +539,7 @@ class Plan:
     n_ffns: list[int]  # the dense FFN widths
     align: int = 1  # prune.align: every pruned block's kept width is a multiple of it
     unaligned_mlp: list[int] | None = None  # the allocation's widths before `align_widths` (None: align 1)
+    notes: list[dict] | None = None  # per block, what the global search adds to its report line (None: nothing)
 
     @property
     def removes_nothing(self) -> bool:
@@ -357,44 +551,32 @@ def plan_pruning(model: nn.Module, capture, method: PruningMethod, sparsity: flo
     """Resolve the allocation, the attention units (`gqa_scheme`) and every block's keep counts of pruning
     `model` with `method` to `sparsity` (see the module's docstring for the sources of the counts).
 
-    The per-block sparsity of uniform, fc and taylor is `options.block_sparsity` when given, else read
-    from the calibration set `art` (`paths.CalibrationArtifacts`: its allocate.json), else `sparsity`.
-    The FFN widths are then aligned to `options.align` (`align_widths`); a method with its own plan is
-    told the aligned widths (`PruningMethod.adopt_widths`).
+    A global search ranks every block's units at once (`global_search`); any other allocation gives each block a
+    sparsity (`per_block_sparsity`: `options.block_sparsity`, the calibration set `art`'s allocate.json scores,
+    or the method's own) that `param_matched_structure` turns into counts. The FFN widths are then aligned to
+    `options.align` (`align_widths`); a method's own global search must allow it (`aligns_own_search`).
     """
     layers = decoder_layers(model)
     n_layers = len(layers)
     n_ffns = [layer.mlp.down_proj.in_features for layer in layers]
     allocation = resolve_allocation(method.name, options.allocation)
     units = attention_units(model.config, gqa_scheme)
-    block_sparsity = options.block_sparsity
-    if block_sparsity is None and art is not None:
-        block_sparsity = allocated_sparsity(allocation, sparsity, n_layers, art)
-
-    own_plan = method.plan(model, float(sparsity), units) if allocation not in ALLOCATIONS else None
-    if own_plan is not None:  # the method's own keep counts (e.g. ica_fn's global threshold)
-        keep_attn, keep_mlp = own_plan
-    elif allocation == "flap_search":
-        keep_attn, keep_mlp = (
-            flap_plan_from_capture(model, capture, sparsity, units)
-            if sparsity > 0
-            else ([units.count] * n_layers, list(n_ffns))
-        )
+    if allocation in GLOBAL_SEARCHES:
+        block_sparsity = options.block_sparsity  # reported as given; a search does not read it
+        keep_attn, keep_mlp, notes = global_search(allocation, model, capture, method, sparsity, units)
     else:
-        own = method.block_sparsity()
-        if block_sparsity is not None:
-            per_block = _block_sparsity(block_sparsity, n_layers, "PruneOptions.block_sparsity")
-        elif own is not None:  # the method's own allocation (FANG's FangInputs.sparsity)
-            per_block = _block_sparsity(own, n_layers, f"{method.name}'s block sparsity")
-        else:
-            per_block = [float(sparsity)] * n_layers
+        block_sparsity, per_block = per_block_sparsity(allocation, sparsity, n_layers, method, options.block_sparsity,
+                                                       art)
         block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         keep_attn, keep_mlp = param_matched_structure(
             [units.count] * n_layers, n_ffns, per_block, units.params, units.neuron_params, block_params
         )
+        notes = None
     align = int(options.align)
     aligned = align_widths(keep_mlp, n_ffns, align, method.ffn_floors(n_ffns) if align > 1 else None)
-    if own_plan is not None and aligned != list(keep_mlp):
-        method.adopt_widths(aligned)
+    own_search = allocation in GLOBAL_SEARCHES and allocation not in ALLOCATIONS
+    if own_search and not method.aligns_own_search and aligned != list(keep_mlp):
+        raise FangError(f"prune.method={method.name} chooses its own FFN widths and cannot follow prune.align; "
+                        "use prune.align: 1")
     return Plan(allocation, block_sparsity, units, keep_attn, aligned, n_ffns, align,
-                None if align == 1 else list(keep_mlp))
+                None if align == 1 else list(keep_mlp), notes)

@@ -4,14 +4,15 @@ The paper's three steps (abstract: "global first-order information to select pru
 refines them with a local greedy approach, and finally adopts module-wise reconstruction"); what the
 paper leaves open, or what could not be read here, is chosen and marked in docs/methods.md ("SoBP"):
 
-1. **Global first-order selection** (`first_order_scores`, `first_order_plan`): one forward+backward pass
-   of the dense model over the calibration tokens gives, for every attention unit and FFN neuron of
-   every block, the first-order Taylor estimate of the change of the mean calibration loss when its
-   mask goes from 1 to 0, |dL/dm| = |sum_t sum_(c in unit) a_tc * dL/da_tc| / T (a: the input of o_proj
-   or down_proj). Every structure of every block is ranked in one pool by that loss change per removed
-   parameter, and the pool is cut at the target sparsity (`plan.structure_search`, the search FLAP's
-   allocation uses, here on SoBP's scores): this fixes how many units and neurons each block keeps
-   (a heterogeneous allocation).
+1. **Global first-order selection** (`first_order_scores`, the method's `global_scores`): one
+   forward+backward pass of the dense model over the calibration tokens gives, for every attention unit
+   and FFN neuron of every block, the first-order Taylor estimate of the change of the mean calibration
+   loss when its mask goes from 1 to 0, |dL/dm| = |sum_t sum_(c in unit) a_tc * dL/da_tc| / T (a: the
+   input of o_proj or down_proj). The plan ranks every structure of every block in one pool by that loss
+   change per removed parameter and cuts the pool at the target sparsity (`plan.first_order_plan` on
+   `plan.structure_search`, the search FLAP's allocation uses, here on SoBP's scores): this fixes how many
+   units and neurons each block keeps (a heterogeneous allocation). The prune report gives each block's
+   `first_order_loss_change`, the sum of its units' scores per kind.
 2. **Local greedy refinement** (`SobpPruner.select`): within each block, which units go is chosen again
    by greedy Optimal Brain Surgeon on the layer's Hessian (`obc.obc_prune_iterative`: remove the unit
    whose removal with optimal compensation costs least, update H^-1, rescore), at the count of step 1.
@@ -41,12 +42,11 @@ from ..analysis.taylor import loss_grad
 from ..core.errors import FangError, require
 from ..model.layerwise import BlockRunner, batch_slices
 from ..model.modeling import decoder_layers
-from .base import LayerContext, PruningMethod, Selection
+from .base import LayerContext, PruningMethod
 from .dense_target import DenseStream, DenseTargetPruner, capture_token_ids, check_token_ids
 from .dense_target import module_target_weight  # noqa: F401  (its home before dense_target; imported from here)
 from .obc import ObcPruner
-from .plan import global_top_k, param_matched_structure, structure_search
-from .units import AttentionUnits
+from .units import AttentionUnits, UnitScores
 
 
 # ----------------------------------------------------------------------------- step 1: global first order
@@ -139,51 +139,6 @@ def first_order_scores(model: nn.Module, input_ids: Tensor, unit_columns: Tensor
     return attn, mlp
 
 
-def first_order_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float, attn_unit_params: int,
-                     neuron_params: int) -> tuple[list[int], list[int]]:
-    """Keep counts per block from one global pool of every unit and neuron, ranked by estimated loss change
-    per parameter it removes, cut where the kept parameters are closest to (1 - sparsity) of the total
-    (`plan.structure_search`). Every block keeps at least one unit and one neuron, and those floors are
-    charged to the budget: per parameter, a whole attention unit's first-order loss change is small
-    against a neuron's, so the pool empties the attention of most blocks, and floors added on top of the
-    cut under-pruned by a unit per such block (27.6% at a 30% target on the default model)."""
-    require(attn_unit_params > 0 and neuron_params > 0, "first_order_plan: unit parameter costs must be positive")
-    return structure_search([s / attn_unit_params for s in attn_scores], [s / neuron_params for s in mlp_scores],
-                            sparsity, attn_unit_params, neuron_params, floors_in_budget=True)
-
-
-def first_order_split_plan(attn_scores: list[Tensor], mlp_scores: list[Tensor], sparsity: float,
-                           attn_unit_params: int, neuron_params: int, block_params: list[int]) -> tuple[list[int], list[int]]:
-    """Keep counts per block from the same first-order scores pooled per module type (`sobp+first_order_split`).
-
-    How many attention units and how many neurons go *in all* is the parameter-matched split every other row
-    uses (`plan.param_matched_structure` at `sparsity` in every block, summed); *where* they go is SoBP's
-    global first-order ranking, one pool of attention units and one of neurons across all blocks
-    (`plan.global_top_k`, every block keeps at least one of each). The joint pool (`first_order_plan`) ranks
-    a whole attention unit by its loss change per parameter against single neurons and so empties most
-    blocks' attention on SmolLM2-135M; this reading keeps SoBP's global, cross-layer selection without
-    letting the per-parameter exchange rate decide the attention/FFN split.
-    """
-    n_layers = len(attn_scores)
-    require(len(mlp_scores) == n_layers and len(block_params) == n_layers,
-            f"first_order_split_plan: {n_layers} attention, {len(mlp_scores)} FFN and {len(block_params)} block sizes")
-    keep_attn, keep_mlp = param_matched_structure([s.numel() for s in attn_scores], [s.numel() for s in mlp_scores],
-                                                  sparsity, attn_unit_params, neuron_params, block_params)
-    return global_top_k(attn_scores, sum(keep_attn)), global_top_k(mlp_scores, sum(keep_mlp))
-
-
-def pool_sparsity(sparsity: float, block_params: int, pool_params: int) -> float:
-    """The fraction of the prunable pool (attention units and neurons) to remove so that `sparsity` of the
-    blocks' parameters goes: the pool leaves out the norms and, with query slots (prune.gqa), the K and V
-    projections, so cutting the pool at `sparsity` itself would remove less than asked."""
-    require(0 < pool_params <= block_params,
-            f"pool_sparsity: pool of {pool_params} in blocks of {block_params} parameters")
-    s = float(sparsity) * block_params / pool_params
-    require(s < 1.0, f"prune.sparsity={sparsity} asks for {s:.1%} of the prunable heads and neurons: no block could "
-                     "keep one; lower it (or use prune.gqa: kv_group, which can remove K and V too)")
-    return s
-
-
 # ------------------------------------------------------------------- steps 2 and 3: local greedy + module-wise
 
 
@@ -232,10 +187,9 @@ class Sobp(PruningMethod):
         super().__init__(name, options, inputs)
         self._stream: DenseStream | None = None  # the dense model's stream, one block ahead (step 3)
         self._mlp_targets: Tensor | None = None
-        self.first_order: tuple[list[Tensor], list[Tensor]] | None = None  # step 1's scores, when it ran
 
     @classmethod
-    def load_inputs(cls, art, sparsity: float, params_path: str = "params.yaml", options=None) -> SobpInputs:
+    def load_inputs(cls, art, params_path: str = "params.yaml", options=None) -> SobpInputs:
         from ..core.params import load_block
 
         return SobpInputs(capture_token_ids(art.capture), load_block("prune", path=params_path).batch_size)
@@ -249,20 +203,11 @@ class Sobp(PruningMethod):
         if self.module_wise:
             self._stream = DenseStream(model, self.inputs.token_ids, self.inputs.batch_size, "sobp")
 
-    def plan(self, model: nn.Module, sparsity: float, units: AttentionUnits) -> tuple[list[int], list[int]] | None:
-        layers = decoder_layers(model)
-        if sparsity == 0:
-            return [units.count] * len(layers), [layer.mlp.down_proj.in_features for layer in layers]
-        self.first_order = first_order_scores(model, self.inputs.token_ids, units.unit_columns(),
-                                              self.inputs.batch_size, _execution_device(model))
-        block_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-        if self.options.allocation == "first_order_split":
-            return first_order_split_plan(*self.first_order, sparsity, units.params, units.neuron_params, block_params)
-        pool = sum(units.count * units.params + layer.mlp.down_proj.in_features * units.neuron_params
-                   for layer in layers)
-        blocks = sum(block_params)
-        return first_order_plan(*self.first_order, pool_sparsity(sparsity, blocks, pool), units.params,
-                                units.neuron_params)
+    def global_scores(self, model: nn.Module, units: AttentionUnits) -> UnitScores:
+        """Step 1's scores, |dL/dm| of every attention unit and neuron of every block (`first_order_scores`), which
+        the plan ranks globally (`plan.first_order_plan`, or per module type `plan.first_order_split_plan`)."""
+        return UnitScores(*first_order_scores(model, self.inputs.token_ids, units.unit_columns(),
+                                              self.inputs.batch_size, _execution_device(model)))
 
     def attention(self, ctx: LayerContext) -> SobpPruner:
         o_targets = None
@@ -275,9 +220,3 @@ class Sobp(PruningMethod):
     def ffn(self, ctx: LayerContext) -> SobpPruner:
         targets, self._mlp_targets = self._mlp_targets, None
         return SobpPruner(ctx.n_ffn, self.options.damp, ctx.where("down_proj"), ctx.device, targets)
-
-    def finish_layer(self, ctx: LayerContext, ffn: Selection) -> None:
-        if self.first_order is not None:
-            attn, mlp = self.first_order
-            ctx.entry["first_order_loss_change"] = {"attention": round(float(attn[ctx.index].sum()), 8),
-                                                    "ffn": round(float(mlp[ctx.index].sum()), 8)}

@@ -1,5 +1,6 @@
 """What a structured pruner removes and the knobs it takes: `AttentionUnits` (heads, KV groups or query
-slots of a possibly GQA model) and `PruneOptions` (the method settings of `prune.*`).
+slots of a possibly GQA model), `UnitScores` (what a method's global search ranks) and `PruneOptions` (the
+method settings of `prune.*`).
 
 Plain data shared by the planning (`fang.methods.plan`), the method interface (`fang.methods.base`) and
 the sequential pass (`fang.methods.driver`); it imports none of them.
@@ -98,6 +99,16 @@ class AttentionUnits:
         return torch.arange(self.n_kv), keep_units
 
 
+@dataclass
+class UnitScores:
+    """Scores of every block's units that a global search ranks (`fang.methods.plan.global_search`), higher = more
+    worth keeping: `attention` [n_units] per block (None: no attention unit is scored, the search keeps them all)
+    and `ffn` [n_ffn] per block."""
+
+    attention: list[Tensor] | None
+    ffn: list[Tensor]
+
+
 def attention_units(config, scheme: str) -> AttentionUnits:
     require(scheme in ("kv_group", "query_slot"), f"prune.gqa={scheme!r}: use 'kv_group' or 'query_slot'")
     n_heads, n_kv, head_dim = attention_geometry(config)
@@ -115,8 +126,8 @@ class PruneOptions:
     shared_group: bool = True  # FANG: never prune the shared neuron group
     function_aware: bool = True  # FANG: prune per functional group with reweighted statistics
     reweighting: str = "ours"  # FANG token-cluster weights (cluster.RELEVANCE_MODES)
-    # per-block sparsity (from `prune.allocation`: uniform, fc or taylor, e.g. "OBC + ASA", Table 9);
-    # None = `sparsity` in every block, or for FANG its own FangInputs.sparsity
+    # per-block sparsity (from `prune.allocation`: uniform, fc or taylor, e.g. "OBC + ASA", Table 9); None = the
+    # plan computes it (fang.methods.plan.allocated_sparsity), or for FANG its own allocation (FangInputs.allocation)
     block_sparsity: Sequence[float] | None = None
     allocation: str = "auto"  # how keep counts per block are chosen (ALLOCATIONS); "flap_search" = FLAP's AL-AM
     compensation: str = "group"  # O-FANG: refit removed neurons per group (Eq. 7), from the whole layer's kept columns, or those towards the dense output
