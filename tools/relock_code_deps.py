@@ -1,0 +1,102 @@
+"""Re-record a code-only change in the dvc.lock files, for stages that cannot be rerun on this machine.
+
+    python tools/relock_code_deps.py [--check] [DVC_YAML ...]     (default: every dvc.yaml of the project)
+
+`dvc commit` needs a stage's outputs in the workspace; a fresh machine without the study caches has only their
+small JSONs, so a pure move of code (or a comment) would leave every study stage "changed" in `dvc status` for
+good. For each locked stage this rewrites only its Python-source dependencies (`fang/**`, `stages/**`): the md5
+and size of each to the file's current bytes, in the order dvc.yaml lists them, adding a module dvc.yaml now lists
+and dropping one it no longer lists. Outputs, data dependencies and params are left exactly as locked.
+
+Use it only for a change shown not to move any output: rerun the stages on a tiny project before and after
+(a harness that hashes every output) and rerun the main pipeline with `dvc repro`, which must keep its hashes.
+`--check` lists the stages it would change and exits 1 if there are any. The lock is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+CODE_PREFIXES = ("fang/", "stages/")
+
+
+def _entry(path: str) -> dict:
+    data = Path(path).read_bytes()
+    return {"path": path, "hash": "md5", "md5": hashlib.md5(data).hexdigest(), "size": len(data)}
+
+
+def _is_code(path: str) -> bool:
+    return path.startswith(CODE_PREFIXES) and path.endswith(".py")
+
+
+def relock(dvc_yaml: str, write: bool) -> list[str]:
+    """Stages of `dvc_yaml` whose locked code dependencies differ from the files (rewritten when `write`)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    lock_path = Path(dvc_yaml).with_name("dvc.lock")
+    if not lock_path.is_file():
+        return []
+    repo = Repo(".")
+    stages = {s.name: s for s in repo.stage.collect(dvc_yaml) if getattr(s, "name", None)}
+    yaml = YAML()
+    text = lock_path.read_text()
+    lock = yaml.load(text)
+    changed = []
+    for name, locked in lock["stages"].items():
+        stage = stages.get(name)
+        if stage is None or "deps" not in locked:
+            continue
+        wdir = Path(stage.wdir).resolve().relative_to(Path.cwd().resolve())
+        old = {d["path"]: d for d in locked["deps"]}
+        new, ok = [], True
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):  # params are locked under "params", untouched here
+                continue
+            path = str(Path(os.path.normpath(wdir / dep.def_path)))
+            if _is_code(path):
+                entry = _entry(path)
+                kept = old.get(path)
+                new.append(kept if kept is not None and kept.get("md5") == entry["md5"] else entry)
+            elif path in old:
+                new.append(old[path])
+            else:  # a data dependency the lock never saw: that needs a real run, not this tool
+                ok = False
+                break
+        if not ok:
+            print(f"{dvc_yaml}:{name}: skipped (a non-code dependency is not in the lock)", file=sys.stderr)
+            continue
+        if [dict(d) for d in new] != [dict(d) for d in locked["deps"]]:
+            changed.append(name)
+            locked["deps"] = new
+    if write and changed:
+        buf = io.StringIO()
+        yaml.dump(lock, buf)
+        tmp = lock_path.with_name(f".{lock_path.name}.tmp")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, lock_path)
+    return changed
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    files = [a for a in argv if a != "--check"] or \
+        ["dvc.yaml"] + sorted(str(p) for p in Path("studies").glob("*/dvc.yaml"))
+    total = 0
+    for f in files:
+        changed = relock(f, write=not check)
+        total += len(changed)
+        if changed:
+            print(f"{f}: {len(changed)} stage(s) {'would be ' if check else ''}relocked: "
+                  + ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+    return 1 if check and total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
