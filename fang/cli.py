@@ -316,6 +316,7 @@ for _command, (_out, _help, _doc) in RECIPE_STAGES.items():
 
 @app.command("recipe-report")
 def recipe_report(
+    params: str = ParamsOpt,
     results: Optional[str] = typer.Option(
         None, help="also replace the text between <!-- recipe:start --> and <!-- recipe:end --> of this page "
                    "(docs/results.md) with the search table and the confirmation verdicts"),
@@ -325,7 +326,7 @@ def recipe_report(
 ) -> None:
     """Publish the recipe study: artifacts/recipe/recipe.md from search.json and confirmation.json (run it after
     `dvc repro studies/recipe/dvc.yaml`)."""
-    _stage("recipe_report").run(results, readme)
+    _stage("recipe_report").run(results, readme, params)
 
 
 @app.command("bias-report")

@@ -170,7 +170,7 @@ def test_the_study_stages_split_select_and_confirm_from_the_files_they_read(tmp_
     assert "old" not in text and "| 30% | **o_fang** |" in text and "| 40% | o_fang,tau=3 |" in text
     assert text.count("| obc |") == 2 and "better" in text
     short = readme.read_text()
-    assert "- 30% vs obc: +" in short and "- 40% vs obc: +" in short
+    assert "| 30% | +" in short and "| 40% | +" in short and "**better**" in short and "Ranking by that mean: o_fang " in short
     assert "detectably better than every baseline at 30% and 40%" in short
     # a missing sweep row is one line naming it and what to run
     (sweep / "obc-0.4.metrics.json").unlink()
@@ -191,3 +191,19 @@ def test_a_half_is_keyed_by_the_tasks_that_answer_questions_a_groups_subtasks():
                                                           "next_sentence_geography": [0, 3]}
     with pytest.raises(FangError, match=r"no questions for task\(s\) \['next_sentence_geography'\]"):
         lm_eval_samples({"boolq": [1], "next_sentence_people": [2]}, leaf_tasks(manifest))
+
+
+def test_the_decision_names_what_stays_the_default_unless_every_pair_is_won():
+    from fang.evaluation.recipe import decision_sentence
+
+    def verdict(s, b, word):
+        return {"sparsity": s, "baseline": b, "avg7": {"verdict": word}}
+
+    won = {"recipe": "r", "verdicts": [verdict(s, b, "better") for s in (0.2, 0.3, 0.4) for b in ("obc", "flap")]}
+    assert decision_sentence(won, [0.3, 0.4], "o_fang").startswith("r is detectably better than every baseline at 30% and 40%")
+    # a loss at 20% does not count (it is not a decision sparsity); one pair at 40% does
+    won["verdicts"][0]["avg7"]["verdict"] = "worse"
+    assert "every baseline" in decision_sentence(won, [0.3, 0.4], "o_fang")
+    won["verdicts"][-1]["avg7"]["verdict"] = "no detectable difference"
+    lost = decision_sentence(won, [0.3, 0.4], "o_fang")
+    assert "3 of the 4 baseline pairs" in lost and lost.endswith("the main job keeps `o_fang`.")
