@@ -1,5 +1,6 @@
-"""tools/relock_code_deps.py re-records a code-only change in a lock without rerunning the stage, and touches
-nothing else: a data dependency that changed still shows in `dvc status`."""
+"""tools/relock_code_deps.py re-records a code-only change made since a base commit in a lock, without rerunning
+the stage, and touches nothing else: a data change still shows in `dvc status`, and a stage that was already stale
+at the base is left alone."""
 
 from __future__ import annotations
 
@@ -13,32 +14,50 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "relock_code_deps.py"
+COPY = "import sys\nopen(sys.argv[2], 'w').write(open(sys.argv[1]).read())\n"
 
 
 def _run(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=root, capture_output=True, text=True, check=False,
-                          env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(list(args), cwd=root, capture_output=True, text=True, check=False, env=env)
 
 
-def test_a_moved_comment_is_relocked_and_a_changed_input_is_not(tmp_path):
-    root = tmp_path / "project"
+def _project(root: Path) -> None:
     (root / "stages").mkdir(parents=True)
-    (root / "stages" / "copy.py").write_text("import sys\nopen(sys.argv[2], 'w').write(open(sys.argv[1]).read())\n")
-    (root / "data.txt").write_text("rows\n")
+    for name in ("copy", "other"):
+        (root / "stages" / f"{name}.py").write_text(COPY)
+        (root / f"{name}.txt").write_text("rows\n")
+    # deps listed out of path order: dvc writes them sorted, and so must the tool
     (root / "dvc.yaml").write_text(
-        "stages:\n  copy:\n    cmd: python stages/copy.py data.txt out.txt\n"
-        "    deps: [data.txt, stages/copy.py]\n    outs: [out.txt]\n")
-    assert _run(root, "dvc", "init", "--no-scm", "-q").returncode == 0
+        "stages:\n"
+        "  copy:\n    cmd: python stages/copy.py copy.txt out.txt\n    deps: [stages/copy.py, copy.txt]\n    outs: [out.txt]\n"
+        "  other:\n    cmd: python stages/other.py other.txt out2.txt\n    deps: [stages/other.py, other.txt]\n"
+        "    outs: [out2.txt]\n")
+    assert _run(root, "git", "init", "-q").returncode == 0
+    assert _run(root, "dvc", "init", "-q").returncode == 0
     assert _run(root, "dvc", "repro", "-q").returncode == 0
+
+
+def test_a_code_only_change_since_base_is_relocked_and_nothing_else(tmp_path):
+    root = tmp_path / "project"
+    _project(root)
+    # `other` goes stale before the base commit: its code changed after it ran and nobody reran it
+    (root / "stages" / "other.py").write_text("# changed before the base\n" + COPY)
+    assert _run(root, "git", "add", "-A").returncode == 0
+    assert _run(root, "git", "commit", "-qm", "base").returncode == 0
     locked = (root / "dvc.lock").read_text()
-    # nothing to do: the check passes and the lock keeps its bytes
-    assert _run(root, sys.executable, str(TOOL), "--check").returncode == 0
-    (root / "stages" / "copy.py").write_text("# a comment: same output\n" + (root / "stages" / "copy.py").read_text())
-    check = _run(root, sys.executable, str(TOOL), "--check")
+    tool = [sys.executable, str(TOOL), "--base", "HEAD"]
+    assert _run(root, *tool, "--check").returncode == 0  # nothing changed since the base
+    assert _run(root, sys.executable, str(TOOL), "--check").returncode == 2  # no base: refused, one line
+    (root / "stages" / "copy.py").write_text("# a comment: same output\n" + COPY)
+    check = _run(root, *tool, "--check")
     assert check.returncode == 1 and "copy" in check.stdout
     assert (root / "dvc.lock").read_text() == locked  # --check writes nothing
-    assert _run(root, sys.executable, str(TOOL)).returncode == 0
-    assert "up to date" in _run(root, "dvc", "status").stdout
-    (root / "data.txt").write_text("other rows\n")  # a data change is not the tool's to hide
-    assert _run(root, sys.executable, str(TOOL)).returncode == 0
-    assert "data.txt" in _run(root, "dvc", "status").stdout
+    done = _run(root, *tool)
+    assert done.returncode == 0 and "other: skipped (already stale" in done.stderr
+    status = _run(root, "dvc", "status").stdout
+    assert "copy:" not in status and "other:" in status  # the stale stage still shows
+    (root / "copy.txt").write_text("other rows\n")  # a data change is not the tool's to hide
+    assert _run(root, *tool).returncode == 0
+    assert "copy.txt" in _run(root, "dvc", "status").stdout
