@@ -15,10 +15,11 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ..core.errors import require
+from ..core.markdown import markdown_table
 from ..data.paper_tasks import PAPER_TASKS
 from .halves import restrict
-from .paired import BETTER, accuracy_difference, perplexity_differences
-from .report import PAPER_AVG, paired_examples
+from .paired import BETTER, WORSE, accuracy_difference, perplexity_differences
+from .report import PAPER_AVG, fmt_interval, paired_examples
 
 AVG_KEY = f"average_{PAPER_AVG.lower()}"
 
@@ -105,21 +106,9 @@ def confirm(choice: str, chosen: Mapping[float, Mapping], baselines: Mapping[tup
             "wins_everywhere": all(v["avg7"]["verdict"] == BETTER for v in verdicts)}
 
 
-def _points(c: Mapping) -> str:
-    """A paired Avg7 difference in points with its interval: "+1.2 [+0.1, +2.3]"."""
-    return f"{100 * c['estimate']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
-
-
-def _percent(c: Mapping) -> str:
-    """A paired perplexity ratio in percent with its interval: "-3.1% [-4.0, -2.2]"."""
-    return f"{100 * c['estimate']:+.1f}% [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
-
-
 def search_markdown(search: Mapping) -> str:
     """The whole search table: every candidate at every search sparsity, best mean first, with its
     tuning-half Avg7 ± SE, calibration-domain perplexity and paired difference against each baseline."""
-    from ..core.markdown import markdown_table
-
     ranking = list(search["choice"]["ranking"])
     order = {name: i for i, name in enumerate(ranking)}
     rows = sorted(search["table"], key=lambda r: (r["sparsity"], order.get(r["recipe"], len(order)), r["recipe"]))
@@ -129,16 +118,14 @@ def search_markdown(search: Mapping) -> str:
     for r in rows:
         name = f"**{r['recipe']}**" if r["recipe"] == search["choice"]["recipe"] else r["recipe"]
         body.append([f"{r['sparsity']:.0%}", name, f"{100 * r['avg7']:.1f} ± {100 * r['avg7_se']:.1f}",
-                     f"{r['ppl']:.2f}"] + [_points(r["vs"][b]) if b in r["vs"] else "" for b in baselines])
+                     f"{r['ppl']:.2f}"] + [fmt_interval(r["vs"][b]) if b in r["vs"] else "" for b in baselines])
     return markdown_table(header, body)
 
 
 def confirmation_markdown(confirmation: Mapping) -> str:
     """The chosen recipe against every baseline on the confirmation half: Avg7 points and perplexity, paired."""
-    from ..core.markdown import markdown_table
-
     body = [[f"{v['sparsity']:.0%}", v["baseline"], f"{100 * v['avg7_recipe']:.1f}", f"{100 * v['avg7_baseline']:.1f}",
-             f"{_points(v['avg7'])} {v['avg7']['verdict']}", f"{_percent(v['ppl'])} {v['ppl']['verdict']}"]
+             f"{fmt_interval(v['avg7'])} {v['avg7']['verdict']}", f"{fmt_interval(v['ppl'], unit='%')} {v['ppl']['verdict']}"]
             for v in confirmation["verdicts"]]
     return markdown_table(["sparsity", "baseline", f"Avg7 {confirmation['recipe']}", "Avg7 baseline",
                            "Avg7 difference (points, 95%)", "PPL ratio − 1 (95%)"], body)
@@ -153,17 +140,15 @@ def ranking_means(search: Mapping) -> list[tuple[str, float]]:
 
 def confirmation_grid(confirmation: Mapping) -> str:
     """The confirmation verdicts as one row per sparsity and one column per baseline (compact, for the README)."""
-    from ..core.markdown import markdown_table
-
     baselines = list(dict.fromkeys(v["baseline"] for v in confirmation["verdicts"]))
     cells = {(v["sparsity"], v["baseline"]): v for v in confirmation["verdicts"]}
-    word = {BETTER: "**better**", "worse": "**worse**"}
+    word = {BETTER: f"**{BETTER}**", WORSE: f"**{WORSE}**"}
     rows = []
     for s in sorted({v["sparsity"] for v in confirmation["verdicts"]}):
         row = [f"{s:.0%}"]
         for b in baselines:
             v = cells.get((s, b))
-            row.append("" if v is None else f"{_points(v['avg7'])} {word.get(v['avg7']['verdict'], 'n.d.')}; "
+            row.append("" if v is None else f"{fmt_interval(v['avg7'])} {word.get(v['avg7']['verdict'], 'n.d.')}; "
                                             f"PPL {100 * v['ppl']['estimate']:+.1f}%")
         rows.append(row)
     return markdown_table(["sparsity"] + baselines, rows) + "\n\n(n.d.: no detectable difference.)"

@@ -279,11 +279,15 @@ def compare_runs(a: Run, b: Run, averaged: list[str] | None = None) -> dict:
     return out
 
 
+def fmt_interval(c: dict, scale: float = 100.0, unit: str = "") -> str:
+    """A paired estimate with its 95% interval: "+1.2 [+0.1, +2.3]", or "+3.1% [+2.0, +4.2]" with unit "%"."""
+    return f"{c['estimate'] * scale:+.1f}{unit} [{c['low'] * scale:+.1f}, {c['high'] * scale:+.1f}]"
+
+
 def fmt_comparison(c: dict | None, scale: float = 100.0, unit: str = "") -> str:
     if c is None:
         return "—"
-    return (f"{c['estimate'] * scale:+.1f}{unit} [{c['low'] * scale:+.1f}, {c['high'] * scale:+.1f}] "
-            f"**{c['verdict']}**")
+    return f"{fmt_interval(c, scale, unit)} **{c['verdict']}**"
 
 
 def paired_table(comparisons: list[dict]) -> tuple[list[str], list[list[str]]]:
