@@ -21,12 +21,14 @@ Use it only for a change shown not to move any output: rerun the stages on a tin
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from ruamel.yaml import YAML
+
+from fang.core.atomic import atomic_file
 
 CODE_PREFIXES = ("fang/", "stages/")
 
@@ -41,29 +43,24 @@ def _is_code(path: str) -> bool:
 
 
 def _md5_at(rev: str, path: str, cache: dict) -> str | None:
-    """md5 of `path` as committed at `rev` (None when it did not exist there)."""
-    import subprocess
-
+    """md5 of `path` as committed at `rev` (None when it did not exist there); `cache` keeps one git call per path."""
     if path not in cache:
         out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, check=False)
         cache[path] = hashlib.md5(out.stdout).hexdigest() if out.returncode == 0 else None
     return cache[path]
 
 
-def relock(dvc_yaml: str, write: bool, base: str) -> list[str]:
+def relock(repo, dvc_yaml: str, write: bool, base: str, at_base: dict) -> list[str]:
     """Stages of `dvc_yaml` whose locked code dependencies differ from the files (rewritten when `write`)."""
     from dvc.dependency.param import ParamsDependency
-    from dvc.repo import Repo
 
     lock_path = Path(dvc_yaml).with_name("dvc.lock")
     if not lock_path.is_file():
         return []
-    repo = Repo(".")
     stages = {s.name: s for s in repo.stage.collect(dvc_yaml) if getattr(s, "name", None)}
     yaml = YAML()
-    text = lock_path.read_text()
-    lock = yaml.load(text)
-    changed, at_base = [], {}
+    lock = yaml.load(lock_path.read_text())
+    changed = []
     for name, locked in lock["stages"].items():
         stage = stages.get(name)
         if stage is None or "deps" not in locked:
@@ -96,11 +93,8 @@ def relock(dvc_yaml: str, write: bool, base: str) -> list[str]:
             changed.append(name)
             locked["deps"] = new
     if write and changed:
-        buf = io.StringIO()
-        yaml.dump(lock, buf)
-        tmp = lock_path.with_name(f".{lock_path.name}.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, lock_path)
+        with atomic_file(lock_path) as fh:
+            yaml.dump(lock, fh)
     return changed
 
 
@@ -114,9 +108,11 @@ def main(argv: list[str]) -> int:
     base, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     files = argv or \
         ["dvc.yaml"] + sorted(str(p) for p in Path("studies").glob("*/dvc.yaml"))
-    total = 0
+    from dvc.repo import Repo
+
+    repo, at_base, total = Repo("."), {}, 0
     for f in files:
-        changed = relock(f, write=not check, base=base)
+        changed = relock(repo, f, write=not check, base=base, at_base=at_base)
         total += len(changed)
         if changed:
             print(f"{f}: {len(changed)} stage(s) {'would be ' if check else ''}relocked: "
