@@ -282,3 +282,25 @@ def test_the_study_methods_keep_aligned_widths_too(method, cap):
     assert all(w % 32 == 0 for w in widths)
     assert [e["ffn_unaligned"] for e in report.layers] == [e["ffn"] for e in base.layers]
     assert abs(sum(widths) - sum(e["ffn"] for e in base.layers)) <= 16
+
+
+@pytest.mark.parametrize("allocation", ["auto", "first_order_split"])
+def test_sobp_runs_its_greedy_selection_at_the_aligned_widths_of_its_own_search(allocation, cap):
+    from fang.methods.sobp import SobpInputs
+
+    store, calib = cap
+    ids = torch.from_numpy(store["token_ids"][:].astype("int64"))
+
+    def run(align):
+        model = model_()
+        return model, prune_model(model, store, "sobp", SPARSITY, "kv_group", batch_size=4, inputs=SobpInputs(ids, 4),
+                                  options=PruneOptions(allocation=allocation, align=align))
+
+    _, base = run(1)
+    model, report = run(32)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(w % 32 == 0 or w == FFN for w in widths) and widths != [e["ffn"] for e in base.layers]
+    assert [e["ffn_unaligned"] for e in report.layers] == [e["ffn"] for e in base.layers]  # the search's own widths
+    assert abs(sum(widths) - sum(e["ffn"] for e in base.layers)) <= 16  # the budget within half a multiple
+    assert [e["kv_heads"] for e in report.layers] == [e["kv_heads"] for e in base.layers]
+    assert report.pruned_block_params == count_block_params(model)

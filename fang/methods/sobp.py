@@ -176,6 +176,10 @@ class Sobp(PruningMethod):
     """SoBP on heads (or GQA units, prune.gqa) and FFN neurons: first-order global allocation (its `auto`),
     greedy OBS within each block, module-wise reconstruction against the dense model's module outputs."""
 
+    # step 1 fixes only how many units each block keeps; step 2 chooses which at whatever count it is given, so
+    # under prune.align the greedy OBS runs at the aligned width (the plan's largest-remainder rounding)
+    aligns_own_search = True
+
     @property
     def module_wise(self) -> bool:
         """Step 3 on (the default compensation): refit to the dense model's module outputs. `sobp+layer` turns it
