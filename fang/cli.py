@@ -30,6 +30,12 @@ SourceOpt = typer.Option(
          "instead of the main pipeline's artifacts",
 )
 
+AnalysisOpt = typer.Option(
+    None, "--analysis",
+    help="recipe-study analysis variant ('k=4', 'shared=2', 'calib=128x2048'; fang recipe-analysis): read its "
+         "artifacts under artifacts/recipe/analysis/<variant>/, the main pipeline's where it does not change them",
+)
+
 
 def _results_option(markers: str, image: str):
     return typer.Option(None, help=f"also replace the text between the {markers} markers of this page "
@@ -129,12 +135,14 @@ def prune(
     sparsity: Optional[float] = typer.Option(None, help="override prune.sparsity, in [0, 1)"),
     out: Optional[str] = typer.Option(None, help="output directory (default artifacts/pruned)"),
     source: Optional[str] = SourceOpt,
+    analysis: Optional[str] = AnalysisOpt,
 ) -> None:
     """Prune attention heads and FFN neurons with `prune.method` to `prune.sparsity`; save the shrunk model.
 
-    A method reads the analysis artifacts its registry line names, of the main calibration or of `--source`.
+    A method reads the analysis artifacts its registry line names, of the main calibration, of `--source` or of
+    `--analysis`.
     """
-    _stage("prune").run(params, method, sparsity, out, source)
+    _stage("prune").run(params, method, sparsity, out, source, analysis)
 
 
 @app.command("method-inputs")
@@ -143,9 +151,31 @@ def method_inputs(
     method: str = typer.Option(..., help="pruning method whose inputs to list"),
     out: str = typer.Option(..., help="manifest JSON to write"),
     source: Optional[str] = SourceOpt,
+    analysis: Optional[str] = AnalysisOpt,
 ) -> None:
     """Write the prune keys and analysis-artifact hashes one method reads: what a study cell depends on."""
-    _stage("method_inputs").run(params, method, out, source)
+    _stage("method_inputs").run(params, method, out, source, analysis)
+
+
+@app.command("recipe-analysis")
+def recipe_analysis(
+    params: str = ParamsOpt,
+    analysis: str = typer.Option(..., help="the variant: key=value[,key=value] with k (token clusters), shared (the "
+                                 "shared group's size over a functional group's) or calib (SEQUENCESxTOKENS)"),
+) -> None:
+    """Build one analysis variant of the recipe study under artifacts/recipe/analysis/<variant>/.
+
+    Only the stages whose artifacts the variant changes run (k=4: cluster, taylor, group, allocate; shared=2: group;
+    calib=128x2048: all of them); the rest are the main pipeline's. Prune from it with `fang prune --analysis`.
+    """
+    from .core.analyses import parse_analysis
+    from .core.progress import console
+
+    variant = parse_analysis(analysis)
+    console.print(f"analysis {variant.name}: {', '.join(variant.stages())} -> artifacts/recipe/analysis/{variant.name}/ "
+                  "(the other artifacts are the main pipeline's)")
+    for step in variant.stages():  # each stage writes its artifact atomically and logs its own timing
+        _stage(step).run(params, None, variant.name)
 
 
 @app.command()

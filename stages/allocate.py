@@ -9,11 +9,11 @@ from fang.core.progress import console
 from fang.core.outputs import take_lock
 
 
-def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+def run(params_path: str = "params.yaml", source: str | None = None, analysis: str | None = None) -> None:
     p = load_block("allocate", path=params_path)
     # the targets only fill block_sparsity.json (a view for people and plots): the sweep's, or the study's
     targets = load_block("sweep" if source is None else "bias", path=params_path).sparsities
-    art = paths.calibration_artifacts(source)
+    art = paths.calibration_artifacts(source, analysis)
     take_lock(art.allocate)  # one writer at a time (fang.core.outputs)
     fc = functional_complexities(open_capture(art.capture), art.capture)
     taylor = open_store(art.taylor, "taylor", "taylor")["block_sensitivity"][:].tolist()

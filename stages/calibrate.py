@@ -12,19 +12,20 @@ from fang.core.outputs import take_lock
 from fang.data.corpus import filter_topics, read_jsonl, sample_calibration
 
 
-def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+def run(params_path: str = "params.yaml", source: str | None = None, analysis: str | None = None) -> None:
     """Sample the main calibration set, or with `source` one of the bias study's (`bias.sources`):
-    that topic only ("all": every topic), at the study's `bias.n_samples` x `bias.seq_len`."""
+    that topic only ("all": every topic), at the study's `bias.n_samples` x `bias.seq_len`; or with
+    `analysis` a recipe-study variant's ("calib=128x2048": calibrate.n_samples x calibrate.seq_len)."""
     from transformers import AutoTokenizer
 
     from fang.core.errors import FangError
 
-    p = load_block("calibrate", path=params_path)
+    p = load_block("calibrate", path=params_path, analysis=analysis)
     if source is not None:
         b = load_block("bias", path=params_path)
         b.require_source(source)
         p.topics, p.n_samples, p.seq_len = b.topics_of(source), b.n_samples, b.seq_len
-    out = paths.calibration_artifacts(source).calib
+    out = paths.calibration_artifacts(source, analysis).calib
     take_lock(out)  # one writer at a time (fang.core.outputs)
     if not (paths.MODEL / "config.json").exists():
         raise FangError(f"no model at {paths.MODEL}: run `dvc repro fetch_model` first")

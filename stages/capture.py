@@ -12,14 +12,14 @@ from fang.data.corpus import load_calibration
 from fang.model.offload import load_for_block_passes
 
 
-def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+def run(params_path: str = "params.yaml", source: str | None = None, analysis: str | None = None) -> None:
     p = load_block("capture", path=params_path)
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
     pca_dim = load_block("cluster", path=params_path).pca_dim  # the PCA is fitted while capturing
-    out = paths.calibration_artifacts(source).capture
+    out = paths.calibration_artifacts(source, analysis).capture
     take_lock(out)  # one writer at a time (fang.core.outputs)
     device = pick_device()
-    input_ids = load_calibration(source)
+    input_ids = load_calibration(source, analysis)
     cfg = read_config(paths.MODEL)  # the sizes, before the model is loaded
     n_tok, hidden, n_ffn = input_ids.numel(), cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)
     batch = min(p.batch_size, input_ids.shape[0])  # a batch never holds more than every sequence

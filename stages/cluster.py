@@ -20,9 +20,9 @@ from fang.core.progress import console
 from fang.core.outputs import take_lock
 
 
-def run(params_path: str = "params.yaml", source: str | None = None) -> None:
-    p = load_block("cluster", path=params_path)
-    art = paths.calibration_artifacts(source)
+def run(params_path: str = "params.yaml", source: str | None = None, analysis: str | None = None) -> None:
+    p = load_block("cluster", path=params_path, analysis=analysis)
+    art = paths.calibration_artifacts(source, analysis)
     take_lock(art.cluster)  # one writer at a time (fang.core.outputs)
     cap = open_capture(art.capture)
     n_layers, d = cap.attrs["n_layers"], cap.attrs["hidden_size"]

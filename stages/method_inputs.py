@@ -11,7 +11,8 @@ from fang.core.params import PruneParams, read_params
 from fang.methods.inputs import method_inputs
 
 
-def run(params_path: str = "params.yaml", method: str = "flap", out: str = "", source: str | None = None) -> None:
+def run(params_path: str = "params.yaml", method: str = "flap", out: str = "", source: str | None = None,
+        analysis: str | None = None) -> None:
     # The prune block's values as written, without `load_block`'s validation: that imports the pruning
     # code (torch), which would make every manifest cost seconds; `fang prune` validates them itself.
     blocks = read_params(params_path)
@@ -20,4 +21,4 @@ def run(params_path: str = "params.yaml", method: str = "flap", out: str = "", s
     known = {f.name for f in dataclasses.fields(PruneParams)}
     unknown = sorted(set(raw) - known)
     require(not unknown, f"unknown key(s) in params block 'prune': {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    write_json(Path(out), method_inputs(method, PruneParams(**raw), paths.calibration_artifacts(source), blocks))
+    write_json(Path(out), method_inputs(method, PruneParams(**raw), paths.calibration_artifacts(source, analysis), blocks))

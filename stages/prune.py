@@ -28,7 +28,7 @@ MAIN_JOB_ARTIFACTS = ("cluster", "taylor", "groups", "allocate")
 
 
 def run(params_path: str = "params.yaml", method: str | None = None, sparsity: float | None = None,
-        out: str | None = None, source: str | None = None) -> None:
+        out: str | None = None, source: str | None = None, analysis: str | None = None) -> None:
     """Prune with `prune.method`/`prune.sparsity`, or the given overrides (used by the sweeps), from the
     main calibration's artifacts or those of one bias-study `source`. `method` may name a variant,
     `method+allocation+compensation` (e.g. "obc+fc") followed by prune settings of its own
@@ -43,6 +43,9 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     p = dataclasses.replace(recipe.apply(p), sparsity=sparsity)
     p.validate()  # the sweeps' --method/--sparsity overrides get the params block's checks, before any loading
     extra = [a for a in method_spec(method).artifacts if a not in MAIN_JOB_ARTIFACTS]
+    if not out and analysis is not None:
+        raise FangError("--analysis prunes from a recipe-study analysis variant: give --out DIR too, so the main "
+                        "pipeline's artifacts/pruned is left to its own stage")
     if not out and source is None and extra:
         raise FangError(
             f"prune.method={method} reads {', '.join(str(getattr(paths.MAIN, a)) for a in extra)}, which the main "
@@ -52,7 +55,7 @@ def run(params_path: str = "params.yaml", method: str | None = None, sparsity: f
     out_dir = guard_output(paths.PRUNED if out is None else out, "pruned_model", "--out", [paths.MODEL])
     report_file = guard_output(out_dir.parent / f"{out_dir.name}.prune.json" if out else paths.METRICS / "prune.json",
                                "prune_report", "--out's report")
-    art = paths.calibration_artifacts(source)
+    art = paths.calibration_artifacts(source, analysis)
     capture = open_capture(art.capture)
     options = PruneOptions.from_params(p, variant)
     inputs = method_class(method).load_inputs(art, params_path, options=options)

@@ -25,7 +25,7 @@ def run(params_path: str = "params.yaml", out: str = str(paths.RECIPE / "search.
     out_file = guard_output(out, "recipe_search", "--out", [halves_file])
     tuning = read_json(halves_file)["halves"]["tuning"]
     candidates = {(c, s): read_json(cell_metrics(c, s, from_sweep=False, suffix="tuning"))
-                  for c in p.candidates for s in p.sparsities}
+                  for c in p.candidates + p.analysis_candidates() for s in p.sparsities}
     candidates |= {(c, s): read_json(cell_metrics(c, s, from_sweep=True)) for c in p.sweep_candidates for s in p.sparsities}
     baselines = {(b, s): read_json(cell_metrics(b, s, from_sweep=True)) for b in p.baselines for s in p.sparsities}
     table = search_table(candidates, baselines, tuning)

@@ -17,13 +17,13 @@ from fang.data.corpus import load_calibration
 from fang.model.offload import load_for_block_passes
 
 
-def run(params_path: str = "params.yaml", source: str | None = None) -> None:
+def run(params_path: str = "params.yaml", source: str | None = None, analysis: str | None = None) -> None:
     p = load_block("taylor", path=params_path)
     model_p = load_block("model", path=params_path)  # offload: where block weights wait; compute_dtype: what they run in
-    art = paths.calibration_artifacts(source)
+    art = paths.calibration_artifacts(source, analysis)
     take_lock(art.taylor)  # one writer at a time (fang.core.outputs)
     clusters = open_store(art.cluster, "cluster", "cluster")
-    input_ids = load_calibration(source)
+    input_ids = load_calibration(source, analysis)
     token_clusters = torch.from_numpy(clusters["token_clusters"][:]).long()
     require(token_clusters.shape[1] == input_ids.numel(),
             f"{art.cluster} labels {token_clusters.shape[1]} tokens but the calibration set has {input_ids.numel()}: rerun cluster")

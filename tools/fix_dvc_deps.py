@@ -44,12 +44,16 @@ def fix(check: bool = False) -> list[str]:
             rel = lambda d: str((here / d).resolve().relative_to(ROOT))  # noqa: E731
             cmd = str(body.get("cmd", "")).split()
             module = f"stages/{cmd[1].replace('-', '_')}.py" if len(cmd) > 1 and cmd[0] == "fang" else None
-            if module is not None and not (ROOT / module).exists():  # a second command of a stage module
-                listed = [rel(d) for d in deps if "${" not in str(d) and rel(d).startswith("stages/") and rel(d).endswith(".py")]
-                module = listed[0] if listed else None
-            if module is None or not (ROOT / module).exists():
+            listed = [rel(d) for d in deps if "${" not in str(d) and rel(d).startswith("stages/") and rel(d).endswith(".py")]
+            if module is not None and not (ROOT / module).exists():
+                # a command that is not one stage module (a second command of one, or `fang recipe-analysis`,
+                # which runs several): the stage modules it lists, as tests/test_dvc_deps.py reads them
+                modules = [m for m in listed if (ROOT / m).exists()]
+            else:
+                modules = [module] if module is not None and (ROOT / module).exists() else []
+            if not modules:
                 continue
-            needed = (transitive_imports(ROOT / module) | {module}) - NOT_OUTPUT_RELEVANT
+            needed = set().union(*(transitive_imports(ROOT / m) | {m} for m in modules)) - NOT_OUTPUT_RELEVANT
             kept = [d for d in deps if not (_is_module(rel(d)) if "${" not in str(d) else False) or rel(d) in needed]
             have = {rel(d) for d in kept if "${" not in str(d)}
             added = sorted(needed - have)

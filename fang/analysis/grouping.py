@@ -241,14 +241,24 @@ def assign_groups_random(n_rest: int, capacities: Sequence[int], seed: int) -> T
 # --------------------------------------------------------------------------------- one layer
 
 
+def shared_size(n: int, k: int, ratio: float = 1.0) -> int:
+    """Neurons in the shared group when it is `ratio` times as large as each of the k functional groups:
+    m = floor(ratio * n / (k + ratio)), at least 1; ratio 1 is the paper's m = N_n / (K + 1)."""
+    require(ratio > 0.0, f"shared group ratio {ratio} must be > 0")
+    if ratio == 1.0:
+        return n // (k + 1)  # exact integer arithmetic for the paper's size
+    return max(1, min(n - k, int(np.floor(ratio * n / (k + ratio)))))
+
+
 def neuron_groups(
-    scores: Tensor | np.ndarray, method: str = "lap", seed: int = 0, solver: str = "cycles"
+    scores: Tensor | np.ndarray, method: str = "lap", seed: int = 0, solver: str = "cycles",
+    shared_ratio: float = 1.0,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Shared + functional groups for one FFN layer from its score matrix S [k, n].
 
-    Shared group size m = n // (k + 1) (paper: m = N_n / (K + 1)); the remaining n - m neurons
-    form k functional groups whose sizes differ by at most 1. Returns group ids LongTensor [n]
-    (0..k-1 functional, k shared) and an info dict with sizes and total scores.
+    Shared group size m = `shared_size(n, k, shared_ratio)` (paper, ratio 1: m = N_n / (K + 1)); the
+    remaining n - m neurons form k functional groups whose sizes differ by at most 1. Returns group ids
+    LongTensor [n] (0..k-1 functional, k shared) and an info dict with sizes and total scores.
 
     - "lap": shared group by `shared_group`, functional groups by the exact assignment; info
       also gives the greedy total on the same sub-problem (exact-vs-greedy gain).
@@ -258,7 +268,7 @@ def neuron_groups(
     k, n = s.shape
     require(method in GROUP_METHODS, f"unknown grouping method {method!r}: use one of {', '.join(GROUP_METHODS)}")
     require(n >= k + 1, f"{n} neurons cannot form {k} functional groups plus a shared group (need at least {k + 1})")
-    m = n // (k + 1)
+    m = shared_size(n, k, shared_ratio)
     caps = balanced_sizes(n - m, k)
 
     if method == "lap":

@@ -200,9 +200,12 @@ class TaylorParams:
 class GroupParams:
     method: str = "lap"  # "lap" (exact balanced assignment) or "random" (Table 6 ablation)
     seed: int = 0  # used by "random"
+    shared_ratio: float = 1.0  # the shared group's size over one functional group's (paper: 1, m = n / (k + 1)); > 0
 
     def validate(self) -> None:
         require(self.method in ("lap", "random"), f"group.method={self.method!r}: use 'lap' or 'random'")
+        require(self.shared_ratio > 0.0, f"group.shared_ratio={self.shared_ratio} must be > 0 "
+                "(prune.shared_group: false prunes the shared group like the others)")
 
 
 @dataclass
@@ -256,6 +259,12 @@ class RecipeParams:
     candidates: list[str] = field(default_factory=list)  # recipes the study prunes and scores itself
     sweep_candidates: list[str] = field(default_factory=list)  # candidates that are sweep rows: scored from the sweep's metrics
     baselines: list[str] = field(default_factory=lambda: ["obc", "obc+fc", "flap"])  # sweep rows the choice is confirmed against
+    analyses: list[str] = field(default_factory=list)  # analysis variants (fang.core.analyses: "k=4", "shared=2", "calib=128x512")
+    analysis_recipe: str = ""  # the recipe pruned from each analysis variant: candidate "<analysis_recipe>@<variant>"
+
+    def analysis_candidates(self) -> list[str]:
+        """The candidates pruned from an analysis variant of their own, named "<recipe>@<variant>"."""
+        return [f"{self.analysis_recipe}@{a}" for a in self.analyses]
 
     def validate(self) -> None:
         from .choices import parse_recipe
@@ -278,6 +287,24 @@ class RecipeParams:
         require(not missing, f"recipe.confirm_sparsities must include every search sparsity (missing {missing})")
         bad = [s for s in self.confirm_sparsities if not (0.0 <= s < 1.0)]
         require(not bad, f"recipe.confirm_sparsities {bad} out of range: each must be in [0, 1)")
+        _check_list("recipe.analyses", self.analyses, str)
+        if self.analyses:
+            from .analyses import parse_analysis
+
+            require(bool(self.analysis_recipe), "recipe.analyses is set but recipe.analysis_recipe is empty: name the "
+                                                "recipe to prune from each analysis variant")
+            try:
+                recipe = parse_recipe(self.analysis_recipe).name
+            except FangError as exc:
+                raise FangError(f"recipe.analysis_recipe: {exc}") from None
+            require(recipe == self.analysis_recipe,
+                    f"recipe.analysis_recipe: write {self.analysis_recipe!r} as {recipe!r} (its canonical name)")
+            for spec in self.analyses:
+                try:
+                    name = parse_analysis(spec).name
+                except FangError as exc:
+                    raise FangError(f"recipe.analyses: {exc}") from None
+                require(name == spec, f"recipe.analyses: write {spec!r} as {name!r} (its canonical name: one folder each)")
 
 
 def _check_list(key: str, values: list, kind: type) -> None:
@@ -527,6 +554,14 @@ def _same_kind(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
-def load_block(name: str, cls: type[T] | None = None, path: str | os.PathLike = PARAMS_FILE) -> T:
+def load_block(name: str, cls: type[T] | None = None, path: str | os.PathLike = PARAMS_FILE,
+               analysis: str | None = None) -> T:
+    """Params block `name` of `path`, validated; with `analysis`, a recipe-study analysis variant's values
+    replace the keys it sets ("k=4": cluster.k; fang.core.analyses)."""
     cls = cls or BLOCKS[name]
-    return parse_block(name, read_params(path).get(name), cls)
+    block = parse_block(name, read_params(path).get(name), cls)
+    if analysis is None:
+        return block
+    from .analyses import parse_analysis
+
+    return parse_analysis(analysis).apply(name, block)

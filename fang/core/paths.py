@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import require_label
+from .errors import require, require_label
 
 ARTIFACTS = Path("artifacts")
 MODEL = ARTIFACTS / "model"  # dense float checkpoint + tokenizer
@@ -53,8 +53,15 @@ class CalibrationArtifacts:
 MAIN = CalibrationArtifacts(CALIB, CAPTURE, CLUSTER, TAYLOR, GROUPS, ALLOCATE, BLOCK_SPARSITY, METRICS, PLOTS, ICA, GPRUNE)
 
 
-def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
-    """The main pipeline's artifacts (`source=None`), or those of one bias-study calibration source."""
+RECIPE_ANALYSIS = RECIPE / "analysis"  # <variant>/: the recipe study's analysis variants (fang.core.analyses)
+
+
+def calibration_artifacts(source: str | None = None, analysis: str | None = None) -> CalibrationArtifacts:
+    """The main pipeline's artifacts (`source=None`), those of one bias-study calibration source, or those of
+    one recipe-study analysis variant ("k=4"): its own where it changes them, the main pipeline's elsewhere."""
+    if analysis is not None:
+        require(source is None, "--source and --analysis cannot be combined: a bias source or an analysis variant")
+        return _analysis_artifacts(analysis)
     if source is None:
         return MAIN
     root = BIAS / require_label(source, "--source")  # `..` would be the main pipeline's artifacts
@@ -63,3 +70,16 @@ def calibration_artifacts(source: str | None = None) -> CalibrationArtifacts:
         root / "allocate.json", root / "block_sparsity.json", root / "metrics", root / "plots",
         root / "ica.zarr", root / "gprune.zarr",
     )
+
+
+def _analysis_artifacts(analysis: str) -> CalibrationArtifacts:
+    from .analyses import parse_analysis
+
+    variant = parse_analysis(analysis)
+    root = RECIPE_ANALYSIS / variant.name
+    own = variant.owns()
+    mine = {"calib": root / "calib", "capture": root / "capture.zarr", "cluster": root / "cluster.zarr",
+            "taylor": root / "taylor.zarr", "groups": root / "groups.zarr", "allocate": root / "allocate.json"}
+    picked = {name: (mine[name] if name in own else getattr(MAIN, name)) for name in mine}
+    return CalibrationArtifacts(**picked, block_sparsity=root / "block_sparsity.json", metrics=root / "metrics",
+                                plots=root / "plots", ica=MAIN.ica, gprune=MAIN.gprune)

@@ -138,13 +138,15 @@ def sample_calibration(
     return input_ids, articles
 
 
-def load_calibration(source: str | None = None) -> torch.Tensor:
-    """The token ids [N, L] of the main calibration set, or of one bias-study `source` (artifacts/calib/)."""
+def load_calibration(source: str | None = None, analysis: str | None = None) -> torch.Tensor:
+    """The token ids [N, L] of the main calibration set (artifacts/calib/), of one bias-study `source`, or
+    of one recipe-study analysis variant (fang.core.analyses)."""
     from safetensors.torch import load_file
 
-    f = paths.calibration_artifacts(source).calib / "calib.safetensors"
+    f = paths.calibration_artifacts(source, analysis).calib / "calib.safetensors"
     if not f.exists():
-        stage = "calibrate" if source is None else f"bias_calibrate@{source}"
+        stage = ("calibrate" if source is None else f"bias_calibrate@{source}") if analysis is None else \
+            f"studies/recipe/dvc.yaml:recipe_analysis@{analysis}"
         raise FangError(f"missing calibration set {f}: run `dvc repro {stage}` first")
     check_safetensors(f)
     try:
