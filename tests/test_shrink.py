@@ -340,3 +340,25 @@ def test_load_any_casts_pruned_models_to_the_evaluation_dtype(model, input_ids, 
     # bfloat16 keeps 8 mantissa bits: same logits to a few percent of their spread, not bit-identical
     assert not torch.equal(got, close)
     assert (got - close).abs().max() < 0.1 * close.std()
+
+
+def test_a_saved_tokenizer_has_the_same_bytes_with_and_without_hf_hub_offline(tmp_path):
+    """transformers records the load-time local_files_only (set by HF_HUB_OFFLINE) in tokenizer_config.json;
+    fang's saves (fetch_model, save_pruned) leave it out, so a pruned model's DVC hash does not depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers_tokenizer import tiny_tokenizer as tok
+
+    tok().save_pretrained(tmp_path / "src")
+    code = ("import sys\nfrom transformers import AutoTokenizer\nfrom fang.model.modeling import save_tokenizer\n"
+            "t = AutoTokenizer.from_pretrained(sys.argv[1])\nt.save_pretrained(sys.argv[2] + '/raw')\n"
+            "save_tokenizer(t, sys.argv[2] + '/fang')\n")
+    for offline in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_HUB_OFFLINE": offline}
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "src"), str(tmp_path / offline)], env=env, check=True)
+    raw = [json.loads((tmp_path / o / "raw" / "tokenizer_config.json").read_text()) for o in "01"]
+    assert raw[0].get("local_files_only") != raw[1].get("local_files_only")  # the leak this guards against
+    saved = [(tmp_path / o / "fang" / "tokenizer_config.json").read_bytes() for o in "01"]
+    assert saved[0] == saved[1] and b"local_files_only" not in saved[0]

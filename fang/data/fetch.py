@@ -133,7 +133,7 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..core.atomic import atomic_dir
-    from ..model.modeling import DTYPE_BY_NAME, check_supported
+    from ..model.modeling import DTYPE_BY_NAME, check_supported, save_tokenizer
 
     kwargs: dict = {"dtype": DTYPE_BY_NAME[dtype]}
     if name == EMBEDDED_MODEL:
@@ -183,6 +183,6 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
     }
     with atomic_dir(out_dir) as tmp, torch.no_grad():
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         write_json(tmp / "fang_source.json", summary)
     return summary

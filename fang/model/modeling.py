@@ -95,3 +95,24 @@ def tied_names(model: nn.Module) -> dict[str, str]:
         else:
             first[id(param)] = name
     return tied
+
+
+# tokenizer_config.json keys that say how a tokenizer was loaded, not what it is: transformers records
+# local_files_only, which HF_HUB_OFFLINE sets, so without this the same tokenizer was saved with different
+# bytes (and DVC hashes) depending on the environment of the run
+LOAD_TIME_TOKENIZER_KEYS = ("local_files_only",)
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(folder)`, minus the load-time keys (`LOAD_TIME_TOKENIZER_KEYS`)."""
+    import json
+
+    tokenizer.save_pretrained(folder)
+    config = Path(folder) / "tokenizer_config.json"
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    if any(k in data for k in LOAD_TIME_TOKENIZER_KEYS):
+        for k in LOAD_TIME_TOKENIZER_KEYS:
+            data.pop(k, None)
+        config.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -35,7 +35,9 @@ from torch import Tensor, nn
 from ..core.atomic import atomic_dir
 from ..core.errors import FangError, require
 from ..core.integrity import check_safetensors, file_sha256, read_config
-from .modeling import DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, tied_names
+from .modeling import (
+    DTYPE_BY_NAME, check_supported, count_block_params, decoder_layers, load_dense, save_tokenizer, tied_names,
+)
 from .offload import block_stream, layers_prefix, load_dense_offloaded, stream_from_disk, stream_from_host
 from .portable import write_portable_code
 
@@ -296,7 +298,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, shards:
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         with open(tmp / STRUCTURE_FILE, "w") as fh:
             json.dump(structure, fh, indent=2)
             fh.write("\n")
