@@ -6,8 +6,8 @@ address-space cap (RLIMIT_AS) smaller than the model's weights. Prints one JSON 
 1. A warm-up runs every stage on a 2-block model of the same width, so the libraries, the allocator's
    pools and the threads every stage needs are in the address space before it is measured.
 2. The cap: the address space now (VmSize) + HEADROOM_FRACTION x the deep model's weight bytes.
-3. Every stage on the deep model (LAYERS blocks), streamed from disk: must succeed.
-4. The control: loading the deep model whole (model.offload=none) under the same cap must fail.
+3. Every stage on the deep model (LAYERS blocks), fetch_model included, streamed from disk: must succeed.
+4. The control: loading the deep model (fetch_model's copy) whole under the same cap must fail.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def main() -> None:
     sp.build(work / "deep", layers, shard_bytes=shard, **shape)
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(work / "deep/artifacts/model")
+    cfg = AutoConfig.from_pretrained(work / "deep" / sp.SOURCE)
     from fang.model.offload import load_dense_offloaded
 
-    model, _ = load_dense_offloaded(work / "deep/artifacts/model", offload="disk")
+    model, _ = load_dense_offloaded(work / "deep" / sp.SOURCE, offload="disk")
     from fang.model.modeling import decoder_layers
 
     per_block = [sum(t.numel() * t.element_size() for t in layer.state_dict().values())

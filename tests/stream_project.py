@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 TOPICS = ("People", "Geography", "Mathematics")
+SOURCE = "source"  # the dense checkpoint as a user has it (model.name); fetch_model writes artifacts/model from it
 
 
 def model_config(layers: int, hidden: int = 48, ffn: int = 64, heads: int = 6, kv_heads: int = 3):
@@ -26,8 +27,9 @@ def model_config(layers: int, hidden: int = 48, ffn: int = 64, heads: int = 6, k
 
 def build(root: Path, layers: int, hidden: int = 48, ffn: int = 64, heads: int = 6, kv_heads: int = 3,
           shard_bytes: int | None = None, seed: int = 0) -> Path:
-    """A project folder: a random LLaMA (saved in shards of at most `shard_bytes` when given, as big checkpoints
-    come), a three-topic corpus (train and test splits), a tiny BIG-bench folder and the task folder built from it."""
+    """A project folder: a random LLaMA in `source/` (saved in shards of at most `shard_bytes` when given, as big
+    checkpoints come; fetch_model copies it to artifacts/model), a three-topic corpus (train and test splits), a tiny
+    BIG-bench folder and the task folder built from it."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -42,8 +44,8 @@ def build(root: Path, layers: int, hidden: int = 48, ffn: int = 64, heads: int =
                 p.normal_(0, 0.2)
     art = root / "artifacts"
     kw = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
-    model.save_pretrained(art / "model", **kw)
-    tiny_tokenizer().save_pretrained(art / "model")
+    model.save_pretrained(root / SOURCE, **kw)
+    tiny_tokenizer().save_pretrained(root / SOURCE)
     del model
     rows = [{"id": f"{t} {i}", "title": f"{t} {i}", "topic": t,
              "text": f"The {t.lower()} number {i} is {'ab' * (i % 5)} and {t[:3]} {i * 7}. Then {i} more. End {t}."}
@@ -62,7 +64,7 @@ def build(root: Path, layers: int, hidden: int = 48, ffn: int = 64, heads: int =
 
 def params(offload: str) -> dict:
     return {
-        "model": {"offload": offload},
+        "model": {"name": SOURCE, "offload": offload},
         "data": {"bigbench": "bigbench", "next_sentence_per_topic": 2},
         "calibrate": {"n_samples": 6, "seq_len": 32},
         "capture": {"batch_size": 4, "dtype": "float32"},
@@ -80,11 +82,12 @@ def params(offload: str) -> dict:
 
 
 def pipeline_steps(root: Path) -> list[tuple[str, object]]:
-    """(stage, call) for every stage from calibrate to the bench, each reading root's params.yaml; run them in root."""
-    from stages import (allocate, attribute, bench, calibrate, capture, cluster, evaluate, gprune_modules, group, ica,
-                        prune, screen_tasks, taylor)
+    """(stage, call) for every stage from fetch_model to the bench, each reading root's params.yaml; run them in root."""
+    from stages import (allocate, attribute, bench, calibrate, capture, cluster, evaluate, fetch_model, gprune_modules,
+                        group, ica, prune, screen_tasks, taylor)
 
     return [
+        ("fetch_model", lambda: fetch_model.run("params.yaml")),
         ("calibrate", lambda: calibrate.run("params.yaml")),
         ("capture", lambda: capture.run("params.yaml")),
         ("cluster", lambda: cluster.run("params.yaml")),
@@ -103,7 +106,7 @@ def pipeline_steps(root: Path) -> list[tuple[str, object]]:
 
 
 def run_pipeline(root: Path, offload: str, log=None) -> None:
-    """Every stage from calibrate to the bench in `root`, with model.offload=`offload`."""
+    """Every stage from fetch_model to the bench in `root`, with model.offload=`offload`."""
     cwd = os.getcwd()
     os.chdir(root)
     try:

@@ -204,8 +204,9 @@ def _json_without_timings(path: Path):
 
 @pytest.mark.slow
 def test_every_stage_writes_the_same_results_streamed_from_disk(tmp_path):
-    """calibrate → ... → bench (tests/stream_project.py) with model.offload none and disk: every file the same,
-    except the pruned weights' layout (one file / shards, the same tensors) and what is a clock reading."""
+    """fetch_model → calibrate → ... → bench (tests/stream_project.py) with model.offload none and disk: every file
+    the same, except the dense and pruned weights' layout (one file / shards, the same tensors) and what is a clock
+    reading."""
     import stream_project
 
     for mode in ("none", "disk"):
@@ -213,8 +214,14 @@ def test_every_stage_writes_the_same_results_streamed_from_disk(tmp_path):
         stream_project.run_pipeline(tmp_path / mode, mode)
     a, b = tmp_path / "none/artifacts", tmp_path / "disk/artifacts"
     files = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
-    assert files - {p.relative_to(b) for p in b.rglob("*") if p.is_file()} == {Path("pruned", WEIGHTS_FILE)}
-    for f in sorted(files - {Path("pruned", WEIGHTS_FILE)}):
+    streamed = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
+    # the one layout difference: the dense and the pruned weights in one file, or one shard per block
+    assert files - streamed == {Path("pruned", WEIGHTS_FILE), Path("model", WEIGHTS_FILE)}
+    assert {f.name for f in streamed - files if f.parts[0] == "model"} == \
+        {INDEX_FILE} | {f"model-{i:05d}-of-{N_LAYERS + 1:05d}.safetensors" for i in range(1, N_LAYERS + 2)}
+    want, got = load_dense(a / "model")[0].state_dict(), load_dense(b / "model")[0].state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    for f in sorted(files - {Path("pruned", WEIGHTS_FILE), Path("model", WEIGHTS_FILE)}):
         if f.suffix == ".json":
             assert _json_without_timings(a / f) == _json_without_timings(b / f), f
         elif f.parts[0] != "bench":  # bench.md and its fragment print the timings
@@ -259,7 +266,8 @@ def test_the_whole_pipeline_runs_under_a_memory_cap_smaller_than_the_model(tmp_p
 
     import stream_project
 
-    assert [s for s, _ in out["stages_done"]] == ["calibrate", "capture", "cluster", "taylor", "group", "allocate",
+    assert [s for s, _ in out["stages_done"]] == ["fetch_model", "calibrate", "capture", "cluster", "taylor", "group",
+                                                  "allocate",
                                                   "prune", "evaluate", "ica", "gprune_modules", "attribute",
                                                   "screen_tasks", "bench"]
     assert out["headroom"] < 0.6 * out["weight_bytes"] and out["block_bytes"] * 30 < out["weight_bytes"]

