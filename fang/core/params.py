@@ -276,11 +276,7 @@ class RecipeParams:
         require(self.candidates or self.sweep_candidates, "recipe: no candidate (recipe.candidates and recipe.sweep_candidates are empty)")
         require(self.baselines, "recipe.baselines is empty: the choice must be confirmed against something")
         for spec in self.candidates:
-            try:
-                name = parse_recipe(spec).name
-            except FangError as exc:
-                raise FangError(f"recipe.candidates: {exc}") from None
-            require(name == spec, f"recipe.candidates: write {spec!r} as {name!r} (its canonical name: one output folder per recipe)")
+            _require_canonical("recipe.candidates", spec, parse_recipe)
         both = sorted(set(self.candidates) & set(self.sweep_candidates + self.baselines))
         require(not both, f"recipe: {both} listed as a new candidate and as a sweep row; list each once")
         missing = sorted(set(self.sparsities) - set(self.confirm_sparsities))
@@ -293,18 +289,18 @@ class RecipeParams:
 
             require(bool(self.analysis_recipe), "recipe.analyses is set but recipe.analysis_recipe is empty: name the "
                                                 "recipe to prune from each analysis variant")
-            try:
-                recipe = parse_recipe(self.analysis_recipe).name
-            except FangError as exc:
-                raise FangError(f"recipe.analysis_recipe: {exc}") from None
-            require(recipe == self.analysis_recipe,
-                    f"recipe.analysis_recipe: write {self.analysis_recipe!r} as {recipe!r} (its canonical name)")
+            _require_canonical("recipe.analysis_recipe", self.analysis_recipe, parse_recipe)
             for spec in self.analyses:
-                try:
-                    name = parse_analysis(spec).name
-                except FangError as exc:
-                    raise FangError(f"recipe.analyses: {exc}") from None
-                require(name == spec, f"recipe.analyses: write {spec!r} as {name!r} (its canonical name: one folder each)")
+                _require_canonical("recipe.analyses", spec, parse_analysis)
+
+
+def _require_canonical(key: str, spec: str, parse) -> None:
+    """`spec` parses (its error named by `key`) and is written as its canonical name: one output folder each."""
+    try:
+        name = parse(spec).name
+    except FangError as exc:
+        raise FangError(f"{key}: {exc}") from None
+    require(name == spec, f"{key}: write {spec!r} as {name!r} (its canonical name: one output folder each)")
 
 
 def _check_list(key: str, values: list, kind: type) -> None:
