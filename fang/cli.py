@@ -324,9 +324,6 @@ RECIPE_STAGES = {
     "recipe-select": ("artifacts/recipe/search.json", "search table and choice JSON to write",
                       "Score every recipe.candidates / sweep_candidates on the tuning half, paired against "
                       "recipe.baselines; choose one."),
-    "recipe-confirm": ("artifacts/recipe/confirmation.json", "confirmation verdicts JSON to write",
-                       "The chosen recipe against every baseline at recipe.confirm_sparsities, paired, on the "
-                       "confirmation half."),
 }
 
 
@@ -342,6 +339,19 @@ def _recipe_stage(command: str, default_out: str, out_help: str, doc: str) -> No
 
 for _command, (_out, _help, _doc) in RECIPE_STAGES.items():
     _recipe_stage(_command, _out, _help, _doc)
+
+
+@app.command("recipe-confirm")
+def recipe_confirm(
+    params: str = ParamsOpt,
+    out: str = typer.Option("artifacts/recipe/confirmation.json", help="confirmation verdicts JSON to write"),
+    reuse: Optional[str] = typer.Option(
+        None, help="a folder of confirmation-half evaluations of the choice's models already written by `fang evaluate "
+                   "--questions artifacts/recipe/halves.json --half confirmation --out DIR/<recipe>-<sparsity>.metrics.json`: "
+                   "taken instead of evaluating again (checked: same model, same half, newer than the model)"),
+) -> None:
+    """The chosen recipe against every baseline at recipe.confirm_sparsities, paired, on the confirmation half."""
+    _stage("recipe_confirm").run(params, out, reuse)
 
 
 @app.command("recipe-report")

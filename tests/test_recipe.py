@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -207,3 +208,30 @@ def test_the_decision_names_what_stays_the_default_unless_every_pair_is_won():
     won["verdicts"][-1]["avg7"]["verdict"] = "no detectable difference"
     lost = decision_sentence(won, [0.3, 0.4], "o_fang")
     assert "3 of the 4 baseline pairs" in lost and lost.endswith("the main job keeps `o_fang`.")
+
+
+def test_recipe_confirm_reuses_only_a_fresh_confirmation_evaluation_of_the_same_model(tmp_path):
+    """`fang recipe-confirm --reuse DIR`: an evaluation `fang evaluate --half confirmation` wrote for the choice's
+    model is taken; one of another model, another half, or older than the model is refused in one line."""
+    import os
+
+    from stages.recipe_confirm import reusable
+
+    model, halves = tmp_path / "cells/r-0.3", tmp_path / "halves.json"
+    model.mkdir(parents=True)
+    (model / "structure.json").write_text("{}")
+    f = tmp_path / "reuse/r-0.3.metrics.json"
+    assert reusable(f, model, halves) is None  # nothing written: evaluate
+    f.parent.mkdir()
+    good = {"model": str(model), "questions": {"split": str(halves), "half": "confirmation"}, "ppl": 1.0}
+    f.write_text(json.dumps(good))
+    assert reusable(f, model, halves) == good
+    for bad, words in [({"questions": {"split": str(halves), "half": "tuning"}}, "not a confirmation-half"),
+                       ({"model": "cells/other-0.3"}, "not .*r-0.3")]:
+        f.write_text(json.dumps(good | bad))
+        with pytest.raises(FangError, match=words):
+            reusable(f, model, halves)
+    f.write_text(json.dumps(good))
+    os.utime(f, (1, 1))  # written before the model was pruned again
+    with pytest.raises(FangError, match="older than"):
+        reusable(f, model, halves)
